@@ -1,0 +1,59 @@
+"""Project-wide test set-up.
+
+- Triton kernels are decorated at import time, so the interpreter is chosen here, before any test
+  module imports `kernels`: without CUDA, TRITON_INTERPRET=1 runs the Triton code paths on the CPU.
+- `shared_data` gives the path of ../shared/data (or $GPT_TOOLKIT_SHARED_DATA). Where it is absent
+  (a user's clone) the tests that need it skip with a reason; under CI=true they fail instead, so CI
+  can never pass by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # the tokenizer tests do not need torch
+    _HAS_CUDA = False
+
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("GPT_TOOLKIT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def _missing(what: str) -> None:
+    msg = f"{what} not found (expected under {SHARED_DATA}; set GPT_TOOLKIT_SHARED_DATA)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{msg}: CI must have ../shared/data", pytrace=False)
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Path to ../shared/data; skips (fails under CI=true) where it is absent."""
+    if not SHARED_DATA.is_dir():
+        _missing("shared data directory")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def shared_file(shared_data):
+    """shared_file("gpt2/vocab.bpe") -> Path, skipping (failing under CI) if that file is absent."""
+
+    def get(relpath: str) -> Path:
+        p = shared_data / relpath
+        if not p.is_file():
+            _missing(str(relpath))
+        return p
+
+    return get
+
+
+requires_cuda = pytest.mark.skipif(not _HAS_CUDA, reason="needs a CUDA GPU (none found)")
