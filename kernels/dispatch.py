@@ -1,0 +1,67 @@
+"""The one backend rule shared by every op.
+
+- ``backend="auto"`` runs the Triton kernel when the tensor is on CUDA and Triton is importable,
+  otherwise the PyTorch fallback.
+- ``"triton"`` / ``"torch"`` force one. ``"triton"`` on CPU tensors works only under the Triton
+  interpreter (``TRITON_INTERPRET=1`` set before ``kernels`` is imported) and raises otherwise.
+- The environment variable ``KERNELS_BACKEND`` (auto|torch|triton) overrides ``"auto"`` globally,
+  e.g. ``KERNELS_BACKEND=torch`` to rule the kernels out when debugging a model on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    jit = triton.jit
+except ImportError:  # Triton ships for Linux only: elsewhere only the PyTorch fallbacks run
+    triton = tl = None
+
+    def jit(fn):
+        # Without Triton the kernels stay plain functions that `resolve_backend` never lets run.
+        return fn
+
+
+ENV_VAR = "KERNELS_BACKEND"
+BACKENDS = ("auto", "torch", "triton")
+
+# triton.jit picks compiled vs interpreted kernels when they are decorated (at import), so what
+# counts is whether the interpreter was on then, not whether someone sets it later.
+INTERPRETER = triton is not None and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_name(backend: str, where: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"{where}: unknown kernels backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """Return "triton" or "torch" for an op on tensor `x` given the requested backend."""
+    _check_name(backend, "backend")
+    if backend == "auto":
+        backend = _check_name(os.environ.get(ENV_VAR, "auto"), f"${ENV_VAR}")
+    if backend == "auto":
+        return "triton" if x.is_cuda and triton is not None else "torch"
+    if backend == "torch":
+        return "torch"
+    if triton is None:
+        raise RuntimeError("backend='triton' needs the triton package, which is not installed; "
+                           "use backend='torch' (or 'auto')")
+    if x.is_cuda:
+        return "triton"
+    if not INTERPRETER:
+        raise RuntimeError(f"backend='triton' got a tensor on {x.device.type}: Triton kernels need a CUDA "
+                           "tensor, or TRITON_INTERPRET=1 set before importing kernels to run them on the "
+                           "CPU interpreter; use backend='torch' (or 'auto') for CPU tensors")
+    return "triton"
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch grids (triton.cdiv, available without Triton)."""
+    return -(-a // b)

@@ -1,0 +1,86 @@
+"""GELU, tanh approximation (GPT-2's): Triton forward/backward kernels, PyTorch fallback, module.
+
+gelu(x) = 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3)
+gelu'(x) = 0.5 (1 + tanh(u)) + 0.5 x (1 - tanh(u)^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+
+Elementwise over the flattened (contiguous) tensor; math in fp32 whatever the storage dtype.
+The backward recomputes tanh from x instead of saving the output: one saved tensor, not two.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.dispatch import cdiv, jit, resolve_backend, tl
+
+BLOCK_SIZE = 1024  # elements per program: 4 warps x 32 threads x 8 elements
+
+
+@jit
+def _tanh(u):
+    # tl has sigmoid but no tanh on every backend: tanh(u) = 2 sigmoid(2u) - 1, stable for large |u|.
+    return 2.0 * tl.sigmoid(2.0 * u) - 1.0
+
+
+@jit
+def _gelu_fwd_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    t = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
+    tl.store(y_ptr + offs, (0.5 * x * (1.0 + t)).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@jit
+def _gelu_bwd_kernel(x_ptr, dy_ptr, dx_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    t = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
+    dudx = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
+    dgelu = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dudx
+    tl.store(dx_ptr + offs, (dy * dgelu).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(kernel, out: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+    n = out.numel()
+    if n:
+        kernel[(cdiv(n, BLOCK_SIZE),)](*inputs, out, n, BLOCK=BLOCK_SIZE, num_warps=4)
+    return out
+
+
+class _TritonGELU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        x = x.contiguous()
+        ctx.save_for_backward(x)
+        return _launch(_gelu_fwd_kernel, torch.empty_like(x), x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        return _launch(_gelu_bwd_kernel, torch.empty_like(x), x, dy.contiguous())
+
+
+def gelu(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """Tanh-approximated GELU of a tensor of any shape; differentiable."""
+    if resolve_backend(backend, x) == "triton":
+        return _TritonGELU.apply(x)
+    return F.gelu(x, approximate="tanh")
+
+
+class GELU(nn.Module):
+    """nn.GELU(approximate="tanh") that dispatches to the Triton kernel."""
+
+    def __init__(self, backend: str = "auto"):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu(x, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
