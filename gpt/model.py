@@ -1,0 +1,346 @@
+"""The GPT-2 model: configuration, presets, the transformer and its KV cache.
+
+Read top to bottom: config -> rotary embeddings -> attention -> MLP -> block -> GPT -> KV cache.
+Module names follow nanoGPT / Hugging Face (``transformer.h[i].attn.c_attn`` ...), so weights map
+one to one (HF's Conv1D stores the transpose of our ``nn.Linear`` weights).
+
+Every attention, LayerNorm and GELU call goes through ``kernels``; ``config.backend`` picks Triton or
+PyTorch for the whole model. The Triton attention kernel has no dropout, so dropout is applied to the
+embeddings and to the output of each residual branch (attention ``c_proj`` and MLP ``c_proj``), never
+to attention probabilities.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+BACKENDS = ("auto", "triton", "torch")
+POS_EMBEDDINGS = ("learned", "rope")
+ROPE_THETA = 10000.0  # RoFormer's base for the rotary frequencies
+
+
+@dataclass
+class GPTConfig:
+    """Hyperparameters of a GPT. Defaults are GPT-2 small (124M)."""
+
+    vocab_size: int = 50257
+    n_ctx: int = 1024  # maximum sequence length (context window)
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear layers and LayerNorms
+    pos_embedding: str = "learned"  # "learned" (GPT-2's wpe) or "rope" (rotary, no wpe)
+    tie_embeddings: bool = True  # lm_head shares its weight with wte
+    layer_norm_eps: float = 1e-5
+    backend: str = "auto"  # kernels backend: "auto" | "triton" | "torch"
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field that is out of range."""
+        for name in ("vocab_size", "n_ctx", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"model config: {name} must be a positive integer, got {value!r}")
+        for name in ("bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"model config: {name} must be true or false, got {getattr(self, name)!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0 <= self.dropout < 1:
+            raise ValueError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
+        if self.pos_embedding not in POS_EMBEDDINGS:
+            raise ValueError(f"model config: pos_embedding must be one of {', '.join(POS_EMBEDDINGS)}, got {self.pos_embedding!r}")
+        if self.pos_embedding == "rope" and self.head_dim % 2:
+            raise ValueError(f"model config: rope needs an even head size, but n_embd/n_head = {self.head_dim}")
+        if not isinstance(self.layer_norm_eps, (int, float)) or isinstance(self.layer_norm_eps, bool) or not self.layer_norm_eps > 0:
+            raise ValueError(f"model config: layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"model config: backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
+        """Build a config from a dict (e.g. JSON); unknown keys and bad values are ValueErrors.
+        Keys left out take the defaults."""
+        if not isinstance(d, dict):
+            raise ValueError(f"model config must be a JSON object, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"model config: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+
+# Named sizes (fields that differ from the defaults). vocab_size is GPT-2's; a model trained with
+# another tokenizer overrides it with the tokenizer's n_vocab.
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    # nanoGPT's Shakespeare configs: the GPU one (train_shakespeare_char.py) and the CPU one (README).
+    "shakespeare": dict(n_layer=6, n_head=6, n_embd=384, n_ctx=256, dropout=0.2),
+    "shakespeare-cpu": dict(n_layer=4, n_head=4, n_embd=128, n_ctx=64),
+    "tiny": dict(n_layer=2, n_head=4, n_embd=64, n_ctx=128),  # for tests
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embeddings (RoPE): rotate each (x_i, x_{i+D/2}) pair of q and k by an angle
+# proportional to the position, so q.k depends on relative position. cos/sin are computed on the fly
+# in fp32 (cheap: T x D/2) so they never get rounded by model.to(bfloat16) and need no buffers.
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = ROPE_THETA ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(positions.float(), inv_freq)  # (T, D/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, D), matching the rotate-half layout
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x32 = x.float()
+    x1, x2 = x32.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.backend = config.backend
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v together
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rotary=None, kv_cache: "KVCache | None" = None, layer: int = 0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if kv_cache is not None:
+            k, v = kv_cache.append(layer, k, v)  # all positions so far: (B, H, cache.length + T, D)
+        y = kernels.causal_attention(q, k, v, backend=self.backend)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = kernels.GELU(backend=config.backend)  # tanh approximation, as GPT-2
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = kernels.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias, backend=config.backend)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = kernels.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias, backend=config.backend)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rotary=None, kv_cache=None, layer: int = 0):
+        x = x + self.attn(self.ln_1(x), rotary, kv_cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                **({"wpe": nn.Embedding(config.n_ctx, config.n_embd)} if config.pos_embedding == "learned" else {}),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=kernels.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias, backend=config.backend),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), since each block adds two of them.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.tokenizer = None  # set by from_pretrained; saved by save_pretrained
+        self.generation_config: dict[str, Any] = {}
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Parameter count (tied weights counted once). ``non_embedding`` leaves out the token and
+        position embeddings and an untied output head (Kaplan et al.'s N)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel()
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def make_kv_cache(self, batch_size: int, max_len: int | None = None) -> "KVCache":
+        return KVCache(self.config, batch_size, max_len)
+
+    def hidden_states(self, idx: torch.Tensor, kv_cache: "KVCache | None" = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, n_embd) after the final LayerNorm."""
+        B, T = idx.shape
+        start = 0 if kv_cache is None else kv_cache.check_room(B, T)
+        if start + T > self.config.n_ctx:
+            raise ValueError(f"sequence of {T} tokens exceeds the model's context window n_ctx={self.config.n_ctx}")
+        positions = torch.arange(start, start + T, device=idx.device)
+        x = self.transformer.wte(idx)
+        rotary = None
+        if self.config.pos_embedding == "learned":
+            x = x + self.transformer.wpe(positions)
+        else:
+            rotary = rotary_cos_sin(positions, self.config.head_dim)
+        x = self.transformer.drop(x)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, rotary, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: "KVCache | None" = None):
+        """Return (logits (B, T, vocab) in fp32, mean cross-entropy over targets != -100 or None)."""
+        logits = self.lm_head(self.hidden_states(idx, kv_cache)).float()
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    # Checkpoints (format and validation live in gpt.checkpoint).
+
+    def save_pretrained(self, directory, *, tokenizer=None, generation: dict | None = None) -> None:
+        """Write config.json, model.safetensors, tokenizer.json (and generation.json) atomically."""
+        from gpt.checkpoint import save_pretrained
+
+        save_pretrained(directory, self, tokenizer, generation)
+
+    @classmethod
+    def from_pretrained(cls, directory, *, device="cpu", dtype: torch.dtype | None = None, backend: str | None = None) -> "GPT":
+        """Load and validate a checkpoint directory; ``backend`` overrides the saved kernels backend."""
+        from gpt.checkpoint import load_pretrained
+
+        return load_pretrained(directory, device=device, dtype=dtype, backend=backend)
+
+    @classmethod
+    def from_state_dict(cls, config: GPTConfig, state_dict: dict[str, torch.Tensor], *, what: str = "weights") -> "GPT":
+        """Build a model holding exactly ``state_dict`` (names as ours, ``lm_head.weight`` left out
+        when tied). Missing, unexpected or wrongly shaped tensors are ValueErrors naming them; the
+        model is built on the meta device first, so no memory or time goes into a random init."""
+        with torch.device("meta"):
+            model = cls(config)
+        expected = model.state_dict_shapes()
+        missing = [k for k in expected if k not in state_dict]
+        if missing:
+            raise ValueError(f"{what}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        unexpected = [k for k in state_dict if k not in expected]
+        if unexpected:
+            raise ValueError(f"{what}: unexpected tensor(s) {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''} for this config")
+        for name, shape in expected.items():
+            if tuple(state_dict[name].shape) != shape:
+                raise ValueError(f"{what}: tensor {name} has shape {list(state_dict[name].shape)}, expected {list(shape)} for this config")
+        model.load_state_dict(state_dict, strict=False, assign=True)
+        model.tie_weights()
+        return model
+
+    def state_dict_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the tensors a checkpoint stores (tied ``lm_head.weight`` left out)."""
+        shapes = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        if self.config.tie_embeddings:
+            del shapes["lm_head.weight"]
+        return shapes
+
+
+class KVCache:
+    """Keys and values of every layer for positions [0, length), for incremental decoding.
+
+    A forward with ``kv_cache=cache`` processes its T tokens at positions length..length+T-1, attends
+    to everything cached, and appends its keys/values. Buffers are allocated on first use with the
+    dtype/device of the keys (so autocast and model.to(...) need no extra care)."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int | None = None):
+        max_len = config.n_ctx if max_len is None else max_len
+        if not 1 <= max_len <= config.n_ctx:
+            raise ValueError(f"KV cache max_len must be in [1, n_ctx={config.n_ctx}], got {max_len}")
+        if batch_size < 1:
+            raise ValueError(f"KV cache batch_size must be >= 1, got {batch_size}")
+        self.batch_size, self.max_len = batch_size, max_len
+        self.shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.length = 0
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def check_room(self, batch_size: int, T: int) -> int:
+        """Validate a forward of (batch_size, T) new tokens; return the first new position."""
+        if batch_size != self.batch_size:
+            raise ValueError(f"KV cache was made for batch size {self.batch_size}, got a batch of {batch_size}")
+        if self.length + T > self.max_len:
+            raise ValueError(
+                f"KV cache is full: {self.length} cached + {T} new tokens exceeds its max_len={self.max_len} "
+                "(the model's context window unless set lower); reset it or crop the sequence"
+            )
+        return self.length
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is None or (self.length == 0 and (self.k.dtype, self.k.device) != (k.dtype, k.device)):
+            self.k = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
