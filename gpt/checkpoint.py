@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from gpt.model import GPT, GPTConfig
+from gpt.model import GPT, GPTConfig, check_state_shapes
 from tools.fileio import atomic_directory
 
 FORMAT = "gpt-checkpoint"
@@ -152,18 +152,13 @@ def check_weights(directory, meta: dict[str, Any]) -> dict[str, tuple[int, ...]]
                 found[name] = (tuple(sl.get_shape()), SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype()))
     except Exception as e:  # safetensors raises its own error types for a corrupt header
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    missing = [k for k in expected if k not in found]
-    if missing:
-        raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    unexpected = [k for k in found if k not in expected]
-    if unexpected:
-        raise CheckpointError(f"{path}: unexpected tensor(s) {', '.join(unexpected[:5])} for the config in {CONFIG_FILE}")
-    for name, shape in expected.items():
-        got_shape, got_dtype = found[name]
-        if got_shape != shape:
-            raise CheckpointError(f"{path}: tensor {name} has shape {list(got_shape)}, but {CONFIG_FILE} implies {list(shape)}")
-        if got_dtype != meta["dtype"]:
-            raise CheckpointError(f"{path}: tensor {name} has dtype {got_dtype}, but {CONFIG_FILE} records {meta['dtype']}")
+    try:
+        check_state_shapes(expected, {k: shape for k, (shape, _) in found.items()}, str(path))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    for name, (_, dtype) in found.items():
+        if dtype != meta["dtype"]:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}, but {CONFIG_FILE} records {meta['dtype']}")
     return expected
 
 

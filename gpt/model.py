@@ -281,16 +281,7 @@ class GPT(nn.Module):
         model is built on the meta device first, so no memory or time goes into a random init."""
         with torch.device("meta"):
             model = cls(config)
-        expected = model.state_dict_shapes()
-        missing = [k for k in expected if k not in state_dict]
-        if missing:
-            raise ValueError(f"{what}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        unexpected = [k for k in state_dict if k not in expected]
-        if unexpected:
-            raise ValueError(f"{what}: unexpected tensor(s) {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''} for this config")
-        for name, shape in expected.items():
-            if tuple(state_dict[name].shape) != shape:
-                raise ValueError(f"{what}: tensor {name} has shape {list(state_dict[name].shape)}, expected {list(shape)} for this config")
+        check_state_shapes(model.state_dict_shapes(), {k: tuple(v.shape) for k, v in state_dict.items()}, what)
         model.load_state_dict(state_dict, strict=False, assign=True)
         model.tie_weights()
         return model
@@ -301,6 +292,19 @@ class GPT(nn.Module):
         if self.config.tie_embeddings:
             del shapes["lm_head.weight"]
         return shapes
+
+
+def check_state_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], what: str) -> None:
+    """ValueError naming the first missing, unexpected or wrongly shaped tensor."""
+    missing = [k for k in expected if k not in found]
+    if missing:
+        raise ValueError(f"{what}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    unexpected = [k for k in found if k not in expected]
+    if unexpected:
+        raise ValueError(f"{what}: unexpected tensor(s) {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''} for this config")
+    for name, shape in expected.items():
+        if tuple(found[name]) != shape:
+            raise ValueError(f"{what}: tensor {name} has shape {list(found[name])}, but the config implies {list(shape)}")
 
 
 class KVCache:
