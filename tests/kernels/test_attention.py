@@ -1,0 +1,133 @@
+"""kernels.causal_attention against a step-by-step float64 reference, on both backends.
+
+On CPU the Triton kernels run under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
+so shapes stay small; they still cross the 32-wide interpreter tiles (T = 1, 17, 64, 129).
+"""
+
+import math
+
+import pytest
+import torch
+
+import kernels
+from tests.conftest import requires_cuda
+
+# (atol, rtol) for outputs and gradients compared with the float64 reference.
+TOLERANCES = {torch.float32: (2e-5, 2e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 5e-2)}
+
+# (B, H, Tq, Tk, D): tile edges, B*H > 1, every supported head dim, and Tq < Tk (KV-cache decoding).
+SHAPES = [
+    (2, 2, 1, 1, 16),
+    (1, 3, 17, 17, 32),
+    (2, 1, 64, 64, 64),
+    (1, 2, 129, 129, 16),
+    (1, 2, 17, 100, 64),
+    (1, 1, 64, 129, 32),
+    (2, 1, 1, 129, 128),
+    (1, 1, 33, 33, 128),
+]
+
+
+def reference_causal_attention(q, k, v, scale=None):
+    """softmax(q k^T * scale, keys after each query's absolute position masked) v, in float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    Tq, Tk, D = q.shape[2], k.shape[2], q.shape[3]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    scores = q @ k.transpose(-1, -2) * scale
+    query_pos = torch.arange(Tq)[:, None] + (Tk - Tq)
+    key_pos = torch.arange(Tk)[None, :]
+    scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
+    scores = scores - scores.amax(dim=-1, keepdim=True)
+    weights = scores.exp()
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights @ v
+
+
+def make_qkv(B, H, Tq, Tk, D, dtype, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, T, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
+               for T in (Tq, Tk, Tk))
+    return q, k, v
+
+
+def check_against_reference(q, k, v, backend, scale=None, grad_out=None):
+    out = kernels.causal_attention(q, k, v, scale=scale, backend=backend)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    expected = reference_causal_attention(q.detach().cpu(), k.detach().cpu(), v.detach().cpu(), scale)
+    if grad_out is None:
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    qr, kr, vr = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    expected_grads = torch.autograd.grad(reference_causal_attention(qr, kr, vr, scale), (qr, kr, vr),
+                                         grad_out.detach().cpu().double())
+    atol, rtol = TOLERANCES[q.dtype]
+    torch.testing.assert_close(out.detach().cpu().double(), expected, atol=atol, rtol=rtol)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, expected_grads):
+        torch.testing.assert_close(got.cpu().double(), want, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}Tq{}Tk{}D{}".format(*s))
+def test_matches_reference(shape, dtype, backend):
+    check_against_reference(*make_qkv(*shape, dtype), backend)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_non_contiguous_inputs_and_custom_scale(backend):
+    # The model's layout: one (B, T, 3, H, D) projection split and transposed to (B, H, T, D) views,
+    # plus a non-contiguous upstream gradient.
+    B, T, H, D = 2, 40, 2, 32
+    qkv = torch.randn(B, T, 3, H, D, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    assert not q.is_contiguous()
+    grad_out = torch.randn(B, H, D, T).transpose(-1, -2)
+    check_against_reference(q, k, v, backend, scale=0.3, grad_out=grad_out)
+
+
+def test_triton_never_reads_keys_past_tk():
+    # k and v are views into buffers poisoned with NaN after Tk: any read past the end shows up.
+    B, H, Tq, Tk, D = 1, 2, 20, 45, 16
+    q, _, _ = make_qkv(B, H, Tq, Tk, D, torch.float32)
+    k_buf, v_buf = torch.full((2, B, H, 64, D), float("nan")).unbind(0)
+    k_buf[:, :, :Tk], v_buf[:, :, :Tk] = torch.randn(2, B, H, Tk, D)
+    k, v = (t[:, :, :Tk].requires_grad_() for t in (k_buf.clone(), v_buf.clone()))
+    check_against_reference(q, k, v, "triton")
+
+
+def test_decode_step_equals_last_row_of_full_attention():
+    # With a KV cache, the last query alone must see exactly what it saw in the full sequence.
+    q, k, v = make_qkv(1, 2, 50, 50, 16, torch.float32)
+    full = kernels.causal_attention(q, k, v, backend="triton")
+    last = kernels.causal_attention(q[:, :, -1:], k, v, backend="triton")
+    torch.testing.assert_close(last, full[:, :, -1:], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("Tq,Tk", [(4, 4), (3, 6)])
+def test_gradcheck_fallback(Tq, Tk):
+    q, k, v = make_qkv(1, 2, Tq, Tk, 4, torch.float64)
+    assert torch.autograd.gradcheck(lambda *t: kernels.causal_attention(*t, backend="torch"), (q, k, v), fast_mode=True)
+
+
+def test_bad_inputs_raise_clear_errors():
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="Tk >= Tq"):
+        kernels.causal_attention(q, q[:, :, :4], q[:, :, :4])
+    with pytest.raises(ValueError, match="4-D"):
+        kernels.causal_attention(q[0], q[0], q[0])
+    with pytest.raises(ValueError, match="k and v must be"):
+        kernels.causal_attention(q, q, q[:, :1])
+    with pytest.raises(ValueError, match="head dim"):
+        x = torch.randn(1, 1, 4, 48)
+        kernels.causal_attention(x, x, x, backend="triton")
+    with pytest.raises(ValueError, match="unknown kernels backend"):
+        kernels.causal_attention(q, q, q, backend="cuda")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape", [(2, 4, 1024, 1024, 64), (2, 3, 300, 300, 128), (3, 2, 17, 777, 32),
+                                   (1, 2, 1, 2049, 64), (1, 1, 500, 500, 16)],
+                         ids=lambda s: "B{}H{}Tq{}Tk{}D{}".format(*s))
+def test_cuda_matches_reference(shape, dtype):
+    check_against_reference(*make_qkv(*shape, dtype, device="cuda"), "triton")

@@ -1,0 +1,72 @@
+"""kernels.gelu / GELU against the tanh formula written out in float64, on both backends."""
+
+import math
+
+import pytest
+import torch
+
+import kernels
+from tests.conftest import requires_cuda
+
+TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1e-2, 1e-2)}
+
+
+def reference_gelu(x):
+    x = x.double()
+    inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)
+    return 0.5 * x * (1.0 + torch.tanh(inner))
+
+
+def check_against_reference(x, backend):
+    y = kernels.gelu(x, backend=backend)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
+    (dx,) = torch.autograd.grad(y, x, grad_out)
+    x_ref = x.detach().cpu().double().requires_grad_()
+    expected = reference_gelu(x_ref)
+    (expected_dx,) = torch.autograd.grad(expected, x_ref, grad_out.cpu().double())
+    atol, rtol = TOLERANCES[x.dtype]
+    torch.testing.assert_close(y.detach().cpu().double(), expected, atol=atol, rtol=rtol)
+    torch.testing.assert_close(dx.cpu().double(), expected_dx, atol=atol, rtol=rtol, msg=lambda m: f"dx: {m}")
+
+
+def make_input(shape, dtype, device="cpu"):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 4
+    return x.to(device=device, dtype=dtype).requires_grad_()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", [(0,), (1,), (3, 1000), (2, 3, 5, 7), (4, 1025)], ids=str)
+def test_matches_reference(shape, dtype, backend):
+    check_against_reference(make_input(shape, dtype), backend)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_non_contiguous_and_extreme_inputs(backend):
+    x = torch.cat([torch.linspace(-30, 30, 601), torch.tensor([0.0, -0.0, 1e-8, -1e-8])])
+    x = x.reshape(5, 121).t().requires_grad_()  # transposed: strides (1, 121)
+    assert not x.is_contiguous()
+    check_against_reference(x, backend)
+    strided = make_input((6, 40), torch.float32).detach()[::2, ::3].requires_grad_()
+    check_against_reference(strided, backend)
+
+
+def test_gradcheck_fallback():
+    assert torch.autograd.gradcheck(lambda x: kernels.gelu(x, backend="torch"), make_input((4, 5), torch.float64))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_module(backend):
+    x = make_input((2, 9), torch.float32).detach()
+    torch.testing.assert_close(kernels.GELU(backend=backend)(x), reference_gelu(x).float())
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape", [(8, 1024, 3072), (3, 1001, 7)], ids=str)
+def test_cuda_matches_reference(shape, dtype):
+    check_against_reference(make_input(shape, dtype, device="cuda"), "triton")
+    x = make_input(shape, dtype, device="cuda").detach().transpose(0, -1)
+    torch.testing.assert_close(kernels.gelu(x, backend="triton"), reference_gelu(x).to(dtype),
+                               atol=TOLERANCES[dtype][0], rtol=TOLERANCES[dtype][1])
