@@ -5,6 +5,9 @@
     model.safetensors  the weights, named as GPT's state_dict (lm_head.weight left out when tied)
     tokenizer.json     the tokenizer the model was trained with (tokenizers_bpe format)
     generation.json    optional sampling defaults (a JSON object)
+    adapters.safetensors  only for a model with LoRA adapters (gpt.lora): the lora_A/lora_B tensors,
+                       described by a "lora" section in config.json ({"rank", "alpha", "targets"});
+                       model.safetensors then holds the untouched base weights
 
 Loading validates everything before a weight is used: the format and its version, every tensor
 present with the right shape and the recorded dtype, and the tokenizer matching the model's vocabulary
@@ -31,6 +34,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 GENERATION_FILE = "generation.json"
+ADAPTERS_FILE = "adapters.safetensors"
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -63,6 +67,13 @@ def write_checkpoint(directory, model: GPT, tokenizer, generation: dict | None =
     state = model.state_dict()
     if config.tie_embeddings:
         del state["lm_head.weight"]  # the same tensor as transformer.wte.weight
+    lora_config = getattr(model, "lora_config", None)
+    adapters = {}
+    if lora_config is not None:
+        from gpt.lora import check_unmerged, split_adapters
+
+        check_unmerged(model)
+        adapters = split_adapters(state)
     dtypes = {t.dtype for t in state.values()}
     if len(dtypes) != 1:
         raise CheckpointError(f"model weights have mixed dtypes {sorted(map(str, dtypes))}; cast the model to one dtype first")
@@ -74,6 +85,9 @@ def write_checkpoint(directory, model: GPT, tokenizer, generation: dict | None =
         "tokenizer": {"n_vocab": tokenizer.n_vocab, "fingerprint": tokenizer.fingerprint()},
     }
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    if adapters:
+        meta["lora"] = lora_config.to_dict()
+        save_file({k: v.detach().contiguous().cpu() for k, v in adapters.items()}, str(directory / ADAPTERS_FILE), metadata={"format": "pt"})
     tokenizer.save(directory / TOKENIZER_FILE)
     if generation:
         (directory / GENERATION_FILE).write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
@@ -134,6 +148,13 @@ def read_meta(directory) -> dict[str, Any]:
     tok = meta.get("tokenizer")
     if not isinstance(tok, dict) or not isinstance(tok.get("n_vocab"), int) or not isinstance(tok.get("fingerprint"), str):
         raise CheckpointError(f"{path}: \"tokenizer\" must record n_vocab and fingerprint")
+    if "lora" in meta:
+        from gpt.lora import LoRAConfig
+
+        try:
+            meta["lora"] = LoRAConfig.from_dict(meta["lora"])
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
     return {**meta, "model": config}
 
 
@@ -188,6 +209,28 @@ def read_generation(directory) -> dict[str, Any]:
     return generation
 
 
+def load_adapters(directory, model: GPT, meta: dict[str, Any], device) -> None:
+    """Wrap the model's target layers in LoRA (``meta["lora"]``) and load adapters.safetensors."""
+    from gpt.lora import adapter_shapes, apply_lora
+
+    path = Path(directory) / ADAPTERS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found; {CONFIG_FILE} has a \"lora\" section, so the adapters are needed")
+    try:
+        adapters = load_file(str(path), device=str(device))
+    except Exception as e:  # safetensors raises its own error types for a corrupt header
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    apply_lora(model, meta["lora"])
+    try:
+        check_state_shapes(adapter_shapes(model), {k: tuple(v.shape) for k, v in adapters.items()}, str(path))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    for name, tensor in adapters.items():
+        if dtype_name(tensor.dtype) != meta["dtype"]:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {dtype_name(tensor.dtype)}, but {CONFIG_FILE} records {meta['dtype']}")
+    model.load_state_dict(adapters, strict=False)
+
+
 def load_pretrained(directory, *, device="cpu", dtype: torch.dtype | None = None, backend: str | None = None) -> GPT:
     directory = Path(directory)
     meta = read_meta(directory)
@@ -199,6 +242,8 @@ def load_pretrained(directory, *, device="cpu", dtype: torch.dtype | None = None
     generation = read_generation(directory)
     state = load_file(str(directory / WEIGHTS_FILE), device=str(device))
     model = GPT.from_state_dict(meta["model"], state, what=str(directory / WEIGHTS_FILE))
+    if "lora" in meta:
+        load_adapters(directory, model, meta, device)
     if dtype is not None:
         model = model.to(dtype=dtype)
     model.tokenizer = tokenizer
