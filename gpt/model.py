@@ -197,11 +197,8 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
-        self.apply(self._init_weights)
-        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), since each block adds two of them.
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if not self.lm_head.weight.is_meta:  # on the meta device weights get assigned later (from_state_dict)
+            self.init_weights()
         self.tokenizer = None  # set by from_pretrained; saved by save_pretrained
         self.generation_config: dict[str, Any] = {}
 
@@ -209,12 +206,17 @@ class GPT(nn.Module):
         if self.config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    def init_weights(self) -> None:
+        """GPT-2's initialisation: N(0, 0.02) weights, zero biases, LayerNorms 1/0, and the residual
+        projections scaled by 1/sqrt(2 * n_layer), since each block adds two of them to the stream."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Parameter count (tied weights counted once). ``non_embedding`` leaves out the token and

@@ -1,0 +1,350 @@
+"""gpt-convert: bring GPT-2 weights in from OpenAI's TensorFlow release or a Hugging Face directory,
+and export ours to Hugging Face.
+
+    gpt-convert openai    SRC OUT   OpenAI's model.ckpt.* + hparams.json + encoder.json + vocab.bpe
+    gpt-convert hf-import SRC OUT   transformers GPT-2 dir: config.json + model.safetensors (or
+                                    pytorch_model.bin, loaded without running pickle code)
+    gpt-convert hf-export SRC OUT   our checkpoint -> dir that GPT2LMHeadModel.from_pretrained loads
+
+Weight layout: OpenAI and Hugging Face store the four projections as Conv1D, weight [in, out] (OpenAI
+with a leading 1), the transpose of our nn.Linear [out, in]. Everything else maps by name.
+``tensorflow`` and ``transformers`` are never imported here: TensorFlow is imported lazily by the
+openai path only, and transformers is not needed at all (its formats are plain JSON + safetensors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import kernels
+from gpt.checkpoint import check_vocab, dtype_name, load_pretrained
+from gpt.model import GPT, GPTConfig
+from tools.cli import ArgumentParser, CLIError, command
+from tools.fileio import atomic_directory
+
+CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+
+
+def is_conv1d_weight(name: str) -> bool:
+    return name.endswith(CONV1D_WEIGHTS)
+
+
+def read_json_file(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise CLIError(f"{path}: file not found ({what})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CLIError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CLIError(f"{path}: expected a JSON object")
+    return data
+
+
+def load_gpt2_tokenizer(encoder_json: Path, vocab_bpe: Path, hint: str):
+    import tokenizers_bpe
+
+    for p in (encoder_json, vocab_bpe):
+        if not p.is_file():
+            raise CLIError(f"{p}: file not found; {hint}")
+    return tokenizers_bpe.load_gpt2(encoder_json, vocab_bpe)
+
+
+def load_tokenizer_file(path: Path):
+    import tokenizers_bpe
+
+    if not path.is_file():
+        raise CLIError(f"--tokenizer {path}: file not found")
+    return tokenizers_bpe.load(path)
+
+
+def save_converted(out: Path, config: GPTConfig, state: dict, tokenizer, what: str) -> GPT:
+    check_vocab(tokenizer.n_vocab, config.vocab_size, f"the tokenizer for {what}")
+    model = GPT.from_state_dict(config, state, what=what)
+    model.save_pretrained(out, tokenizer=tokenizer)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- OpenAI
+
+
+def import_tensorflow():
+    # TensorFlow and Triton both embed LLVM: loading TensorFlow's first makes `import triton` abort the
+    # process, while the other order works. This module imports kernels (hence triton) at the top.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter off stderr
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise CLIError(
+            "reading OpenAI's checkpoints needs TensorFlow, which is not installed: "
+            "pip install 'gpt2-toolkit[openai]' (or: pip install tensorflow-cpu)"
+        ) from None
+    return tf
+
+
+def openai_layout(config: GPTConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """OpenAI variable name -> (our parameter name, the shape hparams.json implies)."""
+    C = config.n_embd
+    layout = {
+        "model/wte": ("transformer.wte.weight", (config.vocab_size, C)),
+        "model/wpe": ("transformer.wpe.weight", (config.n_ctx, C)),
+        "model/ln_f/g": ("transformer.ln_f.weight", (C,)),
+        "model/ln_f/b": ("transformer.ln_f.bias", (C,)),
+    }
+    for i in range(config.n_layer):
+        for sub, n_in, n_out in (("attn/c_attn", C, 3 * C), ("attn/c_proj", C, C), ("mlp/c_fc", C, 4 * C), ("mlp/c_proj", 4 * C, C)):
+            ours = f"transformer.h.{i}.{sub.replace('/', '.')}"
+            layout[f"model/h{i}/{sub}/w"] = (f"{ours}.weight", (1, n_in, n_out))
+            layout[f"model/h{i}/{sub}/b"] = (f"{ours}.bias", (n_out,))
+        for ln in ("ln_1", "ln_2"):
+            layout[f"model/h{i}/{ln}/g"] = (f"transformer.h.{i}.{ln}.weight", (C,))
+            layout[f"model/h{i}/{ln}/b"] = (f"transformer.h.{i}.{ln}.bias", (C,))
+    return layout
+
+
+def read_openai_hparams(path: Path) -> GPTConfig:
+    hparams = read_json_file(path, "OpenAI's hparams.json with n_vocab, n_ctx, n_embd, n_head, n_layer")
+    keys = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
+    missing = [k for k in keys if k not in hparams]
+    if missing:
+        raise CLIError(f"{path}: missing {', '.join(missing)}")
+    try:
+        return GPTConfig(vocab_size=hparams["n_vocab"], **{k: hparams[k] for k in keys[1:]})
+    except ValueError as e:
+        raise CLIError(f"{path}: {e}") from None
+
+
+def openai_import(src: Path, out: Path) -> GPT:
+    config = read_openai_hparams(src / "hparams.json")
+    tokenizer = load_gpt2_tokenizer(src / "encoder.json", src / "vocab.bpe", "OpenAI's release has encoder.json and vocab.bpe next to the checkpoint")
+    tf = import_tensorflow()
+    prefix = tf.train.latest_checkpoint(str(src)) or str(src / "model.ckpt")
+    if not Path(prefix + ".index").is_file():
+        raise CLIError(f"{src}: no TensorFlow checkpoint found (expected a 'checkpoint' file or model.ckpt.index)")
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+    except (tf.errors.OpError, ValueError) as e:
+        raise CLIError(f"{prefix}: cannot read the TensorFlow checkpoint ({getattr(e, 'message', e)})") from None
+    shapes = reader.get_variable_to_shape_map()
+    layout = openai_layout(config)
+    for name, (_, shape) in layout.items():
+        if name not in shapes:
+            raise CLIError(f"{prefix}: variable {name} is missing from the TensorFlow checkpoint")
+        if tuple(shapes[name]) != shape:
+            raise CLIError(
+                f"{prefix}: variable {name} has shape {list(shapes[name])} but hparams.json "
+                f"(n_vocab={config.vocab_size}, n_ctx={config.n_ctx}, n_embd={config.n_embd}) implies {list(shape)}"
+            )
+    extra = sorted(n for n in shapes if n.startswith("model/") and n not in layout)
+    if extra:
+        raise CLIError(f"{prefix}: variable {extra[0]} is not part of a GPT-2 with hparams.json's n_layer={config.n_layer}")
+    state = {}
+    for name, (ours, _) in tqdm(layout.items(), desc="reading TF variables", unit="tensor", leave=False):
+        array = reader.get_tensor(name)
+        tensor = torch.from_numpy(array[0].T.copy() if is_conv1d_weight(ours) else array)
+        state[ours] = tensor.float()
+    return save_converted(out, config, state, tokenizer, str(prefix))
+
+
+# ---------------------------------------------------------------------------------------------- Hugging Face
+
+HF_ATTENTION_MASK = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask buffers in old files
+HF_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def config_from_hf(hf: dict, path: Path) -> GPTConfig:
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise CLIError(f"{path}: model_type is {hf.get('model_type')!r}; only GPT-2 ('gpt2') can be imported")
+    n_embd = hf.get("n_embd", 768)
+    unsupported = {
+        "activation_function": hf.get("activation_function", "gelu_new") not in HF_TANH_GELUS,
+        "n_inner": hf.get("n_inner") not in (None, 4 * n_embd),
+        "scale_attn_weights": hf.get("scale_attn_weights", True) is not True,
+        "scale_attn_by_inverse_layer_idx": hf.get("scale_attn_by_inverse_layer_idx", False) is not False,
+        "add_cross_attention": hf.get("add_cross_attention", False) is not False,
+    }
+    for key, bad in unsupported.items():
+        if bad:
+            raise CLIError(f"{path}: {key}={hf.get(key)!r} is not GPT-2's architecture and cannot be imported")
+    try:
+        return GPTConfig(
+            vocab_size=hf.get("vocab_size", 50257),
+            n_ctx=hf.get("n_positions", hf.get("n_ctx", 1024)),
+            n_embd=n_embd,
+            n_layer=hf.get("n_layer", 12),
+            n_head=hf.get("n_head", 12),
+            dropout=hf.get("resid_pdrop", 0.1),  # we have no attention-probability dropout (attn_pdrop)
+            layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            tie_embeddings=hf.get("tie_word_embeddings", True),
+        )
+    except ValueError as e:
+        raise CLIError(f"{path}: {e}") from None
+
+
+def config_to_hf(config: GPTConfig, dtype: torch.dtype, eot_token: int | None) -> dict:
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.n_ctx,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": 0.0,
+        "layer_norm_epsilon": config.layer_norm_eps,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": eot_token,
+        "eos_token_id": eot_token,
+        "dtype": dtype_name(dtype),
+        "use_cache": True,
+    }
+
+
+def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors (single or sharded), else pytorch_model.bin without pickle code execution."""
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(read_json_file(index, "the shard index").get("weight_map", {}).values()))
+    elif (src / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    elif (src / "pytorch_model.bin").is_file():
+        return read_torch_bin(src / "pytorch_model.bin")
+    else:
+        raise CLIError(f"{src}: no model.safetensors or pytorch_model.bin found")
+    state = {}
+    for name in files:
+        path = src / name
+        if not path.is_file():
+            raise CLIError(f"{path}: file not found (listed in {index.name})")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                state.update({k: f.get_tensor(k) for k in f.keys()})
+        except Exception as e:  # safetensors raises its own error types for a corrupt header
+            raise CLIError(f"{path}: not a readable safetensors file ({e})") from None
+    return state
+
+
+def read_torch_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CLIError(
+            f"{path}: refusing to load: this file needs pickle code execution (it holds Python objects, not just "
+            "tensors); convert it to safetensors with a tool you trust"
+        ) from None
+    except (RuntimeError, EOFError) as e:
+        raise CLIError(f"{path}: not a readable PyTorch weights file ({e})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CLIError(f"{path}: expected a dict of tensors (a state_dict)")
+    return state
+
+
+def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, tensor in hf_state.items():
+        if HF_ATTENTION_MASK.search(name):
+            continue
+        if not name.startswith(("transformer.", "lm_head.")):
+            name = "transformer." + name  # files saved from GPT2Model have no prefix
+        if name == "lm_head.weight" and config.tie_embeddings:
+            continue  # the same tensor as transformer.wte.weight
+        state[name] = tensor.t().contiguous() if is_conv1d_weight(name) else tensor
+    return state
+
+
+def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights under transformers' names. GPT-2 always has biases, so a bias-free model gets zero
+    biases (the same function)."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and model.config.tie_embeddings:
+            continue
+        state[name] = (tensor.t() if is_conv1d_weight(name) else tensor).detach().contiguous().cpu()
+    for name, module in model.named_modules():
+        if name != "lm_head" and isinstance(module, (nn.Linear, kernels.LayerNorm)) and module.bias is None:
+            state[f"{name}.bias"] = torch.zeros(module.weight.shape[0], dtype=module.weight.dtype)
+    return state
+
+
+def hf_import(src: Path, out: Path, tokenizer_file: Path | None = None) -> GPT:
+    if not src.is_dir():
+        raise CLIError(f"{src}: directory not found")
+    config = config_from_hf(read_json_file(src / "config.json", "a transformers GPT-2 directory has config.json"), src / "config.json")
+    if tokenizer_file is not None:
+        tokenizer = load_tokenizer_file(tokenizer_file)
+    else:
+        tokenizer = load_gpt2_tokenizer(src / "vocab.json", src / "merges.txt", "pass the tokenizer with --tokenizer FILE")
+    state = state_dict_from_hf(read_hf_weights(src), config)
+    return save_converted(out, config, state, tokenizer, str(src))
+
+
+def hf_export(src: Path, out: Path) -> None:
+    model = load_pretrained(src)
+    config, tokenizer = model.config, model.tokenizer
+    if config.pos_embedding != "learned":
+        raise CLIError(f"{src}: Hugging Face GPT-2 has learned position embeddings; a '{config.pos_embedding}' model cannot be exported as GPT-2")
+    dtype = model.transformer.wte.weight.dtype
+    with atomic_directory(out) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(config, dtype, tokenizer.eot_token), indent=2) + "\n", encoding="utf-8")
+        save_file(state_dict_to_hf(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer.is_gpt2_compatible():
+            tokenizer.save_gpt2(tmp / "vocab.json", tmp / "merges.txt")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="gpt-convert", description="Convert GPT-2 weights between OpenAI's, Hugging Face's and this toolkit's formats.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=ArgumentParser)
+
+    p = commands.add_parser("openai", help="import OpenAI's TensorFlow GPT-2 checkpoint (needs tensorflow)",
+                            description="Import OpenAI's GPT-2 release: SRC holds checkpoint, model.ckpt.*, hparams.json, encoder.json, vocab.bpe.")
+    p.add_argument("src", type=Path, metavar="SRC", help="directory of OpenAI's files (e.g. models/124M)")
+    p.add_argument("out", type=Path, metavar="OUT", help="checkpoint directory to write")
+    p.set_defaults(run=lambda a: openai_import(a.src, a.out))
+
+    p = commands.add_parser("hf-import", help="import a Hugging Face transformers GPT-2 directory",
+                            description="Import a transformers GPT-2 directory (config.json + model.safetensors or pytorch_model.bin).")
+    p.add_argument("src", type=Path, metavar="SRC", help="transformers GPT-2 directory")
+    p.add_argument("out", type=Path, metavar="OUT", help="checkpoint directory to write")
+    p.add_argument("--tokenizer", type=Path, metavar="FILE", default=None,
+                   help="tokenizer.json to use instead of SRC's vocab.json + merges.txt")
+    p.set_defaults(run=lambda a: hf_import(a.src, a.out, a.tokenizer))
+
+    p = commands.add_parser("hf-export", help="export a checkpoint as a Hugging Face GPT-2 directory",
+                            description="Export a checkpoint so that transformers.GPT2LMHeadModel.from_pretrained(OUT) loads it.")
+    p.add_argument("src", type=Path, metavar="SRC", help="checkpoint directory (config.json, model.safetensors, tokenizer.json)")
+    p.add_argument("out", type=Path, metavar="OUT", help="directory to write")
+    p.set_defaults(run=lambda a: hf_export(a.src, a.out))
+    return parser
+
+
+@command("gpt-convert")
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    args.run(args)
+    print(f"gpt-convert {args.command}: wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
