@@ -236,23 +236,32 @@ def _number(convert, ok: Callable[[float], bool], requirement: str, allow_none: 
     return parse
 
 
+DESCRIPTION = """\
+Generate text with a GPT checkpoint. The text is streamed to stdout as it is
+produced (the prompt is not repeated); speed and time to first token go to
+stderr. Sampling settings not given here come from the checkpoint's
+generation.json when it has them, else from the defaults shown. A sample ends
+early at the end-of-text token.
+
+examples:
+  gpt-generate --model run/final 'ROMEO:' -n 100 --seed 1
+  echo 'Once upon a time' | gpt-generate --model gpt2 - --temperature 0
+  gpt-generate --model sft --instruct 'Convert 45 kilometers to meters.'
+"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, the description and its examples kept as written."""
+
+
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(
-        prog=PROG,
-        description="Generate text with a GPT checkpoint. The text is streamed to stdout as it is produced "
-        "(the prompt is not repeated); speed and time to first token go to stderr. Sampling settings not "
-        "given here come from the checkpoint's generation.json when it has them, else from the defaults "
-        "shown. A sample ends early at the end-of-text token.",
-        epilog="examples:  gpt-generate --model run/final 'ROMEO:' -n 100 --seed 1\n"
-        "           echo 'Once upon a time' | gpt-generate --model gpt2 - --temperature 0\n"
-        "           gpt-generate --model sft --instruct 'Convert 45 kilometers to meters.'",
-    )
+    p = ArgumentParser(prog=PROG, formatter_class=_HelpFormatter, description=DESCRIPTION)
     # Sampling flags default to SUPPRESS so that an absent flag is absent from args: then
     # generation.json, then BUILTIN_DEFAULTS, fill it in (see _sampling_settings).
     unset = argparse.SUPPRESS
-    p.add_argument("prompt", nargs="?", default="", metavar="PROMPT",
+    p.add_argument("prompt", nargs="?", default=unset, metavar="PROMPT",
                    help="prompt text, or '-' to read it (UTF-8) from stdin; empty: start from the end-of-text token")
-    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (gpt-train, gpt-convert or gpt-finetune output)")
+    p.add_argument("--model", required=True, default=unset, metavar="DIR", help="checkpoint directory (gpt-train, gpt-convert or gpt-finetune output)")
     p.add_argument("-n", "--max-new-tokens", default=unset, metavar="N", type=_number(int, lambda v: v >= 1, "an integer >= 1"),
                    help=f"tokens to generate per sample (default {BUILTIN_DEFAULTS['max_new_tokens']})")
     p.add_argument("--temperature", default=unset, metavar="T",
@@ -322,6 +331,7 @@ def _pick_device_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
 @command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.prompt = getattr(args, "prompt", "")
     text = _read_prompt(args)
     model_dir = Path(args.model)
     if not model_dir.is_dir():
@@ -383,6 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     n_tokens = sum(map(len, outputs))
     ttft = (first_token_at[0] - start) if first_token_at else elapsed
-    print(f"{PROG}: {n_tokens} tokens in {elapsed:.2f} s ({n_tokens / elapsed:.1f} tokens/s), "
+    samples = f" over {args.num_samples} samples" if args.num_samples > 1 else ""
+    print(f"{PROG}: {n_tokens} tokens{samples} in {elapsed:.2f} s ({n_tokens / elapsed:.1f} tokens/s), "
           f"time to first token {ttft * 1000:.0f} ms", file=sys.stderr)
     return 0
