@@ -1,0 +1,33 @@
+"""Byte-level BPE tokenizers: train (incrementally, in parallel), encode/decode with tiktoken's API
+and ids, save/load a versioned ``tokenizer.json``, and read/write tiktoken and GPT-2 files.
+
+    import tokenizers_bpe
+    tok = tokenizers_bpe.train(["corpus.txt"], vocab_size=4096)
+    tok.save("tokenizer.json")
+    tok = tokenizers_bpe.load("tokenizer.json")
+    tok.decode(tok.encode("hello world")) == "hello world"
+"""
+
+from .char import CharTokenizer
+from .formats import bytes_to_unicode, load, load_gpt2, load_tiktoken
+from .patterns import GPT2_PATTERN, GPT4_PATTERN, PATTERNS
+from .tokenizer import ENDOFTEXT, BPETokenizer, Tokenizer
+from .trainer import learn_merges, train, train_char, train_from_iterator
+
+__all__ = [
+    "Tokenizer",
+    "BPETokenizer",
+    "CharTokenizer",
+    "train",
+    "train_from_iterator",
+    "train_char",
+    "learn_merges",
+    "load",
+    "load_gpt2",
+    "load_tiktoken",
+    "bytes_to_unicode",
+    "PATTERNS",
+    "GPT2_PATTERN",
+    "GPT4_PATTERN",
+    "ENDOFTEXT",
+]

@@ -1,0 +1,410 @@
+"""The tokenizer interface (tiktoken-like) and the byte-level BPE tokenizer.
+
+Encoding follows tiktoken exactly, so ids agree token for token:
+1. allowed special tokens are cut out of the text first;
+2. the rest is split into pieces by the pattern regex;
+3. a piece that is itself a token becomes that token; otherwise its UTF-8 bytes start as single-byte
+   tokens and the adjacent pair whose concatenation has the lowest rank is merged, repeatedly,
+   until no adjacent pair forms a token.
+The ids of a piece depend only on the piece, so they are cached (most text repeats its pieces).
+"""
+
+from __future__ import annotations
+
+import abc
+import base64
+import hashlib
+import json
+import os
+import sys
+from itertools import chain
+from typing import AbstractSet, Collection, Iterable, Literal, Mapping, Sequence
+
+from .patterns import compile_pattern, resolve_pattern, special_token_regex
+
+FORMAT_NAME = "tokenizers_bpe"
+FORMAT_VERSION = 1
+ENDOFTEXT = "<|endoftext|>"
+
+_NO_RANK = sys.maxsize
+_CACHE_LIMIT = 1 << 18  # pieces; cleared (not evicted one by one) when full: cheap and good enough
+_PARALLEL_MIN_CHARS = 1 << 20  # below this much text, starting worker processes costs more than it saves
+
+
+class Tokenizer(abc.ABC):
+    """What every tokenizer offers: tiktoken's encode/decode API plus save/fingerprint/interop."""
+
+    type: str  # "bpe" or "char", the file's type field
+
+    def __init__(self, special_tokens: Mapping[str, int], token_bytes: Mapping[int, bytes]):
+        for tok, i in special_tokens.items():
+            if not isinstance(tok, str) or not tok:
+                raise ValueError(f"special token {tok!r} must be a non-empty string")
+            if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+                raise ValueError(f"special token {tok!r} has an invalid id {i!r}")
+            if i in token_bytes:
+                raise ValueError(f"special token {tok!r} has id {i}, which an ordinary token already uses")
+        if len(set(special_tokens.values())) != len(special_tokens):
+            raise ValueError("two special tokens share one id")
+        self._special_tokens = dict(sorted(special_tokens.items(), key=lambda kv: kv[1]))
+        self._decoder = dict(token_bytes)
+        self._decoder.update((i, t.encode("utf-8")) for t, i in self._special_tokens.items())
+        self._special_regex = special_token_regex(self._special_tokens)
+        self.n_vocab = max(self._decoder) + 1 if self._decoder else 0
+
+    # ----------------------------------------------------------------------------- special tokens
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self._special_tokens)
+
+    @property
+    def special_tokens_set(self) -> set[str]:
+        return set(self._special_tokens)
+
+    @property
+    def eot_token(self) -> int | None:
+        return self._special_tokens.get(ENDOFTEXT)
+
+    def encode_single_token(self, text: str) -> int:
+        """The id of a special token given by name (tiktoken's lookup)."""
+        if text in self._special_tokens:
+            return self._special_tokens[text]
+        ids = self.encode_ordinary(text)
+        if len(ids) != 1:
+            raise ValueError(f"{text!r} is not a single token (it encodes to {len(ids)} tokens)")
+        return ids[0]
+
+    # ----------------------------------------------------------------------------- encoding
+    @abc.abstractmethod
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Encode text, treating special-token strings as ordinary text."""
+
+    def encode(
+        self,
+        text: str,
+        *,
+        allowed_special: Literal["all"] | AbstractSet[str] = set(),  # noqa: B006 (tiktoken's signature)
+        disallowed_special: Literal["all"] | Collection[str] = "all",
+    ) -> list[int]:
+        """Encode text; special tokens are encoded as such only when allowed.
+
+        As in tiktoken, text containing a special token that is neither allowed nor explicitly
+        permitted as ordinary text (``disallowed_special=()``) raises ValueError."""
+        if allowed_special == "all":
+            allowed_special = self.special_tokens_set
+        if disallowed_special == "all":
+            disallowed_special = self.special_tokens_set - set(allowed_special)
+        if disallowed_special:
+            found = special_token_regex(disallowed_special).search(text)
+            if found:
+                raise ValueError(
+                    f"the text contains the special token {found.group()!r}, which is disallowed; pass "
+                    f"allowed_special={{{found.group()!r}}} to encode it as a special token, or "
+                    f"disallowed_special=() to encode it as ordinary text"
+                )
+        allowed = {t for t in allowed_special if t in self._special_tokens}
+        if not allowed:
+            return self.encode_ordinary(text)
+        ids: list[int] = []
+        start = 0
+        for m in special_token_regex(allowed).finditer(text):
+            ids += self.encode_ordinary(text[start : m.start()])
+            ids.append(self._special_tokens[m.group()])
+            start = m.end()
+        ids += self.encode_ordinary(text[start:])
+        return ids
+
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        *,
+        num_threads: int | None = None,
+        allowed_special: Literal["all"] | AbstractSet[str] = set(),  # noqa: B006
+        disallowed_special: Literal["all"] | Collection[str] = "all",
+    ) -> list[list[int]]:
+        """Encode many texts, in parallel on ``num_threads`` worker processes (default: all cores;
+        processes because pure-Python encoding holds the GIL). Small batches run in-process."""
+        texts = list(texts)
+        kwargs = {"allowed_special": allowed_special, "disallowed_special": disallowed_special}
+        workers = min(num_threads or os.cpu_count() or 1, len(texts))
+        if workers <= 1 or sum(map(len, texts)) < _PARALLEL_MIN_CHARS:
+            return [self.encode(t, **kwargs) for t in texts]
+        import multiprocessing
+
+        chunksize = max(1, len(texts) // (workers * 4))
+        with multiprocessing.Pool(workers, initializer=_set_worker_tokenizer, initargs=(self, kwargs)) as pool:
+            return pool.map(_worker_encode, texts, chunksize=chunksize)
+
+    # ----------------------------------------------------------------------------- decoding
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        ids = list(ids)
+        try:
+            return b"".join(map(self._decoder.__getitem__, ids))
+        except (KeyError, TypeError):
+            bad = next(i for i in ids if not isinstance(i, int) or isinstance(i, bool) or i not in self._decoder)
+            raise ValueError(
+                f"token id {bad!r} is not in the vocabulary (valid ids: 0..{self.n_vocab - 1}"
+                + (", with gaps" if len(self._decoder) != self.n_vocab else "")
+                + ")"
+            ) from None
+
+    def decode(self, ids: Iterable[int], errors: str = "replace") -> str:
+        """Decode ids to text; ``errors`` is the UTF-8 error handler for byte sequences that are
+        not valid UTF-8 on their own (e.g. half of a multi-byte character)."""
+        return self.decode_bytes(ids).decode("utf-8", errors=errors)
+
+    def decode_single_token_bytes(self, token: int) -> bytes:
+        return self.decode_bytes([token])
+
+    def decode_tokens_bytes(self, tokens: Iterable[int]) -> list[bytes]:
+        return [self.decode_single_token_bytes(t) for t in tokens]
+
+    # ----------------------------------------------------------------------------- files
+    @abc.abstractmethod
+    def _content(self) -> dict:
+        """The type-specific fields that define the tokenizer (fingerprint and == use these)."""
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "type": self.type, **self._content()}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``tokenizer.json`` atomically (a crash never leaves a half-written file)."""
+        from tools.fileio import atomic_write
+
+        with atomic_write(path, "w") as f:
+            json.dump(self.to_dict(), f, ensure_ascii=False, indent=1)
+            f.write("\n")
+
+    def fingerprint(self) -> str:
+        """sha256 (hex) of the canonical content: equal tokenizers have equal fingerprints."""
+        canonical = json.dumps(self._content(), sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+        return hashlib.sha256(f"{self.type}\n{canonical}".encode()).hexdigest()
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Tokenizer) and self.type == other.type and self._content() == other._content()
+
+    __hash__ = None  # mutable-looking container semantics: compare with ==, key by fingerprint()
+
+    # interop: overridden where the tokenizer can be expressed in the format
+    def is_gpt2_compatible(self) -> bool:
+        return False
+
+    def save_gpt2(self, encoder_json_path, vocab_bpe_path) -> None:
+        raise ValueError(f"a {self.type} tokenizer cannot be written as GPT-2 encoder.json + vocab.bpe (byte-level BPE only)")
+
+    def to_tiktoken(self):
+        raise ValueError(f"a {self.type} tokenizer cannot be expressed as a tiktoken encoding (byte-level BPE only)")
+
+    def save_tiktoken(self, path) -> None:
+        raise ValueError(f"a {self.type} tokenizer cannot be written as a .tiktoken file (byte-level BPE only)")
+
+
+# encode_batch worker state (one tokenizer per worker process, sent once)
+_worker: tuple[Tokenizer, dict] | None = None
+
+
+def _set_worker_tokenizer(tok: Tokenizer, kwargs: dict) -> None:
+    global _worker
+    _worker = (tok, kwargs)
+
+
+def _worker_encode(text: str) -> list[int]:
+    tok, kwargs = _worker
+    return tok.encode(text, **kwargs)
+
+
+class _PieceCache(dict):
+    """piece (str) -> its token ids; a miss runs BPE on the piece and remembers the result."""
+
+    __slots__ = ("encode_piece",)
+
+    def __init__(self, encode_piece):
+        super().__init__()
+        self.encode_piece = encode_piece
+
+    def __missing__(self, piece: str) -> list[int]:
+        if len(self) >= _CACHE_LIMIT:
+            self.clear()
+        ids = self[piece] = self.encode_piece(piece.encode("utf-8"))
+        return ids
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE: ``ranks`` maps each token's bytes to its id (= its merge priority)."""
+
+    type = "bpe"
+
+    def __init__(
+        self,
+        ranks: Mapping[bytes, int],
+        pattern: str = "gpt2",
+        special_tokens: Mapping[str, int] | None = None,
+        merges: Sequence[tuple[int, int]] | None = None,
+        name: str = "bpe",
+    ):
+        self.pattern = resolve_pattern(pattern)
+        ranks = dict(ranks)
+        if sorted(ranks.values()) != list(range(len(ranks))):
+            raise ValueError("token ranks must be the contiguous ids 0..N-1, each used once")
+        if any(len(t) != 1 for t, r in ranks.items() if r < 256) or len(ranks) < 256:
+            raise ValueError("ranks 0-255 must be the 256 single bytes (byte-level BPE)")
+        self._ranks = ranks
+        self._by_rank = sorted(ranks, key=ranks.__getitem__)
+        super().__init__(special_tokens or {}, dict(enumerate(self._by_rank)))
+        self._merges = None if merges is None else [tuple(m) for m in merges]
+        if self._merges is not None:
+            _check_merges(self._by_rank, self._merges)
+        self.name = name
+        self._setup_encoder()
+
+    def _setup_encoder(self) -> None:
+        self._findall = compile_pattern(self.pattern).findall
+        self._cache = _PieceCache(self._encode_piece)
+
+    def __getstate__(self):  # for encode_batch workers: the compiled regex and cache are rebuilt
+        state = self.__dict__.copy()
+        for k in ("_findall", "_cache", "_special_regex"):
+            state.pop(k)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._special_regex = special_token_regex(self._special_tokens)
+        self._setup_encoder()
+
+    @property
+    def mergeable_ranks(self) -> dict[bytes, int]:
+        return dict(self._ranks)
+
+    @property
+    def merges(self) -> list[tuple[int, int]]:
+        """(left id, right id) for each token id 256.. in order; derived from the ranks when the
+        tokenizer was not trained here (running BPE on a token's own bytes with lower ranks only)."""
+        if self._merges is None:
+            self._merges = [_split_token(self._ranks, t, r) for r, t in enumerate(self._by_rank) if r >= 256]
+        return list(self._merges)
+
+    def _encode_piece(self, piece: bytes) -> list[int]:
+        ranks = self._ranks
+        token = ranks.get(piece)
+        if token is not None:
+            return [token]
+        parts = [piece[i : i + 1] for i in range(len(piece))]
+        get = ranks.get
+        pair_ranks = [get(parts[i] + parts[i + 1], _NO_RANK) for i in range(len(parts) - 1)]
+        while pair_ranks:
+            best = min(pair_ranks)
+            if best == _NO_RANK:
+                break
+            i = pair_ranks.index(best)  # leftmost among equal ranks, as tiktoken
+            parts[i] += parts.pop(i + 1)
+            del pair_ranks[i]
+            if i > 0:
+                pair_ranks[i - 1] = get(parts[i - 1] + parts[i], _NO_RANK)
+            if i < len(pair_ranks):
+                pair_ranks[i] = get(parts[i] + parts[i + 1], _NO_RANK)
+        return [ranks[p] for p in parts]
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        try:
+            return list(chain.from_iterable(map(self._cache.__getitem__, self._findall(text))))
+        except UnicodeEncodeError:
+            # lone surrogates cannot be UTF-8 encoded; replace them as tiktoken does
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            return list(chain.from_iterable(map(self._cache.__getitem__, self._findall(text))))
+
+    def _content(self) -> dict:
+        return {
+            "pattern": self.pattern,
+            "vocab": [base64.b64encode(t).decode("ascii") for t in self._by_rank],
+            "special_tokens": self._special_tokens,
+        }
+
+    def to_dict(self) -> dict:
+        # merges are implied by the ranks (so not part of the fingerprint) but stored for readers
+        # that apply merges by priority (GPT-2/HF style) and to validate the vocabulary on load
+        return {**super().to_dict(), "merges": [list(m) for m in self.merges]}
+
+    @classmethod
+    def _from_content(cls, d: dict) -> "BPETokenizer":
+        vocab = d["vocab"]
+        if not isinstance(vocab, list) or not all(isinstance(t, str) for t in vocab):
+            raise ValueError("'vocab' must be a list of base64 strings")
+        try:
+            tokens = [base64.b64decode(t, validate=True) for t in vocab]
+        except ValueError as e:
+            raise ValueError(f"'vocab' holds a token that is not valid base64 ({e})") from None
+        if len(set(tokens)) != len(tokens):
+            raise ValueError("'vocab' lists the same token bytes twice")
+        merges = d["merges"]
+        if not isinstance(merges, list) or not all(
+            isinstance(m, list) and len(m) == 2 and all(type(x) is int for x in m) for m in merges
+        ):
+            raise ValueError("'merges' must be a list of [left id, right id] pairs")
+        return cls(
+            {t: i for i, t in enumerate(tokens)},
+            pattern=d["pattern"],
+            special_tokens=d["special_tokens"],
+            merges=merges,
+        )
+
+    # ----------------------------------------------------------------------------- interop
+    def to_tiktoken(self):
+        """A ``tiktoken.Encoding`` with the same ranks, pattern and special tokens (same ids)."""
+        import tiktoken
+
+        return tiktoken.Encoding(
+            name=self.name, pat_str=self.pattern, mergeable_ranks=dict(self._ranks), special_tokens=self.special_tokens
+        )
+
+    def save_tiktoken(self, path) -> None:
+        """Write the ranks as a ``.tiktoken`` file (base64 token, space, rank per line). The pattern
+        and special tokens are not part of that format: pass them to ``load_tiktoken``."""
+        from .formats import write_tiktoken
+
+        write_tiktoken(path, self._ranks)
+
+    def is_gpt2_compatible(self) -> bool:
+        """True when the tokenizer can be written as GPT-2's encoder.json + vocab.bpe: every token
+        above the 256 bytes is a merge of two lower tokens and no special token's name collides
+        with an ordinary token's GPT-2 string."""
+        from .formats import gpt2_conflicts
+
+        try:
+            self.merges
+        except ValueError:
+            return False
+        return not gpt2_conflicts(self)
+
+    def save_gpt2(self, encoder_json_path, vocab_bpe_path) -> None:
+        from .formats import write_gpt2
+
+        write_gpt2(self, encoder_json_path, vocab_bpe_path)
+
+
+def _split_token(ranks: Mapping[bytes, int], token: bytes, rank: int) -> tuple[int, int]:
+    """The two lower-ranked tokens BPE joins to make ``token`` (tiktoken's recovery of merges)."""
+    parts = [token[i : i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+        best_i, best_r = -1, rank
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1], _NO_RANK)
+            if r < best_r:
+                best_i, best_r = i, r
+        if best_i < 0:
+            break
+        parts[best_i] += parts.pop(best_i + 1)
+    if len(parts) != 2:
+        raise ValueError(f"token {rank} ({token!r}) is not a merge of two lower-ranked tokens")
+    return ranks[parts[0]], ranks[parts[1]]
+
+
+def _check_merges(by_rank: list[bytes], merges: list[tuple[int, int]]) -> None:
+    if len(merges) != len(by_rank) - 256:
+        raise ValueError(f"{len(merges)} merges for {len(by_rank) - 256} tokens above the 256 bytes; they must match")
+    for i, (a, b) in enumerate(merges):
+        r = 256 + i
+        if not (0 <= a < r and 0 <= b < r):
+            raise ValueError(f"merge {i} ({a}, {b}) refers to a token that does not exist before token {r}")
+        if by_rank[a] + by_rank[b] != by_rank[r]:
+            raise ValueError(f"merge {i} ({a}, {b}) does not produce token {r}'s bytes")

@@ -1,0 +1,378 @@
+"""Incremental byte-level BPE training.
+
+1. Pre-tokenize: split the text on special tokens, then into pieces with the pattern regex, and
+   count each distinct piece once (in parallel over chunks; memory grows with the number of
+   distinct pieces, not with the corpus).
+2. Merge: keep the count of every adjacent token pair (weighted by piece frequency), an index
+   from each pair to the pieces containing it, and a max-heap of (count, pair). After a merge only
+   the pieces containing the merged pair are rewritten and only the counts of pairs next to it
+   change. Counts only ever drop for existing pairs, so stale heap entries are fixed lazily: a
+   popped entry whose count is out of date is pushed back with the current count.
+
+Tie-break rule (documented, and what makes training deterministic): the pair with the highest
+count wins; among equal counts the pair with the smallest left token id wins, then the smallest
+right token id (ids: bytes are 0-255, merge n makes id 256+n). This is HF ``tokenizers``' rule.
+A pair whose concatenation is already a token (reachable by two different splits) is skipped, so
+every token's bytes are unique (tiktoken ranks require it). Merging stops when the best pair
+occurs fewer than ``min_frequency`` times.
+"""
+
+from __future__ import annotations
+
+import codecs
+import heapq
+import os
+import warnings
+from collections import Counter, defaultdict, deque
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import regex
+
+from .char import CharTokenizer
+from .patterns import compile_pattern, resolve_pattern, split_on_specials
+from .tokenizer import BPETokenizer
+
+DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>",)
+DEFAULT_MIN_FREQUENCY = 1
+_READ_BYTES = 1 << 18  # file block size; also roughly the text handed to one worker at a time
+# A newline between two non-space characters ends a piece for both GPT-2 and GPT-4 patterns and
+# no piece crosses it, so cutting there gives exactly the pieces of one scan over the whole text.
+_NON_SPACE = regex.compile(r"\S")
+
+
+# ------------------------------------------------------------------------------------ reading
+def _check_errors(errors: str) -> None:
+    """An unknown UTF-8 error handler fails now, not after reading half the corpus."""
+    try:
+        codecs.lookup_error(errors)
+    except LookupError:
+        raise ValueError(f"unknown errors handler {errors!r}; use 'strict' or 'replace'") from None
+
+
+def _check_file(path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, not a text file; pass the files inside it")
+    if not path.exists():
+        raise ValueError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: the file is empty; pass a text corpus")
+    return path
+
+
+def _read_file(path: Path, errors: str, progress) -> Iterator[str]:
+    """The file's text in blocks that end at a newline (never inside a UTF-8 character), read a
+    block at a time. Invalid UTF-8 is reported with its byte offset."""
+    offset = 0
+    tail = b""
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(_READ_BYTES)
+            if progress is not None:
+                progress.update(len(block))
+            data = tail + block
+            cut = data.rfind(b"\n") + 1 if block else len(data)
+            if cut == 0 and block:
+                tail = data
+                continue
+            body, tail = data[:cut], data[cut:]
+            try:
+                yield body.decode("utf-8", errors=errors)
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path}: not valid UTF-8 at byte offset {offset + e.start} ({e.reason}); "
+                    "fix the file or pass --errors replace (errors='replace') to substitute U+FFFD"
+                ) from None
+            offset += len(body)
+            if not block:
+                return
+
+
+def _safe_chunks(fragments: Iterable[str], size: int = _READ_BYTES) -> Iterator[str]:
+    """Join the fragments of one document and re-cut it into chunks of about ``size`` characters,
+    only at newlines between two non-space characters (see _NON_SPACE)."""
+    pending = ""
+    checked = 0  # positions below this have no safe cut (searched before)
+    for fragment in fragments:
+        pending += fragment
+        if len(pending) < size:
+            continue
+        cut = _last_safe_cut(pending, checked)
+        if cut:
+            yield pending[:cut]
+            pending = pending[cut:]
+            checked = 0
+        else:
+            checked = max(0, len(pending) - 2)
+    if pending:
+        yield pending
+
+
+def _last_safe_cut(text: str, lo: int) -> int:
+    i = len(text) - 1
+    while True:
+        i = text.rfind("\n", lo, i)
+        if i <= 0:
+            return 0
+        if i + 1 < len(text) and _NON_SPACE.match(text, i - 1) and _NON_SPACE.match(text, i + 1):
+            return i + 1
+
+
+# ------------------------------------------------------------------------------------ counting
+def _count_chunk(text: str, pattern: str, special_tokens: Sequence[str]) -> Counter:
+    findall = compile_pattern(pattern).findall
+    counts: Counter = Counter()
+    for part in split_on_specials(text, special_tokens):
+        counts.update(findall(part))
+    return counts
+
+
+def count_pieces(chunks: Iterable[str], pattern: str, special_tokens: Sequence[str] = (), workers: int | None = None) -> Counter:
+    """How often each piece occurs in ``chunks`` (cut at safe points). ``workers`` processes
+    (default: all cores) pre-tokenize; at most two chunks per worker are in flight at once."""
+    workers = workers or os.cpu_count() or 1
+    chunks = iter(chunks)
+    counts: Counter = Counter()
+    if workers <= 1:
+        for chunk in chunks:
+            for part in split_on_specials(chunk, special_tokens):
+                counts.update(compile_pattern(pattern).findall(part))
+        return counts
+    import multiprocessing
+
+    with multiprocessing.Pool(workers) as pool:
+        in_flight: deque = deque()
+        for chunk in chunks:
+            in_flight.append(pool.apply_async(_count_chunk, (chunk, pattern, tuple(special_tokens))))
+            if len(in_flight) >= 2 * workers:
+                _add_counts(counts, in_flight.popleft().get())
+        while in_flight:
+            _add_counts(counts, in_flight.popleft().get())
+    return counts
+
+
+def _add_counts(total: Counter, part: Counter) -> None:
+    if not total:
+        total.update(part)
+        return
+    for piece, n in part.items():
+        total[piece] += n
+
+
+# ------------------------------------------------------------------------------------ merging
+def learn_merges(
+    piece_counts: dict[bytes, int],
+    n_merges: int,
+    *,
+    min_frequency: int = DEFAULT_MIN_FREQUENCY,
+    progress: bool = False,
+) -> list[tuple[int, int]]:
+    """Up to ``n_merges`` merges (left id, right id) learned from pieces (bytes -> count).
+    Merge n creates token 256+n. See the module docstring for the algorithm and the tie-break."""
+    M = 256 + n_merges  # pair key = left * M + right: an int whose order is (left, right)'s
+    words: list[list[int]] = []
+    freqs: list[int] = []
+    for piece, f in piece_counts.items():
+        if len(piece) > 1:  # a single byte has no pair and never changes
+            words.append(list(piece))
+            freqs.append(f)
+    pair_counts: defaultdict[int, int] = defaultdict(int)
+    where: defaultdict[int, set] = defaultdict(set)
+    for w, word in enumerate(words):
+        f = freqs[w]
+        for a, b in zip(word, word[1:]):
+            key = a * M + b
+            pair_counts[key] += f
+            where[key].add(w)
+    heap = [(-c, key) for key, c in pair_counts.items()]
+    heapq.heapify(heap)
+
+    vocab = [bytes([i]) for i in range(256)]
+    known = set(vocab)
+    merges: list[tuple[int, int]] = []
+    bar = _progress_bar(n_merges, "merges", progress)
+    heappop, heappush = heapq.heappop, heapq.heappush
+    while len(merges) < n_merges and heap:
+        neg, key = heappop(heap)
+        count = pair_counts[key]
+        if count != -neg:  # stale: the count dropped since this entry was pushed
+            if count > 0:
+                heappush(heap, (-count, key))
+            continue
+        if count < min_frequency:
+            break
+        a, b = divmod(key, M)
+        new_bytes = vocab[a] + vocab[b]
+        if new_bytes in known:  # same bytes as an existing token: skip this pair for good
+            del pair_counts[key]
+            continue
+        X = len(vocab)
+        vocab.append(new_bytes)
+        known.add(new_bytes)
+        merges.append((a, b))
+        if bar is not None and not len(merges) & 63:
+            bar.update(64)
+
+        touched = set()  # new pairs (all contain X); pushed once their counts are final
+        for w in where.pop(key):
+            word = words[w]
+            n = len(word)
+            new: list[int] = []
+            i = 0
+            found = False
+            index = word.index
+            while True:
+                try:
+                    j = index(a, i)
+                except ValueError:
+                    break
+                if j + 1 >= n:
+                    break
+                if word[j + 1] != b:
+                    new += word[i : j + 1]
+                    i = j + 1
+                    continue
+                found = True
+                f = freqs[w]
+                if j > i:
+                    new += word[i:j]
+                if new:
+                    left = new[-1]
+                    if left != X:  # (left, a) is gone; if left is X, the previous merge removed (b, a)
+                        pair_counts[left * M + a] -= f
+                    k = left * M + X
+                    pair_counts[k] += f
+                    where[k].add(w)
+                    touched.add(k)
+                if j + 2 < n:
+                    right = word[j + 2]
+                    pair_counts[b * M + right] -= f
+                    if not (right == a and j + 3 < n and word[j + 3] == b):  # else (X, X) is added next
+                        k = X * M + right
+                        pair_counts[k] += f
+                        where[k].add(w)
+                        touched.add(k)
+                new.append(X)
+                i = j + 2
+            if found:
+                if i < n:
+                    new += word[i:]
+                words[w] = new
+        del pair_counts[key]
+        for k in touched:
+            heappush(heap, (-pair_counts[k], k))
+    if bar is not None:
+        bar.update(len(merges) - bar.n)
+        bar.close()
+    return merges
+
+
+def _progress_bar(total: int, unit: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=f" {unit}", desc=f"bpe: {unit}", dynamic_ncols=True, leave=False)
+
+
+# ------------------------------------------------------------------------------------ entry points
+def _check_vocab_size(vocab_size: int, special_tokens: Sequence[str]) -> None:
+    minimum = 256 + len(special_tokens)
+    if not isinstance(vocab_size, int) or vocab_size < minimum:
+        raise ValueError(
+            f"vocab size {vocab_size} is too small: the minimum is {minimum} "
+            f"(256 byte tokens + {len(special_tokens)} special tokens)"
+        )
+
+
+def _build(merges, pattern, special_tokens, vocab_size, min_frequency) -> BPETokenizer:
+    vocab = [bytes([i]) for i in range(256)]
+    for a, b in merges:
+        vocab.append(vocab[a] + vocab[b])
+    specials = {t: len(vocab) + i for i, t in enumerate(special_tokens)}
+    tok = BPETokenizer({t: i for i, t in enumerate(vocab)}, pattern, specials, merges=merges)
+    if tok.n_vocab < vocab_size:
+        warnings.warn(
+            f"the corpus only supports a vocabulary of {tok.n_vocab} (asked for {vocab_size}): no pair "
+            f"occurs at least {min_frequency} times any more; saving the smaller vocabulary",
+            stacklevel=3,
+        )
+    return tok
+
+
+def _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency, progress, workers) -> BPETokenizer:
+    pattern = resolve_pattern(pattern)
+    special_tokens = tuple(dict.fromkeys(special_tokens))
+    _check_vocab_size(vocab_size, special_tokens)
+    counts = count_pieces(chunks, pattern, special_tokens, workers)
+    if not counts:
+        raise ValueError("the corpus is empty: no text to train on")
+    piece_counts: Counter = Counter()
+    for piece, n in counts.items():
+        piece_counts[piece.encode("utf-8")] += n
+    n_merges = vocab_size - 256 - len(special_tokens)
+    merges = learn_merges(piece_counts, n_merges, min_frequency=min_frequency, progress=progress)
+    return _build(merges, pattern, special_tokens, vocab_size, min_frequency)
+
+
+def train_from_iterator(
+    texts: Iterable[str],
+    vocab_size: int,
+    *,
+    pattern: str = "gpt2",
+    special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
+    min_frequency: int = DEFAULT_MIN_FREQUENCY,
+    progress: bool = False,
+    workers: int | None = None,
+) -> BPETokenizer:
+    """Train a byte-level BPE tokenizer on ``texts`` (each one a document). ``vocab_size`` counts
+    the 256 bytes, the merges and the special tokens (which get the last ids)."""
+    if isinstance(texts, str):
+        texts = [texts]
+    chunks = (c for text in texts for c in _safe_chunks([text]))
+    return _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency, progress, workers)
+
+
+def train(
+    files: Sequence[str | os.PathLike],
+    vocab_size: int,
+    *,
+    pattern: str = "gpt2",
+    special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
+    min_frequency: int = DEFAULT_MIN_FREQUENCY,
+    errors: str = "strict",
+    progress: bool = True,
+    workers: int | None = None,
+) -> BPETokenizer:
+    """Train on text files (UTF-8; ``errors="replace"`` substitutes invalid bytes), read in blocks."""
+    if isinstance(files, (str, os.PathLike)):
+        files = [files]
+    if not files:
+        raise ValueError("no corpus files given")
+    paths = [_check_file(p) for p in files]
+    _check_errors(errors)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True, desc="bpe: reading", leave=False)
+    chunks = (c for p in paths for c in _safe_chunks(_read_file(p, errors, bar)))
+    try:
+        return _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency, progress, workers)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def train_char(
+    texts: Iterable[str], *, special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS
+) -> CharTokenizer:
+    return CharTokenizer.from_texts(texts, special_tokens)
+
+
+def iter_file_texts(files: Sequence[str | os.PathLike], errors: str = "strict") -> Iterator[str]:
+    """The text of each file, block by block (for char-level training and sampling)."""
+    _check_errors(errors)
+    for p in files:
+        yield from _read_file(_check_file(p), errors, None)
