@@ -181,6 +181,12 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def embedding(num_embeddings: int, embedding_dim: int) -> nn.Embedding:
+    """An nn.Embedding left uninitialised (init_weights fills it): nn.Embedding's own normal_ init on
+    the meta device imports torch._dynamo, seconds of start-up for every from_pretrained."""
+    return nn.Embedding.from_pretrained(torch.empty(num_embeddings, embedding_dim), freeze=False)
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -188,8 +194,8 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                **({"wpe": nn.Embedding(config.n_ctx, config.n_embd)} if config.pos_embedding == "learned" else {}),
+                wte=embedding(config.vocab_size, config.n_embd),
+                **({"wpe": embedding(config.n_ctx, config.n_embd)} if config.pos_embedding == "learned" else {}),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
                 ln_f=kernels.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias, backend=config.backend),

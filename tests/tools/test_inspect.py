@@ -1,0 +1,92 @@
+"""gpt-inspect: the report, and exit status 1 for a failed check, 2 for an unreadable checkpoint."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import tokenizers_bpe
+from gpt.model import GPT, GPTConfig
+from tests.gpt.test_checkpoint import text, tokenizer  # noqa: F401 (shared fixtures: a 300-token BPE)
+from tools.inspect_checkpoint import main
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    return GPT(GPTConfig.from_preset("tiny", vocab_size=tokenizer.n_vocab))
+
+
+@pytest.fixture
+def ckpt(model, tokenizer, tmp_path):
+    model.save_pretrained(tmp_path / "model", tokenizer=tokenizer, generation={"temperature": 0.7})
+    return tmp_path / "model"
+
+
+def inspect(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_report(ckpt, model, capsys):
+    rc, out, err = inspect(capsys, ckpt)
+    assert rc == 0, out + err
+    assert f"{model.num_parameters():,} total, {model.num_parameters(non_embedding=True):,} non-embedding" in out
+    assert "n_layer=2" in out and "vocab_size=300" in out
+    assert re.search(r"dtype\s+float32", out)
+    assert re.search(r"size\s+\d+\.\d KB on disk \(config.json", out)
+    assert "300 tokens, specials: <|endoftext|>=299" in out
+    assert "generation.json: temperature=0.7" in out
+    assert "FAIL" not in out and out.count("  ok  ") == 3
+
+
+def test_vocab_mismatch_fails_check(ckpt, capsys, text):
+    tokenizers_bpe.train_from_iterator([text], 320, progress=False).save(ckpt / "tokenizer.json")
+    rc, out, err = inspect(capsys, ckpt)
+    assert rc == 1
+    assert "FAIL  tokenizer:" in out and "has 320 tokens but the model's vocab_size is 300" in out
+    assert "1 check(s) failed" in err
+    assert "  ok    weights" in out  # the other checks still run
+
+
+def test_wrong_shape_fails_check(ckpt, capsys):
+    state = load_file(ckpt / "model.safetensors")
+    state["transformer.h.0.attn.c_attn.weight"] = state["transformer.h.0.attn.c_attn.weight"][:10]
+    save_file(state, ckpt / "model.safetensors")
+    rc, out, _ = inspect(capsys, ckpt)
+    assert rc == 1 and "FAIL  weights:" in out and "transformer.h.0.attn.c_attn.weight has shape [10, 64]" in out
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json"])
+def test_missing_file_fails_check(ckpt, capsys, name):
+    (ckpt / name).unlink()
+    rc, out, _ = inspect(capsys, ckpt)
+    assert rc == 1 and f"{name}: file not found" in out
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda d: shutil.rmtree(d), "checkpoint directory not found"),
+        (lambda d: (d / "config.json").unlink(), "config.json: file not found"),
+        (lambda d: (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), "format_version": 7})), "unknown format_version 7"),
+    ],
+)
+def test_unreadable_checkpoint_is_a_usage_error(ckpt, capsys, breakage, message):
+    breakage(ckpt)
+    rc, out, err = inspect(capsys, ckpt)
+    assert rc == 2 and out == ""
+    assert err.startswith("gpt-inspect: error: ") and err.count("\n") == 1 and message in err
+
+
+def test_usage(capsys):
+    assert main(["--help"]) == 0
+    assert "checkpoint directory" in capsys.readouterr().out
+    rc, _, err = inspect(capsys)
+    assert rc == 2 and "required: DIR" in err
