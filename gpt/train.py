@@ -1,0 +1,296 @@
+"""gpt-train: train a GPT on a gpt-prepare data directory.
+
+    gpt-train --data data/ --out runs/shakespeare
+    gpt-train --resume runs/shakespeare --max-steps 4000           # continue, exactly
+    gpt-train --config run.toml                                     # every option from a file
+    torchrun --nproc_per_node=4 -m gpt.train --data data/ --out runs/big --preset gpt2
+
+Every option can be set in a TOML (or JSON) file given with ``--config`` (keys as the long option
+names, with ``-`` or ``_``); the command line wins over the file. The effective configuration is
+saved as ``RUN_DIR/run_config.json``, itself a valid ``--config``. ``--resume`` takes the saved
+configuration and lets you change the schedule and logging options (not the model or the data).
+The training loop is ``gpt.trainer.Trainer``; see it for the run directory layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any, Sequence
+
+from tools.cli import ArgumentParser, CLIError, command
+
+PROG = "gpt-train"
+
+# The model shape options; anything not given comes from --preset.
+MODEL_OPTIONS = ("n_layer", "n_head", "n_embd", "n_ctx", "dropout", "bias", "pos_embedding", "backend")
+# Options that define the run and cannot change on --resume.
+FIXED_ON_RESUME = ("data", "preset", "init_from", "vocab_size", "block_size", "seed", *MODEL_OPTIONS)
+DEFAULT_PRESET = "shakespeare-cpu"
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _options() -> list[tuple[str, type, Any, str]]:
+    """(name, type, default, help) of every option that a config file can set."""
+    from gpt.trainer import TrainConfig
+
+    t = TrainConfig()
+    return [
+        # data and model
+        ("data", str, None, "data directory written by gpt-prepare (required for a new run)"),
+        ("out", str, None, "run directory for metrics, checkpoints, best/ and final/ (required for a new run)"),
+        ("tokenizer", str, None, "tokenizer.json to use instead of DATA/tokenizer.json (must be the same tokenizer)"),
+        ("preset", str, DEFAULT_PRESET, "model size from gpt.model.PRESETS; the shape options below override it"),
+        ("init_from", str, None, "start from this checkpoint directory (fine-tune/continue pre-training) instead of a random model"),
+        ("n_layer", int, None, "transformer blocks"),
+        ("n_head", int, None, "attention heads"),
+        ("n_embd", int, None, "embedding width (divisible by --n-head)"),
+        ("n_ctx", int, None, "context window (maximum sequence length) of the model"),
+        ("dropout", float, None, "dropout probability (0 for short runs and fine-tuning)"),
+        ("bias", _bool, None, "biases in Linear and LayerNorm (true/false)"),
+        ("pos_embedding", str, None, "learned (GPT-2) or rope"),
+        ("backend", str, None, "kernels backend: auto, triton or torch"),
+        ("vocab_size", int, None, "model vocabulary (default: the tokenizer's n_vocab)"),
+        ("block_size", int, None, "training window in tokens (default: the model's n_ctx)"),
+        ("eval_stride", int, None, "stride of the validation sliding window (default: --block-size, no overlap)"),
+        ("batch_tokens", int, None, "target tokens per optimiser step; sets --grad-accum (rounded up)"),
+        # optimisation (gpt.trainer.TrainConfig)
+        ("max_steps", int, t.max_steps, "optimiser steps"),
+        ("batch_size", int, t.batch_size, "sequences per micro-batch per process"),
+        ("grad_accum", int, t.grad_accum, "micro-batches per optimiser step per process"),
+        ("lr", float, t.lr, "peak learning rate"),
+        ("min_lr", float, None, "learning-rate floor of the cosine decay (default: --lr / 10)"),
+        ("warmup_steps", int, t.warmup_steps, "linear warmup steps"),
+        ("lr_decay_steps", int, None, "step where the cosine reaches --min-lr (default: --max-steps)"),
+        ("weight_decay", float, t.weight_decay, "AdamW weight decay (matrices and embeddings only)"),
+        ("beta1", float, t.beta1, "AdamW beta1"),
+        ("beta2", float, t.beta2, "AdamW beta2"),
+        ("grad_clip", float, t.grad_clip, "clip the global gradient norm to this (0: no clipping)"),
+        ("eval_interval", int, t.eval_interval, "validate, sample and plot every N steps"),
+        ("eval_iters", int, t.eval_iters, "validation batches per evaluation (spread evenly over val.bin)"),
+        ("log_interval", int, t.log_interval, "a training line in metrics.jsonl every N steps"),
+        ("checkpoint_interval", int, None, "write RUN_DIR/checkpoints/step-N every N steps (default: --eval-interval)"),
+        ("keep_last", int, t.keep_last, "step checkpoints to keep"),
+        ("seed", int, t.seed, "random seed; the same seed gives the same run on CPU"),
+        ("device", str, t.device, "auto, cpu, cuda or cuda:N"),
+        ("dtype", str, t.dtype, "auto, float32, bfloat16 or float16 (CUDA only, with a GradScaler)"),
+        ("compile", _bool, t.compile, "torch.compile the model (true/false)"),
+        ("sample_tokens", int, 100, "tokens of the sample generated at each evaluation (0: none)"),
+        ("sample_prompt", str, "\n", "prompt of that sample"),
+        ("progress", _bool, t.progress, "show a progress bar (true/false)"),
+    ]
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--config", metavar="FILE", help="TOML or JSON file of options (keys as below)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    for name, typ, default, help_text in _options():
+        flag = "--" + name.replace("_", "-")
+        metavar = "BOOL" if typ is _bool else None
+        shown = "" if default is None else f" (default: {default!r})"
+        # SUPPRESS: only options given on the command line appear, so they can override the file.
+        p.add_argument(flag, dest=name, type=typ, default=argparse.SUPPRESS, metavar=metavar, help=help_text + shown)
+    return p
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Options from a TOML/JSON file, validated against the option table."""
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"--config {p} does not exist")
+    try:
+        raw = json.loads(p.read_text(encoding="utf-8")) if p.suffix == ".json" else tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CLIError(f"--config {p}: not valid {'JSON' if p.suffix == '.json' else 'TOML'} ({e})") from None
+    if not isinstance(raw, dict):
+        raise CLIError(f"--config {p}: expected a table of options")
+    types = {name: typ for name, typ, _, _ in _options()}
+    out = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name == "derived":  # what run_config.json records about the run, not an option
+            continue
+        if name not in types:
+            raise CLIError(f"--config {p}: unknown option {key!r}; see gpt-train --help")
+        typ = bool if types[name] is _bool else types[name]
+        if value is not None:
+            if typ is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+                raise CLIError(f"--config {p}: option {key!r} must be {typ.__name__}, got {value!r}")
+        out[name] = value
+    return out
+
+
+def effective_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict | None]:
+    """defaults < saved run (--resume) < --config file < command line. Returns (options, saved run)."""
+    opts = {name: default for name, _, default, _ in _options()}
+    given = {k: v for k, v in vars(args).items() if k not in ("config", "resume")}
+    saved = None
+    if args.resume:
+        run_dir = Path(args.resume)
+        path = run_dir / "run_config.json"
+        if not run_dir.is_dir():
+            raise CLIError(f"--resume {run_dir}: no such run directory")
+        if not path.is_file():
+            raise CLIError(f"--resume {run_dir}: {path.name} is missing; this is not a gpt-train run directory")
+        saved = read_config_file(str(path))
+        saved_raw = json.loads(path.read_text(encoding="utf-8"))
+        opts.update(saved)
+        saved = {"options": saved, "derived": saved_raw.get("derived", {})}
+        if "out" in given and Path(given["out"]).resolve() != run_dir.resolve():
+            raise CLIError(f"--out {given['out']} differs from --resume {run_dir}; give only --resume")
+        opts["out"] = str(run_dir)
+    if args.config:
+        opts.update(read_config_file(args.config))
+    opts.update(given)
+    if saved is not None:
+        for name in FIXED_ON_RESUME:
+            if opts[name] != saved["options"].get(name):
+                raise CLIError(f"--{name.replace('_', '-')} cannot change when resuming (the run used {saved['options'].get(name)!r})")
+    for name in ("data", "out"):
+        if not opts[name]:
+            raise CLIError(f"--{name} is required (or --resume RUN_DIR)")
+    return opts, saved
+
+
+def build_model(opts: dict, meta, tokenizer):
+    """A fresh GPT (preset + overrides) or one loaded with --init-from, checked against the data."""
+    import torch
+
+    from gpt.model import GPT, PRESETS, GPTConfig
+
+    overrides = {k: opts[k] for k in MODEL_OPTIONS if opts[k] is not None}
+    if opts["init_from"]:
+        base = GPT.from_pretrained(opts["init_from"])
+        if base.tokenizer.fingerprint() != meta.tokenizer_fingerprint:
+            raise CLIError(f"--init-from {opts['init_from']}: its tokenizer differs from the one the data was prepared with; re-run gpt-prepare with it")
+        shape = {k: v for k, v in overrides.items() if k not in ("dropout", "backend")}
+        if shape:
+            raise CLIError(f"--init-from fixes the model shape; drop {', '.join('--' + k.replace('_', '-') for k in shape)}")
+        config = dataclasses.replace(base.config, **overrides)
+        model = GPT(config)
+        model.load_state_dict(base.state_dict())
+        return model
+    if opts["preset"] not in PRESETS:
+        raise CLIError(f"--preset {opts['preset']!r} is unknown; choose one of {', '.join(PRESETS)}")
+    vocab_size = opts["vocab_size"] or meta.n_vocab
+    if vocab_size < meta.n_vocab:
+        raise CLIError(f"the tokenizer has {meta.n_vocab} tokens, more than --vocab-size {vocab_size}; raise --vocab-size or drop it")
+    if vocab_size != meta.n_vocab:
+        raise CLIError(f"--vocab-size {vocab_size} differs from the tokenizer's {meta.n_vocab} tokens; a checkpoint must match its tokenizer, drop --vocab-size")
+    config = GPTConfig.from_preset(opts["preset"], vocab_size=vocab_size, **overrides)
+    torch.manual_seed(opts["seed"])
+    return GPT(config)
+
+
+def make_sampler(tokenizer, prompt: str, n_tokens: int, seed: int):
+    """The evaluation-time sample: ``n_tokens`` from ``prompt`` with gpt.generate (fixed seed, so
+    samples at different steps differ only by what the model learned)."""
+    from gpt.sampling import generate
+
+    prompt_ids = tokenizer.encode_ordinary(prompt) or ([tokenizer.eot_token] if tokenizer.eot_token is not None else [0])
+
+    def sample(model) -> str:
+        out = generate(model, prompt_ids, n_tokens, temperature=0.8, top_k=200, seed=seed)
+        return tokenizer.decode(prompt_ids + out[0])
+
+    return sample
+
+
+def run(opts: dict, resume: bool, saved: dict | None) -> int:
+    import tokenizers_bpe
+    from gpt.data import TOKENIZER_FILE, RandomWindows, SlidingWindows, load_meta, open_split
+    from gpt.trainer import TrainConfig, Trainer, TrainingDiverged, init_distributed
+    from tools.fileio import check_writable_dir
+
+    data_dir, out = Path(opts["data"]), Path(opts["out"])
+    meta = load_meta(data_dir)
+    tok_path = Path(opts["tokenizer"] or data_dir / TOKENIZER_FILE)
+    if not tok_path.is_file():
+        raise CLIError(f"tokenizer {tok_path} does not exist; pass --tokenizer (the one used by gpt-prepare)")
+    tokenizer = tokenizers_bpe.load(tok_path)
+    if tokenizer.fingerprint() != meta.tokenizer_fingerprint:
+        raise CLIError(f"tokenizer {tok_path} is not the one {data_dir} was prepared with (fingerprints differ); use that tokenizer or re-run gpt-prepare")
+    train_tokens, val_tokens = open_split(data_dir, "train", meta), open_split(data_dir, "val", meta)
+    check_writable_dir(out, "--out")
+    if not resume and ((out / "checkpoints").exists() or (out / "metrics.jsonl").exists()):
+        raise CLIError(f"--out {out} already holds a run; continue it with --resume {out} or choose another --out")
+
+    model = build_model(opts, meta, tokenizer)
+    model.tokenizer = tokenizer
+    block_size = opts["block_size"] or model.config.n_ctx
+    if block_size > model.config.n_ctx:
+        raise CLIError(f"--block-size {block_size} is longer than the model's context n_ctx={model.config.n_ctx}; lower --block-size or raise --n-ctx")
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in opts.items() if k in train_fields})
+    cfg.validate()
+    dist = init_distributed(cfg.device)
+    try:
+        if opts["batch_tokens"]:
+            per_micro = cfg.batch_size * block_size * dist.world_size
+            cfg.grad_accum = max(1, math.ceil(opts["batch_tokens"] / per_micro))
+        train_batch = RandomWindows(train_tokens, block_size, cfg.batch_size, seed=cfg.seed, grad_accum=cfg.grad_accum,
+                                    rank=dist.rank, world_size=dist.world_size, device=dist.device)
+        eval_batches = SlidingWindows(val_tokens, block_size, cfg.batch_size, stride=opts["eval_stride"], max_batches=cfg.eval_iters,
+                                      rank=dist.rank, world_size=dist.world_size, device=dist.device)
+        derived = {
+            "grad_accum": cfg.grad_accum, "world_size": dist.world_size, "block_size": block_size,
+            "tokens_per_step": cfg.batch_size * block_size * cfg.grad_accum * dist.world_size,
+            "model": model.config.to_dict(), "parameters": model.num_parameters(),
+            "tokenizer_fingerprint": meta.tokenizer_fingerprint, "data_tokens": {s: i.tokens for s, i in meta.splits.items()},
+        }
+        run_config = {**{k: v for k, v in opts.items()}, "grad_accum": cfg.grad_accum, "derived": derived}
+        if saved is not None and saved["derived"].get("tokenizer_fingerprint") not in (None, meta.tokenizer_fingerprint):
+            raise CLIError(f"--resume {out}: the run was trained on data with another tokenizer than {data_dir}")
+        sampler = make_sampler(tokenizer, opts["sample_prompt"], opts["sample_tokens"], cfg.seed) if opts["sample_tokens"] > 0 else None
+        trainer = Trainer(model, cfg, train_batch, eval_batches, out_dir=out, tokenizer=tokenizer, sample_fn=sampler,
+                          bytes_per_token=meta.bytes_per_token("val"), run_config=run_config, dist=dist)
+        if dist.is_main:
+            print(f"{PROG}: {model.num_parameters():,} parameters ({model.config.n_layer} layers, {model.config.n_head} heads, "
+                  f"{model.config.n_embd} wide, context {model.config.n_ctx}); {derived['tokens_per_step']:,} tokens/step "
+                  f"({cfg.batch_size} x {block_size} x {cfg.grad_accum} accum x {dist.world_size} proc); "
+                  f"device {dist.device}, {trainer.dtype}; {meta.splits['train'].tokens:,} train tokens", file=sys.stderr)
+        try:
+            result = trainer.fit(resume=resume)
+        except TrainingDiverged as e:
+            last = sorted((out / "checkpoints").glob("step-*"))
+            where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
+            if dist.is_main:
+                print(f"{PROG}: error: {e}; stopped, {where}. Lower --lr, raise --warmup-steps or use --dtype float32", file=sys.stderr)
+            return 1
+        if dist.is_main:
+            print(result.summary())
+            if result.interrupted:
+                print(f"resume with: gpt-train --resume {out}")
+        return 130 if result.interrupted else 0
+    finally:
+        import torch.distributed as torch_dist
+
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
+@command(PROG)
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    opts, saved = effective_options(args)
+    return run(opts, resume=bool(args.resume), saved=saved)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
