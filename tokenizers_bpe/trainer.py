@@ -330,6 +330,10 @@ def train_from_iterator(
     the 256 bytes, the merges and the special tokens (which get the last ids)."""
     if isinstance(texts, str):
         texts = [texts]
+    if progress:
+        from tqdm import tqdm
+
+        texts = tqdm(texts, desc="bpe: reading", unit=" texts", leave=False)
     chunks = (c for text in texts for c in _safe_chunks([text]))
     return _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency, progress, workers)
 
