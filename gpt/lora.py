@@ -113,8 +113,8 @@ class LoRALinear(nn.Linear):
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear holding the merged weight."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        with torch.no_grad():
-            weight = self.weight if self.merged else self.weight + self.delta_weight().to(self.weight.dtype)
+        with torch.no_grad():  # add in fp32, so a bf16 checkpoint loses no more than one rounding
+            weight = self.weight if self.merged else (self.weight.float() + self.delta_weight().float()).to(self.weight.dtype)
         linear.weight = nn.Parameter(weight.detach().clone(), requires_grad=self.weight.requires_grad)
         if self.bias is not None:
             linear.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
@@ -187,3 +187,28 @@ def count_trainable(model: nn.Module) -> tuple[int, int]:
     """(trainable parameters, all parameters), tied weights counted once."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def merge_checkpoint(src, out) -> None:
+    """``gpt-convert merge-lora``: load SRC (base weights + adapters), fold the adapters in and write
+    an ordinary checkpoint to OUT (atomically). A classifier's head and labels are copied along."""
+    import shutil
+    from pathlib import Path
+
+    from gpt.checkpoint import write_checkpoint
+    from gpt.finetune import CLASSIFIER_FILE, HEAD_FILE
+    from gpt.model import GPT
+    from tools.fileio import atomic_directory
+
+    src, out = Path(src), Path(out)
+    model = GPT.from_pretrained(src)
+    if getattr(model, "lora_config", None) is None:
+        raise ValueError(f"{src}: this checkpoint has no LoRA adapters (no \"lora\" section in config.json); nothing to merge")
+    if src.resolve() == out.resolve():
+        raise ValueError(f"OUT must differ from SRC ({src}); the merged model is a new checkpoint")
+    merge_lora(model)
+    with atomic_directory(out) as tmp:
+        write_checkpoint(tmp, model, model.tokenizer, model.generation_config)
+        for name in (CLASSIFIER_FILE, HEAD_FILE):
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
