@@ -12,8 +12,9 @@
 Tie-break rule (documented, and what makes training deterministic): the pair with the highest
 count wins; among equal counts the pair with the smallest left token id wins, then the smallest
 right token id (ids: bytes are 0-255, merge n makes id 256+n). This is HF ``tokenizers``' rule.
-A pair whose concatenation is already a token (reachable by two different splits) is skipped, so
-every token's bytes are unique (tiktoken ranks require it). Merging stops when the best pair
+Token bytes must be unique (tiktoken ranks are keyed by bytes): should a pair ever spell the same
+bytes as an existing token (two splits of one string; not seen on real corpora, but nothing in
+the algorithm rules it out), that pair is skipped. Merging stops when the best pair
 occurs fewer than ``min_frequency`` times.
 """
 
@@ -293,9 +294,10 @@ def _build(merges, pattern, special_tokens, vocab_size, min_frequency) -> BPETok
     specials = {t: len(vocab) + i for i, t in enumerate(special_tokens)}
     tok = BPETokenizer({t: i for i, t in enumerate(vocab)}, pattern, specials, merges=merges)
     if tok.n_vocab < vocab_size:
+        why = "every piece is a single token" if min_frequency <= 1 else f"no pair occurs {min_frequency} or more times"
         warnings.warn(
-            f"the corpus only supports a vocabulary of {tok.n_vocab} (asked for {vocab_size}): no pair "
-            f"occurs at least {min_frequency} times any more; saving the smaller vocabulary",
+            f"the corpus only supports a vocabulary of {tok.n_vocab} (asked for {vocab_size}): {why}; "
+            "saving the smaller vocabulary",
             stacklevel=3,
         )
     return tok
