@@ -172,8 +172,7 @@ class Tokenizer(abc.ABC):
         from tools.fileio import atomic_write
 
         with atomic_write(path, "w") as f:
-            json.dump(self.to_dict(), f, ensure_ascii=False, indent=1)
-            f.write("\n")
+            f.write(_json_lines(self.to_dict()))
 
     def fingerprint(self) -> str:
         """sha256 (hex) of the canonical content: equal tokenizers have equal fingerprints."""
@@ -197,6 +196,23 @@ class Tokenizer(abc.ABC):
 
     def save_tiktoken(self, path) -> None:
         raise ValueError(f"a {self.type} tokenizer cannot be written as a .tiktoken file (byte-level BPE only)")
+
+
+def _json_lines(d: dict) -> str:
+    """JSON with one top-level field per line and one list item (token, merge) per line: readable,
+    diffable, and deterministic (the same tokenizer always gives the same bytes)."""
+
+    def dump(x) -> str:
+        return json.dumps(x, ensure_ascii=False, separators=(", ", ": "))
+
+    fields = []
+    for k, v in d.items():
+        if isinstance(v, list) and v:
+            v = "[\n" + ",\n".join("  " + dump(x) for x in v) + "\n]"
+        else:
+            v = dump(v)
+        fields.append(f"{dump(k)}: {v}")
+    return "{\n" + ",\n".join(fields) + "\n}\n"
 
 
 # encode_batch worker state (one tokenizer per worker process, sent once)
@@ -316,8 +332,8 @@ class BPETokenizer(Tokenizer):
     def _content(self) -> dict:
         return {
             "pattern": self.pattern,
-            "vocab": [base64.b64encode(t).decode("ascii") for t in self._by_rank],
             "special_tokens": self._special_tokens,
+            "vocab": [base64.b64encode(t).decode("ascii") for t in self._by_rank],
         }
 
     def to_dict(self) -> dict:

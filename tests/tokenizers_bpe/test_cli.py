@@ -1,0 +1,192 @@
+"""The bpe-* commands, run in-process: the happy paths, and every bad input from the issue giving
+one line on stderr, exit status 2 and no half-written output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import tokenizers_bpe
+from tokenizers_bpe.cli import decode_main, encode_main, inspect_main, train_main
+
+CORPUS = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 40
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(CORPUS, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tokenizer_file(tmp_path, corpus):
+    out = tmp_path / "tok.json"
+    assert train_main([str(corpus), "--vocab-size", "300", "-o", str(out), "--quiet", "--workers", "1"]) == 0
+    return out
+
+
+def one_line_error(capsys, prog: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"{prog}: error: "), err
+    return err
+
+
+# ------------------------------------------------------------------------------ happy paths
+def test_train_encode_decode_inspect(tmp_path, corpus, tokenizer_file, capsys):
+    capsys.readouterr()
+    assert encode_main(["--tokenizer", str(tokenizer_file), "Speak, speak."]) == 0
+    ids = json.loads(capsys.readouterr().out)
+    assert decode_main(["--tokenizer", str(tokenizer_file), json.dumps(ids)]) == 0
+    assert capsys.readouterr().out == "Speak, speak."
+    assert encode_main(["--tokenizer", str(tokenizer_file), "--count", "Speak, speak."]) == 0
+    assert int(capsys.readouterr().out) == len(ids)
+    assert inspect_main([str(tokenizer_file), "--sample", str(corpus), "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "300 ids = 256 bytes + 43 merges + 1 special" in out and "bytes/token" in out and "longest tokens" in out
+
+
+def test_train_output_is_byte_identical_across_runs(tmp_path, corpus):
+    outs = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"t{workers}.json"
+        assert train_main([str(corpus), "--vocab-size", "320", "-o", str(out), "--quiet", "--workers", workers, "--seed", workers]) == 0
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+
+
+def test_train_char_and_options(tmp_path, corpus):
+    out = tmp_path / "chars.json"
+    assert train_main([str(corpus), "--char", "-o", str(out)]) == 0
+    tok = tokenizers_bpe.load(out)
+    assert isinstance(tok, tokenizers_bpe.CharTokenizer) and tok.decode(tok.encode(CORPUS)) == CORPUS
+    out = tmp_path / "gpt4.json"
+    assert train_main([str(corpus), "--vocab-size", "300", "--pattern", "gpt4", "--special", "<|a|>", "--special", "<|b|>", "-o", str(out), "--quiet"]) == 0
+    tok = tokenizers_bpe.load(out)
+    assert tok.pattern == tokenizers_bpe.GPT4_PATTERN and tok.special_tokens == {"<|a|>": 298, "<|b|>": 299}
+
+
+def test_encode_special_tokens_and_stdin(tokenizer_file, capsys, monkeypatch):
+    import io
+
+    tok = tokenizers_bpe.load(tokenizer_file)
+    assert encode_main(["-t", str(tokenizer_file), "--special", "allow", "a<|endoftext|>"]) == 0
+    assert json.loads(capsys.readouterr().out)[-1] == tok.eot_token
+    assert encode_main(["-t", str(tokenizer_file), "a<|endoftext|>"]) == 2
+    assert "--special allow" in one_line_error(capsys, "bpe-encode")
+    monkeypatch.setattr("sys.stdin", io.StringIO("[72, 105]"))
+    assert decode_main(["-t", str(tokenizer_file), "-"]) == 0
+    assert capsys.readouterr().out == "Hi"
+
+
+# ------------------------------------------------------------------------------ bad input
+def _empty_file(d):
+    (d / "empty.txt").write_text("")
+    return d / "empty.txt"
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda d: d / "missing.txt", "missing.txt: no such file"),
+        (_empty_file, "empty.txt: the file is empty"),
+        (lambda d: d, "is a directory"),
+    ],
+    ids=["missing", "empty", "directory"],
+)
+def test_train_rejects_bad_corpus_paths(tmp_path, capsys, make, expected):
+    path = make(tmp_path)
+    out = tmp_path / "out.json"
+    assert train_main([str(path), "-o", str(out), "--quiet"]) == 2
+    assert expected in one_line_error(capsys, "bpe-train")
+    assert not out.exists()
+
+
+def test_train_reports_non_utf8_with_offset_and_offers_replace(tmp_path, capsys):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(b"hello world\n" * 3 + "caf\u00e9\n".encode("latin-1"))
+    out = tmp_path / "out.json"
+    assert train_main([str(path), "--vocab-size", "260", "-o", str(out), "--quiet"]) == 2
+    err = one_line_error(capsys, "bpe-train")
+    assert "latin1.txt" in err and "byte offset 39" in err and "--errors replace" in err
+    assert not out.exists()
+    assert train_main([str(path), "--vocab-size", "260", "-o", str(out), "--quiet", "--errors", "replace"]) == 0
+    assert tokenizers_bpe.load(out).n_vocab == 260
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--vocab-size", "256"], "vocab size 256 is too small: the minimum is 257"),
+        (["--vocab-size", "258", "--special", "<|a|>", "--special", "<|b|>", "--special", "<|c|>"], "the minimum is 259"),
+        (["--pattern", "(unclosed"], "invalid pattern '(unclosed'"),
+        (["--pattern", "x*"], "matches the empty string"),
+        (["--vocab-size", "many"], "invalid int value"),
+        (["--min-frequency", "0"], "--min-frequency must be at least 1"),
+    ],
+    ids=["vocab-below-256", "vocab-below-specials", "bad-regex", "empty-match-regex", "not-a-number", "min-frequency"],
+)
+def test_train_rejects_bad_arguments(tmp_path, corpus, capsys, args, expected):
+    out = tmp_path / "out.json"
+    assert train_main([str(corpus), "-o", str(out), "--quiet", *args]) == 2
+    assert expected in one_line_error(capsys, "bpe-train")
+    assert not out.exists()
+
+
+def test_train_vocab_beyond_corpus_warns_and_still_saves(tmp_path, corpus, capsys):
+    out = tmp_path / "out.json"
+    assert train_main([str(corpus), "--vocab-size", "5000", "-o", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "bpe-train: warning: the corpus only supports a vocabulary of" in err
+    assert tokenizers_bpe.load(out).n_vocab < 5000
+
+
+def test_failed_training_leaves_existing_output_untouched(tmp_path, corpus, tokenizer_file, capsys):
+    before = tokenizer_file.read_bytes()
+    assert train_main([str(tmp_path / "nope.txt"), "-o", str(tokenizer_file), "--quiet"]) == 2
+    assert tokenizer_file.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
+
+
+@pytest.mark.parametrize(
+    "corrupt, expected",
+    [
+        (lambda t: t[: len(t) // 2], "corrupt or truncated tokenizer.json"),
+        (lambda t: t.replace('"version": 1', '"version": 99'), "unknown tokenizer format version 99"),
+        (lambda t: t.replace('"format": "tokenizers_bpe"', '"format": "other"'), "not a tokenizers_bpe tokenizer.json"),
+        (lambda t: t.replace('"type": "bpe"', '"type": "wordpiece"'), "unknown tokenizer type 'wordpiece'"),
+        (lambda t: json.dumps({**json.loads(t), "merges": [[7, 300]] + json.loads(t)["merges"][1:]}), "merge 0 (7, 300)"),
+        (lambda t: json.dumps({**json.loads(t), "merges": json.loads(t)["merges"][:-1]}), "merges for"),
+        (lambda t: json.dumps({**json.loads(t), "vocab": json.loads(t)["vocab"][:-1]}), "merges for"),
+        (lambda t: json.dumps({**json.loads(t), "special_tokens": {"<|endoftext|>": 3}}), "an ordinary token already uses"),
+    ],
+    ids=["truncated", "version", "format", "type", "bad-merge", "missing-merge", "missing-token", "special-collides"],
+)
+def test_corrupt_tokenizer_json_is_rejected(tmp_path, tokenizer_file, capsys, corrupt, expected):
+    bad = tmp_path / "bad.json"
+    bad.write_text(corrupt(tokenizer_file.read_text(encoding="utf-8")), encoding="utf-8")
+    with pytest.raises(ValueError, match="bad.json"):
+        tokenizers_bpe.load(bad)
+    for main, prog in ((inspect_main, "bpe-inspect"), (encode_main, "bpe-encode")):
+        argv = [str(bad)] if prog == "bpe-inspect" else ["-t", str(bad), "x"]
+        assert main(argv) == 2
+        err = one_line_error(capsys, prog)
+        assert "bad.json" in err and expected in err
+
+
+def test_decode_rejects_ids_outside_vocabulary_and_bad_json(tokenizer_file, capsys):
+    assert decode_main(["-t", str(tokenizer_file), "[1, 300, 2]"]) == 2
+    assert "token id 300 is not in the vocabulary (valid ids: 0..299)" in one_line_error(capsys, "bpe-decode")
+    assert decode_main(["-t", str(tokenizer_file), "[1, -5]"]) == 2
+    assert "token id -5" in one_line_error(capsys, "bpe-decode")
+    for bad in ("1, 2", "[1.5]", '{"a": 1}', "[true]"):
+        assert decode_main(["-t", str(tokenizer_file), bad]) == 2
+        assert "JSON list of integers" in one_line_error(capsys, "bpe-decode")
+
+
+def test_missing_tokenizer_file(tmp_path, capsys):
+    assert encode_main(["-t", str(tmp_path / "none.json"), "x"]) == 2
+    assert "none.json: no such file" in one_line_error(capsys, "bpe-encode")
+    assert inspect_main([str(tmp_path)]) == 2
+    assert "is a directory" in one_line_error(capsys, "bpe-inspect")
