@@ -166,8 +166,9 @@ class SlidingWindows:
     """Evaluation batches: deterministic windows ``tokens[i : i + max_length + 1]`` for
     ``i = 0, stride, 2*stride, ...`` (stride defaults to ``max_length``: no overlap).
 
-    ``max_batches`` limits the work to that many global batches spread evenly over the split (the
-    same windows every time). Each rank takes every ``world_size``-th window. Calling the object
+    ``max_batches`` limits the work to ``max_batches * batch_size`` windows spread evenly over the
+    split (the same windows every time, whatever the number of processes). Each rank takes every
+    ``world_size``-th of them. Calling the object
     yields this rank's ``(x, y)`` batches: the trainer's ``eval_batches`` callable."""
 
     def __init__(self, tokens: np.ndarray, max_length: int, batch_size: int, *, stride: int | None = None,
@@ -176,8 +177,8 @@ class SlidingWindows:
         starts = sliding_window_starts(len(tokens), max_length, stride)
         if len(starts) == 0:
             raise ValueError(f"the validation data has {len(tokens)} tokens, fewer than one window of --block-size {max_length} + 1; lower --block-size or raise --val-fraction")
-        if max_batches is not None and max_batches * batch_size * world_size < len(starts):
-            pick = np.linspace(0, len(starts) - 1, max_batches * batch_size * world_size).round().astype(np.int64)
+        if max_batches is not None and max_batches * batch_size < len(starts):
+            pick = np.linspace(0, len(starts) - 1, max_batches * batch_size).round().astype(np.int64)
             starts = starts[np.unique(pick)]
         self.tokens, self.max_length, self.batch_size = tokens, max_length, batch_size
         self.starts = starts[rank::world_size]

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import math
+import signal
 import sys
 import tomllib
 from pathlib import Path
@@ -227,7 +228,6 @@ def run(opts: dict, resume: bool, saved: dict | None) -> int:
     if tokenizer.fingerprint() != meta.tokenizer_fingerprint:
         raise CLIError(f"tokenizer {tok_path} is not the one {data_dir} was prepared with (fingerprints differ); use that tokenizer or re-run gpt-prepare")
     train_tokens, val_tokens = open_split(data_dir, "train", meta), open_split(data_dir, "val", meta)
-    check_writable_dir(out, "--out")
     if not resume and ((out / "checkpoints").exists() or (out / "metrics.jsonl").exists()):
         raise CLIError(f"--out {out} already holds a run; continue it with --resume {out} or choose another --out")
 
@@ -260,6 +260,8 @@ def run(opts: dict, resume: bool, saved: dict | None) -> int:
         sampler = make_sampler(tokenizer, opts["sample_prompt"], opts["sample_tokens"], cfg.seed) if opts["sample_tokens"] > 0 else None
         trainer = Trainer(model, cfg, train_batch, eval_batches, out_dir=out, tokenizer=tokenizer, sample_fn=sampler,
                           bytes_per_token=meta.bytes_per_token("val"), run_config=run_config, dist=dist)
+        check_writable_dir(out, "--out")  # the last check: it creates the directory
+        trainer.prepare(resume)
         if dist.is_main:
             print(f"{PROG}: {model.num_parameters():,} parameters ({model.config.n_layer} layers, {model.config.n_head} heads, "
                   f"{model.config.n_embd} wide, context {model.config.n_ctx}); {derived['tokens_per_step']:,} tokens/step "
@@ -277,7 +279,7 @@ def run(opts: dict, resume: bool, saved: dict | None) -> int:
             print(result.summary())
             if result.interrupted:
                 print(f"resume with: gpt-train --resume {out}")
-        return 130 if result.interrupted else 0
+        return 128 + (result.stop_signal or signal.SIGTERM) if result.interrupted else 0  # the shell's code for death by that signal
     finally:
         import torch.distributed as torch_dist
 

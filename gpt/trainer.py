@@ -333,6 +333,7 @@ class TrainResult:
     tokens: int
     wall_s: float
     interrupted: bool
+    stop_signal: int | None  # the signal that interrupted the run (SIGINT/SIGTERM), if one did
     last_eval: dict | None
     best: dict | None  # {"step", best_metric, "dir"}
     final_dir: Path | None
@@ -412,6 +413,7 @@ class Trainer:
         self.last_eval: dict | None = None
         self._stop_signal: int | None = None  # set by our signal handler (this process)
         self.stop_requested = False  # agreed by all ranks after each step
+        self._prepared: tuple[Path | None] | None = None
 
     # -- model files (the GPT defaults)
 
@@ -604,8 +606,16 @@ class Trainer:
         except (KeyError, TypeError, IndexError) as e:
             raise ValueError(f"{path / STATE_FILE}: malformed trainer state ({type(e).__name__}: {e}); the run directory is corrupt") from None
 
+    def prepare(self, resume: bool = False) -> Path | None:
+        """Check the run directory; on resume load the latest checkpoint and return its path.
+        ``fit`` calls it; call it first yourself to report a bad run directory before anything else."""
+        if self._prepared is not None:
+            return self._prepared[0]
+        path = self._prepare_run_dir(resume)
+        self._prepared = (path,)
+        return path
+
     def _prepare_run_dir(self, resume: bool) -> Path | None:
-        """Check the run directory; on resume load the latest checkpoint and return its path."""
         if not resume:
             if checkpoint_dirs(self.out_dir) or (self.out_dir / METRICS_FILE).exists():
                 raise ValueError(f"--out {self.out_dir} already holds a run; continue it with --resume {self.out_dir} or choose another --out")
@@ -630,7 +640,7 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> TrainResult:
         cfg = self.config
-        checkpoint = self._prepare_run_dir(resume)
+        checkpoint = self.prepare(resume)
         if checkpoint is None:  # a fresh run: each rank its own dropout stream, all reproducible
             torch.manual_seed(cfg.seed + self.dist.rank)
             random.seed(cfg.seed + self.dist.rank)
@@ -688,7 +698,7 @@ class Trainer:
                 self._write_model_dir(final_dir)
         return TrainResult(
             step=self.step, tokens=self.tokens - start_tokens, wall_s=time.perf_counter() - start, interrupted=interrupted,
-            last_eval=self.last_eval, best=self.best, final_dir=final_dir,
+            stop_signal=self._stop_signal if interrupted else None, last_eval=self.last_eval, best=self.best, final_dir=final_dir,
             checkpoint_dir=self.out_dir / "checkpoints" / f"step-{saved_at:06d}" if saved_at >= 0 else None)
 
     def _evaluate_and_log(self, bar) -> None:
