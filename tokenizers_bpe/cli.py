@@ -59,7 +59,7 @@ def train_main(argv=None) -> int:
     p.add_argument("--min-frequency", type=int, default=DEFAULT_MIN_FREQUENCY, help="stop when the best pair occurs fewer times")
     p.add_argument("--char", action="store_true", help="a character-level tokenizer (one id per character) instead of BPE")
     p.add_argument("--errors", choices=("strict", "replace"), default="strict", help="invalid UTF-8: fail, or replace with U+FFFD")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes for pre-tokenization")
+    p.add_argument("--workers", type=int, help="pre-tokenization processes (default: all cores; 1 for files under 4 MB)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_seed_argument(p)  # accepted for uniformity: training has no randomness, every seed gives the same file
     args = p.parse_args(argv)
@@ -70,7 +70,7 @@ def train_main(argv=None) -> int:
         raise CLIError("--no-special and --special contradict each other")
     if args.min_frequency < 1:
         raise CLIError(f"--min-frequency must be at least 1, got {args.min_frequency}")
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         raise CLIError(f"--workers must be at least 1, got {args.workers}")
     specials = () if args.no_special else tuple(args.special or DEFAULT_SPECIAL_TOKENS)
     if "" in specials:

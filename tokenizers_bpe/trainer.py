@@ -37,6 +37,7 @@ from .tokenizer import BPETokenizer
 DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>",)
 DEFAULT_MIN_FREQUENCY = 1
 _READ_BYTES = 1 << 18  # file block size; also roughly the text handed to one worker at a time
+_PARALLEL_MIN_BYTES = 4 << 20  # smaller corpora are pre-tokenized in-process: a pool costs more than it saves
 # A newline between two non-space characters ends a piece for both GPT-2 and GPT-4 patterns and
 # no piece crosses it, so cutting there gives exactly the pieces of one scan over the whole text.
 _NON_SPACE = regex.compile(r"\S")
@@ -215,27 +216,24 @@ def learn_merges(
         if bar is not None and not len(merges) & 63:
             bar.update(64)
 
-        touched = set()  # new pairs (all contain X); pushed once their counts are final
+        fresh: defaultdict[int, int] = defaultdict(int)  # counts of the new pairs (all contain X)
         for w in where.pop(key):
             word = words[w]
+            occurrences = word.count(a)  # no occurrence: a stale index entry (the word changed)
+            if not occurrences:
+                continue
             n = len(word)
+            f = freqs[w]
             new: list[int] = []
-            i = 0
-            found = False
-            index = word.index
-            while True:
-                try:
-                    j = index(a, i)
-                except ValueError:
-                    break
+            i = 0  # word[:i] is done (copied into new or merged)
+            pos = 0  # where to look for the next a
+            for _ in range(occurrences):
+                j = word.index(a, pos)
+                pos = j + 1
                 if j + 1 >= n:
                     break
-                if word[j + 1] != b:
-                    new += word[i : j + 1]
-                    i = j + 1
+                if j < i or word[j + 1] != b:  # j < i: this a was the b of the previous merge (a == b)
                     continue
-                found = True
-                f = freqs[w]
                 if j > i:
                     new += word[i:j]
                 if new:
@@ -243,26 +241,25 @@ def learn_merges(
                     if left != X:  # (left, a) is gone; if left is X, the previous merge removed (b, a)
                         pair_counts[left * M + a] -= f
                     k = left * M + X
-                    pair_counts[k] += f
+                    fresh[k] += f
                     where[k].add(w)
-                    touched.add(k)
                 if j + 2 < n:
                     right = word[j + 2]
                     pair_counts[b * M + right] -= f
                     if not (right == a and j + 3 < n and word[j + 3] == b):  # else (X, X) is added next
                         k = X * M + right
-                        pair_counts[k] += f
+                        fresh[k] += f
                         where[k].add(w)
-                        touched.add(k)
                 new.append(X)
                 i = j + 2
-            if found:
+            if i:  # at least one merge
                 if i < n:
                     new += word[i:]
                 words[w] = new
         del pair_counts[key]
-        for k in touched:
-            heappush(heap, (-pair_counts[k], k))
+        pair_counts.update(fresh)  # new pairs only ever grow during their own merge: push them once, final
+        for k, c in fresh.items():
+            heappush(heap, (-c, k))
     if bar is not None:
         bar.update(len(merges) - bar.n)
         bar.close()
@@ -351,18 +348,22 @@ def train(
     progress: bool = True,
     workers: int | None = None,
 ) -> BPETokenizer:
-    """Train on text files (UTF-8; ``errors="replace"`` substitutes invalid bytes), read in blocks."""
+    """Train on text files (UTF-8; ``errors="replace"`` substitutes invalid bytes), read in blocks.
+    ``workers``: pre-tokenization processes; default all cores, or 1 for corpora under 4 MB."""
     if isinstance(files, (str, os.PathLike)):
         files = [files]
     if not files:
         raise ValueError("no corpus files given")
     paths = [_check_file(p) for p in files]
     _check_errors(errors)
+    total_bytes = sum(p.stat().st_size for p in paths)
+    if workers is None and total_bytes < _PARALLEL_MIN_BYTES:
+        workers = 1
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True, desc="bpe: reading", leave=False)
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="bpe: reading", leave=False)
     chunks = (c for p in paths for c in _safe_chunks(_read_file(p, errors, bar)))
     try:
         return _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency, progress, workers)
