@@ -368,16 +368,18 @@ def format_confusion(labels: list[str], confusion: list[list[int]]) -> str:
 # ---------------------------------------------------------------------------------------------- command line
 
 
-def add_train_options(parser: argparse.ArgumentParser, **defaults) -> None:
+def add_train_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), helps: dict[str, str] | None = None, **defaults) -> None:
     """The optimisation options of gpt-train (the same names, types and help), with fine-tuning defaults."""
     from gpt.train import _options
     from gpt.trainer import TrainConfig
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - set(skip)
     group = parser.add_argument_group("training (as gpt-train)")
     for name, typ, default, help_text in _options():
         if name in fields:
-            group.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=defaults.get(name, default), help=help_text,
+            default = defaults.get(name, default)
+            help_text = (helps or {}).get(name, help_text + ("" if default is None else f" (default: {default!r})"))
+            group.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=default, help=help_text,
                                metavar="BOOL" if typ.__name__ == "_bool" else None)
 
 
@@ -385,38 +387,42 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="pretrained checkpoint directory (gpt-train final/, gpt-convert output)")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory: metrics, checkpoints, best/ and final/ (the model)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint (same options)")
-    p.add_argument("--max-length", type=int, default=None, metavar="N", help="cut examples to N tokens (default: the model's n_ctx)")
+    p.add_argument("--max-length", type=int, metavar="N", help="cut examples to N tokens (default: the model's n_ctx)")
     lora = p.add_argument_group("LoRA (train low-rank adapters instead of the base weights)")
-    lora.add_argument("--lora-rank", type=int, default=None, metavar="R", help="adapter rank; enables LoRA")
-    lora.add_argument("--lora-alpha", type=float, default=None, metavar="A", help="adapter scale alpha (the update is scaled by A/R; default: 2R)")
-    lora.add_argument("--lora-targets", default="attn", metavar="LIST", help="comma-separated layer groups: attn (c_attn, c_proj), mlp (c_fc, c_proj)")
+    lora.add_argument("--lora-rank", type=int, metavar="R", help="adapter rank; enables LoRA")
+    lora.add_argument("--lora-alpha", type=float, metavar="A", help="adapter scale alpha: the update is scaled by A/R (default: 2R)")
+    lora.add_argument("--lora-targets", default="attn", metavar="LIST",
+                      help="comma-separated layer groups: attn (c_attn, c_proj), mlp (c_fc, c_proj) (default: %(default)s)")
 
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="gpt-finetune", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=__doc__.split("\n\n", 1)[1])
     commands = p.add_subparsers(dest="command", required=True, metavar="{classify,instruct}")
-    c = commands.add_parser("classify", help="train a text classifier (a linear head on the GPT)",
+    raw = argparse.RawDescriptionHelpFormatter  # defaults are written into the help texts
+    c = commands.add_parser("classify", help="train a text classifier (a linear head on the GPT)", formatter_class=raw,
                             description="Train a classifier: the GPT body and a linear head over the last token's hidden state.")
     add_common_options(c)
     c.add_argument("--train", required=True, metavar="FILE", help="training examples (.csv, .tsv or .jsonl)")
     c.add_argument("--val", required=True, metavar="FILE", help="validation examples (same format)")
     c.add_argument("--test", metavar="FILE", help="test examples, evaluated at the end")
-    c.add_argument("--text-column", default="text", help="column (or JSON field) with the text")
-    c.add_argument("--label-column", default="label", help="column (or JSON field) with the label")
+    c.add_argument("--text-column", default="text", help="column (or JSON field) with the text (default: %(default)s)")
+    c.add_argument("--label-column", default="label", help="column (or JSON field) with the label (default: %(default)s)")
     c.add_argument("--trainable", choices=TRAINABLE, default=None,
                    help="what trains besides the head: head (nothing), last-block (the last block and the final LayerNorm), "
                         "all (default: last-block; with --lora-rank: head, i.e. the adapters and the head)")
-    add_train_options(c, max_steps=300, batch_size=8, lr=1e-4, warmup_steps=20, eval_interval=50, weight_decay=0.1)
-    i = commands.add_parser("instruct", help="instruction fine-tuning on Alpaca-style JSON",
+    add_train_options(c, skip=("eval_iters",), max_steps=300, batch_size=8, lr=1e-4, warmup_steps=20, eval_interval=50, weight_decay=0.1)
+    i = commands.add_parser("instruct", help="instruction fine-tuning on Alpaca-style JSON", formatter_class=raw,
                             description="Instruction fine-tuning on Alpaca-style {instruction, input, output} records.")
     add_common_options(i)
     i.add_argument("--data", required=True, metavar="FILE", help="instruction records (.json list or .jsonl)")
     i.add_argument("--val", metavar="FILE", help="validation records (default: the last --val-fraction of --data)")
-    i.add_argument("--val-fraction", type=float, default=0.1, help="share of --data held out for validation when --val is not given")
+    i.add_argument("--val-fraction", type=float, default=0.1,
+                   help="the last this share of --data is held out for validation when --val is not given (default: %(default)s)")
     i.add_argument("--mask-prompt", action="store_true", help="learn only the response: prompt targets get -100")
-    i.add_argument("--show", type=int, default=3, metavar="N", help="print greedy answers to the first N validation instructions at the end")
-    add_train_options(i, max_steps=300, batch_size=8, lr=1e-4, warmup_steps=20, eval_interval=50, eval_iters=None, weight_decay=0.1)
+    i.add_argument("--show", type=int, default=3, metavar="N",
+                   help="print greedy answers to the first N validation instructions at the end (default: %(default)s)")
+    add_train_options(i, helps={"eval_iters": "validation batches per evaluation (default: all)"}, max_steps=300, batch_size=8, lr=1e-4, warmup_steps=20, eval_interval=50, eval_iters=None, weight_decay=0.1)
     return p
 
 
@@ -449,6 +455,15 @@ def load_base(args):
     if not 1 <= max_length <= model.config.n_ctx:
         raise CLIError(f"--max-length must be between 1 and the model's n_ctx ({model.config.n_ctx}), got {max_length}")
     return model, max_length
+
+
+def check_out(args) -> None:
+    """Fail before any work when --out already holds a run (and --resume is not given)."""
+    from tools.fileio import check_writable_dir
+
+    out = check_writable_dir(args.out, "--out")
+    if not args.resume and ((out / "checkpoints").exists() or (out / "metrics.jsonl").exists()):
+        raise CLIError(f"--out {out} already holds a run; continue it with --resume or choose another --out")
 
 
 def check_resume(args, run_config: dict) -> None:
@@ -496,8 +511,6 @@ def write_evaluation(out: Path, record: dict) -> None:
 def run_classify(args) -> int:
     from gpt.lora import apply_lora
     from gpt.trainer import Trainer, init_distributed
-    from tools.fileio import check_writable_dir
-
     train_raw = read_examples(args.train, args.text_column, args.label_column)
     labels = label_names(train_raw, f"--train {args.train}")
     splits_raw = {"train": train_raw, "val": read_examples(args.val, args.text_column, args.label_column)}
@@ -510,7 +523,7 @@ def run_classify(args) -> int:
             check_known_labels(splits_raw[name], labels, f"--{name} {getattr(args, name)}")
     lora = lora_config_from_args(args)
     cfg = train_config(args)
-    check_writable_dir(args.out, "--out")
+    check_out(args)
     gpt, max_length = load_base(args)
     tokenizer = gpt.tokenizer
     pad_id = tokenizer.eot_token if tokenizer.eot_token is not None else 0
@@ -569,8 +582,6 @@ def run_instruct(args) -> int:
     from gpt.lora import apply_lora
     from gpt.sampling import generate
     from gpt.trainer import Trainer, init_distributed, lm_loss
-    from tools.fileio import check_writable_dir
-
     records = read_instructions(args.data)
     if args.val:
         train_records, val_records = records, read_instructions(args.val)
@@ -583,7 +594,7 @@ def run_instruct(args) -> int:
         train_records, val_records = records[:-n_val], records[-n_val:]
     lora = lora_config_from_args(args)
     cfg = train_config(args)
-    check_writable_dir(args.out, "--out")
+    check_out(args)
     model, max_length = load_base(args)
     tokenizer = model.tokenizer
     if tokenizer.eot_token is None:

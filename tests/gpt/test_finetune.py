@@ -237,6 +237,8 @@ def test_instruct_with_lora_saves_adapters_apart(base, tmp_path, capsys):
     rc, _, err = run(capsys, main, ["instruct", "--model", base, "--data", data, "--out", out, "--lora-rank", 8, "--max-steps", 6,
                                     "--resume", *TRAIN_ARGS])
     assert rc == 2 and "--lora-rank cannot change when resuming" in err
+    rc, _, err = run(capsys, main, ["instruct", "--model", base, "--data", data, "--out", out, *TRAIN_ARGS])
+    assert rc == 2 and "already holds a run; continue it with --resume" in err
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -1,0 +1,265 @@
+"""Genre classification of Shakespeare passages: a fine-tuned GPT against a bag-of-words baseline.
+
+    python -m tools.genre_experiment --work runs/genre
+
+The task: given a passage of dialogue (speaker names removed), say whether its play is a comedy, a
+history or a tragedy (the genre folders of the built-in corpus). The split is by play, so no play
+is in two splits: per genre, a seeded shuffle puts one play in validation, two in test and the rest
+in training. The GPT is pre-trained with gpt-train on "the rest of the corpus": every play that is
+not in validation or test (the training plays plus the problem plays, Roman plays and romances), so
+it never saw a held-out play. Then ``gpt-finetune classify`` trains the classifier head (and the
+options given: ``--trainable``, LoRA), and a multinomial logistic regression on bag-of-words
+features, written here in torch, gives the baseline on the same splits.
+
+Every step runs the project's commands in-process (bpe-train, gpt-prepare, gpt-train,
+gpt-finetune) and is skipped when its output already exists, so the script can be re-run to add
+fine-tuning variants. Results go to ``WORK/results.json`` and are printed as a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from tools.cli import ArgumentParser, CLIError, add_seed_argument, command
+from tools.corpus import plays
+from tools.fileio import atomic_write
+
+GENRES = ("comedies", "histories", "tragedies")
+N_VAL, N_TEST = 1, 2  # plays per genre
+WORD = re.compile(r"[a-z]+(?:'[a-z]+)*")
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def split_plays(seed: int) -> dict[str, list]:
+    """{"train", "val", "test"} -> plays of the three genres; "pretrain" -> every play not held out."""
+    rng = random.Random(seed)
+    splits: dict[str, list] = {"train": [], "val": [], "test": []}
+    for genre in GENRES:
+        group = [p for p in plays() if p.genre == genre]
+        rng.shuffle(group)
+        splits["val"] += group[:N_VAL]
+        splits["test"] += group[N_VAL : N_VAL + N_TEST]
+        splits["train"] += group[N_VAL + N_TEST :]
+    held_out = {p.name for p in splits["val"] + splits["test"]}
+    splits["pretrain"] = [p for p in plays() if p.name not in held_out]
+    return splits
+
+
+def passages(text: str, min_chars: int, max_chars: int) -> list[str]:
+    """Consecutive speeches, speaker lines dropped, joined until a passage has ``min_chars``
+    characters; lines beyond ``max_chars`` start the next passage."""
+    out, current = [], []
+    for speech in text.split("\n\n"):
+        lines = speech.strip().split("\n")[1:]  # the first line is "SPEAKER:"
+        for line in lines:
+            if current and sum(len(x) + 1 for x in current) + len(line) > max_chars:
+                out.append("\n".join(current))
+                current = []
+            current.append(line)
+        if sum(len(x) + 1 for x in current) >= min_chars:
+            out.append("\n".join(current))
+            current = []
+    return out
+
+
+def build_examples(splits: dict[str, list], per_genre_train: int, min_chars: int, max_chars: int, seed: int) -> dict[str, list[tuple[str, str]]]:
+    """(text, genre) per split. Training is balanced: ``per_genre_train`` passages per genre drawn
+    evenly from that genre's plays; validation and test keep every passage of their plays."""
+    rng = random.Random(seed)
+    examples = {}
+    for name in ("train", "val", "test"):
+        by_genre = {g: [(t, p.genre) for p in splits[name] if p.genre == g for t in passages(p.text(), min_chars, max_chars)] for g in GENRES}
+        if name == "train":
+            by_genre = {g: rng.sample(ex, min(per_genre_train, len(ex))) for g, ex in by_genre.items()}
+        examples[name] = [e for g in GENRES for e in by_genre[g]]
+        rng.shuffle(examples[name])
+    return examples
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
+    with atomic_write(path) as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+
+
+# ---------------------------------------------------------------------------------------------- baseline
+
+
+def bag_of_words(texts: list[str], vocab: dict[str, int]) -> torch.Tensor:
+    """log(1 + count) of each vocabulary word, rows scaled to unit length."""
+    x = torch.zeros(len(texts), len(vocab), dtype=torch.float64)
+    for row, text in enumerate(texts):
+        for word, n in Counter(WORD.findall(text.lower())).items():
+            if word in vocab:
+                x[row, vocab[word]] = np.log1p(n)
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def logistic_regression(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float) -> torch.Tensor:
+    """Multinomial logistic regression (weights and bias) minimising mean cross-entropy + l2 |W|^2,
+    by L-BFGS on the full batch (convex, so the optimum does not depend on a seed)."""
+    w = torch.zeros(x.size(1) + 1, n_classes, dtype=torch.float64, requires_grad=True)
+    xb = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+    opt = torch.optim.LBFGS([w], lr=1, max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(xb @ w, y) + l2 * w[:-1].pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach()
+
+
+def bow_baseline(examples: dict[str, list[tuple[str, str]]]) -> dict:
+    """Pick the L2 strength on validation accuracy; report train/val/test accuracy."""
+    counts = Counter(w for text, _ in examples["train"] for w in set(WORD.findall(text.lower())))
+    vocab = {w: i for i, w in enumerate(sorted(w for w, n in counts.items() if n >= 2))}
+    x = {s: bag_of_words([t for t, _ in ex], vocab) for s, ex in examples.items()}
+    y = {s: torch.tensor([GENRES.index(g) for _, g in ex]) for s, ex in examples.items()}
+
+    def accuracy(w, split):
+        xb = torch.cat([x[split], torch.ones(len(x[split]), 1, dtype=torch.float64)], dim=1)
+        return ((xb @ w).argmax(1) == y[split]).double().mean().item()
+
+    runs = []
+    for l2 in (1e-5, 1e-4, 1e-3, 1e-2):
+        w = logistic_regression(x["train"], y["train"], len(GENRES), l2)
+        runs.append({"l2": l2, **{f"{s}_acc": accuracy(w, s) for s in examples}})
+    best = max(runs, key=lambda r: r["val_acc"])
+    return {"vocabulary": len(vocab), "chosen": best, "all": runs}
+
+
+# ---------------------------------------------------------------------------------------------- the pipeline
+
+
+def call(fn, argv: list, what: str) -> None:
+    argv = [str(a) for a in argv]
+    print(f"\n$ {what} {' '.join(argv)}", flush=True)
+    rc = fn(argv)
+    if rc != 0:
+        raise CLIError(f"{what} failed with exit status {rc}")
+
+
+def pretrain(work: Path, splits: dict, args) -> Path:
+    """bpe-train + gpt-prepare + gpt-train on the pre-training plays; returns the model directory."""
+    from gpt.train import main as train_main
+    from tokenizers_bpe.cli import train_main as bpe_train_main
+    from tools.prepare import main as prepare_main
+
+    text_dir = work / "pretrain-text"
+    if not text_dir.is_dir():
+        text_dir.mkdir(parents=True)
+        for p in splits["pretrain"]:
+            (text_dir / f"{p.genre}--{p.name}.txt").write_text(p.text(), encoding="utf-8")
+    files = sorted(text_dir.glob("*.txt"))
+    tokenizer = work / "tokenizer.json"
+    if not tokenizer.is_file():
+        call(bpe_train_main, [*files, "--vocab-size", args.vocab_size, "-o", tokenizer, "--quiet", "--seed", args.seed], "bpe-train")
+    data = work / "data"
+    if not (data / "meta.json").is_file():
+        call(prepare_main, [*files, "--tokenizer", tokenizer, "-o", data, "--append-eot", "--quiet"], "gpt-prepare")
+    run = work / "pretrain"
+    if not (run / "final" / "config.json").is_file():
+        call(train_main, ["--data", data, "--out", run, "--preset", "shakespeare-cpu", "--n-ctx", args.n_ctx, "--n-layer", args.n_layer,
+                          "--n-embd", args.n_embd, "--n-head", args.n_head, "--dropout", 0.0, "--max-steps", args.pretrain_steps,
+                          "--batch-size", 16, "--lr", 2e-3, "--warmup-steps", 50, "--eval-interval", max(1, args.pretrain_steps // 4),
+                          "--eval-iters", 10, "--sample-tokens", 40, "--seed", args.seed, "--device", "cpu"], "gpt-train")
+    return run / "final"
+
+
+def finetune(work: Path, model: Path, variant: str, extra: list, args) -> dict:
+    from gpt.finetune import main as finetune_main
+
+    run = work / f"classify-{variant}"
+    if not (run / "evaluation.json").is_file():
+        call(finetune_main, ["classify", "--model", model, "--train", work / "train.csv", "--val", work / "val.csv", "--test", work / "test.csv",
+                             "--out", run, "--max-steps", args.finetune_steps, "--batch-size", 16, "--eval-interval", max(1, args.finetune_steps // 5),
+                             "--warmup-steps", 20, "--seed", args.seed, "--device", "cpu", *extra], "gpt-finetune")
+    report = json.loads((run / "evaluation.json").read_text(encoding="utf-8"))
+    return {"options": " ".join(map(str, extra)), **{f"{s}_acc": report[s]["accuracy"] for s in ("train", "val", "test")},
+            "test_confusion": report["test"]["confusion"], "run": str(run)}
+
+
+VARIANTS = {
+    "last-block": ["--trainable", "last-block", "--lr", "1e-3"],
+    "all": ["--trainable", "all", "--lr", "3e-4"],
+    "lora": ["--lora-rank", "8", "--lora-targets", "attn,mlp", "--lr", "2e-3"],
+    "head": ["--trainable", "head", "--lr", "3e-3"],
+}
+
+
+@command("genre-experiment")
+def main(argv: Sequence[str] | None = None) -> int:
+    p = ArgumentParser(prog="genre-experiment", description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", required=True, type=Path, help="working directory (steps whose output exists are skipped)")
+    p.add_argument("--variants", default="last-block,lora", help=f"fine-tuning variants, comma-separated from {', '.join(VARIANTS)}")
+    p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary of the tokenizer trained on the pre-training plays")
+    p.add_argument("--n-ctx", type=int, default=128, help="context of the pre-trained model")
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--pretrain-steps", type=int, default=300)
+    p.add_argument("--finetune-steps", type=int, default=200)
+    p.add_argument("--per-genre-train", type=int, default=600, help="training passages per genre (balanced)")
+    p.add_argument("--min-chars", type=int, default=200, help="passages are at least this long ...")
+    p.add_argument("--max-chars", type=int, default=400, help="... and at most this long")
+    add_seed_argument(p)
+    args = p.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise CLIError(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+
+    splits = split_plays(args.seed)
+    examples = build_examples(splits, args.per_genre_train, args.min_chars, args.max_chars, args.seed)
+    for name, ex in examples.items():
+        if not (work / f"{name}.csv").is_file():
+            write_csv(work / f"{name}.csv", ex)
+    results: dict = {
+        "plays": {s: [f"{p.genre}/{p.name}" for p in splits[s]] for s in ("train", "val", "test")},
+        "pretrain_plays": len(splits["pretrain"]),
+        "examples": {s: dict(Counter(g for _, g in ex)) for s, ex in examples.items()},
+        "majority_test_acc": max(Counter(g for _, g in examples["test"]).values()) / len(examples["test"]),
+    }
+    print("\nsplits:", json.dumps(results["plays"], indent=1), "\nexamples:", results["examples"], flush=True)
+    results["bag_of_words"] = bow_baseline(examples)
+    print("bag-of-words logistic regression:", results["bag_of_words"]["chosen"], flush=True)
+
+    model = pretrain(work, splits, args)
+    metrics = [json.loads(line) for line in (work / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    results["pretrain_val_loss"] = [m["val_loss"] for m in metrics if "val_loss" in m][-1]
+    results["finetune"] = {v: finetune(work, model, v, VARIANTS[v], args) for v in variants}
+
+    with atomic_write(work / "results.json") as f:
+        json.dump(results, f, indent=2)
+        f.write("\n")
+    bow = results["bag_of_words"]["chosen"]
+    print(f"\n{'model':34s} {'train acc':>9s} {'val acc':>9s} {'test acc':>9s}")
+    print(f"{'majority class':34s} {'':>9s} {'':>9s} {results['majority_test_acc']:9.3f}")
+    print(f"{'bag-of-words logistic regression':34s} {bow['train_acc']:9.3f} {bow['val_acc']:9.3f} {bow['test_acc']:9.3f}")
+    for v, r in results["finetune"].items():
+        print(f"{'GPT fine-tuned: ' + v:34s} {r['train_acc']:9.3f} {r['val_acc']:9.3f} {r['test_acc']:9.3f}")
+    print(f"\nresults: {work / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
