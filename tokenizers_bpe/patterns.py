@@ -6,6 +6,8 @@ The two named patterns are exactly tiktoken's (``r50k_base``/``gpt2`` and ``cl10
 from __future__ import annotations
 
 import functools
+import re
+from typing import Callable, Iterator
 
 import regex
 
@@ -14,6 +16,23 @@ GPT4_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 )
 PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
+
+# Twins of the named patterns for the stdlib `re`, which splits about 2x faster than `regex`. They
+# are exact on ASCII-only text, where \p{L} is [A-Za-z], \p{N} is [0-9] and `regex`'s \s is the
+# class below (the possessive quantifiers of the originals change nothing there: nothing follows
+# them that could backtrack). tests/tokenizers_bpe checks the equivalence on random ASCII text.
+_WS = r"\t\n\x0b\x0c\r "
+_ASCII_TWINS = {
+    GPT2_PATTERN: rf"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^{_WS}A-Za-z0-9]+|[{_WS}]+$|[{_WS}]+(?![^{_WS}])|[{_WS}]""",
+    GPT4_PATTERN: (
+        rf"""'(?i:[sdmt]|ll|ve|re)|[^\r\nA-Za-z0-9]?[A-Za-z]+|[0-9]{{1,3}}| ?[^{_WS}A-Za-z0-9]+[\r\n]*|[{_WS}]+$"""
+        rf"""|[{_WS}]*[\r\n]|[{_WS}]+(?![^{_WS}])|[{_WS}]"""
+    ),
+}
+# A newline between two non-space characters ends a piece of both named patterns and no piece
+# crosses it, so text cut there splits into exactly the pieces of one scan over the whole text.
+SAFE_CUT = regex.compile(r"\S\n(?=\S)")
+_BLOCK = 1 << 16  # characters per block when mixed text is split into ASCII and non-ASCII blocks
 
 
 def resolve_pattern(pattern: str) -> str:
@@ -49,3 +68,38 @@ def split_on_specials(text: str, special_tokens) -> list[str]:
     """``text`` with every special-token string cut out (the parts between them)."""
     rx = special_token_regex(special_tokens)
     return rx.split(text) if rx else [text]
+
+
+@functools.lru_cache(maxsize=16)
+def piece_splitter(pattern: str) -> Callable[[str], list[str]]:
+    """``findall`` for ``pattern``; for the named patterns, ASCII-only text (or ASCII-only blocks of
+    mixed text, cut at SAFE_CUT) goes through the faster stdlib twin. Same pieces either way."""
+    findall = compile_pattern(pattern).findall
+    twin = _ASCII_TWINS.get(pattern)
+    if twin is None:
+        return findall
+    ascii_findall = re.compile(twin).findall
+
+    def split(text: str) -> list[str]:
+        if text.isascii():
+            return ascii_findall(text)
+        if len(text) <= _BLOCK:
+            return findall(text)
+        pieces: list[str] = []
+        for block in safe_blocks(text, _BLOCK):
+            pieces += ascii_findall(block) if block.isascii() else findall(block)
+        return pieces
+
+    return split
+
+
+def safe_blocks(text: str, size: int) -> Iterator[str]:
+    """``text`` in blocks of at least ``size`` characters, cut only at SAFE_CUT."""
+    start = 0
+    while len(text) - start > size:
+        m = SAFE_CUT.search(text, start + size)
+        if m is None:
+            break
+        yield text[start : m.end()]
+        start = m.end()
+    yield text[start:]

@@ -20,7 +20,7 @@ import sys
 from itertools import chain
 from typing import AbstractSet, Collection, Iterable, Literal, Mapping, Sequence
 
-from .patterns import compile_pattern, resolve_pattern, special_token_regex
+from .patterns import piece_splitter, resolve_pattern, special_token_regex
 
 FORMAT_NAME = "tokenizers_bpe"
 FORMAT_VERSION = 1
@@ -274,7 +274,7 @@ class BPETokenizer(Tokenizer):
         self._setup_encoder()
 
     def _setup_encoder(self) -> None:
-        self._findall = compile_pattern(self.pattern).findall
+        self._findall = piece_splitter(self.pattern)
         self._cache = _PieceCache(self._encode_piece)
 
     def __getstate__(self):  # for encode_batch workers: the compiled regex and cache are rebuilt

@@ -28,19 +28,14 @@ from collections import Counter, defaultdict, deque
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-import regex
-
 from .char import CharTokenizer
-from .patterns import compile_pattern, resolve_pattern, split_on_specials
+from .patterns import SAFE_CUT, piece_splitter, resolve_pattern, split_on_specials
 from .tokenizer import BPETokenizer
 
 DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>",)
 DEFAULT_MIN_FREQUENCY = 1
 _READ_BYTES = 1 << 18  # file block size; also roughly the text handed to one worker at a time
 _PARALLEL_MIN_BYTES = 4 << 20  # smaller corpora are pre-tokenized in-process: a pool costs more than it saves
-# A newline between two non-space characters ends a piece for both GPT-2 and GPT-4 patterns and
-# no piece crosses it, so cutting there gives exactly the pieces of one scan over the whole text.
-_NON_SPACE = regex.compile(r"\S")
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -93,40 +88,29 @@ def _read_file(path: Path, errors: str, progress) -> Iterator[str]:
 
 def _safe_chunks(fragments: Iterable[str], size: int = _READ_BYTES) -> Iterator[str]:
     """Join the fragments of one document and re-cut it into chunks of about ``size`` characters,
-    only at newlines between two non-space characters (see _NON_SPACE)."""
+    only at SAFE_CUT (so the chunks split into exactly the pieces of the whole document)."""
     pending = ""
-    checked = 0  # positions below this have no safe cut (searched before)
+    search_from = size
     for fragment in fragments:
         pending += fragment
-        if len(pending) < size:
-            continue
-        cut = _last_safe_cut(pending, checked)
-        if cut:
-            yield pending[:cut]
-            pending = pending[cut:]
-            checked = 0
-        else:
-            checked = max(0, len(pending) - 2)
+        while len(pending) > search_from:
+            m = SAFE_CUT.search(pending, search_from)
+            if m is None:  # no cut yet: read on, without searching this stretch again
+                search_from = max(size, len(pending) - 2)
+                break
+            yield pending[: m.end()]
+            pending = pending[m.end() :]
+            search_from = size
     if pending:
         yield pending
 
 
-def _last_safe_cut(text: str, lo: int) -> int:
-    i = len(text) - 1
-    while True:
-        i = text.rfind("\n", lo, i)
-        if i <= 0:
-            return 0
-        if i + 1 < len(text) and _NON_SPACE.match(text, i - 1) and _NON_SPACE.match(text, i + 1):
-            return i + 1
-
-
 # ------------------------------------------------------------------------------------ counting
 def _count_chunk(text: str, pattern: str, special_tokens: Sequence[str]) -> Counter:
-    findall = compile_pattern(pattern).findall
+    split = piece_splitter(pattern)
     counts: Counter = Counter()
     for part in split_on_specials(text, special_tokens):
-        counts.update(findall(part))
+        counts.update(split(part))
     return counts
 
 
@@ -138,8 +122,7 @@ def count_pieces(chunks: Iterable[str], pattern: str, special_tokens: Sequence[s
     counts: Counter = Counter()
     if workers <= 1:
         for chunk in chunks:
-            for part in split_on_specials(chunk, special_tokens):
-                counts.update(compile_pattern(pattern).findall(part))
+            counts.update(_count_chunk(chunk, pattern, special_tokens))
         return counts
     import multiprocessing
 
@@ -148,18 +131,10 @@ def count_pieces(chunks: Iterable[str], pattern: str, special_tokens: Sequence[s
         for chunk in chunks:
             in_flight.append(pool.apply_async(_count_chunk, (chunk, pattern, tuple(special_tokens))))
             if len(in_flight) >= 2 * workers:
-                _add_counts(counts, in_flight.popleft().get())
+                counts.update(in_flight.popleft().get())
         while in_flight:
-            _add_counts(counts, in_flight.popleft().get())
+            counts.update(in_flight.popleft().get())
     return counts
-
-
-def _add_counts(total: Counter, part: Counter) -> None:
-    if not total:
-        total.update(part)
-        return
-    for piece, n in part.items():
-        total[piece] += n
 
 
 # ------------------------------------------------------------------------------------ merging

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -149,3 +150,33 @@ def test_char_tokenizer_interface(play_text):
     assert not tok.is_gpt2_compatible()
     with pytest.raises(ValueError, match="cannot be written as GPT-2"):
         tok.save_gpt2("e.json", "v.bpe")
+
+
+# ------------------------------------------------------------------------------ fast pre-tokenizer
+ascii_text = st.lists(
+    st.one_of(st.sampled_from(["'s", "'LL", "'Ve", " ", "   ", "\n", "\r\n", "\r", "\t", "\x0b", "\x0c", "\x1c", "123456", "?!", " x", "\n\n", " \n"]), st.characters(max_codepoint=127)),
+    max_size=40,
+).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=ascii_text)
+def test_ascii_twin_patterns_split_like_regex(text):
+    """The stdlib-`re` twins of the GPT-2/GPT-4 patterns give regex's pieces on any ASCII text."""
+    from tokenizers_bpe.patterns import _ASCII_TWINS, compile_pattern
+
+    for pattern, twin in _ASCII_TWINS.items():
+        assert re.findall(twin, text) == compile_pattern(pattern).findall(text)
+
+
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
+def test_block_splitting_of_mixed_text_gives_the_same_pieces(pattern, play_text):
+    from tokenizers_bpe.patterns import compile_pattern, piece_splitter, resolve_pattern, safe_blocks
+
+    rx = resolve_pattern(pattern)
+    # mostly ASCII with a non-ASCII character every so often, so blocks of both kinds occur
+    base = play_text * (1 + 300000 // len(play_text))
+    text = base[:100000] + "é \n\n  中\n" + base[100000:300000] + " 🎉\n"
+    blocks = list(safe_blocks(text, 1 << 16))
+    assert "".join(blocks) == text and sorted({b.isascii() for b in blocks}) == [False, True]
+    assert piece_splitter(rx)(text) == compile_pattern(rx).findall(text)
