@@ -15,6 +15,7 @@ import abc
 import base64
 import hashlib
 import json
+import operator
 import os
 import sys
 from itertools import chain
@@ -49,7 +50,6 @@ class Tokenizer(abc.ABC):
         self._special_tokens = dict(sorted(special_tokens.items(), key=lambda kv: kv[1]))
         self._decoder = dict(token_bytes)
         self._decoder.update((i, t.encode("utf-8")) for t, i in self._special_tokens.items())
-        self._special_regex = special_token_regex(self._special_tokens)
         self.n_vocab = max(self._decoder) + 1 if self._decoder else 0
 
     # ----------------------------------------------------------------------------- special tokens
@@ -138,15 +138,19 @@ class Tokenizer(abc.ABC):
     # ----------------------------------------------------------------------------- decoding
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         ids = list(ids)
-        try:
-            return b"".join(map(self._decoder.__getitem__, ids))
+        try:  # operator.index accepts ints, numpy integers and integer 0-d tensors, nothing else
+            return b"".join(map(self._decoder.__getitem__, map(operator.index, ids)))
         except (KeyError, TypeError):
-            bad = next(i for i in ids if not isinstance(i, int) or isinstance(i, bool) or i not in self._decoder)
             raise ValueError(
-                f"token id {bad!r} is not in the vocabulary (valid ids: 0..{self.n_vocab - 1}"
-                + (", with gaps" if len(self._decoder) != self.n_vocab else "")
-                + ")"
+                f"token id {next(i for i in ids if not self._is_id(i))!r} is not in the vocabulary (valid ids: "
+                f"0..{self.n_vocab - 1}{', with gaps' if len(self._decoder) != self.n_vocab else ''})"
             ) from None
+
+    def _is_id(self, i) -> bool:
+        try:
+            return operator.index(i) in self._decoder
+        except TypeError:
+            return False
 
     def decode(self, ids: Iterable[int], errors: str = "replace") -> str:
         """Decode ids to text; ``errors`` is the UTF-8 error handler for byte sequences that are
@@ -182,7 +186,7 @@ class Tokenizer(abc.ABC):
     def __eq__(self, other) -> bool:
         return isinstance(other, Tokenizer) and self.type == other.type and self._content() == other._content()
 
-    __hash__ = None  # mutable-looking container semantics: compare with ==, key by fingerprint()
+    __hash__ = None  # compare with ==; use fingerprint() as a key
 
     # interop: overridden where the tokenizer can be expressed in the format
     def is_gpt2_compatible(self) -> bool:
@@ -279,13 +283,12 @@ class BPETokenizer(Tokenizer):
 
     def __getstate__(self):  # for encode_batch workers: the compiled regex and cache are rebuilt
         state = self.__dict__.copy()
-        for k in ("_findall", "_cache", "_special_regex"):
+        for k in ("_findall", "_cache"):
             state.pop(k)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._special_regex = special_token_regex(self._special_tokens)
         self._setup_encoder()
 
     @property
