@@ -286,6 +286,8 @@ def _torch_causal_attention(q, k, v, scale):
     Tq, Tk = q.shape[2], k.shape[2]
     if Tq == Tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if Tq == 1:  # one decoding step sees every key: no mask at all
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
     # SDPA's is_causal aligns the mask to the top-left corner; with a KV cache the queries are the
     # last Tq positions, so build the bottom-right-aligned mask: key j visible iff j <= Tk - Tq + i.
     mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
