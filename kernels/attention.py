@@ -304,5 +304,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
         if q.shape[-1] not in TRITON_HEAD_DIMS or 0 in q.shape:
             raise ValueError(f"causal_attention: the Triton kernel needs head dim in {TRITON_HEAD_DIMS} and "
                              f"non-empty inputs, got q {tuple(q.shape)}; use backend='torch'")
+        if q.dtype == torch.bfloat16 and not q.is_cuda:
+            raise ValueError("causal_attention: the Triton interpreter computes bf16 matmuls wrongly (Triton 3.x); "
+                             "use float16/float32 on the CPU, or backend='torch'")
         return _TritonCausalAttention.apply(q, k, v, scale)
     return _torch_causal_attention(q, k, v, scale)

@@ -120,6 +120,9 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="head dim"):
         x = torch.randn(1, 1, 4, 48)
         kernels.causal_attention(x, x, x, backend="triton")
+    with pytest.raises(ValueError, match="interpreter computes bf16 matmuls wrongly"):
+        x = torch.randn(1, 1, 4, 16, dtype=torch.bfloat16)
+        kernels.causal_attention(x, x, x, backend="triton")
     with pytest.raises(ValueError, match="unknown kernels backend"):
         kernels.causal_attention(q, q, q, backend="cuda")
 
