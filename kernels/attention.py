@@ -3,6 +3,15 @@
 Queries may be fewer than keys (decoding with a KV cache): q is (B, H, Tq, D), k and v are
 (B, H, Tk, D) with Tk >= Tq, and query i sits at absolute position Tk - Tq + i, so it sees keys
 0 .. Tk - Tq + i. Training is the case Tq == Tk.
+
+Forward: one program per tile of query rows of one (batch, head) walks the key tiles with an online
+softmax (running max, running sum and unnormalised output, fp32, in base 2). Key tiles that every
+row sees need no mask, tiles straddling the diagonal are masked, tiles wholly in the future are never
+loaded. Only the output and the per-row log-sum-exp are saved.
+Backward: delta = rowsum(dO * O), then one pass per key tile summing dK and dV over the query tiles
+that see it and one pass per query tile summing dQ; both recompute P = exp2(S - LSE) tile by tile.
+No T x T matrix exists anywhere, and without atomics the gradients are deterministic.
+Inputs are read in place through their strides (e.g. q, k, v as views of one qkv projection).
 """
 
 from __future__ import annotations
