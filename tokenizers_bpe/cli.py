@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -9,7 +10,7 @@ import time
 import warnings
 from pathlib import Path
 
-from tools.cli import ArgumentParser, CLIError, add_seed_argument, command
+from tools.cli import ArgumentParser, CLIError, command
 from tools.corpus import BUILTIN_CORPORA, iter_builtin_texts, plays
 
 from .formats import load
@@ -25,6 +26,15 @@ TRAIN_EXAMPLES = """examples:
 
 Training is deterministic: the same input and arguments give a byte-identical file. Ties between
 pairs with equal counts go to the smallest (left id, right id); see tokenizers_bpe/trainer.py."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the examples' layout, and shows a default only where there is a meaningful one."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _print_warnings(prog: str, caught) -> None:
@@ -46,6 +56,7 @@ def _check_output(path: str) -> Path:
 def train_main(argv=None) -> int:
     p = ArgumentParser(
         prog="bpe-train",
+        formatter_class=_HelpFormatter,
         description="Train a byte-level BPE (or char-level) tokenizer and save it as tokenizer.json.",
         epilog=TRAIN_EXAMPLES,
     )
@@ -61,7 +72,7 @@ def train_main(argv=None) -> int:
     p.add_argument("--errors", choices=("strict", "replace"), default="strict", help="invalid UTF-8: fail, or replace with U+FFFD")
     p.add_argument("--workers", type=int, help="pre-tokenization processes (default: all cores; 1 for files under 4 MB)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_seed_argument(p)  # accepted for uniformity: training has no randomness, every seed gives the same file
+    p.add_argument("--seed", type=int, default=1337, help="accepted like every command's --seed; training has no randomness, so any seed gives the same file")
     args = p.parse_args(argv)
 
     if args.files and args.builtin:
@@ -115,7 +126,7 @@ def _read_input(text: str | None) -> str:
 
 @command("bpe-encode")
 def encode_main(argv=None) -> int:
-    p = ArgumentParser(prog="bpe-encode", description="Encode text to token ids (a JSON list) or count its tokens.")
+    p = ArgumentParser(prog="bpe-encode", formatter_class=_HelpFormatter, description="Encode text to token ids (a JSON list) or count its tokens.")
     p.add_argument("text", nargs="?", metavar="TEXT", help="the text, or - (or nothing) to read stdin")
     p.add_argument("--tokenizer", "-t", required=True, help="a tokenizer.json")
     p.add_argument("--count", action="store_true", help="print only the number of tokens")
@@ -148,7 +159,7 @@ def encode_main(argv=None) -> int:
 
 @command("bpe-decode")
 def decode_main(argv=None) -> int:
-    p = ArgumentParser(prog="bpe-decode", description="Decode token ids (a JSON list such as [15496, 995]) to text.")
+    p = ArgumentParser(prog="bpe-decode", formatter_class=_HelpFormatter, description="Decode token ids (a JSON list such as [15496, 995]) to text.")
     p.add_argument("ids", nargs="?", metavar="IDS", help="a JSON list of ids, or - (or nothing) to read stdin")
     p.add_argument("--tokenizer", "-t", required=True, help="a tokenizer.json")
     args = p.parse_args(argv)
@@ -178,7 +189,7 @@ def _show_merges(merges, by_rank) -> str:
 
 @command("bpe-inspect")
 def inspect_main(argv=None) -> int:
-    p = ArgumentParser(prog="bpe-inspect", description="Show what a tokenizer learned: sizes, special tokens, longest tokens, merges, compression.")
+    p = ArgumentParser(prog="bpe-inspect", formatter_class=_HelpFormatter, description="Show what a tokenizer learned: sizes, special tokens, longest tokens, merges, compression.")
     p.add_argument("tokenizer", metavar="TOKENIZER", help="a tokenizer.json")
     p.add_argument("--sample", metavar="FILE", help="measure compression on this UTF-8 file (default: about 1 MB of the built-in corpus)")
     p.add_argument("--top", type=int, default=10, help="how many tokens/merges to list")
@@ -221,11 +232,10 @@ def inspect_main(argv=None) -> int:
 def _sample(path: str | None) -> tuple[str, str]:
     if path is not None:
         return "".join(iter_file_texts([path])), path
-    texts, size, names = [], 0, []
+    texts, size = [], 0
     for play in plays():
         texts.append(play.text())
-        names.append(play.name)
         size += len(texts[-1])
         if size >= 1_000_000:
             break
-    return "\n".join(texts), f"built-in corpus ({len(names)} plays from {names[0]})"
+    return "\n".join(texts), f"the first {len(texts)} plays of the built-in corpus"
