@@ -2,7 +2,10 @@
 
 1. Pre-tokenize: split the text on special tokens, then into pieces with the pattern regex, and
    count each distinct piece once (in parallel over chunks; memory grows with the number of
-   distinct pieces, not with the corpus).
+   distinct pieces, not with the corpus). Files are read a block at a time and cut into chunks
+   only at a newline between two non-space characters (patterns.SAFE_CUT), which gives exactly
+   the pieces of one scan for the gpt2/gpt4 patterns; a custom pattern should not match across
+   such a newline. Each file, and each text given to train_from_iterator, is its own document.
 2. Merge: keep the count of every adjacent token pair (weighted by piece frequency), an index
    from each pair to the pieces containing it, and a max-heap of (count, pair). After a merge only
    the pieces containing the merged pair are rewritten and only the counts of pairs next to it
