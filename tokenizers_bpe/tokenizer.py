@@ -51,6 +51,7 @@ class Tokenizer(abc.ABC):
         self._decoder = dict(token_bytes)
         self._decoder.update((i, t.encode("utf-8")) for t, i in self._special_tokens.items())
         self.n_vocab = max(self._decoder) + 1 if self._decoder else 0
+        self._fingerprint: str | None = None
 
     # ----------------------------------------------------------------------------- special tokens
     @property
@@ -66,7 +67,7 @@ class Tokenizer(abc.ABC):
         return self._special_tokens.get(ENDOFTEXT)
 
     def encode_single_token(self, text: str) -> int:
-        """The id of a special token given by name (tiktoken's lookup)."""
+        """The id of the one token ``text`` is (a special token's name, or an ordinary token)."""
         if text in self._special_tokens:
             return self._special_tokens[text]
         ids = self.encode_ordinary(text)
@@ -180,8 +181,13 @@ class Tokenizer(abc.ABC):
 
     def fingerprint(self) -> str:
         """sha256 (hex) of the canonical content: equal tokenizers have equal fingerprints."""
-        canonical = json.dumps(self._content(), sort_keys=True, ensure_ascii=True, separators=(",", ":"))
-        return hashlib.sha256(f"{self.type}\n{canonical}".encode()).hexdigest()
+        if self._fingerprint is None:  # tokenizers are immutable: compute once
+            canonical = json.dumps(self._content(), sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+            self._fingerprint = hashlib.sha256(f"{self.type}\n{canonical}".encode()).hexdigest()
+        return self._fingerprint
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(n_vocab={self.n_vocab}, special_tokens={self._special_tokens})"
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Tokenizer) and self.type == other.type and self._content() == other._content()
