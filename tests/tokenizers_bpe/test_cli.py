@@ -190,3 +190,23 @@ def test_missing_tokenizer_file(tmp_path, capsys):
     assert "none.json: no such file" in one_line_error(capsys, "bpe-encode")
     assert inspect_main([str(tmp_path)]) == 2
     assert "is a directory" in one_line_error(capsys, "bpe-inspect")
+
+
+def test_non_utf8_offset_is_exact_beyond_the_first_read_block(tmp_path, capsys):
+    path = tmp_path / "big.txt"
+    good = ("a line of text, " * 4 + "\n").encode() * 5000  # ~330 KB: more than one read block
+    path.write_bytes(good + b"ok \xff\n")
+    assert train_main([str(path), "--vocab-size", "260", "-o", str(tmp_path / "o.json"), "--quiet"]) == 2
+    assert f"byte offset {len(good) + 3}" in one_line_error(capsys, "bpe-train")
+
+
+def test_builtin_corpus_is_the_default(tmp_path, monkeypatch, capsys):
+    plays = ["ROMEO:\nBut soft, what light through yonder window breaks?\n", "JULIET:\nO Romeo, Romeo!\n"]
+    monkeypatch.setattr("tokenizers_bpe.cli.iter_builtin_texts", lambda name: iter(plays))
+    for argv in ([], ["--builtin", "shakespeare"]):
+        out = tmp_path / "b.json"
+        assert train_main([*argv, "--vocab-size", "270", "-o", str(out), "--quiet"]) == 0
+        assert "built-in corpus 'shakespeare'" in capsys.readouterr().out
+        assert tokenizers_bpe.load(out).n_vocab == 270
+    assert train_main([str(tmp_path / "b.json"), "--builtin", "shakespeare", "-o", str(out)]) == 2
+    assert "not both" in one_line_error(capsys, "bpe-train")
