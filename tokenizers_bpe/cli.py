@@ -178,9 +178,9 @@ def decode_main(argv=None) -> int:
     return 0
 
 
-def _show(token: bytes) -> str:
+def _show(token: bytes, width: int = 32) -> str:
     text = token.decode("utf-8", errors="backslashreplace")
-    return repr(text)
+    return repr(text) if len(text) <= width else f"{text[:width]!r}...({len(token)} bytes)"
 
 
 def _show_merges(merges, by_rank) -> str:
