@@ -127,10 +127,26 @@ def test_bad_inputs_raise_clear_errors():
         kernels.causal_attention(q, q, q, backend="cuda")
 
 
+def output_and_grads(q, k, v, backend, grad_out):
+    out = kernels.causal_attention(q, k, v, backend=backend)
+    return [out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out)]
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("shape", [(2, 4, 1024, 1024, 64), (2, 3, 300, 300, 128), (3, 2, 17, 777, 32),
                                    (1, 2, 1, 2049, 64), (1, 1, 500, 500, 16)],
                          ids=lambda s: "B{}H{}Tq{}Tk{}D{}".format(*s))
-def test_cuda_matches_reference(shape, dtype):
-    check_against_reference(*make_qkv(*shape, dtype, device="cuda"), "triton")
+def test_cuda_error_at_most_twice_pytorchs(shape, dtype):
+    # Over long rows a fixed tolerance is either loose or flaky in 16-bit, so (as FlashAttention's
+    # own tests do) our error against float64 must be at most twice that of PyTorch's SDPA in the
+    # same dtype, plus a small floor, for the output and each gradient.
+    q, k, v = make_qkv(*shape, dtype, device="cuda")
+    grad_out = torch.randn(q.shape, device="cuda", dtype=dtype)
+    exact = output_and_grads(*(t.detach().double().requires_grad_() for t in (q, k, v)), "torch", grad_out.double())
+    ours = output_and_grads(q, k, v, "triton", grad_out)
+    pytorch = output_and_grads(q, k, v, "torch", grad_out)
+    for name, mine, theirs, want in zip(("out", "dq", "dk", "dv"), ours, pytorch, exact):
+        our_error = (mine.double() - want).abs().max().item()
+        pytorch_error = (theirs.double() - want).abs().max().item()
+        assert our_error <= 2 * pytorch_error + 1e-5, f"{name}: error {our_error:.3g} vs PyTorch's {pytorch_error:.3g}"
