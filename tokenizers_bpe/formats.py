@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .char import CharTokenizer
 from .patterns import GPT2_PATTERN
-from .tokenizer import ENDOFTEXT, FORMAT_NAME, FORMAT_VERSION, BPETokenizer, Tokenizer
+from .tokenizer import FORMAT_NAME, FORMAT_VERSION, BPETokenizer, Tokenizer
 
 TOKENIZER_TYPES = {"bpe": BPETokenizer, "char": CharTokenizer}
 _REQUIRED = {"bpe": ("pattern", "vocab", "merges", "special_tokens"), "char": ("chars", "special_tokens")}
@@ -193,5 +193,3 @@ def write_gpt2(tok: BPETokenizer, encoder_json_path, vocab_bpe_path) -> None:
         for a, b in merges:
             f.write(f"{_to_gpt2_str(by_rank[a])} {_to_gpt2_str(by_rank[b])}\n")
 
-
-__all__ = ["ENDOFTEXT", "load", "load_tiktoken", "load_gpt2", "read_tiktoken", "write_tiktoken", "bytes_to_unicode"]
