@@ -3,8 +3,8 @@
 GPT-2 124M (random weights: speed does not depend on them), a 16-token prompt, 128 new tokens, greedy
 (so both do the same work per step and always run all 128 steps), batch 1 and batch 8, fp32 and bf16,
 on the CPU. The memory-bandwidth bound of batch-1 decoding is (bytes of weights read per token) /
-(memory bandwidth measured in the same run: a large copy, and a read-only stream); our rows report how close they
-come. Run:  .venv/bin/python -m pytest benches/bench_generate.py
+(memory bandwidth measured in the same run, by a large copy and by a read-only stream); our rows
+report how close they come. Run:  .venv/bin/python -m pytest benches/bench_generate.py
 (OMP_NUM_THREADS=1 in front measures one core, which is steadier on a shared machine).
 """
 
