@@ -11,6 +11,7 @@ import torch
 
 import kernels
 from tests.conftest import requires_cuda
+from tests.kernels.conftest import BACKENDS, requires_triton
 
 # (atol, rtol) for outputs and gradients compared with the float64 reference.
 TOLERANCES = {torch.float32: (2e-5, 2e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 5e-2)}
@@ -66,14 +67,14 @@ def check_against_reference(q, k, v, backend, scale=None, grad_out=None):
         torch.testing.assert_close(got.cpu().double(), want, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}Tq{}Tk{}D{}".format(*s))
 def test_matches_reference(shape, dtype, backend):
     check_against_reference(*make_qkv(*shape, dtype), backend)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs_and_custom_scale(backend):
     # The model's layout: one (B, T, 3, H, D) projection split and transposed to (B, H, T, D) views,
     # plus a non-contiguous upstream gradient.
@@ -85,6 +86,7 @@ def test_non_contiguous_inputs_and_custom_scale(backend):
     check_against_reference(q, k, v, backend, scale=0.3, grad_out=grad_out)
 
 
+@requires_triton
 def test_triton_never_reads_keys_past_tk():
     # k and v are views into buffers poisoned with NaN after Tk: any read past the end shows up.
     B, H, Tq, Tk, D = 1, 2, 20, 45, 16
@@ -95,6 +97,7 @@ def test_triton_never_reads_keys_past_tk():
     check_against_reference(q, k, v, "triton")
 
 
+@requires_triton
 def test_decode_step_equals_last_row_of_full_attention():
     # With a KV cache, the last query alone must see exactly what it saw in the full sequence.
     q, k, v = make_qkv(1, 2, 50, 50, 16, torch.float32)
@@ -117,14 +120,18 @@ def test_bad_inputs_raise_clear_errors():
         kernels.causal_attention(q[0], q[0], q[0])
     with pytest.raises(ValueError, match="k and v must be"):
         kernels.causal_attention(q, q, q[:, :1])
+    with pytest.raises(ValueError, match="unknown kernels backend"):
+        kernels.causal_attention(q, q, q, backend="cuda")
+
+
+@requires_triton
+def test_inputs_the_triton_kernel_cannot_take_raise_clear_errors():
     with pytest.raises(ValueError, match="head dim"):
         x = torch.randn(1, 1, 4, 48)
         kernels.causal_attention(x, x, x, backend="triton")
     with pytest.raises(ValueError, match="interpreter computes bf16 matmuls wrongly"):
         x = torch.randn(1, 1, 4, 16, dtype=torch.bfloat16)
         kernels.causal_attention(x, x, x, backend="triton")
-    with pytest.raises(ValueError, match="unknown kernels backend"):
-        kernels.causal_attention(q, q, q, backend="cuda")
 
 
 def output_and_grads(q, k, v, backend, grad_out):

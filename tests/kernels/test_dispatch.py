@@ -14,6 +14,7 @@ import torch
 import kernels
 from kernels.dispatch import resolve_backend
 from tests.conftest import requires_cuda
+from tests.kernels.conftest import requires_triton
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,6 +43,7 @@ def run_python(code: str, **env_overrides: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@requires_triton
 def test_resolve_backend_rule(monkeypatch):
     monkeypatch.delenv("KERNELS_BACKEND", raising=False)
     cpu = torch.zeros(1)
@@ -52,6 +54,7 @@ def test_resolve_backend_rule(monkeypatch):
         resolve_backend("fast", cpu)
 
 
+@requires_triton
 def test_env_var_overrides_auto_only(monkeypatch):
     cpu = torch.zeros(1)
     monkeypatch.setenv("KERNELS_BACKEND", "triton")
@@ -90,6 +93,7 @@ def test_auto_on_cpu_works_without_triton_installed():
                          "use backend='torch' (or 'auto')"] * 3
 
 
+@requires_triton
 def test_forced_triton_on_cpu_without_interpreter_is_a_clear_error():
     result = run_python(RUN_ALL_OPS)  # TRITON_INTERPRET unset
     assert result.returncode == 0, result.stderr

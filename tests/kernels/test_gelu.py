@@ -7,6 +7,7 @@ import torch
 
 import kernels
 from tests.conftest import requires_cuda
+from tests.kernels.conftest import BACKENDS
 
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1e-2, 1e-2)}
 
@@ -35,14 +36,14 @@ def make_input(shape, dtype, device="cpu"):
     return x.to(device=device, dtype=dtype).requires_grad_()
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("shape", [(0,), (1,), (3, 1000), (2, 3, 5, 7), (4, 1025)], ids=str)
 def test_matches_reference(shape, dtype, backend):
     check_against_reference(make_input(shape, dtype), backend)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_and_extreme_inputs(backend):
     x = torch.cat([torch.linspace(-30, 30, 601), torch.tensor([0.0, -0.0, 1e-8, -1e-8])])
     x = x.reshape(5, 121).t().requires_grad_()  # transposed: strides (1, 121)
@@ -56,7 +57,7 @@ def test_gradcheck_fallback():
     assert torch.autograd.gradcheck(lambda x: kernels.gelu(x, backend="torch"), make_input((4, 5), torch.float64))
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_module(backend):
     x = make_input((2, 9), torch.float32).detach()
     torch.testing.assert_close(kernels.GELU(backend=backend)(x), reference_gelu(x).float())

@@ -5,6 +5,7 @@ import torch
 
 import kernels
 from tests.conftest import requires_cuda
+from tests.kernels.conftest import BACKENDS, requires_triton
 
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (5e-3, 5e-3), torch.bfloat16: (3e-2, 3e-2)}
 
@@ -56,7 +57,7 @@ def check_against_reference(x, weight, bias, backend, eps=1e-5):
                                    msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("affine", AFFINE, ids=["weight+bias", "weight", "bias", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -64,7 +65,7 @@ def test_matches_reference(shape, dtype, affine, backend):
     check_against_reference(*make_inputs(shape, dtype, *affine), backend)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_input(backend):
     x, weight, bias = make_inputs((6, 4, 1000), torch.float32, True, True)
     x_t = x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # rows with stride 4
@@ -78,7 +79,7 @@ def test_gradcheck_fallback(affine):
     assert torch.autograd.gradcheck(lambda x, w, b: kernels.layer_norm(x, w, b, backend="torch"), inputs)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_module(backend):
     ln = kernels.LayerNorm(16, eps=1e-6, bias=False, backend=backend)
     assert ln.bias is None and ln.weight.shape == (16,) and list(ln.state_dict()) == ["weight"]
@@ -93,6 +94,10 @@ def test_bad_inputs_raise_clear_errors():
     x = torch.randn(2, 8)
     with pytest.raises(ValueError, match=r"weight has shape \(7,\), expected \(8,\)"):
         kernels.layer_norm(x, torch.ones(7), None)
+
+
+@requires_triton
+def test_rows_too_long_for_the_triton_kernel_raise_a_clear_error():
     with pytest.raises(ValueError, match="rows of 1..8192"):
         kernels.layer_norm(torch.randn(1, 8193), None, None, backend="triton")
 
