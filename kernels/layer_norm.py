@@ -135,12 +135,12 @@ class _TritonLayerNorm(torch.autograd.Function):
         G = _num_partials(x2, M)
         dy2 = dy.contiguous().view(M, N)
         dx = torch.empty_like(x2)
-        dw_partial = torch.zeros(G, N, dtype=torch.float32, device=x2.device) if has_weight else None
-        db_partial = torch.zeros(G, N, dtype=torch.float32, device=x2.device) if ctx.has_bias else None
-        if M:
-            _ln_bwd_dx_kernel[(G,)](x2, weight, dy2, mean, rstd, dx, dw_partial, db_partial, M, N,
-                                    HAS_WEIGHT=has_weight, HAS_BIAS=ctx.has_bias,
-                                    BLOCK_N=block_n, num_warps=_num_warps(block_n))
+        # Every program writes its whole partial row (zeros if it had no rows), so no memset.
+        dw_partial = torch.empty(G, N, dtype=torch.float32, device=x2.device) if has_weight else None
+        db_partial = torch.empty(G, N, dtype=torch.float32, device=x2.device) if ctx.has_bias else None
+        _ln_bwd_dx_kernel[(G,)](x2, weight, dy2, mean, rstd, dx, dw_partial, db_partial, M, N,
+                                HAS_WEIGHT=has_weight, HAS_BIAS=ctx.has_bias,
+                                BLOCK_N=block_n, num_warps=_num_warps(block_n))
         dw = _reduce_partials(dw_partial, weight.dtype) if has_weight else None
         db = _reduce_partials(db_partial, ctx.bias_dtype) if ctx.has_bias else None
         return dx.view(ctx.shape), dw, db, None

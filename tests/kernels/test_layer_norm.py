@@ -10,8 +10,8 @@ from tests.kernels.conftest import BACKENDS, requires_triton
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (5e-3, 5e-3), torch.bfloat16: (3e-2, 3e-2)}
 
 # Leading shapes with enough rows that each backward program reduces several of them; row lengths
-# that are not powers of two (GPT-2's 768, 1000, 1600), tiny ones, and the 8192 maximum.
-SHAPES = [(37, 768), (2, 5, 1000), (9, 1600), (4, 3, 7), (1, 5), (3, 8192)]
+# that are not powers of two (GPT-2's 768, 1000, 1600), tiny ones, no rows at all, and the 8192 maximum.
+SHAPES = [(37, 768), (2, 5, 1000), (9, 1600), (4, 3, 7), (1, 5), (0, 16), (3, 8192)]
 AFFINE = [(True, True), (True, False), (False, True), (False, False)]
 
 
