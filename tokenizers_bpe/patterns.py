@@ -29,9 +29,12 @@ _ASCII_TWINS = {
         rf"""|[{_WS}]*[\r\n]|[{_WS}]+(?![^{_WS}])|[{_WS}]"""
     ),
 }
-# A newline between two non-space characters ends a piece of both named patterns and no piece
-# crosses it, so text cut there splits into exactly the pieces of one scan over the whole text.
-SAFE_CUT = regex.compile(r"\S\n(?=\S)")
+# Where text may be cut into chunks that split into exactly the pieces of one scan over the whole
+# text (the end of a match is the cut): a newline between two non-space characters ends a piece of
+# both named patterns and no piece crosses it; with CRLF line ends GPT-2 ends a piece between "\r"
+# and "\n", GPT-4 after "\r\n". A custom pattern gets the LF rule (it should not match across it).
+_LF_CUT = r"\S\n(?=\S)"
+_SAFE_CUTS = {GPT2_PATTERN: _LF_CUT + r"|\S\r(?=\n\S)", GPT4_PATTERN: r"\S\r?\n(?=\S)"}
 _BLOCK = 1 << 16  # characters per block when mixed text is split into ASCII and non-ASCII blocks
 
 
@@ -73,7 +76,7 @@ def split_on_specials(text: str, special_tokens) -> list[str]:
 @functools.lru_cache(maxsize=16)
 def piece_splitter(pattern: str) -> Callable[[str], list[str]]:
     """``findall`` for ``pattern``; for the named patterns, ASCII-only text (or ASCII-only blocks of
-    mixed text, cut at SAFE_CUT) goes through the faster stdlib twin. Same pieces either way."""
+    mixed text, see safe_blocks) goes through the faster stdlib twin. Same pieces either way."""
     findall = compile_pattern(pattern).findall
     twin = _ASCII_TWINS.get(pattern)
     if twin is None:
@@ -86,18 +89,25 @@ def piece_splitter(pattern: str) -> Callable[[str], list[str]]:
         if len(text) <= _BLOCK:
             return findall(text)
         pieces: list[str] = []
-        for block in safe_blocks(text, _BLOCK):
+        for block in safe_blocks(text, _BLOCK, pattern):
             pieces += ascii_findall(block) if block.isascii() else findall(block)
         return pieces
 
     return split
 
 
-def safe_blocks(text: str, size: int) -> Iterator[str]:
-    """``text`` in blocks of at least ``size`` characters, cut only at SAFE_CUT."""
+@functools.lru_cache(maxsize=16)
+def safe_cut_regex(pattern: str) -> regex.Pattern:
+    """Matches end where ``pattern``'s pieces may be cut (see _SAFE_CUTS)."""
+    return regex.compile(_SAFE_CUTS.get(pattern, _LF_CUT))
+
+
+def safe_blocks(text: str, size: int, pattern: str) -> Iterator[str]:
+    """``text`` in blocks of at least ``size`` characters, cut only where ``pattern`` allows."""
+    cut = safe_cut_regex(pattern)
     start = 0
     while len(text) - start > size:
-        m = SAFE_CUT.search(text, start + size)
+        m = cut.search(text, start + size)
         if m is None:
             break
         yield text[start : m.end()]

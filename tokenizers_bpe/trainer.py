@@ -3,9 +3,9 @@
 1. Pre-tokenize: split the text on special tokens, then into pieces with the pattern regex, and
    count each distinct piece once (in parallel over chunks; memory grows with the number of
    distinct pieces, not with the corpus). Files are read a block at a time and cut into chunks
-   only at a newline between two non-space characters (patterns.SAFE_CUT), which gives exactly
-   the pieces of one scan for the gpt2/gpt4 patterns; a custom pattern should not match across
-   such a newline. Each file, and each text given to train_from_iterator, is its own document.
+   only at line ends between two non-space characters (patterns.safe_cut_regex), which gives
+   exactly the pieces of one scan for the gpt2/gpt4 patterns; a custom pattern should not match
+   across such a newline. Each file, and each text given to train_from_iterator, is a document.
 2. Merge: keep the count of every adjacent token pair (weighted by piece frequency), an index
    from each pair to the pieces containing it, and a max-heap of (count, pair). After a merge only
    the pieces containing the merged pair are rewritten and only the counts of pairs next to it
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from .char import CharTokenizer
-from .patterns import SAFE_CUT, piece_splitter, resolve_pattern, split_on_specials
+from .patterns import piece_splitter, resolve_pattern, safe_cut_regex, split_on_specials
 from .tokenizer import BPETokenizer
 
 DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>",)
@@ -89,15 +89,16 @@ def _read_file(path: Path, errors: str, progress) -> Iterator[str]:
                 return
 
 
-def _safe_chunks(fragments: Iterable[str], size: int = _READ_BYTES) -> Iterator[str]:
+def _safe_chunks(fragments: Iterable[str], pattern: str, size: int = _READ_BYTES) -> Iterator[str]:
     """Join the fragments of one document and re-cut it into chunks of about ``size`` characters,
-    only at SAFE_CUT (so the chunks split into exactly the pieces of the whole document)."""
+    only where ``pattern`` allows (so the chunks split into exactly the document's pieces)."""
+    cut = safe_cut_regex(pattern)
     pending = ""
     search_from = size
     for fragment in fragments:
         pending += fragment
         while len(pending) > search_from:
-            m = SAFE_CUT.search(pending, search_from)
+            m = cut.search(pending, search_from)
             if m is None:  # no cut yet: read on, without searching this stretch again
                 search_from = max(size, len(pending) - 2)
                 break
@@ -279,7 +280,6 @@ def _build(merges, pattern, special_tokens, vocab_size, min_frequency) -> BPETok
 
 
 def _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency, progress, workers) -> BPETokenizer:
-    pattern = resolve_pattern(pattern)
     special_tokens = tuple(dict.fromkeys(special_tokens))
     _check_vocab_size(vocab_size, special_tokens)
     counts = count_pieces(chunks, pattern, special_tokens, workers)
@@ -311,7 +311,8 @@ def train_from_iterator(
         from tqdm import tqdm
 
         texts = tqdm(texts, desc="bpe: reading", unit=" texts", leave=False)
-    chunks = (c for text in texts for c in _safe_chunks([text]))
+    pattern = resolve_pattern(pattern)
+    chunks = (c for text in texts for c in _safe_chunks([text], pattern))
     return _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency, progress, workers)
 
 
@@ -342,7 +343,8 @@ def train(
         from tqdm import tqdm
 
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="bpe: reading", leave=False)
-    chunks = (c for p in paths for c in _safe_chunks(_read_file(p, errors, bar)))
+    pattern = resolve_pattern(pattern)
+    chunks = (c for p in paths for c in _safe_chunks(_read_file(p, errors, bar), pattern))
     try:
         return _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency, progress, workers)
     finally:

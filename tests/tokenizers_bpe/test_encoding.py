@@ -169,14 +169,27 @@ def test_ascii_twin_patterns_split_like_regex(text):
         assert re.findall(twin, text) == compile_pattern(pattern).findall(text)
 
 
+@pytest.mark.parametrize("line_end", ["\n", "\r\n"])
 @pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
-def test_block_splitting_of_mixed_text_gives_the_same_pieces(pattern, play_text):
+def test_block_splitting_of_mixed_text_gives_the_same_pieces(pattern, line_end, play_text):
     from tokenizers_bpe.patterns import compile_pattern, piece_splitter, resolve_pattern, safe_blocks
 
     rx = resolve_pattern(pattern)
     # mostly ASCII with a non-ASCII character every so often, so blocks of both kinds occur
     base = play_text * (1 + 300000 // len(play_text))
-    text = base[:100000] + "é \n\n  中\n" + base[100000:300000] + " 🎉\n"
-    blocks = list(safe_blocks(text, 1 << 16))
+    text = (base[:100000] + "é \n\n  中\n" + base[100000:300000] + " 🎉\n").replace("\n", line_end)
+    blocks = list(safe_blocks(text, 1 << 16, rx))
     assert "".join(blocks) == text and sorted({b.isascii() for b in blocks}) == [False, True]
     assert piece_splitter(rx)(text) == compile_pattern(rx).findall(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.lists(st.sampled_from(["a", "Z", "é", "1", "!", "'s", " ", "\t", "\n", "\r", "\r\n", "\u00a0", "中"]), max_size=60).map("".join))
+def test_every_allowed_cut_keeps_the_pieces(text):
+    """Cutting wherever safe_cut_regex allows (here: at every such place) changes no piece."""
+    from tokenizers_bpe.patterns import compile_pattern, resolve_pattern, safe_blocks
+
+    for name in ("gpt2", "gpt4"):
+        rx = resolve_pattern(name)
+        findall = compile_pattern(rx).findall
+        assert [p for block in safe_blocks(text, 1, rx) for p in findall(block)] == findall(text)

@@ -110,13 +110,14 @@ def test_special_tokens_in_the_corpus_are_not_learned():
     assert all(b"|" not in tok.decode_single_token_bytes(i) for i in range(256, tok.n_vocab - 1))
 
 
-def test_safe_chunks_give_the_same_pieces_as_one_scan(play_text):
-    text = play_text[:60000] + "end  \nx\n\n \ny !\nz"
-    for pattern in ("gpt2", "gpt4"):
-        rx = resolve_pattern(pattern)
-        chunks = list(_safe_chunks([text[i : i + 997] for i in range(0, len(text), 997)], size=2000))
-        assert len(chunks) > 10 and "".join(chunks) == text
-        assert count_pieces(chunks, rx, workers=1) == Counter(compile_pattern(rx).findall(text))
+@pytest.mark.parametrize("line_end", ["\n", "\r\n"])
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
+def test_safe_chunks_give_the_same_pieces_as_one_scan(play_text, pattern, line_end):
+    text = (play_text[:60000] + "end  \nx\n\n \ny !\nz\r\n\r\nw \r\nv").replace("\n", line_end)
+    rx = resolve_pattern(pattern)
+    chunks = list(_safe_chunks([text[i : i + 997] for i in range(0, len(text), 997)], rx, size=2000))
+    assert len(chunks) > 10 and "".join(chunks) == text
+    assert count_pieces(chunks, rx, workers=1) == Counter(compile_pattern(rx).findall(text))
 
 
 def test_training_is_deterministic_across_workers_and_chunking(tmp_path, play_text):
