@@ -7,7 +7,7 @@ import torch
 
 import kernels
 from tests.conftest import requires_cuda
-from tests.kernels.conftest import BACKENDS
+from tests.kernels.conftest import BACKENDS, DEVICE
 
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1e-2, 1e-2)}
 
@@ -31,7 +31,7 @@ def check_against_reference(x, backend):
     torch.testing.assert_close(dx.cpu().double(), expected_dx, atol=atol, rtol=rtol, msg=lambda m: f"dx: {m}")
 
 
-def make_input(shape, dtype, device="cpu"):
+def make_input(shape, dtype, device=DEVICE):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 4
     return x.to(device=device, dtype=dtype).requires_grad_()
 
@@ -46,7 +46,7 @@ def test_matches_reference(shape, dtype, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_and_extreme_inputs(backend):
     x = torch.cat([torch.linspace(-30, 30, 601), torch.tensor([0.0, -0.0, 1e-8, -1e-8])])
-    x = x.reshape(5, 121).t().requires_grad_()  # transposed: strides (1, 121)
+    x = x.reshape(5, 121).t().to(DEVICE).requires_grad_()  # transposed: strides (1, 121)
     assert not x.is_contiguous()
     check_against_reference(x, backend)
     strided = make_input((6, 40), torch.float32).detach()[::2, ::3].requires_grad_()

@@ -5,7 +5,7 @@ import torch
 
 import kernels
 from tests.conftest import requires_cuda
-from tests.kernels.conftest import BACKENDS, requires_triton
+from tests.kernels.conftest import BACKENDS, DEVICE, requires_triton
 
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (5e-3, 5e-3), torch.bfloat16: (3e-2, 3e-2)}
 
@@ -27,7 +27,7 @@ def reference_layer_norm(x, weight, bias, eps):
     return y
 
 
-def make_inputs(shape, dtype, has_weight, has_bias, device="cpu", seed=0):
+def make_inputs(shape, dtype, has_weight, has_bias, device=DEVICE, seed=0):
     g = torch.Generator().manual_seed(seed)
     n = shape[-1]
     x = (torch.randn(shape, generator=g) * 3 + 1).to(device=device, dtype=dtype).requires_grad_()
@@ -81,11 +81,11 @@ def test_gradcheck_fallback(affine):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_module(backend):
-    ln = kernels.LayerNorm(16, eps=1e-6, bias=False, backend=backend)
+    ln = kernels.LayerNorm(16, eps=1e-6, bias=False, backend=backend).to(DEVICE)
     assert ln.bias is None and ln.weight.shape == (16,) and list(ln.state_dict()) == ["weight"]
     with torch.no_grad():
         ln.weight.uniform_()
-    x = torch.randn(2, 3, 16)
+    x = torch.randn(2, 3, 16, device=DEVICE)
     torch.testing.assert_close(ln(x), reference_layer_norm(x, ln.weight, None, 1e-6).float())
     assert set(kernels.LayerNorm(8).state_dict()) == {"weight", "bias"}
 
@@ -99,7 +99,7 @@ def test_bad_inputs_raise_clear_errors():
 @requires_triton
 def test_rows_too_long_for_the_triton_kernel_raise_a_clear_error():
     with pytest.raises(ValueError, match="rows of 1..8192"):
-        kernels.layer_norm(torch.randn(1, 8193), None, None, backend="triton")
+        kernels.layer_norm(torch.randn(1, 8193, device=DEVICE), None, None, backend="triton")
 
 
 @requires_cuda
