@@ -218,7 +218,9 @@ class GPT(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if isinstance(module, nn.Linear) and module.bias is not None:
+            if isinstance(module, kernels.LayerNorm):
+                nn.init.ones_(module.weight)
+            if isinstance(module, (nn.Linear, kernels.LayerNorm)) and module.bias is not None:
                 nn.init.zeros_(module.bias)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):

@@ -284,6 +284,25 @@ def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:
     return state
 
 
+def to_transformers(model: GPT):
+    """An in-memory transformers.GPT2LMHeadModel holding a copy of the model's weights (for
+    comparisons; needs transformers, imported here only)."""
+    import transformers
+
+    if model.config.pos_embedding != "learned":
+        raise ValueError(f"Hugging Face GPT-2 has learned position embeddings; a '{model.config.pos_embedding}' model has no GPT-2 twin")
+    eot = model.tokenizer.eot_token if model.tokenizer is not None else None
+    config = transformers.GPT2Config(**config_to_hf(model.config, model.lm_head.weight.dtype, eot))
+    with torch.device("meta"):  # skip transformers' random init: every weight is assigned below
+        hf = transformers.GPT2LMHeadModel(config)
+    state = {k: v.clone() for k, v in state_dict_to_hf(model).items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise AssertionError(f"GPT-2 weight mapping out of date: missing {missing}, unexpected {unexpected}")
+    hf.tie_weights()
+    return hf.train(model.training)
+
+
 def hf_import(src: Path, out: Path, tokenizer_file: Path | None = None) -> GPT:
     if not src.is_dir():
         raise CLIError(f"{src}: directory not found")
@@ -298,6 +317,10 @@ def hf_import(src: Path, out: Path, tokenizer_file: Path | None = None) -> GPT:
 
 def hf_export(src: Path, out: Path) -> None:
     model = load_pretrained(src)
+    if getattr(model, "lora_config", None) is not None:
+        from gpt.lora import merge_lora
+
+        merge_lora(model)  # GPT-2 has no adapters: export the weights with them folded in
     config, tokenizer = model.config, model.tokenizer
     if config.pos_embedding != "learned":
         raise CLIError(f"{src}: Hugging Face GPT-2 has learned position embeddings; a '{config.pos_embedding}' model cannot be exported as GPT-2")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt.model import GPT, PRESETS, GPTConfig, KVCache
-from tools.convert import config_to_hf, state_dict_to_hf
+from tools.convert import to_transformers
 
 
 def tiny(**overrides) -> GPTConfig:
@@ -24,18 +24,6 @@ def random_model(config: GPTConfig, seed: int = 0) -> GPT:
             if name.endswith("bias") or ".ln_" in name:
                 p.add_(0.1 * torch.randn_like(p))
     return model
-
-
-def hf_twin(model: GPT):
-    """transformers.GPT2LMHeadModel holding the same weights."""
-    import transformers
-
-    with torch.device("meta"):  # skip transformers' random init: every weight is assigned below
-        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config_to_hf(model.config, torch.float32, None))).eval()
-    missing, unexpected = hf.load_state_dict(state_dict_to_hf(model), strict=False, assign=True)
-    assert unexpected == [] and set(missing) <= {"lm_head.weight"}
-    hf.tie_weights()
-    return hf
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -169,7 +157,7 @@ def test_training_step_reduces_loss():
 
 
 def assert_hf_parity(model: GPT, idx: torch.Tensor) -> None:
-    hf = hf_twin(model)
+    hf = to_transformers(model)
     with torch.no_grad():
         ours = model(idx)[0]
         theirs = hf(idx).logits

@@ -278,6 +278,21 @@ def test_hf_export_loads_in_transformers_without_warnings(transformers, tmp_path
     assert hf_tokenizer.encode(TEXT) == tokenizer.encode(TEXT)
 
 
+def test_hf_export_folds_lora_adapters_in(transformers, tmp_path, capsys, tokenizer):
+    from gpt.lora import LoRAConfig, apply_lora
+
+    torch.manual_seed(0)
+    model = apply_lora(GPT(GPTConfig.from_preset("tiny", vocab_size=300)), LoRAConfig(rank=2, targets=("attn",))).eval()
+    with torch.no_grad():  # a trained-looking adapter, so that leaving it out would change the logits
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "lora", tokenizer=tokenizer)
+    rc, _ = run_cli(capsys, "hf-export", tmp_path / "lora", tmp_path / "hf")
+    assert rc == 0
+    assert_parity(model, transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval())
+
+
 def test_hf_export_refuses_rope(tmp_path, capsys, tokenizer):
     GPT(GPTConfig.from_preset("tiny", vocab_size=300, pos_embedding="rope")).save_pretrained(tmp_path / "ours", tokenizer=tokenizer)
     assert_cli_error(capsys, ["hf-export", tmp_path / "ours", tmp_path / "hf"], "a 'rope' model cannot be exported")
