@@ -5,6 +5,7 @@ every run to seconds."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -178,6 +179,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
     assert max(losses(tmp_path / "run")) == 4
 
 
+def test_bfloat16_autocast_on_cpu_trains_fp32_weights(data_dir, tmp_path):
+    trainer = tiny_trainer(data_dir, tmp_path / "run", dtype="bfloat16", max_steps=6, eval_interval=6)
+    assert trainer.dtype == torch.bfloat16
+    result = trainer.fit()
+    assert result.step == 6 and result.last_eval["val_loss"] < math.log(load_meta(data_dir).n_vocab)  # below a uniform guess
+    assert GPT.from_pretrained(tmp_path / "run" / "final").transformer.wte.weight.dtype == torch.float32
+
+
 def test_config_file_with_command_line_overrides(data_dir, tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text(f'data = "{data_dir}"\nmax-steps = 3\neval_interval = 3\nlr = 1\nn_layer = 1\nn-head = 2\nn_embd = 16\nn_ctx = 16\n'
@@ -281,6 +290,7 @@ def test_bad_inputs_are_one_line_errors_that_touch_nothing(data_dir, finished_ru
         "cannot change when resuming": ["--resume", str(finished_run), "--n-layer", "3"],
         "unknown option": ["--config", str(wrong_tok)],  # a JSON file whose keys are not options
         "must be an integer >= 1": [*base, "--max-steps", "0", "--out", str(tmp_path / "o10")],
+        "float16 needs CUDA": [*base, "--dtype", "float16", "--device", "cpu", "--out", str(tmp_path / "o10")],
     }
     before = _snapshot(finished_run), _snapshot(corrupt)
     for expected, argv in cases.items():
