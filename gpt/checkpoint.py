@@ -231,8 +231,12 @@ def load_adapters(directory, model: GPT, meta: dict[str, Any], device) -> None:
     model.load_state_dict(adapters, strict=False)
 
 
-def load_pretrained(directory, *, device="cpu", dtype: torch.dtype | None = None, backend: str | None = None) -> GPT:
+def load_pretrained(directory, *, device="cpu", dtype: torch.dtype | str | None = None, backend: str | None = None) -> GPT:
     directory = Path(directory)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
     meta = read_meta(directory)
     if backend is not None:
         meta["model"].backend = backend

@@ -278,8 +278,9 @@ class GPT(nn.Module):
         save_pretrained(directory, self, tokenizer, generation)
 
     @classmethod
-    def from_pretrained(cls, directory, *, device="cpu", dtype: torch.dtype | None = None, backend: str | None = None) -> "GPT":
-        """Load and validate a checkpoint directory; ``backend`` overrides the saved kernels backend."""
+    def from_pretrained(cls, directory, *, device="cpu", dtype: torch.dtype | str | None = None, backend: str | None = None) -> "GPT":
+        """Load and validate a checkpoint directory, in eval mode. ``dtype`` (a torch dtype or
+        "float32" / "bfloat16" / "float16") casts the weights; ``backend`` overrides the saved one."""
         from gpt.checkpoint import load_pretrained
 
         return load_pretrained(directory, device=device, dtype=dtype, backend=backend)

@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     print(f"config       {' '.join(f'{k}={v}' for k, v in config.to_dict().items())}")
     print(f"parameters   {model.num_parameters():,} total, {model.num_parameters(non_embedding=True):,} non-embedding")
     print(f"dtype        {meta['dtype']}")
+    if meta.get("lora") is not None:
+        print(f"lora         {' '.join(f'{k}={v}' for k, v in meta['lora'].to_dict().items())} (adapters in {checkpoint.ADAPTERS_FILE})")
     print(f"size         {human_size(sum(p.stat().st_size for p in files))} on disk ({', '.join(f'{p.name} {human_size(p.stat().st_size)}' for p in files)})")
     print(f"tokenizer    {tokenizer_summary(tokenizer) if tokenizer else 'unreadable (see checks)'}")
     print("checks")

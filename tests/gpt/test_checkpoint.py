@@ -84,8 +84,13 @@ def test_dtype_on_load_and_save(saved, tmp_path, tokenizer):
     assert GPT.from_pretrained(tmp_path / "bf16").transformer.wte.weight.dtype == torch.bfloat16
 
 
-def test_backend_override(saved):
+def test_backend_override_and_dtype_names(saved):
     assert GPT.from_pretrained(saved, backend="triton").config.backend == "triton"
+    assert GPT.from_pretrained(saved, dtype="float16").lm_head.weight.dtype == torch.float16
+    with pytest.raises(ValueError, match="dtype must be one of float32"):
+        GPT.from_pretrained(saved, dtype="fp8")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        GPT.from_pretrained(saved, backend="cuda")
 
 
 def test_write_checkpoint_keeps_other_files(tmp_path, tokenizer):

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import tokenizers_bpe
 from gpt.model import GPT, GPTConfig
@@ -203,6 +204,19 @@ def test_hf_import_matches_transformers(hf_dir, transformers, tmp_path, capsys, 
     assert model.config.tie_embeddings is not untied
     assert model.tokenizer.encode(TEXT) == tokenizer.encode(TEXT)
     assert_parity(model, hf)
+
+
+def test_hf_import_hub_layout(hf_dir, transformers, tmp_path, capsys):
+    """Files on the Hub predate the "transformer." prefix and carry the causal-mask buffers."""
+    src = shutil.copytree(hf_dir, tmp_path / "hub", ignore=shutil.ignore_patterns("*.safetensors"))
+    hf = random_hf(transformers)
+    state = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    for i in range(2):
+        state[f"h.{i}.attn.bias"] = torch.ones(1, 1, 64, 64).tril()
+    save_file(state, src / "model.safetensors")
+    rc, _ = run_cli(capsys, "hf-import", src, tmp_path / "out")
+    assert rc == 0
+    assert_parity(GPT.from_pretrained(tmp_path / "out"), hf)
 
 
 def test_hf_import_pytorch_bin(hf_dir, transformers, tmp_path, capsys):

@@ -90,3 +90,12 @@ def test_usage(capsys):
     assert "checkpoint directory" in capsys.readouterr().out
     rc, _, err = inspect(capsys)
     assert rc == 2 and "required: DIR" in err
+
+
+def test_lora_checkpoint(tmp_path, tokenizer, capsys):
+    from gpt.lora import LoRAConfig, apply_lora
+
+    model = apply_lora(GPT(GPTConfig.from_preset("tiny", vocab_size=300)), LoRAConfig(rank=2, targets=("attn",)))
+    model.save_pretrained(tmp_path / "lora", tokenizer=tokenizer)
+    rc, out, _ = inspect(capsys, tmp_path / "lora")
+    assert rc == 0 and "lora         rank=2 alpha=16.0 targets=['attn'] (adapters in adapters.safetensors)" in out
