@@ -1,6 +1,7 @@
 """Causal attention: our Triton kernel vs PyTorch eager (written out) vs SDPA's flash backend.
 
-CUDA: GPT-2 shapes B=8, H=12, D=64, T in {256, 1024, 4096}, bf16, forward and forward+backward.
+CUDA: GPT-2 shapes B=8, H=12, D=64, T in {256, 1024, 4096}, bf16, forward and forward+backward,
+and one decoding step (a single query per sequence against Tk in {1024, 4096} cached keys).
 TFLOP/s counts the causal half of the matmuls: 4 B H T^2 D / 2 forward, 2.5x that backward
 (FlashAttention's convention). Target on an H100: fwd+bwd at least as fast as SDPA flash for T >= 1024.
 CPU: the PyTorch fallback (SDPA) vs eager at B=1, fp32, T in {256, 1024}; Triton only runs in the
@@ -64,6 +65,26 @@ def bench(benchmark, table, impls, impl, B, T, mode, dtype, device):
 @pytest.mark.parametrize("T", [256, 1024, 4096])
 def test_attention_cuda(benchmark, table, T, mode, impl):
     bench(benchmark, table, CUDA_IMPLS, impl, 8, T, mode, torch.bfloat16, "cuda")
+
+
+def sdpa_flash_decode(q, k, v):
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # one query sees every cached key: no mask
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+@requires_cuda
+@pytest.mark.parametrize("impl", ["triton", "builtin"])
+@pytest.mark.parametrize("Tk", [1024, 4096])
+def test_attention_decode_cuda(benchmark, table, Tk, impl):
+    # One generation step with a KV cache: B=8 single queries against Tk cached keys; reading the
+    # cache dominates, so GB/s (K and V read once) is the figure to watch.
+    fn = {"triton": CUDA_IMPLS["triton"], "builtin": sdpa_flash_decode}[impl]
+    B, dtype = 8, torch.bfloat16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=dtype, generator=g) for T in (1, Tk, Tk))
+    run(benchmark, table, make_call(fn, [q, k, v], "fwd"), device=torch.device("cuda"), impl=impl,
+        group=f"cuda bfloat16 B{B} decode Tk{Tk} fwd", flops=4 * B * H * Tk * D,
+        bytes_moved=2 * k.numel() * k.element_size())
 
 
 @pytest.mark.parametrize("impl", list(CPU_IMPLS))
