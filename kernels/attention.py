@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from kernels.dispatch import cdiv, jit, resolve_backend, tl
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2_E = 1.4426950408889634  # scores are kept in base 2: exp(x) = exp2(x * log2(e))
 
 
@@ -318,9 +319,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if resolve_backend(backend, q) == "triton":
-        if q.shape[-1] not in TRITON_HEAD_DIMS or 0 in q.shape:
-            raise ValueError(f"causal_attention: the Triton kernel needs head dim in {TRITON_HEAD_DIMS} and "
-                             f"non-empty inputs, got q {tuple(q.shape)}; use backend='torch'")
+        if q.shape[-1] not in TRITON_HEAD_DIMS or 0 in q.shape or q.dtype not in TRITON_DTYPES:
+            raise ValueError(f"causal_attention: the Triton kernel needs head dim in {TRITON_HEAD_DIMS}, non-empty "
+                             f"float16/bfloat16/float32 inputs, got q {tuple(q.shape)} {q.dtype}; use backend='torch'")
         if q.dtype == torch.bfloat16 and not q.is_cuda:
             raise ValueError("causal_attention: the Triton interpreter computes bf16 matmuls wrongly (Triton 3.x); "
                              "use float16/float32 on the CPU, or backend='torch'")
