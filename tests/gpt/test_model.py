@@ -185,18 +185,21 @@ def test_logits_match_transformers_triton_interpreter():
 # --------------------------------------------------------------------------------------------- KV cache
 
 
-@pytest.mark.parametrize("pos_embedding", ["learned", "rope"])
-def test_kv_cache_decoding_equals_full_forward(pos_embedding):
-    model = random_model(tiny(pos_embedding=pos_embedding))
-    idx = torch.randint(0, 300, (2, 8 + 64))
+@pytest.mark.parametrize(
+    "pos_embedding, backend, steps",
+    [("learned", "torch", 64), ("rope", "torch", 64), ("rope", "triton", 6)],  # few steps: the interpreter is slow
+)
+def test_kv_cache_decoding_equals_full_forward(pos_embedding, backend, steps):
+    model = random_model(tiny(pos_embedding=pos_embedding, backend=backend))
+    idx = torch.randint(0, 300, (2, 8 + steps))
     with torch.no_grad():
         full = model(idx)[0]
         cache = model.make_kv_cache(batch_size=2)
-        steps = [model(idx[:, :8], kv_cache=cache)[0]]  # prefill
-        for t in range(8, 8 + 64):  # then 64 one-token steps
-            steps.append(model(idx[:, t : t + 1], kv_cache=cache)[0])
-    assert cache.length == 72
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+        outputs = [model(idx[:, :8], kv_cache=cache)[0]]  # prefill
+        for t in range(8, 8 + steps):  # then one token at a time
+            outputs.append(model(idx[:, t : t + 1], kv_cache=cache)[0])
+    assert cache.length == 8 + steps
+    torch.testing.assert_close(torch.cat(outputs, dim=1), full, atol=1e-5, rtol=0)
 
 
 def test_kv_cache_reset_and_hidden_states():
