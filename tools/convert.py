@@ -8,8 +8,9 @@ and export ours to Hugging Face.
 
 Weight layout: OpenAI and Hugging Face store the four projections as Conv1D, weight [in, out] (OpenAI
 with a leading 1), the transpose of our nn.Linear [out, in]. Everything else maps by name.
-``tensorflow`` and ``transformers`` are never imported here: TensorFlow is imported lazily by the
-openai path only, and transformers is not needed at all (its formats are plain JSON + safetensors).
+``tensorflow`` and ``transformers`` are not runtime dependencies: TensorFlow is imported by the openai
+path only, and the Hugging Face paths need no transformers (its files are plain JSON + safetensors);
+only ``to_transformers`` (an in-memory twin for tests and benchmarks) imports it.
 """
 
 from __future__ import annotations
