@@ -632,7 +632,13 @@ class Trainer:
         path = self.out_dir / METRICS_FILE
         if not path.exists():
             return
-        keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        keep = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= self.step:
+                    keep.append(line)
+            except (json.JSONDecodeError, AttributeError):  # a line cut short by a crash
+                continue
         with atomic_write(path) as f:
             f.write("".join(line + "\n" for line in keep))
 
