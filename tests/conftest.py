@@ -24,6 +24,18 @@ except ImportError:  # the tokenizer tests do not need torch
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Triton must be imported before TensorFlow in a process: the other order aborts it with an LLVM
+# "option registered more than once" error. Some test workers import both (gpt-convert openai tests).
+try:
+    import triton  # noqa: F401
+except ImportError:
+    pass
+
+# `make test` runs two pytest workers on two cores: one intra-op thread each avoids oversubscription,
+# which slows small CPU ops by orders of magnitude.
+if os.environ.get("PYTEST_XDIST_WORKER") and "torch" in globals():
+    torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("GPT_TOOLKIT_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
