@@ -5,6 +5,8 @@ and export ours to Hugging Face.
     gpt-convert hf-import SRC OUT   transformers GPT-2 dir: config.json + model.safetensors (or
                                     pytorch_model.bin, loaded without running pickle code)
     gpt-convert hf-export SRC OUT   our checkpoint -> dir that GPT2LMHeadModel.from_pretrained loads
+    gpt-convert merge-lora SRC OUT  fold a checkpoint's LoRA adapters (gpt-finetune --lora-rank) into its
+                                    base weights: an ordinary checkpoint with the same outputs
 
 Weight layout: OpenAI and Hugging Face store the four projections as Conv1D, weight [in, out] (OpenAI
 with a leading 1), the transpose of our nn.Linear [out, in]. Everything else maps by name.
@@ -29,6 +31,7 @@ from tqdm import tqdm
 
 import kernels
 from gpt.checkpoint import check_vocab, dtype_name, load_pretrained
+from gpt.lora import merge_checkpoint
 from gpt.model import GPT, GPTConfig
 from tools.cli import ArgumentParser, CLIError, command
 from tools.fileio import atomic_directory
@@ -359,6 +362,13 @@ def build_parser() -> ArgumentParser:
     p.add_argument("src", type=Path, metavar="SRC", help="checkpoint directory (config.json, model.safetensors, tokenizer.json)")
     p.add_argument("out", type=Path, metavar="OUT", help="directory to write")
     p.set_defaults(run=lambda a: hf_export(a.src, a.out))
+
+    p = commands.add_parser("merge-lora", help="merge a checkpoint's LoRA adapters into its base weights",
+                            description="Fold LoRA adapters (adapters.safetensors, from gpt-finetune --lora-rank) into the base weights; "
+                                        "OUT is an ordinary checkpoint (a classifier's head and labels are copied along).")
+    p.add_argument("src", type=Path, metavar="SRC", help="checkpoint directory with adapters (e.g. RUN_DIR/final)")
+    p.add_argument("out", type=Path, metavar="OUT", help="checkpoint directory to write")
+    p.set_defaults(run=lambda a: merge_checkpoint(a.src, a.out))
     return parser
 
 
