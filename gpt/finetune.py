@@ -511,6 +511,7 @@ def write_evaluation(out: Path, record: dict) -> None:
 def run_classify(args) -> int:
     from gpt.lora import apply_lora
     from gpt.trainer import Trainer, init_distributed
+
     train_raw = read_examples(args.train, args.text_column, args.label_column)
     labels = label_names(train_raw, f"--train {args.train}")
     splits_raw = {"train": train_raw, "val": read_examples(args.val, args.text_column, args.label_column)}
@@ -546,7 +547,7 @@ def run_classify(args) -> int:
     collate = lambda b: collate_classification(b, pad_id)  # noqa: E731
     train_batch = ShuffledBatches(splits["train"], cfg.batch_size, collate, seed=cfg.seed, grad_accum=cfg.grad_accum,
                                   rank=dist.rank, world_size=dist.world_size)
-    monitor = splits["train"][: len(splits["val"])]  # a fixed slice of the training set, for train accuracy
+    monitor = splits["train"][:512]  # a fixed slice of the training set, for the train accuracy during training
 
     def extra_eval(m) -> dict:
         # The whole validation set on every rank (classification sets are small): exact per-example means.
@@ -582,6 +583,7 @@ def run_instruct(args) -> int:
     from gpt.lora import apply_lora
     from gpt.sampling import generate
     from gpt.trainer import Trainer, init_distributed, lm_loss
+
     records = read_instructions(args.data)
     if args.val:
         train_records, val_records = records, read_instructions(args.val)
