@@ -10,12 +10,16 @@ at block 256 (batch 2). Figures are the best round (the least disturbed on a sha
 MFU = model FLOPs (6N + 12 L C T per token, as nanoGPT's estimate_mfu) over this CPU's fp32 matmul
 throughput measured in the same run (a 2048^3 matmul), not a datasheet peak.
 
+``GPT_BENCH_COMPILE=1`` adds ours with ``TrainConfig(compile=True)`` (torch.compile; its first step
+compiles, which takes minutes on a CPU).
+
 The recipe (``GPT_BENCH_RECIPE=1``, several minutes) runs the commands of benches/README.md on
 ../shared/data/tinyshakespeare.txt and checks nanoGPT's validation loss of 1.88 is reached.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -30,87 +34,92 @@ SHAPES = {  # name: (model config, batch, block)
     "nanogpt-cpu": (dict(vocab_size=65, n_layer=4, n_head=4, n_embd=128, n_ctx=64), 12, 64),
     "gpt2-124M": (dict(n_layer=12, n_head=12, n_embd=768, n_ctx=256), 2, 256),
 }
-ROUNDS = {"nanogpt-cpu": 20, "gpt2-124M": 3}
+ROUNDS = {"nanogpt-cpu": 15, "gpt2-124M": 3}
 
 
-def matmul_flops() -> float:
-    """fp32 FLOP/s of a large matmul on this CPU right now (the 'peak' for MFU)."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+def matmul_seconds(a: torch.Tensor, b: torch.Tensor) -> float:
+    t = time.perf_counter()
     a @ b
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * 2048**3 / best
-
-
-@pytest.fixture(scope="module")
-def table(request):
-    rows: dict[tuple[str, str], dict] = {}
-    yield rows
-    if not rows:
-        return
-    peak = matmul_flops()
-    lines = ["", f"Training step on CPU ({torch.get_num_threads()} threads; fp32 matmul {peak / 1e9:.0f} GFLOP/s): "
-             "Trainer vs transformers.GPT2LMHeadModel, same optimiser and batch",
-             f"{'shape':<12} {'impl':<13} {'ms/step':>9} {'tokens/s':>9} {'MFU':>6} {'ours/transformers':>18}"]
-    for (shape, impl), r in sorted(rows.items()):
-        tok_s = r["tokens"] / r["seconds"]
-        theirs = rows.get((shape, "transformers"))
-        ratio = f"{theirs['seconds'] / r['seconds']:.2f}x" if impl == "ours" and theirs else ""
-        lines.append(f"{shape:<12} {impl:<13} {r['seconds'] * 1e3:>9.1f} {tok_s:>9.0f} {tok_s * r['flops_per_token'] / peak:>6.1%} {ratio:>18}")
-    plugins = request.config.pluginmanager
-    with plugins.get_plugin("capturemanager").global_and_fixture_disabled():
-        for line in lines:
-            plugins.get_plugin("terminalreporter").write_line(line)
+    return time.perf_counter() - t
 
 
 def flops_per_token(cfg: GPTConfig, n_params: int, block: int) -> float:
-    non_embedding = n_params - cfg.vocab_size * cfg.n_embd  # nanoGPT counts the tied head, not wte
-    return 6 * non_embedding + 6 * cfg.vocab_size * cfg.n_embd + 12 * cfg.n_layer * cfg.n_embd * block
+    """nanoGPT's estimate: 6 FLOPs per parameter per token (the tied head counted once, position
+    embeddings not at all) plus the attention scores and their use, 12 L C T."""
+    return 6 * (n_params - cfg.n_ctx * cfg.n_embd) + 12 * cfg.n_layer * cfg.n_embd * block
 
 
-@pytest.mark.parametrize("impl", ["ours", "transformers"])
+def our_step(cfg: GPTConfig, train_cfg: TrainConfig, x: torch.Tensor, out_dir):
+    trainer = Trainer(GPT(cfg), train_cfg, lambda step, micro: (x[:, :-1], x[:, 1:]), out_dir=out_dir)
+    return trainer.model, trainer.train_step
+
+
+def transformers_step(cfg: GPTConfig, train_cfg: TrainConfig, x: torch.Tensor):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.n_ctx, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                                       n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    model.train()
+    opt = build_optimizer(model, train_cfg, "cpu")
+    inputs = x[:, :-1]
+
+    def step():
+        loss = model(input_ids=inputs, labels=inputs).loss  # transformers shifts the labels itself
+        loss.backward()
+        loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return model, step
+
+
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_train_step_cpu(benchmark, table, tmp_path, shape, impl):
+def test_train_step_cpu(benchmark, request, tmp_path, shape):
+    """One benchmark round = one step of ours, one of transformers' and one 2048^3 matmul, interleaved
+    so that a shared machine's load hits all three alike; each figure is its best round."""
     model_kwargs, batch, block = SHAPES[shape]
     torch.manual_seed(0)
     cfg = GPTConfig(**model_kwargs, dropout=0.0, backend="torch")
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, cfg.vocab_size, (batch, block + 1), generator=g)
+    x = torch.randint(0, cfg.vocab_size, (batch, block + 1), generator=torch.Generator().manual_seed(0))
     train_cfg = TrainConfig(batch_size=batch, device="cpu", dtype="float32", progress=False, warmup_steps=0, lr=1e-4)
-    if impl == "ours":
-        model = GPT(cfg)
-        trainer = Trainer(model, train_cfg, lambda step, micro: (x[:, :-1], x[:, 1:]), out_dir=tmp_path)
+    impls = {"ours": our_step(cfg, train_cfg, x, tmp_path), "transformers": transformers_step(cfg, train_cfg, x)}
+    if os.environ.get("GPT_BENCH_COMPILE") == "1":  # the warm-up round compiles: minutes on a CPU
+        impls["ours-compiled"] = our_step(cfg, dataclasses.replace(train_cfg, compile=True), x, tmp_path)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    times: dict[str, list[float]] = {name: [] for name in [*impls, "matmul"]}
 
-        def step():
-            trainer.train_step()
-    else:
-        from transformers import GPT2Config, GPT2LMHeadModel
+    def round_():
+        for name, (_, step) in impls.items():
+            t = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t)
+        times["matmul"].append(matmul_seconds(a, b))
 
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.n_ctx, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-                                           n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-        model.train()
-        opt = build_optimizer(model, train_cfg, "cpu")
-        inputs = x[:, :-1]
-
-        def step():
-            loss = model(input_ids=inputs, labels=inputs).loss  # transformers shifts the labels itself
-            loss.backward()
-            loss.item()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-    step()  # warm-up
+    round_()  # warm-up
+    for v in times.values():
+        v.clear()
     benchmark.group = f"train step {shape}"
-    benchmark.pedantic(step, rounds=ROUNDS[shape], iterations=1)
-    if benchmark.stats is not None:  # None under --benchmark-disable
-        n_params = sum(p.numel() for p in model.parameters())
-        table[(shape, impl)] = {"seconds": benchmark.stats.stats.min, "tokens": batch * block,
-                                "flops_per_token": flops_per_token(cfg, n_params, block)}
-        benchmark.extra_info["tokens_per_s"] = batch * block / benchmark.stats.stats.min
+    benchmark.pedantic(round_, rounds=ROUNDS[shape], iterations=1)
+    peak = 2 * 2048**3 / min(times["matmul"])
+    lines = [f"{shape}: ours vs transformers.GPT2LMHeadModel, {batch}x{block} tokens, {torch.get_num_threads()} threads, "
+             f"fp32 matmul {peak / 1e9:.0f} GFLOP/s"]
+    for name, (model, _) in impls.items():
+        best = min(times[name])
+        tok_s = batch * block / best
+        mfu = tok_s * flops_per_token(cfg, sum(p.numel() for p in model.parameters()), block) / peak
+        benchmark.extra_info[f"{name}_tokens_per_s"] = tok_s
+        benchmark.extra_info[f"{name}_mfu"] = mfu
+        lines.append(f"  {name:<13} {best * 1e3:9.1f} ms/step {tok_s:9.0f} tokens/s  MFU {mfu:6.1%}")
+    for name in impls:
+        if name != "transformers":
+            ratio = min(times["transformers"]) / min(times[name])
+            benchmark.extra_info[f"{name}_over_transformers"] = ratio
+            lines.append(f"  {name}/transformers tokens/s: {ratio:.2f}x")
+    plugins = request.config.pluginmanager
+    with plugins.get_plugin("capturemanager").global_and_fixture_disabled():
+        for line in ["", *lines]:
+            plugins.get_plugin("terminalreporter").write_line(line)
 
 
 @pytest.mark.skipif(os.environ.get("GPT_BENCH_RECIPE") != "1", reason="the nanoGPT recipe takes minutes: set GPT_BENCH_RECIPE=1")
