@@ -273,6 +273,10 @@ def test_bad_inputs_are_one_line_errors_that_touch_nothing(data_dir, finished_ru
     corrupt = tmp_path / "corrupt"
     shutil.copytree(finished_run, corrupt)
     (checkpoint_dirs(corrupt)[-1][1] / "trainer_state.json").write_text("{not json")
+    foreign = tmp_path / "foreign"  # its checkpoints are of another model than its run_config.json says
+    shutil.copytree(finished_run, foreign)
+    run_config = json.loads((foreign / "run_config.json").read_text())
+    (foreign / "run_config.json").write_text(json.dumps({**run_config, "n_embd": 64}))
     base = ["--data", str(data_dir), *TINY]
     cases = {
         "data directory": ["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o1"), *TINY],
@@ -287,17 +291,18 @@ def test_bad_inputs_are_one_line_errors_that_touch_nothing(data_dir, finished_ru
         "already holds a run": [*base, "--out", str(finished_run)],
         "not a gpt-train run": ["--resume", str(other)],
         "corrupt": ["--resume", str(corrupt)],
+        "do not fit this model": ["--resume", str(foreign)],
         "cannot change when resuming": ["--resume", str(finished_run), "--n-layer", "3"],
         "unknown option": ["--config", str(wrong_tok)],  # a JSON file whose keys are not options
         "must be an integer >= 1": [*base, "--max-steps", "0", "--out", str(tmp_path / "o10")],
         "float16 needs CUDA": [*base, "--dtype", "float16", "--device", "cpu", "--out", str(tmp_path / "o10")],
     }
-    before = _snapshot(finished_run), _snapshot(corrupt)
+    before = _snapshot(finished_run), _snapshot(corrupt), _snapshot(foreign)
     for expected, argv in cases.items():
         assert train_main(argv) == 2, expected
         err = capsys.readouterr().err.strip()
         assert err.startswith("gpt-train: error:") and "\n" not in err and expected in err, (expected, err)
-    assert (_snapshot(finished_run), _snapshot(corrupt)) == before
+    assert (_snapshot(finished_run), _snapshot(corrupt), _snapshot(foreign)) == before
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 11))
 
 
