@@ -101,10 +101,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     for name, typ, default, help_text in _options():
         flag = "--" + name.replace("_", "-")
-        metavar = "BOOL" if typ is _bool else None
         shown = "" if default is None else f" (default: {default!r})"
         # SUPPRESS: only options given on the command line appear, so they can override the file.
-        p.add_argument(flag, dest=name, type=typ, default=argparse.SUPPRESS, metavar=metavar, help=help_text + shown)
+        # A boolean alone (--compile) means true; --compile false also works.
+        flag_kwargs = dict(nargs="?", const=True, metavar="BOOL") if typ is _bool else {}
+        p.add_argument(flag, dest=name, type=typ, default=argparse.SUPPRESS, help=help_text + shown, **flag_kwargs)
     return p
 
 
