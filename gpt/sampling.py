@@ -8,7 +8,7 @@ How one new token is chosen from the logits of the last position (fp32), in this
    decoding too. ``None`` or 1.0 is off.
 2. ``temperature == 0``: greedy, the arg-max (the lowest id among equal maxima). Otherwise the logits
    are divided by the temperature, then
-3. top-k keeps the k largest logits (and any logit equal to the k-th),
+3. top-k keeps the k largest logits (exactly k: ``torch.topk`` breaks a tie at the k-th),
 4. top-p (nucleus) keeps, of what is left, the smallest set of most probable tokens whose probability
    adds up to at least p: token i (in order of decreasing probability) is kept iff the tokens ranked
    before it hold less than p. The most probable token is always kept.
@@ -50,7 +50,7 @@ PROG = "gpt-generate"
 
 
 # ---------------------------------------------------------------------------------------------- logit filters
-# Each takes and returns (B, V) fp32 logits; a filtered-out token gets -inf.
+# On (B, n) fp32 logits; a filtered-out token gets -inf.
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -59,24 +59,31 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
-def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    if k >= logits.size(-1):
-        return logits
-    kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth_largest, -math.inf)
-
-
-def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of most probable tokens whose probability reaches ``p``."""
-    if p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+def nucleus(sorted_logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Top-p on logits sorted in decreasing order: -inf after the shortest prefix holding probability p."""
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs  # probability held by the higher-ranked tokens
     mass_before[..., 0] = 0.0  # exact, so the most probable token is always kept
-    drop_sorted = mass_before >= p
-    drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
-    return logits.masked_fill(drop, -math.inf)
+    return sorted_logits.masked_fill(mass_before >= p, -math.inf)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Steps 2-5 of the module docstring: (B, V) fp32 logits -> (B,) token ids. Top-k and top-p work on
+    the k candidates (or the sorted vocabulary) only, so a step never sorts or samples over the whole
+    vocabulary when top-k is set."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    candidates = None  # the token id of each column of `logits` once it is narrowed or sorted
+    if top_k is not None and top_k < logits.size(-1):
+        logits, candidates = torch.topk(logits, top_k, dim=-1)  # sorted, largest first
+    elif top_p is not None and top_p < 1:
+        logits, candidates = torch.sort(logits, dim=-1, descending=True)
+    if top_p is not None and top_p < 1:
+        logits = nucleus(logits, top_p)
+    choice = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+    return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(1)
 
 
 def check_sampling_settings(temperature, top_k, top_p, repetition_penalty) -> None:
@@ -165,15 +172,7 @@ def generate(
     def choose(logits: torch.Tensor) -> torch.Tensor:
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-        if temperature == 0:
-            return logits.argmax(dim=-1)
-        logits = logits / temperature
-        if top_k is not None:
-            logits = apply_top_k(logits, top_k)
-        if top_p is not None:
-            logits = apply_top_p(logits, top_p)
-        probs = torch.softmax(logits, dim=-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return sample_next(logits, temperature, top_k, top_p, generator)
 
     prompt = prompt[-max(1, n_ctx - 1):] if len(prompt) >= n_ctx else prompt
     keep_on_slide = max(1, n_ctx // 2)

@@ -11,7 +11,7 @@ import torch
 
 import tokenizers_bpe
 from gpt.model import GPT, GPTConfig
-from gpt.sampling import apply_repetition_penalty, apply_top_k, apply_top_p, generate
+from gpt.sampling import apply_repetition_penalty, generate, nucleus, sample_next
 from tools import convert
 
 TEXTS = ["Hello world, café olé! naïve résumé. " * 50, "To be or not to be, that is the question. " * 20]
@@ -33,6 +33,16 @@ def make_tiny_model(tokenizer, seed: int = 0, std: float = 0.2, **overrides) -> 
                 p.normal_(0.0, std)
     model.tokenizer = tokenizer
     return model.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small models gain nothing from intra-op threads, and under ``pytest -n 2`` the two workers
+    already fill two cores: more threads only make them wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -99,30 +109,48 @@ def test_repetition_penalty_matches_transformers(model, prompt, tmp_path):
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
-    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])  # ranked: 1 (0.5), 3 (0.3), 2 (0.15), 0 (0.05)
-    logits = probs.log()
-    kept = lambda p: set(torch.isfinite(apply_top_p(logits, p))[0].nonzero().flatten().tolist())  # noqa: E731
-    assert kept(0.3) == {1}  # the top token alone already holds 0.5
-    assert kept(0.5) == {1}
-    assert kept(0.6) == {1, 3}
-    assert kept(0.79) == {1, 3}
-    assert kept(0.81) == {1, 3, 2}
-    assert kept(0.96) == {1, 3, 2, 0}
-    assert kept(1.0) == {0, 1, 2, 3}
-    assert torch.equal(apply_top_p(logits, 0.6)[0, [1, 3]], logits[0, [1, 3]])  # kept logits unchanged
+    sorted_logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    kept = lambda p: int(torch.isfinite(nucleus(sorted_logits, p)).sum())  # noqa: E731
+    assert kept(0.3) == 1  # the top token alone already holds 0.5
+    assert kept(0.5) == 1
+    assert kept(0.6) == 2
+    assert kept(0.79) == 2
+    assert kept(0.81) == 3
+    assert kept(0.96) == 4
+    assert kept(1.0) == 4
+    assert torch.equal(nucleus(sorted_logits, 0.6)[0, :2], sorted_logits[0, :2])  # kept logits unchanged
 
 
 def test_top_p_is_per_row():
-    logits = torch.tensor([[0.7, 0.2, 0.1], [0.2, 0.3, 0.5]]).log()
-    mask = torch.isfinite(apply_top_p(logits, 0.75))
-    assert mask.tolist() == [[True, True, False], [False, True, True]]
+    sorted_logits = torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25]]).log()
+    assert torch.isfinite(nucleus(sorted_logits, 0.7)).tolist() == [[True, False, False], [True, True, False]]
 
 
-def test_top_k_keeps_the_k_largest():
-    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0, 0.0]])
-    assert torch.isfinite(apply_top_k(logits, 2)).tolist() == [[False, True, True, False, False]]
-    assert torch.equal(apply_top_k(logits, 5), logits)
-    assert torch.equal(apply_top_k(logits, 9), logits)
+def drawn(probs: list[float], n: int = 2000, **settings) -> set[int]:
+    """The set of tokens sample_next draws in n rows from a hand-made distribution."""
+    logits = torch.tensor(probs).log().expand(n, -1)
+    return set(sample_next(logits, generator=torch.Generator().manual_seed(0), **settings).tolist())
+
+
+def test_sampling_draws_exactly_from_the_kept_set():
+    probs = [0.05, 0.5, 0.15, 0.3]  # ranked: 1, 3, 2, 0
+    assert drawn(probs, temperature=1.0, top_k=None, top_p=None) == {0, 1, 2, 3}
+    assert drawn(probs, temperature=1.0, top_k=None, top_p=0.6) == {1, 3}
+    assert drawn(probs, temperature=1.0, top_k=None, top_p=0.81) == {1, 3, 2}
+    assert drawn(probs, temperature=1.0, top_k=3, top_p=None) == {1, 3, 2}
+    assert drawn(probs, temperature=1.0, top_k=1, top_p=None) == {1}
+    # top-p applies to the top-k renormalised: 0.5 / 0.8 = 0.625 of the two kept
+    assert drawn(probs, temperature=1.0, top_k=2, top_p=0.62) == {1}
+    assert drawn(probs, temperature=1.0, top_k=2, top_p=0.63) == {1, 3}
+    # and after the temperature: at T = 0.5 the probabilities are squared and renormalised, the top token holds 0.68
+    assert drawn(probs, temperature=0.5, top_k=None, top_p=0.6) == {1}
+
+
+def test_sampling_frequencies_follow_the_distribution():
+    logits = torch.tensor([0.2, 0.5, 0.3]).log().expand(20000, -1)
+    draws = sample_next(logits, 1.0, None, None, torch.Generator().manual_seed(1))
+    freq = torch.bincount(draws, minlength=3) / draws.numel()
+    assert torch.allclose(freq, torch.tensor([0.2, 0.5, 0.3]), atol=0.015)
 
 
 def test_repetition_penalty_semantics():
