@@ -327,6 +327,29 @@ def _pick_device_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
     return device, DTYPES[dtype]
 
 
+def _encode_prompt(tok, text: str, allow_special: bool, n_ctx: int) -> list[int]:
+    """Prompt ids: special-token text is ordinary text unless allowed, an empty prompt is the
+    end-of-text token, a prompt too long for the context keeps its last n_ctx - 1 tokens (with a note)."""
+    if allow_special:
+        ids = tok.encode(text, allowed_special=set(tok.special_tokens))
+    else:
+        ids = tok.encode_ordinary(text)
+        found = [s for s in tok.special_tokens if s in text]
+        if found:
+            print(f"{PROG}: note: the prompt's {', '.join(found)} is encoded as ordinary text; "
+                  "use --allow-special to encode it as the special token", file=sys.stderr)
+    if not ids:
+        if tok.eot_token is None:
+            raise CLIError("the prompt is empty and the tokenizer has no end-of-text token to start from; give a prompt")
+        ids = [tok.eot_token]
+    keep = max(1, n_ctx - 1)
+    if len(ids) > keep:
+        print(f"{PROG}: note: the prompt has {len(ids)} tokens but the context holds {n_ctx}; "
+              f"keeping its last {keep} tokens", file=sys.stderr)
+        ids = ids[-keep:]
+    return ids
+
+
 @command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -342,23 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = GPT.from_pretrained(model_dir, device=device, dtype=dtype)
     settings = _sampling_settings(args, model.generation_config, model_dir)
     tok = model.tokenizer
-    if args.allow_special:
-        ids = tok.encode(text, allowed_special=set(tok.special_tokens))
-    else:
-        ids = tok.encode_ordinary(text)
-        found = [s for s in tok.special_tokens if s in text]
-        if found:
-            print(f"{PROG}: note: the prompt's {', '.join(found)} is encoded as ordinary text; "
-                  "use --allow-special to encode it as the special token", file=sys.stderr)
-    if not ids:
-        if tok.eot_token is None:
-            raise CLIError("the prompt is empty and the tokenizer has no end-of-text token to start from; give a prompt")
-        ids = [tok.eot_token]
-    n_ctx = model.config.n_ctx
-    if len(ids) > n_ctx - 1:
-        print(f"{PROG}: note: the prompt has {len(ids)} tokens but the context holds {n_ctx}; "
-              f"keeping its last {n_ctx - 1} tokens", file=sys.stderr)
-        ids = ids[-max(1, n_ctx - 1):]
+    ids = _encode_prompt(tok, text, args.allow_special, model.config.n_ctx)
 
     stream_live = not args.no_stream
     decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(args.num_samples)]
