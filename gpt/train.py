@@ -91,6 +91,7 @@ def _options() -> list[tuple[str, type, Any, str]]:
         ("sample_tokens", int, 100, "tokens of the sample generated at each evaluation (0: none)"),
         ("sample_prompt", str, "\n", "prompt of that sample"),
         ("progress", _bool, t.progress, "show a progress bar (true/false)"),
+        ("threads", int, None, "CPU threads for PyTorch (default: PyTorch's choice, one per core); 1 is much faster on a machine busy with other work"),
     ]
 
 
@@ -215,6 +216,8 @@ def make_sampler(tokenizer, prompt: str, n_tokens: int, seed: int):
 
 
 def run(opts: dict, resume: bool, saved: dict | None) -> int:
+    import torch
+
     import tokenizers_bpe
     from gpt.data import TOKENIZER_FILE, RandomWindows, SlidingWindows, load_meta, open_split
     from gpt.trainer import TrainConfig, Trainer, TrainingDiverged, init_distributed
@@ -237,6 +240,10 @@ def run(opts: dict, resume: bool, saved: dict | None) -> int:
     block_size = opts["block_size"] or model.config.n_ctx
     if block_size > model.config.n_ctx:
         raise CLIError(f"--block-size {block_size} is longer than the model's context n_ctx={model.config.n_ctx}; lower --block-size or raise --n-ctx")
+    if opts["threads"] is not None:
+        if opts["threads"] < 1:
+            raise CLIError(f"--threads must be at least 1, got {opts['threads']}")
+        torch.set_num_threads(opts["threads"])
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in opts.items() if k in train_fields})
     cfg.validate()
