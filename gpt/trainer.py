@@ -17,6 +17,10 @@ How to reuse it::
         dist=dist,
     )
     result = trainer.fit(resume=False)         # resume=True continues the latest checkpoint exactly
+    print(result.summary())
+
+``trainer.prepare(resume)`` (called by ``fit``) checks the run directory and loads the checkpoint;
+call it first to report a bad ``--out``/``--resume`` before printing anything.
 
 The contract:
 
