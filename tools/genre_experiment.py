@@ -208,7 +208,7 @@ VARIANTS = {
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="genre-experiment", description=__doc__.split("\n\n")[0])
     p.add_argument("--work", required=True, type=Path, help="working directory (steps whose output exists are skipped)")
-    p.add_argument("--variants", default="last-block,lora", help=f"fine-tuning variants, comma-separated from {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default="last-block,all,lora", help=f"fine-tuning variants, comma-separated from {', '.join(VARIANTS)}")
     p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary of the tokenizer trained on the pre-training plays")
     p.add_argument("--n-ctx", type=int, default=128, help="context of the pre-trained model")
     p.add_argument("--n-layer", type=int, default=4)
