@@ -7,6 +7,8 @@ TORCH_SPEC ?= torch==2.13.0
 PY          = $(VENV)/bin/python
 PYTEST_ARGS ?= -n 2
 DEMO_DIR   ?= demo-out
+DEMO_STEPS ?= 1000
+DEMO_TRAIN_ARGS ?=
 
 .PHONY: test demo bench install install-dev clean
 
@@ -32,9 +34,16 @@ test: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	$(PY) -m pytest benches
 
+# The whole pipeline on the built-in Shakespeare corpus, sized for a 2-core CPU (a few minutes):
+# tokenizer -> token files -> a small GPT -> a sample. Starts from scratch each time (idempotent).
 demo: $(VENV)/.installed
+	rm -rf $(DEMO_DIR)
 	$(VENV)/bin/bpe-train --builtin shakespeare --vocab-size 4096 --seed 1337 -o $(DEMO_DIR)/tokenizer.json
 	$(VENV)/bin/bpe-inspect $(DEMO_DIR)/tokenizer.json
+	$(VENV)/bin/gpt-prepare --builtin shakespeare --tokenizer $(DEMO_DIR)/tokenizer.json -o $(DEMO_DIR)/data
+	$(VENV)/bin/gpt-train --data $(DEMO_DIR)/data --out $(DEMO_DIR)/run --preset shakespeare-cpu \
+		--max-steps $(DEMO_STEPS) --eval-interval 250 --seed 1337 $(DEMO_TRAIN_ARGS)
+	$(VENV)/bin/gpt-generate --model $(DEMO_DIR)/run/final "ROMEO:" -n 200 --seed 1
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .benchmarks
