@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY          = $(VENV)/bin/python
 PYTEST_ARGS ?= -n 2
 DEMO_DIR   ?= demo-out
-DEMO_STEPS ?= 1000
+DEMO_STEPS ?= 2000
 DEMO_TRAIN_ARGS ?=
 
 .PHONY: test demo bench install install-dev clean

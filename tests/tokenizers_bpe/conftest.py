@@ -1,44 +1,41 @@
 """Tokenizers shared by the tokenizer tests, built once per session.
 
-The reference is tiktoken's own definition of each encoding (pattern, ranks, special tokens):
-``tiktoken.get_encoding`` reads its download cache, so we point TIKTOKEN_CACHE_DIR at links to the
-files in ../shared/data under the names tiktoken gives the URLs (it checks their sha256 itself).
+The reference is tiktoken's own definition of each encoding (pattern, special tokens, and tiktoken's
+own rank-file readers), built as `tiktoken.Encoding` objects from the rank files in ../shared/data:
+`tiktoken_ext.openai_public` describes each encoding; we hand its constructors local paths instead of
+its download URLs, so nothing is fetched at run time.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
+from unittest import mock
 
 import pytest
 
 import tokenizers_bpe
 from tools.corpus import plays
 
-_TIKTOKEN_URLS = {
-    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe": "gpt2/vocab.bpe",
-    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json": "gpt2/encoder.json",
-    "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken": "cl100k/cl100k_base.tiktoken",
-}
-
 
 @pytest.fixture(scope="session")
-def tiktoken_encoding(shared_file, tmp_path_factory):
-    """tiktoken.get_encoding(name) for "gpt2" and "cl100k_base", offline from ../shared/data."""
-    cache = tmp_path_factory.mktemp("tiktoken-cache")
-    for url, rel in _TIKTOKEN_URLS.items():
-        os.symlink(shared_file(rel), cache / hashlib.sha1(url.encode()).hexdigest())
-    old = os.environ.get("TIKTOKEN_CACHE_DIR")
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
+def tiktoken_encoding(shared_file):
+    """tiktoken's "gpt2" and "cl100k_base" encodings, offline from ../shared/data."""
     import tiktoken
+    import tiktoken_ext.openai_public as openai_public
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks, load_tiktoken_bpe
 
-    try:
-        encodings = {name: tiktoken.get_encoding(name) for name in ("gpt2", "cl100k_base")}
-    finally:
-        if old is None:
-            del os.environ["TIKTOKEN_CACHE_DIR"]
-        else:
-            os.environ["TIKTOKEN_CACHE_DIR"] = old
+    def local_data_gym(vocab_bpe_file, encoder_json_file, **_hashes):
+        return data_gym_to_mergeable_bpe_ranks(str(shared_file("gpt2/vocab.bpe")), str(shared_file("gpt2/encoder.json")))
+
+    def local_tiktoken(url, expected_hash=None):
+        assert url.endswith("/cl100k_base.tiktoken"), url
+        return load_tiktoken_bpe(str(shared_file("cl100k/cl100k_base.tiktoken")))
+
+    with mock.patch.object(openai_public, "data_gym_to_mergeable_bpe_ranks", local_data_gym), \
+            mock.patch.object(openai_public, "load_tiktoken_bpe", local_tiktoken):
+        encodings = {
+            "gpt2": tiktoken.Encoding(**openai_public.gpt2()),
+            "cl100k_base": tiktoken.Encoding(**openai_public.cl100k_base()),
+        }
     return encodings.__getitem__
 
 
