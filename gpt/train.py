@@ -35,7 +35,7 @@ FIXED_ON_RESUME = ("data", "preset", "init_from", "vocab_size", "block_size", "s
 DEFAULT_PRESET = "shakespeare-cpu"
 
 
-def _bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
     if text.lower() in ("0", "false", "no", "off"):
@@ -43,7 +43,7 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _options() -> list[tuple[str, type, Any, str]]:
+def option_table() -> list[tuple[str, type, Any, str]]:
     """(name, type, default, help) of every option that a config file can set."""
     from gpt.trainer import TrainConfig
 
@@ -60,7 +60,7 @@ def _options() -> list[tuple[str, type, Any, str]]:
         ("n_embd", int, None, "embedding width (divisible by --n-head)"),
         ("n_ctx", int, None, "context window (maximum sequence length) of the model"),
         ("dropout", float, None, "dropout probability (0 for short runs and fine-tuning)"),
-        ("bias", _bool, None, "biases in Linear and LayerNorm (true/false)"),
+        ("bias", parse_bool, None, "biases in Linear and LayerNorm (true/false)"),
         ("pos_embedding", str, None, "learned (GPT-2) or rope"),
         ("backend", str, None, "kernels backend: auto, triton or torch"),
         ("vocab_size", int, None, "model vocabulary (default: the tokenizer's n_vocab)"),
@@ -87,10 +87,10 @@ def _options() -> list[tuple[str, type, Any, str]]:
         ("seed", int, t.seed, "random seed; the same seed gives the same run on CPU"),
         ("device", str, t.device, "auto, cpu, cuda or cuda:N"),
         ("dtype", str, t.dtype, "auto, float32, bfloat16 or float16 (CUDA only, with a GradScaler)"),
-        ("compile", _bool, t.compile, "torch.compile the model (true/false)"),
+        ("compile", parse_bool, t.compile, "torch.compile the model (true/false)"),
         ("sample_tokens", int, 100, "tokens of the sample generated at each evaluation (0: none)"),
         ("sample_prompt", str, "\n", "prompt of that sample"),
-        ("progress", _bool, t.progress, "show a progress bar (true/false)"),
+        ("progress", parse_bool, t.progress, "show a progress bar (true/false)"),
         ("threads", int, None, "CPU threads for PyTorch (default: PyTorch's choice, one per core); 1 is much faster on a machine busy with other work"),
     ]
 
@@ -100,12 +100,12 @@ def build_parser() -> ArgumentParser:
                        epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--config", metavar="FILE", help="TOML or JSON file of options (keys as below)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
-    for name, typ, default, help_text in _options():
+    for name, typ, default, help_text in option_table():
         flag = "--" + name.replace("_", "-")
         shown = "" if default is None else f" (default: {default!r})"
         # SUPPRESS: only options given on the command line appear, so they can override the file.
         # A boolean alone (--compile) means true; --compile false also works.
-        flag_kwargs = dict(nargs="?", const=True, metavar="BOOL") if typ is _bool else {}
+        flag_kwargs = dict(nargs="?", const=True, metavar="BOOL") if typ is parse_bool else {}
         p.add_argument(flag, dest=name, type=typ, default=argparse.SUPPRESS, help=help_text + shown, **flag_kwargs)
     return p
 
@@ -121,7 +121,7 @@ def read_config_file(path: str) -> dict[str, Any]:
         raise CLIError(f"--config {p}: not valid {'JSON' if p.suffix == '.json' else 'TOML'} ({e})") from None
     if not isinstance(raw, dict):
         raise CLIError(f"--config {p}: expected a table of options")
-    types = {name: typ for name, typ, _, _ in _options()}
+    types = {name: typ for name, typ, _, _ in option_table()}
     out = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
@@ -129,7 +129,7 @@ def read_config_file(path: str) -> dict[str, Any]:
             continue
         if name not in types:
             raise CLIError(f"--config {p}: unknown option {key!r}; see gpt-train --help")
-        typ = bool if types[name] is _bool else types[name]
+        typ = bool if types[name] is parse_bool else types[name]
         if value is not None:
             if typ is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
@@ -141,7 +141,7 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 def effective_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict | None]:
     """defaults < saved run (--resume) < --config file < command line. Returns (options, saved run)."""
-    opts = {name: default for name, _, default, _ in _options()}
+    opts = {name: default for name, _, default, _ in option_table()}
     given = {k: v for k, v in vars(args).items() if k not in ("config", "resume")}
     saved = None
     if args.resume:
