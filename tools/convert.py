@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
+from pickle import UnpicklingError  # only to recognise what weights_only=True refuses
 from pathlib import Path
 
 import torch
@@ -249,7 +249,7 @@ def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
 def read_torch_bin(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except UnpicklingError:
         raise CLIError(
             f"{path}: refusing to load: this file needs pickle code execution (it holds Python objects, not just "
             "tensors); convert it to safetensors with a tool you trust"
