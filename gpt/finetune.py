@@ -683,9 +683,9 @@ def classify_main(argv: Sequence[str] | None = None) -> int:
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise CLIError("no text to classify")
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda: no CUDA GPU is available; use --device cpu")
+    from gpt.trainer import resolve_device
+
+    device = resolve_device(args.device)
     model, max_length = load_classifier(args.model, device=device)
     tokenizer = model.gpt.tokenizer
     pad_id = tokenizer.eot_token if tokenizer.eot_token is not None else 0

@@ -43,6 +43,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from gpt.checkpoint import DTYPES
 from gpt.prompt_template import format_instruction_prompt
 from tools.cli import ArgumentParser, CLIError, add_seed_argument, command
 
@@ -215,7 +216,6 @@ def generate(
 # ---------------------------------------------------------------------------------------------- gpt-generate
 
 BUILTIN_DEFAULTS = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 40, "top_p": 0.95, "repetition_penalty": None}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _number(convert, ok: Callable[[float], bool], requirement: str, allow_none: bool = False):
@@ -317,12 +317,13 @@ def _sampling_settings(args, generation: dict, model_dir: Path) -> dict:
 
 
 def _pick_device_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda: no CUDA GPU is available; use --device cpu")
+    """The trainer's device rule; dtype "auto" is bf16 on a GPU that has it, else fp32 (inference
+    needs no fp16 loss scaling, but fp32 is the safe default on a CPU)."""
+    from gpt.trainer import resolve_device
+
+    device = resolve_device(device)
     if dtype == "auto":
-        bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+        bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
         return device, torch.bfloat16 if bf16 else torch.float32
     return device, DTYPES[dtype]
 
