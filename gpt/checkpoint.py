@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from gpt.model import GPT, GPTConfig, check_state_shapes
 from tools.fileio import atomic_directory
+from tools.fileio import read_json as parse_json_file
 
 FORMAT = "gpt-checkpoint"
 FORMAT_VERSION = 1
@@ -116,12 +117,10 @@ def check_vocab(n_vocab: int, vocab_size: int, what: str) -> None:
 
 
 def read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found; a checkpoint directory needs {path.name}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        return parse_json_file(path, f"a checkpoint directory needs a valid {path.name}")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def read_meta(directory) -> dict[str, Any]:

@@ -20,7 +20,6 @@ accumulation.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +27,8 @@ from typing import Iterator
 
 import numpy as np
 import torch
+
+from tools.fileio import read_json
 
 DATA_FORMAT = "gpt-toolkit-tokens"
 DATA_VERSION = 1
@@ -103,11 +104,7 @@ def load_meta(data_dir: str | Path) -> DataMeta:
     path = data_dir / META_FILE
     if not path.is_file():
         raise ValueError(f"{path} is missing: {data_dir} is not a gpt-prepare data directory; run gpt-prepare -o {data_dir}")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); re-run gpt-prepare") from None
-    return DataMeta.from_dict(d, str(path))
+    return DataMeta.from_dict(read_json(path, "re-run gpt-prepare"), str(path))
 
 
 def open_split(data_dir: str | Path, split: str, meta: DataMeta | None = None) -> np.memmap:

@@ -42,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tools.cli import ArgumentParser, CLIError, command
+from tools.fileio import read_json
 
 CLASSIFIER_FORMAT = "gpt-classifier"
 CLASSIFIER_VERSION = 1
@@ -471,7 +472,9 @@ def check_resume(args, run_config: dict) -> None:
     path = Path(args.out) / "run_config.json"
     if not path.is_file():
         raise CLIError(f"--resume: {path} is missing; {args.out} is not a gpt-finetune run directory")
-    saved = json.loads(path.read_text(encoding="utf-8"))
+    saved = read_json(path, f"{args.out} is not a usable gpt-finetune run directory")
+    if not isinstance(saved, dict):
+        raise CLIError(f"--resume: {path} is not a gpt-finetune run configuration")
     for key in RUN_DEFINING:
         if key in run_config and saved.get(key) != run_config[key]:
             raise CLIError(f"--{key.replace('_', '-')} cannot change when resuming (the run used {saved.get(key)!r})")

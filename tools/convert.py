@@ -34,7 +34,7 @@ from gpt.checkpoint import check_vocab, dtype_name, load_pretrained
 from gpt.lora import merge_checkpoint
 from gpt.model import GPT, GPTConfig
 from tools.cli import ArgumentParser, CLIError, command
-from tools.fileio import atomic_directory
+from tools.fileio import atomic_directory, read_json
 
 CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 
@@ -44,12 +44,7 @@ def is_conv1d_weight(name: str) -> bool:
 
 
 def read_json_file(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise CLIError(f"{path}: file not found ({what})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CLIError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path, what)
     if not isinstance(data, dict):
         raise CLIError(f"{path}: expected a JSON object")
     return data

@@ -4,6 +4,7 @@ only replaced once the new one is fully written)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -65,3 +66,16 @@ def check_writable_dir(path: str | os.PathLike, what: str = "--out") -> Path:
     except OSError as e:
         raise ValueError(f"{what} {path}: cannot write there ({e.strerror or e}); choose another directory") from None
     return path
+
+
+def read_json(path: str | os.PathLike, hint: str = "") -> object:
+    """Parse a UTF-8 JSON file; a missing or malformed file is a ValueError naming it (+ ``hint``,
+    what to do about it)."""
+    path = Path(path)
+    suffix = f"; {hint}" if hint else ""
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found{suffix}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}){suffix}") from None
