@@ -31,9 +31,10 @@ try:
 except ImportError:
     pass
 
-# `make test` runs two pytest workers on two cores: one intra-op thread each avoids oversubscription,
-# which slows small CPU ops by orders of magnitude.
-if os.environ.get("PYTEST_XDIST_WORKER") and "torch" in globals():
+# One intra-op thread per test process: the tests' models are small, and `make test` runs two
+# pytest workers on two cores, where more threads only wait for each other (small CPU ops ran up to
+# ~100x slower oversubscribed). Subprocesses that tests start get OMP_NUM_THREADS=1 for the same reason.
+if "torch" in globals():
     torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]

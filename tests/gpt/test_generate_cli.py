@@ -14,7 +14,7 @@ import gpt.sampling as sampling
 from gpt.prompt_template import format_instruction_prompt
 from gpt.sampling import generate, main
 from tests.conftest import ROOT
-from tests.gpt.test_sampling import make_tiny_model, one_thread, small_tokenizer  # noqa: F401 (a fixture)
+from tests.gpt.test_sampling import make_tiny_model, small_tokenizer
 
 PROG = "gpt-generate"
 

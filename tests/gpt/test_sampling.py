@@ -35,16 +35,6 @@ def make_tiny_model(tokenizer, seed: int = 0, std: float = 0.2, **overrides) -> 
     return model.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models gain nothing from intra-op threads, and under ``pytest -n 2`` the two workers
-    already fill two cores: more threads only make them wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return small_tokenizer()

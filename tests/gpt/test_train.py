@@ -32,15 +32,6 @@ TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--n-ctx", "32", "-
         "--progress", "false", "--warmup-steps", "2", "--lr", "3e-3"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and `make test` runs two test processes on two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
