@@ -371,7 +371,7 @@ def format_confusion(labels: list[str], confusion: list[list[int]]) -> str:
 
 def add_train_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), helps: dict[str, str] | None = None, **defaults) -> None:
     """The optimisation options of gpt-train (the same names, types and help), with fine-tuning defaults."""
-    from gpt.train import parse_bool, option_table
+    from gpt.train import add_option, option_table
     from gpt.trainer import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - set(skip)
@@ -380,8 +380,7 @@ def add_train_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
         if name in fields:
             default = defaults.get(name, default)
             help_text = (helps or {}).get(name, help_text + ("" if default is None else f" (default: {default!r})"))
-            flag_kwargs = dict(nargs="?", const=True, metavar="BOOL") if typ is parse_bool else {}  # --compile alone means true
-            group.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=default, help=help_text, **flag_kwargs)
+            add_option(group, name, typ, default, help_text)
 
 
 def add_common_options(p: argparse.ArgumentParser) -> None:

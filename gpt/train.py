@@ -95,18 +95,21 @@ def option_table() -> list[tuple[str, type, Any, str]]:
     ]
 
 
+def add_option(parser, name: str, typ, default, help_text: str) -> None:
+    """One row of the option table as a flag; a boolean alone (--compile) means true, --compile false works too."""
+    flag_kwargs = dict(nargs="?", const=True, metavar="BOOL") if typ is parse_bool else {}
+    parser.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=default, help=help_text, **flag_kwargs)
+
+
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--config", metavar="FILE", help="TOML or JSON file of options (keys as below)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     for name, typ, default, help_text in option_table():
-        flag = "--" + name.replace("_", "-")
         shown = "" if default is None else f" (default: {default!r})"
         # SUPPRESS: only options given on the command line appear, so they can override the file.
-        # A boolean alone (--compile) means true; --compile false also works.
-        flag_kwargs = dict(nargs="?", const=True, metavar="BOOL") if typ is parse_bool else {}
-        p.add_argument(flag, dest=name, type=typ, default=argparse.SUPPRESS, help=help_text + shown, **flag_kwargs)
+        add_option(p, name, typ, argparse.SUPPRESS, help_text + shown)
     return p
 
 
