@@ -61,9 +61,12 @@ def _check_file(path) -> Path:
     return path
 
 
-def _read_file(path: Path, errors: str, progress) -> Iterator[str]:
+REPLACE_HINT = "fix the file or pass --errors replace (errors='replace') to substitute U+FFFD"
+
+
+def _read_file(path: Path, errors: str, progress, hint: str = REPLACE_HINT) -> Iterator[str]:
     """The file's text in blocks that end at a newline (never inside a UTF-8 character), read a
-    block at a time. Invalid UTF-8 is reported with its byte offset."""
+    block at a time. Invalid UTF-8 is reported with its byte offset and ``hint``."""
     offset = 0
     tail = b""
     with open(path, "rb") as f:
@@ -81,8 +84,7 @@ def _read_file(path: Path, errors: str, progress) -> Iterator[str]:
                 yield body.decode("utf-8", errors=errors)
             except UnicodeDecodeError as e:
                 raise ValueError(
-                    f"{path}: not valid UTF-8 at byte offset {offset + e.start} ({e.reason}); "
-                    "fix the file or pass --errors replace (errors='replace') to substitute U+FFFD"
+                    f"{path}: not UTF-8 at byte offset {offset + e.start} ({e.reason}); {hint}"
                 ) from None
             offset += len(body)
             if not block:
@@ -358,8 +360,9 @@ def train_char(
     return CharTokenizer.from_texts(texts, special_tokens)
 
 
-def iter_file_texts(files: Sequence[str | os.PathLike], errors: str = "strict") -> Iterator[str]:
-    """The text of each file, block by block (for char-level training and sampling)."""
+def iter_file_texts(files: Sequence[str | os.PathLike], errors: str = "strict", hint: str = REPLACE_HINT) -> Iterator[str]:
+    """The text of each file, block by block ending at a newline (char-level training, gpt-prepare);
+    invalid UTF-8 is a ValueError naming the file, the byte offset and ``hint``."""
     _check_errors(errors)
     for p in files:
-        yield from _read_file(_check_file(p), errors, None)
+        yield from _read_file(_check_file(p), errors, None, hint)

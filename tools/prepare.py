@@ -13,6 +13,7 @@ tokens are the same as encoding each document whole. The layout is described in 
 from __future__ import annotations
 
 import functools
+import io
 import itertools
 import json
 import os
@@ -25,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt.data import META_FILE, SPLITS, TOKENIZER_FILE, DataMeta, SplitInfo, token_dtype
+from tokenizers_bpe.trainer import iter_file_texts
 from tools.cli import ArgumentParser, CLIError, command
 from tools.corpus import BUILTIN_CORPORA, plays
 from tools.fileio import atomic_directory, atomic_write, check_writable_dir
@@ -38,11 +40,10 @@ class Document:
 
 
 def _file_lines(path: Path) -> Iterator[str]:
-    try:
-        with open(path, encoding="utf-8", newline="") as f:  # newline="": keep \r\n as written
-            yield from f
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from None
+    """The file's lines with their line ends as written, streamed through the tokenizer's reader
+    (blocks ending at a newline; invalid UTF-8 is reported with its exact byte offset)."""
+    for block in iter_file_texts([path], hint="convert it to UTF-8"):
+        yield from io.StringIO(block, newline="")  # newline="": split like a file, keep \r\n as written
 
 
 def documents(files: Sequence[str], builtin: str | None) -> list[Document]:
