@@ -457,6 +457,18 @@ def load_base(args):
     return model, max_length
 
 
+def check_batch(cfg, train_examples: list, model_config, n_outputs: int) -> None:
+    """Refuse, before building any batch, a --batch-size whose micro-batch cannot fit in memory even if
+    every example were as short as the shortest one (the message names the shortest length)."""
+    from gpt.trainer import check_micro_batch_fits, resolve_device, resolve_dtype
+
+    shortest = min(len(example[0]) for example in train_examples)
+    device = resolve_device(cfg.device)
+    if not device.startswith("cuda"):
+        dtype = resolve_dtype(cfg.dtype, device)
+        check_micro_batch_fits(model_config.n_layer, model_config.n_embd, n_outputs, cfg.batch_size, shortest, dtype, "--max-length")
+
+
 def check_out(args) -> None:
     """Fail before any work when --out already holds a run (and --resume is not given)."""
     from tools.fileio import check_writable_dir
@@ -535,6 +547,7 @@ def run_classify(args) -> int:
     if empty:
         raise CLIError(f"{empty}: the text encodes to no tokens")
 
+    check_batch(cfg, splits["train"], gpt.config, len(labels))
     torch.manual_seed(cfg.seed)  # the head's initialisation (and the adapters')
     if lora:
         apply_lora(gpt, lora)
@@ -611,6 +624,7 @@ def run_instruct(args) -> int:
             print(f"gpt-finetune instruct: {dropped} {name} record(s) skipped: their prompt alone fills --max-length {max_length}", file=sys.stderr)
         if not encoded[name]:
             raise CLIError(f"no {name} record fits in --max-length {max_length} tokens with room for a response")
+    check_batch(cfg, encoded["train"], model.config, model.config.vocab_size)
 
     torch.manual_seed(cfg.seed)
     if lora:

@@ -246,6 +246,41 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def available_memory_bytes() -> int | None:
+    """Memory the OS can give without swapping (Linux ``MemAvailable``); None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def micro_batch_bytes(n_layer: int, n_embd: int, vocab_size: int, batch_size: int, block_size: int, dtype: torch.dtype) -> int:
+    """A lower bound of the memory one language-model training micro-batch takes beyond the weights:
+    per token, the windows (int64 inputs and targets), 14 x n_embd activations per layer kept for the
+    backward pass (LayerNorm inputs and outputs, q/k/v, attention output, the 4x MLP before and after
+    GELU) and the fp32 logits with their log-softmax. A lower bound (autograd keeps a little more, and
+    the backward pass adds gradients), so it never refuses a batch that would fit."""
+    tokens = batch_size * block_size
+    activation_size = 2 if dtype in (torch.bfloat16, torch.float16) else 4
+    return tokens * (16 + n_layer * 14 * n_embd * activation_size + 2 * vocab_size * 4)
+
+
+def check_micro_batch_fits(n_layer: int, n_embd: int, vocab_size: int, batch_size: int, block_size: int, dtype: torch.dtype,
+                           length_flag: str = "--block-size") -> None:
+    """On a CPU, refuse before training a micro-batch that cannot fit in the available memory: there
+    the OS kills the process (or swaps for hours) instead of raising an out-of-memory error. CUDA
+    raises one cleanly, which the Trainer turns into the same advice."""
+    need, available = micro_batch_bytes(n_layer, n_embd, vocab_size, batch_size, block_size, dtype), available_memory_bytes()
+    if available is not None and need > available:
+        raise ValueError(
+            f"a micro-batch of --batch-size {batch_size} x {length_flag} {block_size} needs at least {need / 2**30:,.1f} GiB "
+            f"but {available / 2**30:,.1f} GiB of memory is available; lower --batch-size (raise --grad-accum to keep the batch) or {length_flag}")
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: str) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices/embeddings only (not biases or LayerNorm gains); the
     fused kernel where this torch has one for the device, else foreach."""

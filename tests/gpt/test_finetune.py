@@ -274,6 +274,7 @@ def bad_inputs(tmp_path, base):
         "model without tokenizer": (classify + ["--train", ok, "--model", no_tok], "tokenizer.json: file not found"),
         "lora with trainable": (classify + ["--train", ok, "--lora-rank", "2", "--trainable", "all"], "only the adapters and the head train"),
         "bad lora targets": (classify + ["--train", ok, "--lora-rank", "2", "--lora-targets", "attn,ffn"], "--lora-targets must be"),
+        "batch beyond memory": (classify + ["--train", ok, "--batch-size", str(10**10)], f"a micro-batch of --batch-size {10**10} x --max-length"),
     }
 
 

@@ -308,3 +308,33 @@ def test_a_batch_that_does_not_fit_names_the_option_to_lower(data_dir, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the banner: training had started
     assert err.startswith("gpt-train: error: a micro-batch of --batch-size 4 does not fit in memory") and "lower --batch-size" in err
     assert "\n" not in err and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_batch_far_beyond_memory_is_refused_before_anything_is_written(data_dir, tmp_path, capsys):
+    # For real: on a CPU such a batch would not raise, the OS would kill the process.
+    argv = ["--data", str(data_dir), "--out", str(tmp_path / "run"), *TINY, "--batch-size", str(10**9)]
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"gpt-train: error: a micro-batch of --batch-size {10**9} x --block-size") and "\n" not in err
+    assert "lower --batch-size" in err and not (tmp_path / "run").exists()
+
+
+def test_the_memory_bound_stays_below_what_a_micro_batch_really_takes():
+    # One fp32 micro-batch of the tiny model: the bound must not exceed the activations autograd keeps.
+    from gpt.trainer import micro_batch_bytes
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=300))
+    idx = torch.randint(0, 300, (8, 128))
+    weights = {p.data_ptr() for p in model.parameters()}
+    saved = {}  # storage -> bytes: views of one tensor count once
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.data_ptr()] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(idx, idx)
+    activations = sum(n for ptr, n in saved.items() if ptr not in weights)
+    bound = micro_batch_bytes(2, 64, 300, 8, 128, torch.float32)
+    assert 0.7 * activations <= bound <= activations + 2 * idx.numel() * 8  # + the int64 windows, not autograd's
