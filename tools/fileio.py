@@ -36,14 +36,24 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp directory next to ``path``; when the block succeeds it replaces ``path``.
 
     An existing ``path`` is moved aside first and deleted only after the rename, so a crash at
-    any point leaves either the old or the new directory in place, never a half-written one."""
+    any point leaves either the old or the new directory in place, never a half-written one. It is
+    replaced only if everything in it is something the new directory also holds (a previous output
+    of the same kind): a directory with other files in it, say a project folder given as the output
+    by mistake, is a ValueError naming them, and nothing is deleted."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} exists and is not a directory; choose a new or empty directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         old = None
         if path.exists():
+            foreign = sorted(entry.name for entry in path.iterdir() if not (tmp / entry.name).exists())
+            if foreign:
+                shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+                raise ValueError(f"{path} already exists and holds {shown}, which replacing it would delete; "
+                                 "choose a new or empty directory")
             old = path.parent / f".{path.name}.old-{os.getpid()}"
             if old.exists():
                 shutil.rmtree(old)

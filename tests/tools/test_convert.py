@@ -312,6 +312,15 @@ def test_hf_export_refuses_rope(tmp_path, capsys, tokenizer):
     assert_cli_error(capsys, ["hf-export", tmp_path / "ours", tmp_path / "hf"], "a 'rope' model cannot be exported")
 
 
+def test_convert_never_deletes_a_directory_holding_other_files(tmp_path, capsys, tokenizer):
+    GPT(GPTConfig.from_preset("tiny", vocab_size=300)).save_pretrained(tmp_path / "ours", tokenizer=tokenizer)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "train.py").write_text("precious")
+    assert_cli_error(capsys, ["hf-export", tmp_path / "ours", project], r"project already exists and holds train\.py")
+    assert [p.name for p in project.iterdir()] == ["train.py"]
+
+
 def test_hf_export_bad_checkpoint(tmp_path, capsys):
     assert_cli_error(capsys, ["hf-export", tmp_path / "missing", tmp_path / "hf"], "checkpoint directory not found")
 
