@@ -96,7 +96,8 @@ def write_checkpoint(directory, model: GPT, tokenizer, generation: dict | None =
 
 
 def save_pretrained(directory, model: GPT, tokenizer=None, generation: dict | None = None) -> None:
-    """Atomic: the directory appears complete or not at all (an existing one is replaced on success)."""
+    """Atomic: the directory appears complete or not at all. An existing one is replaced on success
+    if it holds nothing but checkpoint files; one holding other files is a ValueError, left untouched."""
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     generation = generation if generation is not None else model.generation_config
     with atomic_directory(directory) as tmp:
