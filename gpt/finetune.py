@@ -466,7 +466,9 @@ def check_batch(cfg, train_examples: list, model_config, n_outputs: int) -> None
     device = resolve_device(cfg.device)
     if not device.startswith("cuda"):
         dtype = resolve_dtype(cfg.dtype, device)
-        check_micro_batch_fits(model_config.n_layer, model_config.n_embd, n_outputs, cfg.batch_size, shortest, dtype, "--max-length")
+        warning = check_micro_batch_fits(model_config.n_layer, model_config.n_embd, n_outputs, cfg.batch_size, shortest, dtype, "--max-length")
+        if warning:
+            print(f"gpt-finetune: warning: {warning}", file=sys.stderr)
 
 
 def check_out(args) -> None:

@@ -273,7 +273,9 @@ def run(opts: dict, resume: bool, saved: dict | None) -> int:
                           bytes_per_token=meta.bytes_per_token("val"), run_config=run_config, dist=dist)
         if not dist.device.startswith("cuda"):
             c = model.config
-            check_micro_batch_fits(c.n_layer, c.n_embd, c.vocab_size, cfg.batch_size, block_size, resolve_dtype(cfg.dtype, dist.device))
+            warning = check_micro_batch_fits(c.n_layer, c.n_embd, c.vocab_size, cfg.batch_size, block_size, resolve_dtype(cfg.dtype, dist.device))
+            if warning and dist.is_main:
+                print(f"{PROG}: warning: {warning}", file=sys.stderr)
         check_writable_dir(out, "--out")  # the last check: it creates the directory
         trainer.prepare(resume)
         if dist.is_main:

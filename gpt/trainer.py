@@ -270,15 +270,21 @@ def micro_batch_bytes(n_layer: int, n_embd: int, vocab_size: int, batch_size: in
 
 
 def check_micro_batch_fits(n_layer: int, n_embd: int, vocab_size: int, batch_size: int, block_size: int, dtype: torch.dtype,
-                           length_flag: str = "--block-size") -> None:
+                           length_flag: str = "--block-size") -> str | None:
     """On a CPU, refuse before training a micro-batch that cannot fit in the available memory: there
     the OS kills the process (or swaps for hours) instead of raising an out-of-memory error. CUDA
-    raises one cleanly, which the Trainer turns into the same advice."""
+    raises one cleanly, which the Trainer turns into the same advice. Returns a warning to print when
+    the lower bound already takes more than half the available memory (the real peak is higher)."""
     need, available = micro_batch_bytes(n_layer, n_embd, vocab_size, batch_size, block_size, dtype), available_memory_bytes()
-    if available is not None and need > available:
-        raise ValueError(
-            f"a micro-batch of --batch-size {batch_size} x {length_flag} {block_size} needs at least {need / 2**30:,.1f} GiB "
-            f"but {available / 2**30:,.1f} GiB of memory is available; lower --batch-size (raise --grad-accum to keep the batch) or {length_flag}")
+    if available is None:
+        return None
+    sizes = f"a micro-batch of --batch-size {batch_size} x {length_flag} {block_size} needs at least {need / 2**30:,.1f} GiB"
+    advice = f"lower --batch-size (raise --grad-accum to keep the batch) or {length_flag}"
+    if need > available:
+        raise ValueError(f"{sizes} but {available / 2**30:,.1f} GiB of memory is available; {advice}")
+    if need > available / 2:
+        return f"{sizes} of the {available / 2**30:,.1f} GiB available; if the process is killed, {advice}"
+    return None
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: str) -> torch.optim.AdamW:

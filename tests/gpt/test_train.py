@@ -338,3 +338,15 @@ def test_the_memory_bound_stays_below_what_a_micro_batch_really_takes():
     activations = sum(n for ptr, n in saved.items() if ptr not in weights)
     bound = micro_batch_bytes(2, 64, 300, 8, 128, torch.float32)
     assert 0.7 * activations <= bound <= activations + 2 * idx.numel() * 8  # + the int64 windows, not autograd's
+
+
+def test_a_batch_close_to_the_memory_limit_is_a_warning_not_an_error(data_dir, tmp_path, monkeypatch, capsys):
+    import gpt.trainer
+    from gpt.trainer import micro_batch_bytes
+
+    need = micro_batch_bytes(2, 32, load_meta(data_dir).n_vocab, 4, 32, torch.float32)  # TINY's model and batch
+    monkeypatch.setattr(gpt.trainer, "available_memory_bytes", lambda: int(need * 1.5))
+    assert train_main(["--data", str(data_dir), "--out", str(tmp_path / "run"), *TINY, "--max-steps", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "gpt-train: warning: a micro-batch of --batch-size 4 x --block-size 32 needs at least" in err
+    assert "if the process is killed, lower --batch-size" in err and (tmp_path / "run" / "final").is_dir()
