@@ -475,7 +475,7 @@ def check_out(args) -> None:
     """Fail before any work when --out already holds a run (and --resume is not given)."""
     from tools.fileio import check_writable_dir
 
-    out = check_writable_dir(args.out, "--out")
+    out = check_writable_dir(args.out, "--out", keep=False)  # the Trainer creates it once every check has passed
     if not args.resume and ((out / "checkpoints").exists() or (out / "metrics.jsonl").exists()):
         raise CLIError(f"--out {out} already holds a run; continue it with --resume or choose another --out")
 
@@ -544,7 +544,10 @@ def run_classify(args) -> int:
     gpt, max_length = load_base(args)
     tokenizer = gpt.tokenizer
     pad_id = tokenizer.eot_token if tokenizer.eot_token is not None else 0
-    splits = {name: encode_examples(tokenizer, ex, labels, max_length) for name, ex in splits_raw.items()}
+    try:
+        splits = {name: encode_examples(tokenizer, ex, labels, max_length) for name, ex in splits_raw.items()}
+    except ValueError as e:  # a char-level tokenizer meeting a character it lacks
+        raise CLIError(f"--model {args.model}: its tokenizer cannot encode the examples ({e}); fine-tune a model whose tokenizer covers them") from None
     empty = next((f"{name} example {i + 1}" for name, ex in splits.items() for i, (ids, _) in enumerate(ex) if not ids), None)
     if empty:
         raise CLIError(f"{empty}: the text encodes to no tokens")
@@ -620,7 +623,10 @@ def run_instruct(args) -> int:
         raise CLIError(f"--model {args.model}: its tokenizer has no <|endoftext|> token, which marks the end of a response")
     encoded = {}
     for name, recs in (("train", train_records), ("val", val_records)):
-        encoded[name] = [e for e in (encode_instruction(tokenizer, r, max_length, args.mask_prompt) for r in recs) if e is not None]
+        try:
+            encoded[name] = [e for e in (encode_instruction(tokenizer, r, max_length, args.mask_prompt) for r in recs) if e is not None]
+        except ValueError as e:  # a char-level tokenizer meeting a character it lacks
+            raise CLIError(f"--model {args.model}: its tokenizer cannot encode the {name} records ({e}); fine-tune a model whose tokenizer covers them") from None
         dropped = len(recs) - len(encoded[name])
         if dropped:
             print(f"gpt-finetune instruct: {dropped} {name} record(s) skipped: their prompt alone fills --max-length {max_length}", file=sys.stderr)

@@ -366,7 +366,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = GPT.from_pretrained(model_dir, device=device, dtype=dtype)
     settings = _sampling_settings(args, model.generation_config, model_dir)
     tok = model.tokenizer
-    ids = _encode_prompt(tok, text, args.allow_special, model.config.n_ctx)
+    try:
+        ids = _encode_prompt(tok, text, args.allow_special, model.config.n_ctx)
+    except ValueError as e:  # a char-level tokenizer meeting a character it lacks
+        raise CLIError(f"the prompt: {e}; use only text the model's tokenizer knows") from None
 
     stream_live = not args.no_stream
     decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(args.num_samples)]

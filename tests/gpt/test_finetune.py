@@ -274,6 +274,11 @@ def bad_inputs(tmp_path, base):
         "model without tokenizer": (classify + ["--train", ok, "--model", no_tok], "tokenizer.json: file not found"),
         "lora with trainable": (classify + ["--train", ok, "--lora-rank", "2", "--trainable", "all"], "only the adapters and the head train"),
         "bad lora targets": (classify + ["--train", ok, "--lora-rank", "2", "--lora-targets", "attn,ffn"], "--lora-targets must be"),
+        "character the tokenizer lacks": (classify + ["--train", write_csv(tmp_path / "accent.csv", [("caf\u00e9", "alpha"), ("b", "zulu")])],
+                                          "its tokenizer cannot encode the examples (character '\u00e9' (U+00E9)"),
+        "record the tokenizer lacks": (["instruct", "--model", base, "--out", tmp_path / "o", "--data",
+                                        write_json(tmp_path / "accent.json", [{"instruction": "a", "input": "", "output": "\u00e9"}] * 4)],
+                                       "its tokenizer cannot encode the train records"),
         "batch beyond memory": (classify + ["--train", ok, "--batch-size", str(10**10)], f"a micro-batch of --batch-size {10**10} x --max-length"),
     }
 
@@ -294,7 +299,7 @@ def test_bad_inputs_are_one_line_errors(base, tmp_path, capsys):
         assert rc == 2, (name, err)
         assert expected in err, (name, err)
         assert err.startswith("gpt-finetune: error: ") and err.count("\n") == 1, (name, err)
-        assert not (tmp_path / "o" / "final").exists()
+        assert not (tmp_path / "o").exists(), name  # not even an empty --out directory
 
 
 def test_gpt_classify_bad_model(base, tmp_path, capsys):

@@ -234,3 +234,12 @@ def test_real_process_stdin_and_exit_status(ckpt, model, tok):
     bad = subprocess.run(cmd, input=b"\xff", capture_output=True, timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.decode().count("\n") == 1 and bad.stdout == b""
 
+
+
+def test_a_prompt_character_a_char_model_lacks(tmp_path, capsys):
+    from gpt.model import GPT, GPTConfig
+    from tokenizers_bpe import CharTokenizer
+
+    tok = CharTokenizer.from_texts(["abc "], special_tokens=["<|endoftext|>"])
+    GPT(GPTConfig(vocab_size=tok.n_vocab, n_ctx=16, n_embd=16, n_layer=1, n_head=2)).save_pretrained(tmp_path / "char", tokenizer=tok)
+    assert_one_line_error(*run(capsys, "--model", tmp_path / "char", "abz"), "the prompt:", "'z' (U+007A)", "tokenizer knows")
