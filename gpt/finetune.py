@@ -713,7 +713,10 @@ def classify_main(argv: Sequence[str] | None = None) -> int:
     model, max_length = load_classifier(args.model, device=device)
     tokenizer = model.gpt.tokenizer
     pad_id = tokenizer.eot_token if tokenizer.eot_token is not None else 0
-    examples = [(tokenizer.encode_ordinary(t)[:max_length], 0) for t in texts]
+    try:
+        examples = [(tokenizer.encode_ordinary(t)[:max_length], 0) for t in texts]
+    except ValueError as e:  # a char-level tokenizer meeting a character it lacks
+        raise CLIError(f"TEXT: {e}; use only text the model's tokenizer knows") from None
     with torch.no_grad():
         for start in range(0, len(examples), 32):
             idx, lengths, _ = collate_classification(examples[start : start + 32], pad_id)

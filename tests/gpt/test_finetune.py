@@ -161,6 +161,8 @@ def test_classify_trains_saves_labels_and_gpt_classify_uses_them(base, tmp_path,
     assert all(0.5 < float(p) <= 1 for _, p, _ in lines)
     model, _ = load_classifier(out / "final")
     assert model.labels == ["alpha", "zulu"]
+    rc, _, err = run(capsys, classify_main, ["--model", out, "caf\u00e9"])  # a character the char tokenizer lacks
+    assert rc == 2 and err.startswith("gpt-classify: error: TEXT: character '\u00e9'") and err.count("\n") == 1, err
 
 
 def test_classify_with_lora_trains_only_adapters_and_head(base, tmp_path, capsys):
