@@ -139,20 +139,21 @@ def encode_main(argv=None) -> int:
     args = p.parse_args(argv)
     tok = load(args.tokenizer)
     text = _read_input(args.text)
-    if args.special == "allow":
-        ids = tok.encode(text, allowed_special="all")
-    elif args.special == "ordinary":
-        ids = tok.encode_ordinary(text)
-    else:
-        try:
+    try:
+        if args.special == "allow":
+            ids = tok.encode(text, allowed_special="all")
+        elif args.special == "ordinary":
+            ids = tok.encode_ordinary(text)
+        else:
             ids = tok.encode(text)
-        except ValueError as e:
-            if "special token" not in str(e):
-                raise
+    except ValueError as e:
+        if "special token" in str(e):
             raise CLIError(
                 "the text contains a special token such as "
                 f"{next(t for t in tok.special_tokens if t in text)!r}; pass --special allow or --special ordinary"
             ) from None
+        # a char-level tokenizer meeting a character it lacks
+        raise CLIError(f"TEXT: {e}; --tokenizer {args.tokenizer} was trained on other text") from None
     print(len(ids) if args.count else json.dumps(ids))
     return 0
 

@@ -69,6 +69,7 @@ class Chunk:
     text: str
     nbytes: int
     doc_end: bool  # the last chunk of a document (an EOT follows it with --append-eot)
+    source: str  # the document's name, for error messages
 
 
 def chunks(docs: Iterable[Document], train_bytes: int, chunk_bytes: int) -> Iterator[Chunk]:
@@ -82,16 +83,16 @@ def chunks(docs: Iterable[Document], train_bytes: int, chunk_bytes: int) -> Iter
         for line in doc.lines():
             if buf and line[:1] and not line[:1].isspace():
                 if split == "train" and done >= train_bytes:
-                    yield Chunk(split, "".join(buf), buf_bytes, False)
+                    yield Chunk(split, "".join(buf), buf_bytes, False, doc.name)
                     buf, buf_bytes, split = [], 0, "val"
                 elif buf_bytes >= chunk_bytes:
-                    yield Chunk(split, "".join(buf), buf_bytes, False)
+                    yield Chunk(split, "".join(buf), buf_bytes, False, doc.name)
                     buf, buf_bytes = [], 0
             n = len(line.encode("utf-8"))
             buf.append(line)
             buf_bytes += n
             done += n
-        yield Chunk(split, "".join(buf), buf_bytes, True)
+        yield Chunk(split, "".join(buf), buf_bytes, True, doc.name)
         buf, buf_bytes = [], 0
         if split == "train" and done >= train_bytes:
             split = "val"
@@ -110,6 +111,14 @@ def _init_worker(tokenizer_path: str) -> None:
 def _encode(text: str) -> list[int]:
     # Text is data: a literal "<|endoftext|>" in it is ordinary text, not the special token.
     return _worker_tokenizer.encode_ordinary(text)
+
+
+def _encodes(tokenizer, text: str) -> bool:
+    try:
+        tokenizer.encode_ordinary(text)
+    except ValueError:
+        return False
+    return True
 
 
 def prepare(docs: list[Document], tokenizer, tokenizer_path: str, out: Path, *, val_fraction: float,
@@ -131,7 +140,12 @@ def prepare(docs: list[Document], tokenizer, tokenizer_path: str, out: Path, *, 
                 # Bounded batches of chunks keep memory flat (Pool.imap would read the whole input ahead).
                 while batch := list(itertools.islice(stream, max(1, workers) * 4)):
                     texts = [c.text for c in batch]
-                    encoded = pool.map(_encode, texts) if pool else [_encode(t) for t in texts]
+                    try:
+                        encoded = pool.map(_encode, texts) if pool else [_encode(t) for t in texts]
+                    except ValueError as e:  # a char-level tokenizer meeting a character it lacks
+                        source = next((c.source for c in batch if not _encodes(tokenizer, c.text)), batch[0].source)
+                        raise ValueError(f"{source}: --tokenizer {tokenizer_path} cannot encode it ({e}); "
+                                         "use a tokenizer trained on this text (e.g. bpe-train --char FILE)") from None
                     for c, ids in zip(batch, encoded):
                         arr = np.asarray(ids, dtype=dtype)
                         if c.doc_end and eot is not None:

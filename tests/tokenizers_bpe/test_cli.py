@@ -67,6 +67,15 @@ def test_train_char_and_options(tmp_path, corpus):
     assert tok.pattern == tokenizers_bpe.GPT4_PATTERN and tok.special_tokens == {"<|a|>": 298, "<|b|>": 299}
 
 
+def test_encode_text_a_char_tokenizer_lacks(tmp_path, corpus, capsys):
+    out = tmp_path / "chars.json"
+    assert train_main([str(corpus), "--char", "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert encode_main(["-t", str(out), "\U0001F600"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bpe-encode: error: TEXT: character") and "U+1F600" in err and err.count("\n") == 1, err
+
+
 def test_encode_special_tokens_and_stdin(tokenizer_file, capsys, monkeypatch):
     import io
 

@@ -98,6 +98,7 @@ def test_bad_inputs_are_one_line_errors_that_touch_nothing(corpus, tmp_path, cap
     before = {p.name: p.read_bytes() for p in existing.iterdir()}
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     (tmp_path / "tiny.txt").write_text("one line only\n")
+    (tmp_path / "emoji.txt").write_text("the char tokenizer never saw \U0001F600\n" * 50)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
@@ -111,6 +112,7 @@ def test_bad_inputs_are_one_line_errors_that_touch_nothing(corpus, tmp_path, cap
         "would be empty": [str(tmp_path / "tiny.txt"), "--tokenizer", tok, "-o", out],
         "not a gpt-prepare data directory": [*corpus["files"], "--tokenizer", tok, "-o", str(foreign)],
         "invalid float": [*corpus["files"], "--tokenizer", tok, "-o", out, "--val-fraction", "x"],
+        "emoji.txt: --tokenizer": [*corpus["files"], str(tmp_path / "emoji.txt"), "--tokenizer", str(corpus["char"]), "-o", out],
     }
     for expected, argv in cases.items():
         assert prepare_main([*argv, "--quiet"]) == 2, expected
