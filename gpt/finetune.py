@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tokenizers_bpe import UnknownCharacterError
 from tools.cli import ArgumentParser, CLIError, command
 from tools.fileio import read_json
 
@@ -546,7 +547,7 @@ def run_classify(args) -> int:
     pad_id = tokenizer.eot_token if tokenizer.eot_token is not None else 0
     try:
         splits = {name: encode_examples(tokenizer, ex, labels, max_length) for name, ex in splits_raw.items()}
-    except ValueError as e:  # a char-level tokenizer meeting a character it lacks
+    except UnknownCharacterError as e:
         raise CLIError(f"--model {args.model}: its tokenizer cannot encode the examples ({e}); fine-tune a model whose tokenizer covers them") from None
     empty = next((f"{name} example {i + 1}" for name, ex in splits.items() for i, (ids, _) in enumerate(ex) if not ids), None)
     if empty:
@@ -625,7 +626,7 @@ def run_instruct(args) -> int:
     for name, recs in (("train", train_records), ("val", val_records)):
         try:
             encoded[name] = [e for e in (encode_instruction(tokenizer, r, max_length, args.mask_prompt) for r in recs) if e is not None]
-        except ValueError as e:  # a char-level tokenizer meeting a character it lacks
+        except UnknownCharacterError as e:
             raise CLIError(f"--model {args.model}: its tokenizer cannot encode the {name} records ({e}); fine-tune a model whose tokenizer covers them") from None
         dropped = len(recs) - len(encoded[name])
         if dropped:
@@ -715,7 +716,7 @@ def classify_main(argv: Sequence[str] | None = None) -> int:
     pad_id = tokenizer.eot_token if tokenizer.eot_token is not None else 0
     try:
         examples = [(tokenizer.encode_ordinary(t)[:max_length], 0) for t in texts]
-    except ValueError as e:  # a char-level tokenizer meeting a character it lacks
+    except UnknownCharacterError as e:
         raise CLIError(f"TEXT: {e}; use only text the model's tokenizer knows") from None
     with torch.no_grad():
         for start in range(0, len(examples), 32):

@@ -45,6 +45,7 @@ import torch
 
 from gpt.checkpoint import DTYPES
 from gpt.prompt_template import format_instruction_prompt
+from tokenizers_bpe import UnknownCharacterError
 from tools.cli import ArgumentParser, CLIError, add_seed_argument, command
 
 PROG = "gpt-generate"
@@ -368,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tok = model.tokenizer
     try:
         ids = _encode_prompt(tok, text, args.allow_special, model.config.n_ctx)
-    except ValueError as e:  # a char-level tokenizer meeting a character it lacks
+    except UnknownCharacterError as e:
         raise CLIError(f"the prompt: {e}; use only text the model's tokenizer knows") from None
 
     stream_live = not args.no_stream

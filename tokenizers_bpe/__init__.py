@@ -8,7 +8,7 @@ and ids, save/load a versioned ``tokenizer.json``, and read/write tiktoken and G
     tok.decode(tok.encode("hello world")) == "hello world"
 """
 
-from .char import CharTokenizer
+from .char import CharTokenizer, UnknownCharacterError
 from .formats import bytes_to_unicode, load, load_gpt2, load_tiktoken
 from .patterns import GPT2_PATTERN, GPT4_PATTERN, PATTERNS
 from .tokenizer import ENDOFTEXT, BPETokenizer, Tokenizer
@@ -18,6 +18,7 @@ __all__ = [
     "Tokenizer",
     "BPETokenizer",
     "CharTokenizer",
+    "UnknownCharacterError",
     "train",
     "train_from_iterator",
     "train_char",

@@ -8,6 +8,10 @@ from .patterns import split_on_specials
 from .tokenizer import Tokenizer
 
 
+class UnknownCharacterError(ValueError):
+    """Text holds a character a char-level vocabulary lacks (byte-level BPE can encode any text)."""
+
+
 class CharTokenizer(Tokenizer):
     """Ids 0..len(chars)-1 are ``chars`` in order; special tokens come after."""
 
@@ -40,7 +44,7 @@ class CharTokenizer(Tokenizer):
             return list(map(self._char_to_id.__getitem__, text))
         except KeyError as e:
             c = e.args[0]
-            raise ValueError(
+            raise UnknownCharacterError(
                 f"character {c!r} (U+{ord(c):04X}) is not in this char-level vocabulary of {len(self.chars)} characters"
             ) from None
 

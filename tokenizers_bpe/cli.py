@@ -13,6 +13,7 @@ from pathlib import Path
 from tools.cli import ArgumentParser, CLIError, command
 from tools.corpus import BUILTIN_CORPORA, iter_builtin_texts, plays
 
+from .char import UnknownCharacterError
 from .formats import load
 from .patterns import PATTERNS
 from .tokenizer import BPETokenizer, Tokenizer
@@ -146,14 +147,15 @@ def encode_main(argv=None) -> int:
             ids = tok.encode_ordinary(text)
         else:
             ids = tok.encode(text)
-    except ValueError as e:
-        if "special token" in str(e):
-            raise CLIError(
-                "the text contains a special token such as "
-                f"{next(t for t in tok.special_tokens if t in text)!r}; pass --special allow or --special ordinary"
-            ) from None
-        # a char-level tokenizer meeting a character it lacks
+    except UnknownCharacterError as e:
         raise CLIError(f"TEXT: {e}; --tokenizer {args.tokenizer} was trained on other text") from None
+    except ValueError as e:
+        if "special token" not in str(e):
+            raise
+        raise CLIError(
+            "the text contains a special token such as "
+            f"{next(t for t in tok.special_tokens if t in text)!r}; pass --special allow or --special ordinary"
+        ) from None
     print(len(ids) if args.count else json.dumps(ids))
     return 0
 

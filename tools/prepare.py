@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt.data import META_FILE, SPLITS, TOKENIZER_FILE, DataMeta, SplitInfo, token_dtype
+from tokenizers_bpe import UnknownCharacterError
 from tokenizers_bpe.trainer import iter_file_texts
 from tools.cli import ArgumentParser, CLIError, command
 from tools.corpus import BUILTIN_CORPORA, plays
@@ -116,7 +117,7 @@ def _encode(text: str) -> list[int]:
 def _encodes(tokenizer, text: str) -> bool:
     try:
         tokenizer.encode_ordinary(text)
-    except ValueError:
+    except UnknownCharacterError:
         return False
     return True
 
@@ -142,7 +143,7 @@ def prepare(docs: list[Document], tokenizer, tokenizer_path: str, out: Path, *, 
                     texts = [c.text for c in batch]
                     try:
                         encoded = pool.map(_encode, texts) if pool else [_encode(t) for t in texts]
-                    except ValueError as e:  # a char-level tokenizer meeting a character it lacks
+                    except UnknownCharacterError as e:
                         source = next((c.source for c in batch if not _encodes(tokenizer, c.text)), batch[0].source)
                         raise ValueError(f"{source}: --tokenizer {tokenizer_path} cannot encode it ({e}); "
                                          "use a tokenizer trained on this text (e.g. bpe-train --char FILE)") from None

@@ -193,3 +193,10 @@ def test_every_allowed_cut_keeps_the_pieces(text):
         rx = resolve_pattern(name)
         findall = compile_pattern(rx).findall
         assert [p for block in safe_blocks(text, 1, rx) for p in findall(block)] == findall(text)
+
+
+def test_char_tokenizer_names_a_character_it_lacks():
+    tok = tokenizers_bpe.train_char(["abc"])
+    with pytest.raises(tokenizers_bpe.UnknownCharacterError, match=r"character 'z' \(U\+007A\) is not in this char-level vocabulary of 3"):
+        tok.encode_ordinary("abz")
+    assert issubclass(tokenizers_bpe.UnknownCharacterError, ValueError)
