@@ -182,7 +182,10 @@ def build_model(opts: dict, meta, tokenizer):
 
     overrides = {k: opts[k] for k in MODEL_OPTIONS if opts[k] is not None}
     if opts["init_from"]:
-        base = GPT.from_pretrained(opts["init_from"])
+        try:
+            base = GPT.from_pretrained(opts["init_from"])
+        except ValueError as e:  # CheckpointError: missing, foreign or corrupt
+            raise CLIError(f"--init-from {e}") from None
         if base.tokenizer.fingerprint() != meta.tokenizer_fingerprint:
             raise CLIError(f"--init-from {opts['init_from']}: its tokenizer differs from the one the data was prepared with; re-run gpt-prepare with it")
         shape = {k: v for k, v in overrides.items() if k not in ("dropout", "backend")}
