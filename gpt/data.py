@@ -99,6 +99,8 @@ class DataMeta:
 def load_meta(data_dir: str | Path) -> DataMeta:
     """Read and validate DATA_DIR/meta.json (one-line ValueError for anything wrong)."""
     data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ValueError(f"{data_dir} is a file, not a data directory; make one with gpt-prepare {data_dir} --tokenizer TOKENIZER -o DATA_DIR")
     if not data_dir.is_dir():
         raise ValueError(f"data directory {data_dir} does not exist; create it with gpt-prepare")
     path = data_dir / META_FILE
