@@ -61,7 +61,7 @@ def option_table() -> list[tuple[str, type, Any, str]]:
         ("n_ctx", int, None, "context window (maximum sequence length) of the model"),
         ("dropout", float, None, "dropout probability (0 for short runs and fine-tuning)"),
         ("bias", parse_bool, None, "biases in Linear and LayerNorm (true/false)"),
-        ("pos_embedding", str, None, "learned (GPT-2) or rope"),
+        ("pos_embedding", str, None, "learned (GPT-2's, default; needed for hf-export) or rope (rotary: lower loss from scratch, see benches/README.md)"),
         ("backend", str, None, "kernels backend: auto, triton or torch"),
         ("vocab_size", int, None, "model vocabulary (default: the tokenizer's n_vocab)"),
         ("block_size", int, None, "training window in tokens (default: the model's n_ctx)"),
