@@ -461,15 +461,13 @@ def load_base(args):
 def check_batch(cfg, train_examples: list, model_config, n_outputs: int) -> None:
     """Refuse, before building any batch, a --batch-size whose micro-batch cannot fit in memory even if
     every example were as short as the shortest one (the message names the shortest length)."""
-    from gpt.trainer import check_micro_batch_fits, resolve_device, resolve_dtype
+    from gpt.trainer import check_micro_batch_fits
 
     shortest = min(len(example[0]) for example in train_examples)
-    device = resolve_device(cfg.device)
-    if not device.startswith("cuda"):
-        dtype = resolve_dtype(cfg.dtype, device)
-        warning = check_micro_batch_fits(model_config.n_layer, model_config.n_embd, n_outputs, cfg.batch_size, shortest, dtype, "--max-length")
-        if warning:
-            print(f"gpt-finetune: warning: {warning}", file=sys.stderr)
+    c = model_config
+    warning = check_micro_batch_fits(c.n_layer, c.n_embd, n_outputs, cfg.batch_size, shortest, cfg.device, cfg.dtype, "--max-length")
+    if warning:
+        print(f"gpt-finetune: warning: {warning}", file=sys.stderr)
 
 
 def check_out(args) -> None:

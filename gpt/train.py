@@ -226,7 +226,7 @@ def run(opts: dict, resume: bool, saved: dict | None) -> int:
 
     import tokenizers_bpe
     from gpt.data import TOKENIZER_FILE, RandomWindows, SlidingWindows, load_meta, open_split
-    from gpt.trainer import TrainConfig, Trainer, TrainingDiverged, check_micro_batch_fits, init_distributed, resolve_dtype
+    from gpt.trainer import TrainConfig, Trainer, TrainingDiverged, check_micro_batch_fits, init_distributed
     from tools.fileio import check_writable_dir
 
     data_dir, out = Path(opts["data"]), Path(opts["out"])
@@ -274,11 +274,10 @@ def run(opts: dict, resume: bool, saved: dict | None) -> int:
         sampler = make_sampler(tokenizer, opts["sample_prompt"], opts["sample_tokens"], cfg.seed) if opts["sample_tokens"] > 0 else None
         trainer = Trainer(model, cfg, train_batch, eval_batches, out_dir=out, tokenizer=tokenizer, sample_fn=sampler,
                           bytes_per_token=meta.bytes_per_token("val"), run_config=run_config, dist=dist)
-        if not dist.device.startswith("cuda"):
-            c = model.config
-            warning = check_micro_batch_fits(c.n_layer, c.n_embd, c.vocab_size, cfg.batch_size, block_size, resolve_dtype(cfg.dtype, dist.device))
-            if warning and dist.is_main:
-                print(f"{PROG}: warning: {warning}", file=sys.stderr)
+        c = model.config
+        warning = check_micro_batch_fits(c.n_layer, c.n_embd, c.vocab_size, cfg.batch_size, block_size, dist.device, cfg.dtype)
+        if warning and dist.is_main:
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
         check_writable_dir(out, "--out")  # the last check: it creates the directory
         trainer.prepare(resume)
         if dist.is_main:

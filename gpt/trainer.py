@@ -269,15 +269,18 @@ def micro_batch_bytes(n_layer: int, n_embd: int, vocab_size: int, batch_size: in
     return tokens * (16 + n_layer * 14 * n_embd * activation_size + 2 * vocab_size * 4)
 
 
-def check_micro_batch_fits(n_layer: int, n_embd: int, vocab_size: int, batch_size: int, block_size: int, dtype: torch.dtype,
-                           length_flag: str = "--block-size") -> str | None:
+def check_micro_batch_fits(n_layer: int, n_embd: int, vocab_size: int, batch_size: int, block_size: int, device: str,
+                           dtype: str, length_flag: str = "--block-size") -> str | None:
     """On a CPU, refuse before training a micro-batch that cannot fit in the available memory: there
     the OS kills the process (or swaps for hours) instead of raising an out-of-memory error. CUDA
-    raises one cleanly, which the Trainer turns into the same advice. Returns a warning to print when
-    the lower bound already takes more than half the available memory (the real peak is higher)."""
-    need, available = micro_batch_bytes(n_layer, n_embd, vocab_size, batch_size, block_size, dtype), available_memory_bytes()
-    if available is None:
+    raises one cleanly, which the Trainer turns into the same advice, so there this checks nothing.
+    Returns a warning to print when the lower bound already takes more than half the available
+    memory (the real peak is higher). ``device`` and ``dtype`` are the option values (may be auto)."""
+    device = resolve_device(device)
+    available = available_memory_bytes()
+    if device.startswith("cuda") or available is None:
         return None
+    need = micro_batch_bytes(n_layer, n_embd, vocab_size, batch_size, block_size, resolve_dtype(dtype, device))
     sizes = f"a micro-batch of --batch-size {batch_size} x {length_flag} {block_size} needs at least {need / 2**30:,.1f} GiB"
     advice = f"lower --batch-size (raise --grad-accum to keep the batch) or {length_flag}"
     if need > available:

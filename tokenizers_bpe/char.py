@@ -9,7 +9,17 @@ from .tokenizer import Tokenizer
 
 
 class UnknownCharacterError(ValueError):
-    """Text holds a character a char-level vocabulary lacks (byte-level BPE can encode any text)."""
+    """Text holds a character a char-level vocabulary lacks (byte-level BPE can encode any text).
+    ``character`` is that character; the arguments are kept as given so the error pickles across
+    processes (gpt-prepare encodes in a pool)."""
+
+    def __init__(self, character: str, vocabulary_size: int):
+        super().__init__(character, vocabulary_size)
+        self.character, self.vocabulary_size = character, vocabulary_size
+
+    def __str__(self) -> str:
+        c = self.character
+        return f"character {c!r} (U+{ord(c):04X}) is not in this char-level vocabulary of {self.vocabulary_size} characters"
 
 
 class CharTokenizer(Tokenizer):
@@ -43,10 +53,7 @@ class CharTokenizer(Tokenizer):
         try:
             return list(map(self._char_to_id.__getitem__, text))
         except KeyError as e:
-            c = e.args[0]
-            raise UnknownCharacterError(
-                f"character {c!r} (U+{ord(c):04X}) is not in this char-level vocabulary of {len(self.chars)} characters"
-            ) from None
+            raise UnknownCharacterError(e.args[0], len(self.chars)) from None
 
     def _content(self) -> dict:
         return {"chars": "".join(self.chars), "special_tokens": self._special_tokens}

@@ -114,14 +114,6 @@ def _encode(text: str) -> list[int]:
     return _worker_tokenizer.encode_ordinary(text)
 
 
-def _encodes(tokenizer, text: str) -> bool:
-    try:
-        tokenizer.encode_ordinary(text)
-    except UnknownCharacterError:
-        return False
-    return True
-
-
 def prepare(docs: list[Document], tokenizer, tokenizer_path: str, out: Path, *, val_fraction: float,
             append_eot: bool, workers: int, chunk_bytes: int, sources: list[dict], progress: bool = True) -> DataMeta:
     """Encode ``docs`` into ``out`` (replaced atomically only once everything is written)."""
@@ -144,7 +136,7 @@ def prepare(docs: list[Document], tokenizer, tokenizer_path: str, out: Path, *, 
                     try:
                         encoded = pool.map(_encode, texts) if pool else [_encode(t) for t in texts]
                     except UnknownCharacterError as e:
-                        source = next((c.source for c in batch if not _encodes(tokenizer, c.text)), batch[0].source)
+                        source = next(c.source for c in batch if e.character in c.text)
                         raise ValueError(f"{source}: --tokenizer {tokenizer_path} cannot encode it ({e}); "
                                          "use a tokenizer trained on this text (e.g. bpe-train --char FILE)") from None
                     for c, ids in zip(batch, encoded):
