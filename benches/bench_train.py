@@ -2,7 +2,7 @@
 nanoGPT's character-level Shakespeare recipe end to end.
 
 Throughput: one optimiser step = forward, cross-entropy, backward, gradient clipping at 1.0 and the
-same AdamW (``gpt.trainer.build_optimizer``: fused, weight decay 0.1 on matrices) on the same batch,
+same AdamW (``gpt.train_config.build_optimizer``: fused, weight decay 0.1 on matrices) on the same batch,
 fp32, dropout 0. Ours is ``Trainer.train_step`` itself (the real loop: it also reads the loss and
 the gradient norm back every step); transformers' model gets the same optimiser and batch. Shapes:
 nanoGPT's CPU config (4 layers x 4 heads x 128, block 64, batch 12, vocabulary 65) and GPT-2 124M
@@ -30,7 +30,8 @@ import pytest
 import torch
 
 from gpt.model import GPT, GPTConfig
-from gpt.trainer import TrainConfig, Trainer, build_optimizer
+from gpt.train_config import TrainConfig, build_optimizer
+from gpt.trainer import Trainer
 
 SHAPES = {  # name: (model config, batch, block)
     "nanogpt-cpu": (dict(vocab_size=65, n_layer=4, n_head=4, n_embd=128, n_ctx=64), 12, 64),
@@ -147,8 +148,8 @@ def test_nanogpt_char_recipe(benchmark, shared_file, tmp_path, pos_embedding, li
     whole validation split (1.90, within the 1.89-1.91 spread of seeds); with rotary positions, the
     same hyperparameters reach nanoGPT's reported 1.88 and go past it.
     """
-    from gpt.train import main as train_main
-    from tokenizers_bpe.cli import train_main as bpe_train_main
+    from tools.bpe_train import main as bpe_train_main
+    from tools.train import main as train_main
     from tools.prepare import main as prepare_main
 
     text = str(shared_file("tinyshakespeare.txt"))

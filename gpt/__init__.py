@@ -1,31 +1,14 @@
 """The GPT-2 model, its checkpoints, the trainer, the sampler and fine-tuning.
 
-Public names are loaded lazily so that ``import gpt`` stays cheap and light commands (``--help``)
-start fast."""
+    import gpt
+    model = gpt.GPT.from_pretrained("runs/x/final")
+    ids = model.tokenizer.encode_ordinary("ROMEO:")
+    out = gpt.generate(model, ids, 50, temperature=0.8, top_k=40, seed=1)
+    print(model.tokenizer.decode(ids + out[0]))
+"""
 
-from __future__ import annotations
+from gpt.config import PRESETS, GPTConfig
+from gpt.model import GPT, KVCache
+from gpt.sampling import generate
 
-import importlib
-
-_EXPORTS = {
-    "GPTConfig": "gpt.model",
-    "GPT": "gpt.model",
-    "KVCache": "gpt.model",
-    "PRESETS": "gpt.model",
-    "generate": "gpt.sampling",
-}
-
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gpt' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__all__ = ["GPTConfig", "GPT", "KVCache", "PRESETS", "generate"]

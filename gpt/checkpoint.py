@@ -25,9 +25,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from gpt.model import GPT, GPTConfig, check_state_shapes
-from tools.fileio import atomic_directory
-from tools.fileio import read_json as parse_json_file
+import tokenizers_bpe
+from gpt.config import GPTConfig
+from gpt.device import DTYPES, dtype_name
+from gpt.lora import LoRAConfig, adapter_shapes, apply_lora, check_unmerged, split_adapters
+from tokenizers_bpe.errors import SettingError
+from tokenizers_bpe.fileio import atomic_directory
+from tokenizers_bpe.fileio import read_json as parse_json_file
 
 FORMAT = "gpt-checkpoint"
 FORMAT_VERSION = 1
@@ -37,7 +41,6 @@ TOKENIZER_FILE = "tokenizer.json"
 GENERATION_FILE = "generation.json"
 ADAPTERS_FILE = "adapters.safetensors"
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
@@ -45,19 +48,12 @@ class CheckpointError(ValueError):
     """A checkpoint directory that is missing, malformed, or inconsistent (a user error)."""
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    for name, d in DTYPES.items():
-        if d == dtype:
-            return name
-    raise CheckpointError(f"unsupported weight dtype {dtype}; use one of {', '.join(DTYPES)}")
-
-
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def write_checkpoint(directory, model: GPT, tokenizer, generation: dict | None = None) -> None:
+def write_checkpoint(directory, model, tokenizer, generation: dict | None = None) -> None:
     """Write the checkpoint files into an existing directory (not atomic: callers wrap it in
-    tools.fileio.atomic_directory, as save_pretrained does)."""
+    tokenizers_bpe.fileio.atomic_directory, as save_pretrained does)."""
     directory = Path(directory)
     config = model.config
     if tokenizer is None:
@@ -71,17 +67,19 @@ def write_checkpoint(directory, model: GPT, tokenizer, generation: dict | None =
     lora_config = getattr(model, "lora_config", None)
     adapters = {}
     if lora_config is not None:
-        from gpt.lora import check_unmerged, split_adapters
-
         check_unmerged(model)
         adapters = split_adapters(state)
     dtypes = {t.dtype for t in state.values()}
     if len(dtypes) != 1:
         raise CheckpointError(f"model weights have mixed dtypes {sorted(map(str, dtypes))}; cast the model to one dtype first")
+    try:
+        dtype = dtype_name(dtypes.pop())
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "dtype": dtype_name(dtypes.pop()),
+        "dtype": dtype,
         "model": config.to_dict(),
         "tokenizer": {"n_vocab": tokenizer.n_vocab, "fingerprint": tokenizer.fingerprint()},
     }
@@ -95,7 +93,7 @@ def write_checkpoint(directory, model: GPT, tokenizer, generation: dict | None =
     (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
-def save_pretrained(directory, model: GPT, tokenizer=None, generation: dict | None = None) -> None:
+def save_pretrained(directory, model, tokenizer=None, generation: dict | None = None) -> None:
     """Atomic: the directory appears complete or not at all. An existing one is replaced on success
     if it holds nothing but checkpoint files; one holding other files is a ValueError, left untouched."""
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
@@ -149,22 +147,21 @@ def read_meta(directory) -> dict[str, Any]:
     if not isinstance(tok, dict) or not isinstance(tok.get("n_vocab"), int) or not isinstance(tok.get("fingerprint"), str):
         raise CheckpointError(f"{path}: \"tokenizer\" must record n_vocab and fingerprint")
     if "lora" in meta:
-        from gpt.lora import LoRAConfig
-
         try:
             meta["lora"] = LoRAConfig.from_dict(meta["lora"])
+        except SettingError as e:  # the "lora" section's settings, e.g. "lora-rank must be ..."
+            raise CheckpointError(f"{path}: {e.render(lambda name: name.replace('_', '-'))}") from None
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from None
     return {**meta, "model": config}
 
 
-def check_weights(directory, meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Every expected tensor present, none extra, right shape and the recorded dtype (header only)."""
+def check_weights(directory, meta: dict[str, Any], expected: dict[str, tuple[int, ...]]) -> None:
+    """Every ``expected`` tensor (name -> shape, as ``state_dict_shapes``) present, none extra, right
+    shape and the recorded dtype (read from the header only)."""
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found; a checkpoint directory needs {WEIGHTS_FILE}")
-    with torch.device("meta"):
-        expected = GPT(meta["model"]).state_dict_shapes()
     try:
         with safe_open(str(path), framework="pt") as f:
             found = {}
@@ -180,12 +177,9 @@ def check_weights(directory, meta: dict[str, Any]) -> dict[str, tuple[int, ...]]
     for name, (_, dtype) in found.items():
         if dtype != meta["dtype"]:
             raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}, but {CONFIG_FILE} records {meta['dtype']}")
-    return expected
 
 
 def load_tokenizer(directory, meta: dict[str, Any]):
-    import tokenizers_bpe
-
     path = Path(directory) / TOKENIZER_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found; a checkpoint directory needs {TOKENIZER_FILE}")
@@ -209,10 +203,9 @@ def read_generation(directory) -> dict[str, Any]:
     return generation
 
 
-def load_adapters(directory, model: GPT, meta: dict[str, Any], device) -> None:
-    """Wrap the model's target layers in LoRA (``meta["lora"]``) and load adapters.safetensors."""
-    from gpt.lora import adapter_shapes, apply_lora
-
+def read_adapters(directory, model, meta: dict[str, Any], device) -> dict[str, torch.Tensor]:
+    """Wrap the model's target layers in LoRA (``meta["lora"]``) and read adapters.safetensors,
+    checked against them (names, shapes, dtype); returns the tensors (``load_adapters`` loads them)."""
     path = Path(directory) / ADAPTERS_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found; {CONFIG_FILE} has a \"lora\" section, so the adapters are needed")
@@ -226,30 +219,85 @@ def load_adapters(directory, model: GPT, meta: dict[str, Any], device) -> None:
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     for name, tensor in adapters.items():
-        if dtype_name(tensor.dtype) != meta["dtype"]:
-            raise CheckpointError(f"{path}: tensor {name} has dtype {dtype_name(tensor.dtype)}, but {CONFIG_FILE} records {meta['dtype']}")
-    model.load_state_dict(adapters, strict=False)
+        if tensor.dtype != DTYPES[meta["dtype"]]:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {tensor.dtype}, but {CONFIG_FILE} records {meta['dtype']}")
+    return adapters
 
 
-def load_pretrained(directory, *, device="cpu", dtype: torch.dtype | str | None = None, backend: str | None = None) -> GPT:
-    directory = Path(directory)
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        dtype = DTYPES[dtype]
-    meta = read_meta(directory)
-    if backend is not None:
-        meta["model"].backend = backend
-        meta["model"].validate()
-    check_weights(directory, meta)
-    tokenizer = load_tokenizer(directory, meta)
-    generation = read_generation(directory)
-    state = load_file(str(directory / WEIGHTS_FILE), device=str(device))
-    model = GPT.from_state_dict(meta["model"], state, what=str(directory / WEIGHTS_FILE))
-    if "lora" in meta:
-        load_adapters(directory, model, meta, device)
-    if dtype is not None:
-        model = model.to(dtype=dtype)
-    model.tokenizer = tokenizer
-    model.generation_config = generation
-    return model.eval()  # as transformers does; the trainer calls model.train()
+def load_adapters(directory, model, meta: dict[str, Any], device) -> None:
+    """Wrap the model's target layers in LoRA (``meta["lora"]``) and load adapters.safetensors."""
+    model.load_state_dict(read_adapters(directory, model, meta, device), strict=False)
+
+
+def check_state_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], what: str) -> None:
+    """ValueError naming the first missing, unexpected or wrongly shaped tensor."""
+    missing = [k for k in expected if k not in found]
+    if missing:
+        raise ValueError(f"{what}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    unexpected = [k for k in found if k not in expected]
+    if unexpected:
+        raise ValueError(f"{what}: unexpected tensor(s) {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''} for this config")
+    for name, shape in expected.items():
+        if tuple(found[name]) != shape:
+            raise ValueError(f"{what}: tensor {name} has shape {list(found[name])}, but the config implies {list(shape)}")
+
+
+class PretrainedMixin:
+    """Checkpoint loading and saving for the model class it is mixed into (``gpt.model.GPT``, which
+    this module does not import): ``cls(config)`` builds a model, ``tie_weights()`` re-ties shared
+    weights, and ``config``, ``tokenizer``, ``generation_config`` are its attributes."""
+
+    def save_pretrained(self, directory, *, tokenizer=None, generation: dict | None = None) -> None:
+        """Write config.json, model.safetensors, tokenizer.json (and generation.json) atomically."""
+        save_pretrained(directory, self, tokenizer, generation)
+
+    @classmethod
+    def from_pretrained(cls, directory, *, device="cpu", dtype: torch.dtype | str | None = None, backend: str | None = None):
+        """Load and validate a checkpoint directory, in eval mode. ``dtype`` (a torch dtype or
+        "float32" / "bfloat16" / "float16") casts the weights; ``backend`` overrides the saved one."""
+        directory = Path(directory)
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+            dtype = DTYPES[dtype]
+        meta = read_meta(directory)
+        if backend is not None:
+            meta["model"].backend = backend
+            meta["model"].validate()
+        check_weights(directory, meta, cls.expected_shapes(meta["model"]))
+        tokenizer = load_tokenizer(directory, meta)
+        generation = read_generation(directory)
+        state = load_file(str(directory / WEIGHTS_FILE), device=str(device))
+        model = cls.from_state_dict(meta["model"], state, what=str(directory / WEIGHTS_FILE))
+        if "lora" in meta:
+            load_adapters(directory, model, meta, device)
+        if dtype is not None:
+            model = model.to(dtype=dtype)
+        model.tokenizer = tokenizer
+        model.generation_config = generation
+        return model.eval()  # as transformers does; the trainer calls model.train()
+
+    @classmethod
+    def from_state_dict(cls, config: GPTConfig, state_dict: dict[str, torch.Tensor], *, what: str = "weights"):
+        """Build a model holding exactly ``state_dict`` (names as ours, ``lm_head.weight`` left out
+        when tied). Missing, unexpected or wrongly shaped tensors are ValueErrors naming them; the
+        model is built on the meta device first, so no memory or time goes into a random init."""
+        with torch.device("meta"):
+            model = cls(config)
+        check_state_shapes(model.state_dict_shapes(), {k: tuple(v.shape) for k, v in state_dict.items()}, what)
+        model.load_state_dict(state_dict, strict=False, assign=True)
+        model.tie_weights()
+        return model
+
+    @classmethod
+    def expected_shapes(cls, config: GPTConfig) -> dict[str, tuple[int, ...]]:
+        """The tensors a checkpoint of this config holds (built on the meta device: no memory)."""
+        with torch.device("meta"):
+            return cls(config).state_dict_shapes()
+
+    def state_dict_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the tensors a checkpoint stores (tied ``lm_head.weight`` left out)."""
+        shapes = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        if self.config.tie_embeddings:
+            del shapes["lm_head.weight"]
+        return shapes

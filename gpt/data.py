@@ -28,7 +28,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from tools.fileio import read_json
+from tokenizers_bpe.errors import SettingError
+from tokenizers_bpe.fileio import read_json
 
 DATA_FORMAT = "gpt-toolkit-tokens"
 DATA_VERSION = 1
@@ -92,7 +93,7 @@ class DataMeta:
             raise ValueError(f"{where}: dtype {meta.dtype!r} does not fit a vocabulary of {meta.n_vocab}; re-run gpt-prepare")
         for name, s in splits.items():
             if s.tokens <= 0:
-                raise ValueError(f"{where}: the {name} split is empty; prepare more text or change --val-fraction")
+                raise ValueError(f"{where}: the {name} split is empty; re-run gpt-prepare with more text or another validation fraction")
         return meta
 
 
@@ -100,7 +101,7 @@ def load_meta(data_dir: str | Path) -> DataMeta:
     """Read and validate DATA_DIR/meta.json (one-line ValueError for anything wrong)."""
     data_dir = Path(data_dir)
     if data_dir.exists() and not data_dir.is_dir():
-        raise ValueError(f"{data_dir} is a file, not a data directory; make one with gpt-prepare {data_dir} --tokenizer TOKENIZER -o DATA_DIR")
+        raise ValueError(f"{data_dir} is a file, not a data directory; make a data directory from it with gpt-prepare")
     if not data_dir.is_dir():
         raise ValueError(f"data directory {data_dir} does not exist; create it with gpt-prepare")
     path = data_dir / META_FILE
@@ -134,13 +135,15 @@ def _to_tensors(windows: np.ndarray, device: torch.device) -> tuple[torch.Tensor
 class RandomWindows:
     """Training micro-batches: ``batch_size`` random windows of ``block_size + 1`` tokens.
 
-    ``windows(step, micro_step)`` is deterministic in (seed, step, global micro-batch index), see the
-    module docstring; this is the trainer's ``train_batch`` callable for language modelling."""
+    Calling it with ``(step, micro_step)`` gives that micro-batch, deterministic in (seed, step, global
+    micro-batch index; see the module docstring): the trainer's ``train_batch`` callable for language
+    modelling."""
 
     def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, *, seed: int, grad_accum: int = 1,
                  rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu"):
         if len(tokens) < block_size + 1:
-            raise ValueError(f"the training data has {len(tokens)} tokens, fewer than one window of --block-size {block_size} + 1; lower --block-size or prepare more text")
+            raise SettingError("block_size", f"the training data has {len(tokens)} tokens, fewer than one window of {{block_size}} "
+                                             f"{block_size} + 1; lower {{block_size}} or prepare more text")
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
         self.seed, self.grad_accum, self.rank, self.world_size = seed, grad_accum, rank, world_size
         self.device = torch.device(device)
@@ -175,7 +178,8 @@ class SlidingWindows:
         stride = stride or max_length
         starts = sliding_window_starts(len(tokens), max_length, stride)
         if len(starts) == 0:
-            raise ValueError(f"the validation data has {len(tokens)} tokens, fewer than one window of --block-size {max_length} + 1; lower --block-size or raise --val-fraction")
+            raise SettingError("block_size", f"the validation data has {len(tokens)} tokens, fewer than one window of {{block_size}} "
+                                             f"{max_length} + 1; lower {{block_size}} or prepare a larger validation split")
         if max_batches is not None and max_batches * batch_size < len(starts):
             pick = np.linspace(0, len(starts) - 1, max_batches * batch_size).round().astype(np.int64)
             starts = starts[np.unique(pick)]

@@ -10,6 +10,7 @@ their usual names and adds ``lora_A``/``lora_B``: a state dict of an adapted mod
 model's plus ``*.lora_A``/``*.lora_B`` entries. The checkpoint format stores those separately
 (``adapters.safetensors`` and a ``"lora"`` section in ``config.json``, see gpt.checkpoint), so the
 base weights stay untouched and ``merge_lora`` folds the adapters in (``gpt-convert merge-lora``).
+LoRA knows nothing of fine-tuning: any GPT (or a module holding one) can be adapted.
 
 Targets name groups of layers: ``attn`` = ``attn.c_attn`` + ``attn.c_proj``, ``mlp`` = ``mlp.c_fc`` +
 ``mlp.c_proj``. The token embedding and the (tied) output head are never adapted.
@@ -25,6 +26,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from tokenizers_bpe.errors import SettingError
 
 TARGETS = {"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")}
 ADAPTER_SUFFIXES = (".lora_A", ".lora_B")
@@ -42,12 +45,13 @@ class LoRAConfig:
 
     def validate(self) -> None:
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-            raise ValueError(f"--lora-rank must be an integer >= 1, got {self.rank!r}")
+            raise SettingError("lora_rank", f"{{lora_rank}} must be an integer >= 1, got {self.rank!r}")
         if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not self.alpha > 0:
-            raise ValueError(f"--lora-alpha must be > 0, got {self.alpha!r}")
+            raise SettingError("lora_alpha", f"{{lora_alpha}} must be > 0, got {self.alpha!r}")
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
-            raise ValueError(f"--lora-targets must be a comma-separated subset of {','.join(TARGETS)}, got {','.join(map(str, self.targets)) or 'nothing'}")
+            raise SettingError("lora_targets", f"{{lora_targets}} must be a comma-separated subset of {','.join(TARGETS)}, "
+                                               f"got {','.join(map(str, self.targets)) or 'nothing'}")
 
     @property
     def scaling(self) -> float:
@@ -142,7 +146,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         raise ValueError("this model already has LoRA adapters; merge them first (gpt-convert merge-lora)")
     names = target_modules(model, config.targets)
     if not names:
-        raise ValueError(f"no linear layers match --lora-targets {','.join(config.targets)}")
+        raise SettingError("lora_targets", f"no linear layers match {{lora_targets}} {','.join(config.targets)}")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
@@ -187,28 +191,3 @@ def count_trainable(model: nn.Module) -> tuple[int, int]:
     """(trainable parameters, all parameters), tied weights counted once."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-def merge_checkpoint(src, out) -> None:
-    """``gpt-convert merge-lora``: load SRC (base weights + adapters), fold the adapters in and write
-    an ordinary checkpoint to OUT (atomically). A classifier's head and labels are copied along."""
-    import shutil
-    from pathlib import Path
-
-    from gpt.checkpoint import write_checkpoint
-    from gpt.finetune import CLASSIFIER_FILE, HEAD_FILE
-    from gpt.model import GPT
-    from tools.fileio import atomic_directory
-
-    src, out = Path(src), Path(out)
-    model = GPT.from_pretrained(src)
-    if getattr(model, "lora_config", None) is None:
-        raise ValueError(f"{src}: this checkpoint has no LoRA adapters (no \"lora\" section in config.json); nothing to merge")
-    if src.resolve() == out.resolve():
-        raise ValueError(f"OUT must differ from SRC ({src}); the merged model is a new checkpoint")
-    merge_lora(model)
-    with atomic_directory(out) as tmp:
-        write_checkpoint(tmp, model, model.tokenizer, model.generation_config)
-        for name in (CLASSIFIER_FILE, HEAD_FILE):
-            if (src / name).is_file():
-                shutil.copyfile(src / name, tmp / name)

@@ -1,6 +1,7 @@
-"""The GPT-2 model: configuration, presets, the transformer and its KV cache.
+"""The GPT-2 model: the transformer and its KV cache (its configuration is in ``gpt.config``, its
+checkpoint format in ``gpt.checkpoint``).
 
-Read top to bottom: config -> rotary embeddings -> attention -> MLP -> block -> GPT -> KV cache.
+Read top to bottom: rotary embeddings -> attention -> MLP -> block -> GPT -> KV cache.
 Module names follow nanoGPT / Hugging Face (``transformer.h[i].attn.c_attn`` ...), so weights map
 one to one (HF's Conv1D stores the transpose of our ``nn.Linear`` weights).
 
@@ -12,9 +13,7 @@ to attention probabilities.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,91 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from gpt.checkpoint import PretrainedMixin
+from gpt.config import GPTConfig
 
-BACKENDS = ("auto", "triton", "torch")
-POS_EMBEDDINGS = ("learned", "rope")
 ROPE_THETA = 10000.0  # RoFormer's base for the rotary frequencies
-
-
-@dataclass
-class GPTConfig:
-    """Hyperparameters of a GPT. Defaults are GPT-2 small (124M)."""
-
-    vocab_size: int = 50257
-    n_ctx: int = 1024  # maximum sequence length (context window)
-    n_embd: int = 768
-    n_layer: int = 12
-    n_head: int = 12
-    dropout: float = 0.0
-    bias: bool = True  # biases in Linear layers and LayerNorms
-    pos_embedding: str = "learned"  # "learned" (GPT-2's wpe) or "rope" (rotary, no wpe)
-    tie_embeddings: bool = True  # lm_head shares its weight with wte
-    layer_norm_eps: float = 1e-5
-    backend: str = "auto"  # kernels backend: "auto" | "triton" | "torch"
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first field that is out of range."""
-        for name in ("vocab_size", "n_ctx", "n_embd", "n_layer", "n_head"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"model config: {name} must be a positive integer, got {value!r}")
-        for name in ("bias", "tie_embeddings"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"model config: {name} must be true or false, got {getattr(self, name)!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"model config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0 <= self.dropout < 1:
-            raise ValueError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
-        if self.pos_embedding not in POS_EMBEDDINGS:
-            raise ValueError(f"model config: pos_embedding must be one of {', '.join(POS_EMBEDDINGS)}, got {self.pos_embedding!r}")
-        if self.pos_embedding == "rope" and self.head_dim % 2:
-            raise ValueError(f"model config: rope needs an even head size, but n_embd/n_head = {self.head_dim}")
-        if not isinstance(self.layer_norm_eps, (int, float)) or isinstance(self.layer_norm_eps, bool) or not self.layer_norm_eps > 0:
-            raise ValueError(f"model config: layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"model config: backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
-        """Build a config from a dict (e.g. JSON); unknown keys and bad values are ValueErrors.
-        Keys left out take the defaults."""
-        if not isinstance(d, dict):
-            raise ValueError(f"model config must be a JSON object, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"model config: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
-        return cls(**d)
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
-
-
-# Named sizes (fields that differ from the defaults). vocab_size is GPT-2's; a model trained with
-# another tokenizer overrides it with the tokenizer's n_vocab.
-PRESETS: dict[str, dict[str, Any]] = {
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-    # nanoGPT's Shakespeare configs: the GPU one (train_shakespeare_char.py) and the CPU one (README).
-    "shakespeare": dict(n_layer=6, n_head=6, n_embd=384, n_ctx=256, dropout=0.2),
-    "shakespeare-cpu": dict(n_layer=4, n_head=4, n_embd=128, n_ctx=64),
-    "tiny": dict(n_layer=2, n_head=4, n_embd=64, n_ctx=128),  # for tests
-}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,7 +105,7 @@ def embedding(num_embeddings: int, embedding_dim: int) -> nn.Embedding:
     return nn.Embedding.from_pretrained(torch.empty(num_embeddings, embedding_dim), freeze=False)
 
 
-class GPT(nn.Module):
+class GPT(PretrainedMixin, nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         config.validate()
@@ -268,54 +186,6 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
-
-    # Checkpoints (format and validation live in gpt.checkpoint).
-
-    def save_pretrained(self, directory, *, tokenizer=None, generation: dict | None = None) -> None:
-        """Write config.json, model.safetensors, tokenizer.json (and generation.json) atomically."""
-        from gpt.checkpoint import save_pretrained
-
-        save_pretrained(directory, self, tokenizer, generation)
-
-    @classmethod
-    def from_pretrained(cls, directory, *, device="cpu", dtype: torch.dtype | str | None = None, backend: str | None = None) -> "GPT":
-        """Load and validate a checkpoint directory, in eval mode. ``dtype`` (a torch dtype or
-        "float32" / "bfloat16" / "float16") casts the weights; ``backend`` overrides the saved one."""
-        from gpt.checkpoint import load_pretrained
-
-        return load_pretrained(directory, device=device, dtype=dtype, backend=backend)
-
-    @classmethod
-    def from_state_dict(cls, config: GPTConfig, state_dict: dict[str, torch.Tensor], *, what: str = "weights") -> "GPT":
-        """Build a model holding exactly ``state_dict`` (names as ours, ``lm_head.weight`` left out
-        when tied). Missing, unexpected or wrongly shaped tensors are ValueErrors naming them; the
-        model is built on the meta device first, so no memory or time goes into a random init."""
-        with torch.device("meta"):
-            model = cls(config)
-        check_state_shapes(model.state_dict_shapes(), {k: tuple(v.shape) for k, v in state_dict.items()}, what)
-        model.load_state_dict(state_dict, strict=False, assign=True)
-        model.tie_weights()
-        return model
-
-    def state_dict_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Names and shapes of the tensors a checkpoint stores (tied ``lm_head.weight`` left out)."""
-        shapes = {k: tuple(v.shape) for k, v in self.state_dict().items()}
-        if self.config.tie_embeddings:
-            del shapes["lm_head.weight"]
-        return shapes
-
-
-def check_state_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], what: str) -> None:
-    """ValueError naming the first missing, unexpected or wrongly shaped tensor."""
-    missing = [k for k in expected if k not in found]
-    if missing:
-        raise ValueError(f"{what}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    unexpected = [k for k in found if k not in expected]
-    if unexpected:
-        raise ValueError(f"{what}: unexpected tensor(s) {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''} for this config")
-    for name, shape in expected.items():
-        if tuple(found[name]) != shape:
-            raise ValueError(f"{what}: tensor {name} has shape {list(found[name])}, but the config implies {list(shape)}")
 
 
 class KVCache:

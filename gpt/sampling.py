@@ -1,4 +1,4 @@
-"""Sampling from a GPT: ``generate`` (Python) and ``gpt-generate`` (command line).
+"""Sampling from a GPT: ``generate`` (the command is ``gpt-generate``, tools/generate.py).
 
 How one new token is chosen from the logits of the last position (fp32), in this order:
 
@@ -33,22 +33,10 @@ first stop token (which is not part of its output) and its output is not extende
 
 from __future__ import annotations
 
-import argparse
-import codecs
 import math
-import sys
-import time
-from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
-
-from gpt.checkpoint import DTYPES
-from gpt.prompt_template import format_instruction_prompt
-from tokenizers_bpe import UnknownCharacterError
-from tools.cli import ArgumentParser, CLIError, add_seed_argument, command
-
-PROG = "gpt-generate"
 
 
 # ---------------------------------------------------------------------------------------------- logit filters
@@ -214,197 +202,6 @@ def generate(
     return outputs
 
 
-# ---------------------------------------------------------------------------------------------- gpt-generate
-
-BUILTIN_DEFAULTS = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 40, "top_p": 0.95, "repetition_penalty": None}
-
-
-def _number(convert, ok: Callable[[float], bool], requirement: str, allow_none: bool = False):
-    """An argparse type: ``convert(text)`` that must satisfy ``ok``; ``none`` gives None if allowed."""
-
-    def parse(text: str):
-        if allow_none and text.lower() == "none":
-            return None
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
-        return value
-
-    return parse
-
-
-DESCRIPTION = """\
-Generate text with a GPT checkpoint. The text is streamed to stdout as it is
-produced (the prompt is not repeated); speed and time to first token go to
-stderr. Sampling settings not given here come from the checkpoint's
-generation.json when it has them, else from the defaults shown. A sample ends
-early at the end-of-text token.
-
-examples:
-  gpt-generate --model run/final 'ROMEO:' -n 100 --seed 1
-  echo 'Once upon a time' | gpt-generate --model gpt2 - --temperature 0
-  gpt-generate --model sft --instruct 'Convert 45 kilometers to meters.'
-"""
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown, the description and its examples kept as written."""
-
-
-def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog=PROG, formatter_class=_HelpFormatter, description=DESCRIPTION)
-    # Sampling flags default to SUPPRESS so that an absent flag is absent from args: then
-    # generation.json, then BUILTIN_DEFAULTS, fill it in (see _sampling_settings).
-    unset = argparse.SUPPRESS
-    p.add_argument("prompt", nargs="?", default=unset, metavar="PROMPT",
-                   help="prompt text, or '-' to read it (UTF-8) from stdin; empty: start from the end-of-text token")
-    p.add_argument("--model", required=True, default=unset, metavar="DIR", help="checkpoint directory (gpt-train, gpt-convert or gpt-finetune output)")
-    p.add_argument("-n", "--max-new-tokens", default=unset, metavar="N", type=_number(int, lambda v: v >= 1, "an integer >= 1"),
-                   help=f"tokens to generate per sample (default {BUILTIN_DEFAULTS['max_new_tokens']})")
-    p.add_argument("--temperature", default=unset, metavar="T",
-                   type=_number(float, lambda v: 0 <= v < math.inf, "a number >= 0"),
-                   help=f"softmax temperature; 0 is greedy (default {BUILTIN_DEFAULTS['temperature']})")
-    p.add_argument("--top-k", default=unset, metavar="K", type=_number(int, lambda v: v >= 1, "an integer >= 1 or 'none'", True),
-                   help=f"sample among the K most likely tokens; 'none': no limit (default {BUILTIN_DEFAULTS['top_k']})")
-    p.add_argument("--top-p", default=unset, metavar="P", type=_number(float, lambda v: 0 < v <= 1, "in (0, 1] or 'none'", True),
-                   help="nucleus sampling: the smallest set of most likely tokens holding probability P; "
-                   f"1 or 'none': no limit (default {BUILTIN_DEFAULTS['top_p']})")
-    p.add_argument("--repetition-penalty", default=unset, metavar="R",
-                   type=_number(float, lambda v: 0 < v < math.inf, "a number > 0 or 'none'", True),
-                   help="CTRL penalty on the logits of tokens already in the text, e.g. 1.2; 1 or 'none' is off (default none)")
-    add_seed_argument(p)
-    p.add_argument("--num-samples", type=_number(int, lambda v: v >= 1, "an integer >= 1"), default=1, metavar="S",
-                   help="independent samples, decoded as one batch; the first streams live, the others follow it")
-    p.add_argument("--no-stream", action="store_true", help="print the text only when generation is done")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
-    p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
-                   help="weights dtype; auto: bfloat16 on a GPU that supports it, else float32")
-    p.add_argument("--allow-special", action="store_true",
-                   help="encode special-token text in the prompt (e.g. <|endoftext|>) as the special token, not as ordinary text")
-    p.add_argument("--instruct", metavar="TEXT",
-                   help="an instruction: wrap it in the instruction template (gpt.prompt_template) and print only the response")
-    p.add_argument("--input", metavar="TEXT", default="", help="the instruction's input (with --instruct)")
-    return p
-
-
-def _read_prompt(args) -> str:
-    if args.instruct is not None:
-        if args.prompt:
-            raise CLIError("give either a PROMPT or --instruct, not both")
-        return format_instruction_prompt(args.instruct, args.input)
-    if args.input:
-        raise CLIError("--input goes with --instruct")
-    if args.prompt != "-":
-        return args.prompt
-    data = sys.stdin.buffer.read()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CLIError(f"stdin: not valid UTF-8 at byte offset {e.start} ({e.reason}); convert the prompt to UTF-8") from None
-
-
-def _sampling_settings(args, generation: dict, model_dir: Path) -> dict:
-    """Each setting from the command line, else generation.json, else BUILTIN_DEFAULTS."""
-    defaults = {name: generation.get(name, value) for name, value in BUILTIN_DEFAULTS.items()}
-    try:
-        check_sampling_settings(defaults["temperature"], defaults["top_k"], defaults["top_p"], defaults["repetition_penalty"])
-        check_count("max_new_tokens", defaults["max_new_tokens"])
-    except ValueError as e:
-        raise CLIError(f"{model_dir / 'generation.json'}: {e}") from None
-    return {name: getattr(args, name, value) for name, value in defaults.items()}
-
-
-def _pick_device_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
-    """The trainer's device rule; dtype "auto" is bf16 on a GPU that has it, else fp32 (inference
-    needs no fp16 loss scaling, but fp32 is the safe default on a CPU)."""
-    from gpt.trainer import resolve_device
-
-    device = resolve_device(device)
-    if dtype == "auto":
-        bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
-        return device, torch.bfloat16 if bf16 else torch.float32
-    return device, DTYPES[dtype]
-
-
-def _encode_prompt(tok, text: str, allow_special: bool, n_ctx: int) -> list[int]:
-    """Prompt ids: special-token text is ordinary text unless allowed, an empty prompt is the
-    end-of-text token, a prompt too long for the context keeps its last n_ctx - 1 tokens (with a note)."""
-    if allow_special:
-        ids = tok.encode(text, allowed_special=set(tok.special_tokens))
-    else:
-        ids = tok.encode_ordinary(text)
-        found = [s for s in tok.special_tokens if s in text]
-        if found:
-            print(f"{PROG}: note: the prompt's {', '.join(found)} is encoded as ordinary text; "
-                  "use --allow-special to encode it as the special token", file=sys.stderr)
-    if not ids:
-        if tok.eot_token is None:
-            raise CLIError("the prompt is empty and the tokenizer has no end-of-text token to start from; give a prompt")
-        ids = [tok.eot_token]
-    keep = max(1, n_ctx - 1)
-    if len(ids) > keep:
-        print(f"{PROG}: note: the prompt has {len(ids)} tokens but the context holds {n_ctx}; "
-              f"keeping its last {keep} tokens", file=sys.stderr)
-        ids = ids[-keep:]
-    return ids
-
-
-@command(PROG)
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.prompt = getattr(args, "prompt", "")
-    text = _read_prompt(args)
-    model_dir = Path(args.model)
-    if not model_dir.is_dir():
-        raise CLIError(f"--model {model_dir}: no such checkpoint directory")
-    device, dtype = _pick_device_dtype(args.device, args.dtype)
-
-    from gpt.model import GPT  # the model (and kernels) load only once the arguments are good
-
-    model = GPT.from_pretrained(model_dir, device=device, dtype=dtype)
-    settings = _sampling_settings(args, model.generation_config, model_dir)
-    tok = model.tokenizer
-    try:
-        ids = _encode_prompt(tok, text, args.allow_special, model.config.n_ctx)
-    except UnknownCharacterError as e:
-        raise CLIError(f"the prompt: {e}; use only text the model's tokenizer knows") from None
-
-    stream_live = not args.no_stream
-    decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(args.num_samples)]
-    pieces: list[list[str]] = [[] for _ in range(args.num_samples)]
-    first_token_at: list[float] = []
-
-    def on_token(sample: int, token: int) -> None:
-        if not first_token_at:
-            first_token_at.append(time.perf_counter())
-        piece = decoders[sample].decode(tok.decode_single_token_bytes(token))
-        if stream_live and sample == 0:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        else:
-            pieces[sample].append(piece)
-
-    start = time.perf_counter()
-    outputs = generate(
-        model, ids, settings["max_new_tokens"], temperature=settings["temperature"], top_k=settings["top_k"],
-        top_p=settings["top_p"], repetition_penalty=settings["repetition_penalty"], seed=args.seed,
-        num_samples=args.num_samples, stream=on_token,
-    )
-    elapsed = time.perf_counter() - start
-    for sample in range(args.num_samples):
-        tail = decoders[sample].decode(b"", final=True)
-        if args.num_samples > 1 and sample > 0:
-            sys.stdout.write(f"\n{'-' * 20} sample {sample + 1} {'-' * 20}\n")
-        sys.stdout.write("".join(pieces[sample]) + tail)
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-
-    n_tokens = sum(map(len, outputs))
-    ttft = (first_token_at[0] - start) if first_token_at else elapsed
-    samples = f" over {args.num_samples} samples" if args.num_samples > 1 else ""
-    print(f"{PROG}: {n_tokens} tokens{samples} in {elapsed:.2f} s ({n_tokens / elapsed:.1f} tokens/s), "
-          f"time to first token {ttft * 1000:.0f} ms", file=sys.stderr)
-    return 0
+# The sampling settings of the commands (gpt-generate, and the samples gpt-train prints at each
+# evaluation), where neither the user nor a checkpoint's generation.json sets them.
+SAMPLING_DEFAULTS = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 40, "top_p": 0.95, "repetition_penalty": None}

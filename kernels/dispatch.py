@@ -19,12 +19,16 @@ try:
     import triton.language as tl
 
     jit = triton.jit
+    constexpr = tl.constexpr  # the only kind of module global a Triton kernel may read
 except ImportError:  # Triton ships for Linux only: elsewhere only the PyTorch fallbacks run
     triton = tl = None
 
     def jit(fn):
         # Without Triton the kernels stay plain functions that `resolve_backend` never lets run.
         return fn
+
+    def constexpr(value):
+        return value
 
 
 ENV_VAR = "KERNELS_BACKEND"

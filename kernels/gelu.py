@@ -9,13 +9,17 @@ The backward recomputes tanh from x instead of saving the output: one saved tens
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.dispatch import cdiv, jit, resolve_backend, tl
+from kernels.dispatch import cdiv, constexpr, jit, resolve_backend, tl
 
 BLOCK_SIZE = 1024  # elements per program: 4 warps x 32 threads x 8 elements
+SQRT_2_OVER_PI = constexpr(math.sqrt(2.0 / math.pi))  # the constants of u (module docstring)
+CUBIC = constexpr(0.044715)
 
 
 @jit
@@ -26,11 +30,16 @@ def _tanh(u):
 
 
 @jit
+def _gelu_u(x):
+    return SQRT_2_OVER_PI * (x + CUBIC * x * x * x)
+
+
+@jit
 def _gelu_fwd_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    t = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
+    t = _tanh(_gelu_u(x))
     tl.store(y_ptr + offs, (0.5 * x * (1.0 + t)).to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -40,8 +49,8 @@ def _gelu_bwd_kernel(x_ptr, dy_ptr, dx_ptr, n, BLOCK: tl.constexpr):
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    t = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
-    dudx = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
+    t = _tanh(_gelu_u(x))
+    dudx = SQRT_2_OVER_PI * (1.0 + 3.0 * CUBIC * x * x)
     dgelu = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dudx
     tl.store(dx_ptr + offs, (dy * dgelu).to(dx_ptr.dtype.element_ty), mask=mask)
 

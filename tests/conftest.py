@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -70,3 +71,24 @@ def shared_file(shared_data):
 
 
 requires_cuda = pytest.mark.skipif(not _HAS_CUDA, reason="needs a CUDA GPU (none found)")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A gpt-prepare data directory: the first built-in play, char-level (small and quick to train on)."""
+    import tokenizers_bpe
+    from tools.corpus import plays
+    from tools.prepare import main as prepare_main
+
+    root = tmp_path_factory.mktemp("data")
+    text = plays()[0].text()
+    (root / "play.txt").write_text(text, encoding="utf-8")
+    tokenizers_bpe.train_char([text]).save(root / "char.json")
+    assert prepare_main([str(root / "play.txt"), "--tokenizer", str(root / "char.json"), "-o", str(root / "data"), "--workers", "1", "--quiet"]) == 0
+    return root / "data"
+
+
+def read_losses(run_dir: Path) -> dict[int, float]:
+    """step -> training loss, from a run's metrics.jsonl."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}

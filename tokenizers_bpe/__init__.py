@@ -8,9 +8,11 @@ and ids, save/load a versioned ``tokenizer.json``, and read/write tiktoken and G
     tok.decode(tok.encode("hello world")) == "hello world"
 """
 
-from .char import CharTokenizer, UnknownCharacterError
-from .formats import bytes_to_unicode, load, load_gpt2, load_tiktoken
+from .char import CharTokenizer
+from .errors import InvalidTextError, SettingError, UnknownCharacterError
+from .formats import load, load_gpt2, load_tiktoken
 from .patterns import GPT2_PATTERN, GPT4_PATTERN, PATTERNS
+from .rankfiles import bytes_to_unicode
 from .tokenizer import ENDOFTEXT, BPETokenizer, Tokenizer
 from .trainer import learn_merges, train, train_char, train_from_iterator
 
@@ -19,6 +21,8 @@ __all__ = [
     "BPETokenizer",
     "CharTokenizer",
     "UnknownCharacterError",
+    "InvalidTextError",
+    "SettingError",
     "train",
     "train_from_iterator",
     "train_char",

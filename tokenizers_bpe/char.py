@@ -4,22 +4,9 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Sequence
 
+from .errors import UnknownCharacterError
 from .patterns import split_on_specials
 from .tokenizer import Tokenizer
-
-
-class UnknownCharacterError(ValueError):
-    """Text holds a character a char-level vocabulary lacks (byte-level BPE can encode any text).
-    ``character`` is that character; the arguments are kept as given so the error pickles across
-    processes (gpt-prepare encodes in a pool)."""
-
-    def __init__(self, character: str, vocabulary_size: int):
-        super().__init__(character, vocabulary_size)
-        self.character, self.vocabulary_size = character, vocabulary_size
-
-    def __str__(self) -> str:
-        c = self.character
-        return f"character {c!r} (U+{ord(c):04X}) is not in this char-level vocabulary of {self.vocabulary_size} characters"
 
 
 class CharTokenizer(Tokenizer):

@@ -1,38 +1,25 @@
-"""Files: our ``tokenizer.json``, tiktoken's ``.tiktoken`` rank files and GPT-2's ``encoder.json`` +
-``vocab.bpe`` (also HF's ``vocab.json`` + ``merges.txt``). Every reader validates and names the file
-and the problem in its error."""
+"""Loading tokenizers from files: our ``tokenizer.json`` (BPE or char-level), tiktoken's
+``.tiktoken`` rank files and GPT-2's ``encoder.json`` + ``vocab.bpe`` (the raw formats are read in
+``tokenizers_bpe.rankfiles``). Every loader validates and names the file and the problem in its error."""
 
 from __future__ import annotations
 
-import base64
-import functools
 import json
 import os
 from pathlib import Path
 
 from .char import CharTokenizer
 from .patterns import GPT2_PATTERN
+from .rankfiles import read_gpt2, read_text_file, read_tiktoken
 from .tokenizer import FORMAT_NAME, FORMAT_VERSION, BPETokenizer, Tokenizer
 
 TOKENIZER_TYPES = {"bpe": BPETokenizer, "char": CharTokenizer}
 _REQUIRED = {"bpe": ("pattern", "vocab", "merges", "special_tokens"), "char": ("chars", "special_tokens")}
 
 
-def _read_text(path, what: str) -> str:
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path}: is a directory; pass the {what} file")
-    if not path.exists():
-        raise ValueError(f"{path}: no such file; pass an existing {what} file")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not a {what} file (not UTF-8 text at byte {e.start})") from None
-
-
 def load(path: str | os.PathLike) -> Tokenizer:
     """Read a ``tokenizer.json`` written by ``save`` (BPE or char-level, by its type field)."""
-    text = _read_text(path, "tokenizer.json")
+    text = read_text_file(path, "tokenizer.json")
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:
@@ -58,22 +45,6 @@ def load(path: str | os.PathLike) -> Tokenizer:
         raise ValueError(f"{path}: invalid tokenizer.json: {e}") from None
 
 
-# --------------------------------------------------------------------------------------- tiktoken
-def read_tiktoken(path) -> dict[bytes, int]:
-    ranks: dict[bytes, int] = {}
-    for n, line in enumerate(_read_text(path, ".tiktoken").splitlines(), 1):
-        if not line:
-            continue
-        try:
-            token, rank = line.split()
-            ranks[base64.b64decode(token, validate=True)] = int(rank)
-        except ValueError:
-            raise ValueError(f"{path}:{n}: expected 'BASE64TOKEN RANK', got {line[:60]!r}") from None
-    if not ranks:
-        raise ValueError(f"{path}: empty .tiktoken file")
-    return ranks
-
-
 def load_tiktoken(path, *, pattern: str = "gpt2", special_tokens: dict[str, int] | None = None) -> BPETokenizer:
     """A tokenizer from a ``.tiktoken`` rank file; the file holds only ranks, so the pattern
     (``"gpt2"``, ``"gpt4"`` or a regex) and the special tokens (name -> id) are given here."""
@@ -84,112 +55,13 @@ def load_tiktoken(path, *, pattern: str = "gpt2", special_tokens: dict[str, int]
         raise ValueError(f"{path}: {e}") from None
 
 
-def write_tiktoken(path, ranks: dict[bytes, int]) -> None:
-    from tools.fileio import atomic_write
-
-    with atomic_write(path, "w") as f:
-        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-            f.write(f"{base64.b64encode(token).decode('ascii')} {rank}\n")
-
-
-# --------------------------------------------------------------------------------------- GPT-2
-@functools.lru_cache(maxsize=1)
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from bytes to printable characters (so vocab files are text)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def _to_gpt2_str(token: bytes) -> str:
-    table = bytes_to_unicode()
-    return "".join(table[b] for b in token)
-
-
-def _from_gpt2_str(s: str) -> bytes | None:
-    inverse = _unicode_to_bytes()
-    try:
-        return bytes(inverse[c] for c in s)
-    except KeyError:
-        return None
-
-
-@functools.lru_cache(maxsize=1)
-def _unicode_to_bytes() -> dict[str, int]:
-    return {c: b for b, c in bytes_to_unicode().items()}
-
 
 def load_gpt2(encoder_json, vocab_bpe) -> BPETokenizer:
     """GPT-2's ``encoder.json`` + ``vocab.bpe`` (or HF ``vocab.json`` + ``merges.txt``), with GPT-2's
     pattern. Entries of encoder.json that are neither single bytes nor merge results (GPT-2's
     ``<|endoftext|>`` = 50256) become special tokens."""
-    try:
-        encoder = json.loads(_read_text(encoder_json, "encoder.json"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{encoder_json}: corrupt encoder.json ({e})") from None
-    if not isinstance(encoder, dict) or not all(type(v) is int for v in encoder.values()):
-        raise ValueError(f"{encoder_json}: encoder.json must map token strings to integer ids")
-    lines = _read_text(vocab_bpe, "vocab.bpe").split("\n")
-    if lines and lines[0].startswith("#version"):
-        lines = lines[1:]
-    ranks: dict[bytes, int] = {}
-    for s, i in encoder.items():
-        b = _from_gpt2_str(s)
-        if b is not None and len(b) == 1:
-            ranks[b] = i
-    if len(ranks) != 256:
-        raise ValueError(f"{encoder_json}: has {len(ranks)} of the 256 single-byte tokens; not a byte-level BPE vocabulary")
-    last = max(ranks.values())
-    for n, line in enumerate(lines, 2):
-        if not line.strip():
-            continue
-        parts = line.split()
-        left, right = (_from_gpt2_str(p) for p in parts) if len(parts) == 2 else (None, None)
-        if left is None or right is None:
-            raise ValueError(f"{vocab_bpe}:{n}: expected two GPT-2 byte strings separated by a space, got {line[:60]!r}")
-        if left not in ranks or right not in ranks:
-            raise ValueError(f"{vocab_bpe}:{n}: merge {line!r} uses a token no earlier merge produced")
-        merged_str = parts[0] + parts[1]
-        if merged_str not in encoder:
-            raise ValueError(f"{vocab_bpe}:{n}: the result of merge {line!r} is not in {encoder_json}")
-        rank = encoder[merged_str]
-        if rank <= last:
-            raise ValueError(f"{vocab_bpe}:{n}: merge {line!r} gives id {rank}, not above the previous merge's {last}")
-        ranks[left + right] = last = rank
-    ordinary = set(ranks.values())
-    specials = {s: i for s, i in encoder.items() if i not in ordinary}
+    ranks, specials = read_gpt2(encoder_json, vocab_bpe)
     try:
         return BPETokenizer(ranks, GPT2_PATTERN, specials, name="gpt2")
     except ValueError as e:
         raise ValueError(f"{encoder_json}, {vocab_bpe}: {e}") from None
-
-
-def gpt2_conflicts(tok: BPETokenizer) -> list[str]:
-    """Special tokens whose name equals an ordinary token's GPT-2 string (encoder.json keys clash)."""
-    strings = {_to_gpt2_str(t) for t in tok._by_rank}
-    return [s for s in tok.special_tokens if s in strings]
-
-
-def write_gpt2(tok: BPETokenizer, encoder_json_path, vocab_bpe_path) -> None:
-    from tools.fileio import atomic_write
-
-    merges = tok.merges  # raises ValueError if a token is not a merge of two lower ones
-    clashes = gpt2_conflicts(tok)
-    if clashes:
-        raise ValueError(f"special token(s) {clashes} clash with ordinary tokens in GPT-2's encoder.json")
-    by_rank = tok._by_rank
-    encoder = {_to_gpt2_str(t): i for i, t in enumerate(by_rank)}
-    encoder.update(tok.special_tokens)
-    with atomic_write(encoder_json_path, "w") as f:
-        json.dump(encoder, f, ensure_ascii=False)
-    with atomic_write(vocab_bpe_path, "w") as f:
-        f.write("#version: 0.2\n")
-        for a, b in merges:
-            f.write(f"{_to_gpt2_str(by_rank[a])} {_to_gpt2_str(by_rank[b])}\n")
-

@@ -21,7 +21,9 @@ import sys
 from itertools import chain
 from typing import AbstractSet, Collection, Iterable, Literal, Mapping, Sequence
 
+from .fileio import atomic_write
 from .patterns import piece_splitter, resolve_pattern, special_token_regex
+from .rankfiles import gpt2_conflicts, write_gpt2, write_tiktoken
 
 FORMAT_NAME = "tokenizers_bpe"
 FORMAT_VERSION = 1
@@ -174,8 +176,6 @@ class Tokenizer(abc.ABC):
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``tokenizer.json`` atomically (a crash never leaves a half-written file)."""
-        from tools.fileio import atomic_write
-
         with atomic_write(path, "w") as f:
             f.write(_json_lines(self.to_dict()))
 
@@ -385,26 +385,20 @@ class BPETokenizer(Tokenizer):
     def save_tiktoken(self, path) -> None:
         """Write the ranks as a ``.tiktoken`` file (base64 token, space, rank per line). The pattern
         and special tokens are not part of that format: pass them to ``load_tiktoken``."""
-        from .formats import write_tiktoken
-
         write_tiktoken(path, self._ranks)
 
     def is_gpt2_compatible(self) -> bool:
         """True when the tokenizer can be written as GPT-2's encoder.json + vocab.bpe: every token
         above the 256 bytes is a merge of two lower tokens and no special token's name collides
         with an ordinary token's GPT-2 string."""
-        from .formats import gpt2_conflicts
-
         try:
             self.merges
         except ValueError:
             return False
-        return not gpt2_conflicts(self)
+        return not gpt2_conflicts(self._by_rank, self.special_tokens)
 
     def save_gpt2(self, encoder_json_path, vocab_bpe_path) -> None:
-        from .formats import write_gpt2
-
-        write_gpt2(self, encoder_json_path, vocab_bpe_path)
+        write_gpt2(self._by_rank, self.merges, self.special_tokens, encoder_json_path, vocab_bpe_path)
 
 
 def _split_token(ranks: Mapping[bytes, int], token: bytes, rank: int) -> tuple[int, int]:

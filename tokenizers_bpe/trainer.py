@@ -23,75 +23,25 @@ occurs fewer than ``min_frequency`` times.
 
 from __future__ import annotations
 
-import codecs
 import heapq
 import os
 import warnings
 from collections import Counter, defaultdict, deque
-from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from .char import CharTokenizer
+from .errors import SettingError
+from .fileio import READ_BYTES, check_errors_handler, check_text_file, read_text_blocks
 from .patterns import piece_splitter, resolve_pattern, safe_cut_regex, split_on_specials
 from .tokenizer import BPETokenizer
 
 DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>",)
 DEFAULT_MIN_FREQUENCY = 1
-_READ_BYTES = 1 << 18  # file block size; also roughly the text handed to one worker at a time
 _PARALLEL_MIN_BYTES = 4 << 20  # smaller corpora are pre-tokenized in-process: a pool costs more than it saves
 
 
 # ------------------------------------------------------------------------------------ reading
-def _check_errors(errors: str) -> None:
-    """An unknown UTF-8 error handler fails now, not after reading half the corpus."""
-    try:
-        codecs.lookup_error(errors)
-    except LookupError:
-        raise ValueError(f"unknown errors handler {errors!r}; use 'strict' or 'replace'") from None
-
-
-def _check_file(path) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path}: is a directory, not a text file; pass the files inside it")
-    if not path.exists():
-        raise ValueError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path}: the file is empty; pass a text corpus")
-    return path
-
-
-REPLACE_HINT = "fix the file or pass --errors replace (errors='replace') to substitute U+FFFD"
-
-
-def _read_file(path: Path, errors: str, progress, hint: str = REPLACE_HINT) -> Iterator[str]:
-    """The file's text in blocks that end at a newline (never inside a UTF-8 character), read a
-    block at a time. Invalid UTF-8 is reported with its byte offset and ``hint``."""
-    offset = 0
-    tail = b""
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(_READ_BYTES)
-            if progress is not None:
-                progress.update(len(block))
-            data = tail + block
-            cut = data.rfind(b"\n") + 1 if block else len(data)
-            if cut == 0 and block:
-                tail = data
-                continue
-            body, tail = data[:cut], data[cut:]
-            try:
-                yield body.decode("utf-8", errors=errors)
-            except UnicodeDecodeError as e:
-                raise ValueError(
-                    f"{path}: not UTF-8 at byte offset {offset + e.start} ({e.reason}); {hint}"
-                ) from None
-            offset += len(body)
-            if not block:
-                return
-
-
-def _safe_chunks(fragments: Iterable[str], pattern: str, size: int = _READ_BYTES) -> Iterator[str]:
+def _safe_chunks(fragments: Iterable[str], pattern: str, size: int = READ_BYTES) -> Iterator[str]:
     """Join the fragments of one document and re-cut it into chunks of about ``size`` characters,
     only where ``pattern`` allows (so the chunks split into exactly the document's pieces)."""
     cut = safe_cut_regex(pattern)
@@ -259,10 +209,8 @@ def _progress_bar(total: int, unit: str, enabled: bool):
 def _check_vocab_size(vocab_size: int, special_tokens: Sequence[str]) -> None:
     minimum = 256 + len(special_tokens)
     if not isinstance(vocab_size, int) or vocab_size < minimum:
-        raise ValueError(
-            f"vocab size {vocab_size} is too small: the minimum is {minimum} "
-            f"(256 byte tokens + {len(special_tokens)} special tokens)"
-        )
+        raise SettingError("vocab_size", f"vocab size {vocab_size} is too small: the minimum is {minimum} "
+                           f"(256 byte tokens + {len(special_tokens)} special tokens)")
 
 
 def _build(merges, pattern, special_tokens, vocab_size, min_frequency) -> BPETokenizer:
@@ -335,8 +283,8 @@ def train(
         files = [files]
     if not files:
         raise ValueError("no corpus files given")
-    paths = [_check_file(p) for p in files]
-    _check_errors(errors)
+    paths = [check_text_file(p) for p in files]
+    check_errors_handler(errors)
     total_bytes = sum(p.stat().st_size for p in paths)
     if workers is None and total_bytes < _PARALLEL_MIN_BYTES:
         workers = 1
@@ -346,7 +294,7 @@ def train(
 
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="bpe: reading", leave=False)
     pattern = resolve_pattern(pattern)
-    chunks = (c for p in paths for c in _safe_chunks(_read_file(p, errors, bar), pattern))
+    chunks = (c for p in paths for c in _safe_chunks(read_text_blocks(p, errors, bar), pattern))
     try:
         return _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency, progress, workers)
     finally:
@@ -358,11 +306,3 @@ def train_char(
     texts: Iterable[str], *, special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS
 ) -> CharTokenizer:
     return CharTokenizer.from_texts(texts, special_tokens)
-
-
-def iter_file_texts(files: Sequence[str | os.PathLike], errors: str = "strict", hint: str = REPLACE_HINT) -> Iterator[str]:
-    """The text of each file, block by block ending at a newline (char-level training, gpt-prepare);
-    invalid UTF-8 is a ValueError naming the file, the byte offset and ``hint``."""
-    _check_errors(errors)
-    for p in files:
-        yield from _read_file(_check_file(p), errors, None, hint)

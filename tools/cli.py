@@ -1,23 +1,151 @@
-"""Conventions every command follows.
+"""The conventions every command follows, in one place.
 
-- A user error (bad argument, missing or malformed file) is one line on stderr,
-  ``prog: error: <what is wrong and what to do>``, and exit status 2. No traceback.
-  Set ``GPT_TOOLKIT_DEBUG=1`` to get the traceback anyway.
-- Ctrl-C exits with status 130 and a one-line message.
-- ``main(argv)`` returns the exit status, so tests can call commands in-process.
+Every console script is a module of ``tools`` whose ``main(argv) -> int`` is wrapped by
+``command(prog)``; ``main(argv)`` returns the exit status, so tests can call commands in-process.
+
+- **Exit codes** come from one table, ``ExitCode`` (see below), for every command.
+- **A user error** (bad argument, missing or malformed file) is one line on stderr,
+  ``prog: error: <what is wrong and what to do>``, and status 2. No traceback (set
+  ``GPT_TOOLKIT_DEBUG=1`` to get one).
+- **Library errors become that line here, and only here** (``error_message``): the libraries raise
+  typed errors in their own terms, and a ``SettingError`` is shown with the setting's flag
+  (``lr`` -> ``--lr``, or the command's own name for it, e.g. ``block_size`` -> ``--max-length`` in
+  gpt-finetune); an ``InvalidTextError`` gets the command's advice on invalid UTF-8.
+- **Messages of the libraries** (``logging`` records of ``gpt`` and ``tokenizers_bpe``) are shown while
+  a command runs: information on stdout, warnings as ``prog: warning: ...`` on stderr, both through
+  ``tqdm.write`` so that a progress bar in flight is not broken.
+- **Ctrl-C** exits with status 130 and a one-line message.
 """
 
 from __future__ import annotations
 
 import argparse
+import enum
 import functools
+import logging
+import math
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
+
+from tqdm import tqdm
+
+from tokenizers_bpe.errors import InvalidTextError, SettingError
+from tokenizers_bpe.fileio import decode_utf8
+
+
+class ExitCode(enum.IntEnum):
+    """The exit status of every command, for the same kind of event."""
+
+    OK = 0
+    CHECK_FAILED = 1  # the command ran, and what it checked is not right (gpt-inspect)
+    USER_ERROR = 2  # a bad argument, input file or environment: one line on stderr says what to do
+    DIVERGED = 3  # training stopped: the loss or gradient became NaN/inf (the last good checkpoint is kept)
+    INTERRUPTED = 130  # SIGINT/SIGTERM (a training run writes a checkpoint first), as the shell's 128 + SIGINT
 
 
 class CLIError(Exception):
-    """A user error. The message is shown as one line; the command exits with status 2."""
+    """An error the command reports as one line; ``code`` is its exit status (a user error by default)."""
+
+    def __init__(self, message: str, code: ExitCode = ExitCode.USER_ERROR):
+        super().__init__(message)
+        self.code = code
+
+
+USER_ERRORS = (ValueError, OSError)  # the libraries' typed errors are ValueErrors
+LIBRARY_LOGGERS = ("gpt", "tokenizers_bpe", "kernels")
+DEFAULT_TEXT_HINT = "convert it to UTF-8"
+
+
+def one_line(message: object) -> str:
+    return " ".join(str(message).split())
+
+
+def flag(setting: str, flags: Mapping[str, str] | None = None) -> str:
+    """The command-line flag of a library setting: ``--`` + the name with dashes, unless the command
+    calls it something else (``flags``)."""
+    return (flags or {}).get(setting) or "--" + setting.replace("_", "-")
+
+
+def error_message(e: BaseException, flags: Mapping[str, str] | None = None, text_hint: str = DEFAULT_TEXT_HINT) -> str:
+    """The one line a command prints for exception ``e`` (after ``prog: error: ``)."""
+    if isinstance(e, SettingError):
+        msg = e.render(lambda name: flag(name, flags))
+    elif isinstance(e, InvalidTextError):
+        msg = f"{e}; {text_hint}"
+    else:
+        msg = str(e) or type(e).__name__
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
+            msg = f"{e.filename}: {msg}"
+    return one_line(msg)
+
+
+class _TqdmHandler(logging.Handler):
+    """Library log records as command output, written between progress-bar refreshes."""
+
+    def __init__(self, prog: str):
+        super().__init__(logging.INFO)
+        self.prog = prog
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            tqdm.write(f"{self.prog}: warning: {message}", file=sys.stderr)
+        else:
+            tqdm.write(message, file=sys.stdout)
+
+
+def command(prog: str, *, flags: Mapping[str, str] | None = None, text_hint: str = DEFAULT_TEXT_HINT):
+    """Wrap a command's ``main(argv) -> int | None`` with the conventions above. ``flags`` maps
+    library setting names to this command's flags where they differ from ``--setting-name``;
+    ``text_hint`` is the advice appended to an invalid-UTF-8 error."""
+
+    def decorate(fn: Callable[[Sequence[str] | None], int | None]) -> Callable[..., int]:
+        @functools.wraps(fn)
+        def wrapper(argv: Sequence[str] | None = None) -> int:
+            debug = os.environ.get("GPT_TOOLKIT_DEBUG") == "1"
+            handler = _TqdmHandler(prog)
+            loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
+            saved = [(lg, lg.level, lg.propagate) for lg in loggers]
+            for lg in loggers:
+                lg.addHandler(handler)
+                lg.setLevel(logging.INFO)
+                lg.propagate = False
+            try:
+                return int(fn(argv) or ExitCode.OK)
+            except SystemExit as e:  # argparse: --help (0) and usage errors (2)
+                return e.code if isinstance(e.code, int) else (ExitCode.OK if e.code is None else ExitCode.USER_ERROR)
+            except KeyboardInterrupt:
+                print(f"{prog}: interrupted", file=sys.stderr)
+                return ExitCode.INTERRUPTED
+            except BrokenPipeError:  # e.g. `gpt-generate ... | head`
+                try:
+                    sys.stdout = open(os.devnull, "w")
+                except OSError:
+                    pass
+                return ExitCode.OK
+            except CLIError as e:
+                if debug:
+                    raise
+                print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+                return e.code
+            except USER_ERRORS as e:
+                if debug:
+                    raise
+                print(f"{prog}: error: {error_message(e, flags, text_hint)}", file=sys.stderr)
+                return ExitCode.USER_ERROR
+            finally:
+                for lg, level, propagate in saved:
+                    lg.removeHandler(handler)
+                    lg.setLevel(level)
+                    lg.propagate = propagate
+
+        return wrapper
+
+    return decorate
+
+
+# ---------------------------------------------------------------------------------------------- parsers
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -28,50 +156,101 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(ExitCode.USER_ERROR, f"{self.prog}: error: {message} (see --help)\n")
 
 
-USER_ERRORS = (CLIError, ValueError, OSError)
+def add_seed_argument(parser: argparse.ArgumentParser, default: int = 1337, help_text: str | None = None) -> None:
+    parser.add_argument("--seed", type=integer(0), default=default,
+                        help=help_text or "random seed; the same seed gives the same result on CPU")
 
 
-def one_line(message: object) -> str:
-    return " ".join(str(message).split())
+def parse_bool(text: str) -> bool:
+    """true/false (also 1/0, yes/no, on/off) as a flag value."""
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def command(prog: str) -> Callable[[Callable[[Sequence[str] | None], int | None]], Callable[..., int]]:
-    """Wrap a command's ``main(argv) -> int | None`` with the error conventions above."""
+def _ranged(convert: Callable[[str], float], kind: str, low, high, low_open: bool, high_open: bool):
+    if low is not None and high is not None:
+        requirement = f"{kind} in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None or high is not None:
+        requirement = f"{kind} {'>' if low_open else '>='} {low:g}" if low is not None else f"{kind} {'<' if high_open else '<='} {high:g}"
+    else:
+        requirement = kind
 
-    def decorate(fn):
-        @functools.wraps(fn)
-        def wrapper(argv: Sequence[str] | None = None) -> int:
-            debug = os.environ.get("GPT_TOOLKIT_DEBUG") == "1"
-            try:
-                rc = fn(argv)
-            except SystemExit as e:  # argparse: --help (0) and usage errors (2)
-                return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-            except KeyboardInterrupt:
-                print(f"{prog}: interrupted", file=sys.stderr)
-                return 130
-            except BrokenPipeError:  # e.g. `gpt-generate ... | head`
-                try:
-                    sys.stdout = open(os.devnull, "w")
-                except OSError:
-                    pass
-                return 0
-            except USER_ERRORS as e:
-                if debug:
-                    raise
-                msg = one_line(e) if str(e) else type(e).__name__
-                if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
-                    msg = f"{e.filename}: {msg}"
-                print(f"{prog}: error: {msg}", file=sys.stderr)
-                return 2
-            return int(rc or 0)
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        ok = value is not None and math.isfinite(value)
+        if ok and low is not None:
+            ok = value > low if low_open else value >= low
+        if ok and high is not None:
+            ok = value < high if high_open else value <= high
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
+        return value
 
-        return wrapper
-
-    return decorate
+    parse.requirement = requirement
+    return parse
 
 
-def add_seed_argument(parser: argparse.ArgumentParser, default: int = 1337) -> None:
-    parser.add_argument("--seed", type=int, default=default, help="random seed; the same seed gives the same result on CPU")
+def integer(low: int | None = None, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (either bound may be None)."""
+    return _ranged(int, "an integer", low, high, False, False)
+
+
+def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in the range (bounds open or closed, None = unbounded)."""
+    return _ranged(float, "a number", low, high, low_open, high_open)
+
+
+def or_none(parse: Callable[[str], object]) -> Callable[[str], object]:
+    """``parse``, or None for the word 'none'."""
+
+    def parse_or_none(text: str):
+        if text.lower() == "none":
+            return None
+        try:
+            return parse(text)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"must be {getattr(parse, 'requirement', 'valid')} or 'none', got {text!r}") from None
+
+    return parse_or_none
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps descriptions and examples as written, and shows a default only where there is a
+    meaningful one (not for flags that are off or options with no default)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+# ---------------------------------------------------------------------------------------------- text input
+
+
+def text_argument(text: str, name: str) -> str:
+    """A text argument as given, or read from stdin when it is '-'. Invalid UTF-8 (on stdin, or in the
+    argument itself, which Python keeps as lone surrogates) is an InvalidTextError naming ``name``."""
+    if text == "-":
+        stdin = getattr(sys.stdin, "buffer", None)  # None: stdin replaced by a text stream (tests)
+        return sys.stdin.read() if stdin is None else decode_utf8(stdin.read(), "stdin")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        try:  # the bytes as the user gave them (Python keeps undecodable bytes as surrogate escapes)
+            os.fsencode(text).decode("utf-8")
+        except UnicodeDecodeError as d:
+            raise InvalidTextError(name, d.start, d.reason) from None
+        except UnicodeEncodeError:
+            pass
+        raise InvalidTextError(name, len(text[: e.start].encode("utf-8")), e.reason) from None
+    return text

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pickle import UnpicklingError  # only to recognise what weights_only=True refuses
 from pathlib import Path
 
@@ -30,11 +31,15 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import kernels
-from gpt.checkpoint import check_vocab, dtype_name, load_pretrained
-from gpt.lora import merge_checkpoint
-from gpt.model import GPT, GPTConfig
+import tokenizers_bpe
+from gpt.checkpoint import check_vocab, write_checkpoint
+from gpt.classifier import CLASSIFIER_FILE, HEAD_FILE
+from gpt.config import GPTConfig
+from gpt.device import dtype_name
+from gpt.lora import merge_lora
+from gpt.model import GPT
+from tokenizers_bpe.fileio import atomic_directory, read_json
 from tools.cli import ArgumentParser, CLIError, command
-from tools.fileio import atomic_directory, read_json
 
 CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 
@@ -51,8 +56,6 @@ def read_json_file(path: Path, what: str) -> dict:
 
 
 def load_gpt2_tokenizer(encoder_json: Path, vocab_bpe: Path, hint: str):
-    import tokenizers_bpe
-
     for p in (encoder_json, vocab_bpe):
         if not p.is_file():
             raise CLIError(f"{p}: file not found; {hint}")
@@ -60,8 +63,6 @@ def load_gpt2_tokenizer(encoder_json: Path, vocab_bpe: Path, hint: str):
 
 
 def load_tokenizer_file(path: Path):
-    import tokenizers_bpe
-
     if not path.is_file():
         raise CLIError(f"--tokenizer {path}: file not found")
     return tokenizers_bpe.load(path)
@@ -315,10 +316,8 @@ def hf_import(src: Path, out: Path, tokenizer_file: Path | None = None) -> GPT:
 
 
 def hf_export(src: Path, out: Path) -> None:
-    model = load_pretrained(src)
+    model = GPT.from_pretrained(src)
     if getattr(model, "lora_config", None) is not None:
-        from gpt.lora import merge_lora
-
         merge_lora(model)  # GPT-2 has no adapters: export the weights with them folded in
     config, tokenizer = model.config, model.tokenizer
     if config.pos_embedding != "learned":
@@ -329,6 +328,22 @@ def hf_export(src: Path, out: Path) -> None:
         save_file(state_dict_to_hf(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer.is_gpt2_compatible():
             tokenizer.save_gpt2(tmp / "vocab.json", tmp / "merges.txt")
+
+
+def merge_checkpoint(src: Path, out: Path) -> None:
+    """``gpt-convert merge-lora``: load SRC (base weights + adapters), fold the adapters in and write
+    an ordinary checkpoint to OUT (atomically). A classifier's head and labels are copied along."""
+    model = GPT.from_pretrained(src)
+    if getattr(model, "lora_config", None) is None:
+        raise ValueError(f"{src}: this checkpoint has no LoRA adapters (no \"lora\" section in config.json); nothing to merge")
+    if src.resolve() == out.resolve():
+        raise ValueError(f"OUT must differ from SRC ({src}); the merged model is a new checkpoint")
+    merge_lora(model)
+    with atomic_directory(out) as tmp:
+        write_checkpoint(tmp, model, model.tokenizer, model.generation_config)
+        for name in (CLASSIFIER_FILE, HEAD_FILE):
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

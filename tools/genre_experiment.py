@@ -18,7 +18,6 @@ fine-tuning variants. Results go to ``WORK/results.json`` and are printed as a t
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import random
@@ -31,9 +30,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from tools.bpe_train import main as bpe_train_main
 from tools.cli import ArgumentParser, CLIError, add_seed_argument, command
 from tools.corpus import plays
-from tools.fileio import atomic_write
+from tools.finetune import main as finetune_main
+from tools.prepare import main as prepare_main
+from tools.train import main as train_main
+from tokenizers_bpe.fileio import atomic_write
 
 GENRES = ("comedies", "histories", "tragedies")
 N_VAL, N_TEST = 1, 2  # plays per genre
@@ -158,9 +161,6 @@ def call(fn, argv: list, what: str) -> None:
 
 def pretrain(work: Path, splits: dict, args) -> Path:
     """bpe-train + gpt-prepare + gpt-train on the pre-training plays; returns the model directory."""
-    from gpt.train import main as train_main
-    from tokenizers_bpe.cli import train_main as bpe_train_main
-    from tools.prepare import main as prepare_main
 
     text_dir = work / "pretrain-text"
     if not text_dir.is_dir():
@@ -184,7 +184,6 @@ def pretrain(work: Path, splits: dict, args) -> Path:
 
 
 def finetune(work: Path, model: Path, variant: str, extra: list, args) -> dict:
-    from gpt.finetune import main as finetune_main
 
     run = work / f"classify-{variant}"
     if not (run / "evaluation.json").is_file():

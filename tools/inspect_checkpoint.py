@@ -1,7 +1,7 @@
 """gpt-inspect DIR: what a checkpoint holds and whether it is consistent.
 
 Prints the config, parameter counts, size on disk, dtype and tokenizer, then runs every check that
-GPT.from_pretrained runs, each reported on its own line. Exit status: 0 all checks pass, 1 a check
+GPT.from_pretrained runs (weights, LoRA adapters, tokenizer, generation.json), each reported on its own line. Exit status: 0 all checks pass, 1 a check
 failed, 2 DIR is not a readable checkpoint at all (no usable config.json) or a usage error.
 """
 
@@ -34,10 +34,19 @@ def run_checks(directory: Path, meta: dict):
     """Run each check on its own: ([(check, error message or None)], the tokenizer or None)."""
     results, tokenizer = [], None
     try:
-        n_tensors = len(checkpoint.check_weights(directory, meta))
-        results.append((f"weights: {n_tensors} tensors with the shapes and dtype config.json implies", None))
+        expected = GPT.expected_shapes(meta["model"])
+        checkpoint.check_weights(directory, meta, expected)
+        results.append((f"weights: {len(expected)} tensors with the shapes and dtype config.json implies", None))
     except ValueError as e:
         results.append(("weights", str(e)))
+    if meta.get("lora") is not None:
+        try:
+            with torch.device("meta"):  # shapes and dtypes only: no memory for the base weights
+                model = GPT(meta["model"])
+            checkpoint.read_adapters(directory, model, meta, "cpu")
+            results.append((f"adapters: {checkpoint.ADAPTERS_FILE} fits the \"lora\" section of config.json", None))
+        except ValueError as e:
+            results.append(("adapters", str(e)))
     try:
         tokenizer = checkpoint.load_tokenizer(directory, meta)
         results.append((f"tokenizer: {tokenizer.n_vocab} tokens == vocab_size, the one the model was saved with", None))

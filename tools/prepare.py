@@ -26,11 +26,12 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt.data import META_FILE, SPLITS, TOKENIZER_FILE, DataMeta, SplitInfo, token_dtype
+import tokenizers_bpe
 from tokenizers_bpe import UnknownCharacterError
-from tokenizers_bpe.trainer import iter_file_texts
+from tokenizers_bpe.fileio import atomic_directory, atomic_write, iter_file_texts
 from tools.cli import ArgumentParser, CLIError, command
 from tools.corpus import BUILTIN_CORPORA, plays
-from tools.fileio import atomic_directory, atomic_write, check_writable_dir
+from tools.outputs import check_writable_dir
 
 
 @dataclass
@@ -43,7 +44,7 @@ class Document:
 def _file_lines(path: Path) -> Iterator[str]:
     """The file's lines with their line ends as written, streamed through the tokenizer's reader
     (blocks ending at a newline; invalid UTF-8 is reported with its exact byte offset)."""
-    for block in iter_file_texts([path], hint="convert it to UTF-8"):
+    for block in iter_file_texts([path]):
         yield from io.StringIO(block, newline="")  # newline="": split like a file, keep \r\n as written
 
 
@@ -104,8 +105,6 @@ _worker_tokenizer = None
 
 def _init_worker(tokenizer_path: str) -> None:
     global _worker_tokenizer
-    import tokenizers_bpe
-
     _worker_tokenizer = tokenizers_bpe.load(tokenizer_path)
 
 
@@ -198,8 +197,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise CLIError(f"--chunk-mb must be positive, got {args.chunk_mb}")
     if not Path(args.tokenizer).is_file():
         raise CLIError(f"--tokenizer {args.tokenizer} does not exist; train one with bpe-train")
-    import tokenizers_bpe
-
     tokenizer = tokenizers_bpe.load(args.tokenizer)
     if args.append_eot and tokenizer.eot_token is None:
         raise CLIError(f"--append-eot: the tokenizer {args.tokenizer} has no <|endoftext|> token; drop --append-eot or retrain with it")

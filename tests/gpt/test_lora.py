@@ -10,9 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from gpt.checkpoint import CheckpointError
-from gpt.lora import LoRAConfig, LoRALinear, apply_lora, lora_layers, merge_checkpoint, merge_lora
+from gpt.lora import LoRAConfig, LoRALinear, apply_lora, lora_layers, merge_lora
 from gpt.model import GPT, GPTConfig
-from tokenizers_bpe import CharTokenizer
+from tokenizers_bpe import CharTokenizer, SettingError
+from tools.cli import error_message
+from tools.convert import main as convert_main
+from tools.convert import merge_checkpoint
 
 
 def tiny_gpt(seed=0, **overrides):
@@ -92,8 +95,6 @@ def test_checkpoint_stores_adapters_apart_and_merge_lora_command(tmp_path):
     assert loaded.lora_config == LoRAConfig(rank=3, alpha=6, targets=("attn",))
     torch.testing.assert_close(loaded(IDX)[0], expected, rtol=0, atol=0)
 
-    from tools.convert import main as convert_main
-
     assert convert_main(["merge-lora", str(tmp_path / "lora"), str(tmp_path / "merged")]) == 0
     assert not (tmp_path / "merged" / "adapters.safetensors").exists()
     assert "lora" not in json.loads((tmp_path / "merged" / "config.json").read_text())
@@ -102,8 +103,6 @@ def test_checkpoint_stores_adapters_apart_and_merge_lora_command(tmp_path):
 
 
 def test_merge_lora_bad_inputs(tmp_path, capsys):
-    from tools.convert import main as convert_main
-
     tiny_gpt().save_pretrained(tmp_path / "plain")
     assert convert_main(["merge-lora", str(tmp_path / "plain"), str(tmp_path / "out")]) == 2
     assert "has no LoRA adapters" in capsys.readouterr().err
@@ -137,8 +136,10 @@ def test_bad_lora_checkpoints_are_rejected(tmp_path):
     (dict(targets=()), "--lora-targets must be"),
 ])
 def test_lora_config_validation(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    # A SettingError naming the setting; the command layer shows it as gpt-finetune's flag.
+    with pytest.raises(SettingError) as caught:
         LoRAConfig(**kwargs)
+    assert caught.value.setting.startswith("lora_") and message in error_message(caught.value)
 
 
 def test_applying_twice_is_an_error():

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt.model import GPT, PRESETS, GPTConfig, KVCache
+from gpt.config import PRESETS, GPTConfig
+from gpt.model import GPT, KVCache
 from tools.convert import to_transformers
 
 

@@ -8,7 +8,10 @@ import json
 import pytest
 
 import tokenizers_bpe
-from tokenizers_bpe.cli import decode_main, encode_main, inspect_main, train_main
+from tools.bpe_decode import main as decode_main
+from tools.bpe_encode import main as encode_main
+from tools.bpe_inspect import main as inspect_main
+from tools.bpe_train import main as train_main
 
 CORPUS = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 40
 
@@ -211,7 +214,7 @@ def test_non_utf8_offset_is_exact_beyond_the_first_read_block(tmp_path, capsys):
 
 def test_builtin_corpus_is_the_default(tmp_path, monkeypatch, capsys):
     plays = ["ROMEO:\nBut soft, what light through yonder window breaks?\n", "JULIET:\nO Romeo, Romeo!\n"]
-    monkeypatch.setattr("tokenizers_bpe.cli.iter_builtin_texts", lambda name: iter(plays))
+    monkeypatch.setattr("tools.bpe_train.iter_builtin_texts", lambda name: iter(plays))
     for argv in ([], ["--builtin", "shakespeare"]):
         out = tmp_path / "b.json"
         assert train_main([*argv, "--vocab-size", "270", "-o", str(out), "--quiet"]) == 0

@@ -1,15 +1,15 @@
-"""gpt-train: train a GPT on a gpt-prepare data directory.
+"""gpt-train: train a GPT on a gpt-prepare data directory (the loop is gpt.trainer.Trainer).
 
     gpt-train --data data/ --out runs/shakespeare
     gpt-train --resume runs/shakespeare --max-steps 4000           # continue, exactly
     gpt-train --config run.toml                                     # every option from a file
-    torchrun --nproc_per_node=4 -m gpt.train --data data/ --out runs/big --preset gpt2
+    torchrun --nproc_per_node=4 -m tools.train --data data/ --out runs/big --preset gpt2
 
 Every option can be set in a TOML (or JSON) file given with ``--config`` (keys as the long option
 names, with ``-`` or ``_``); the command line wins over the file. The effective configuration is
 saved as ``RUN_DIR/run_config.json``, itself a valid ``--config``. ``--resume`` takes the saved
 configuration and lets you change the schedule and logging options (not the model or the data).
-The training loop is ``gpt.trainer.Trainer``; see it for the run directory layout.
+The run directory layout is described in ``gpt.run_state``.
 """
 
 from __future__ import annotations
@@ -18,13 +18,25 @@ import argparse
 import dataclasses
 import json
 import math
-import signal
 import sys
 import tomllib
 from pathlib import Path
 from typing import Any, Sequence
 
-from tools.cli import ArgumentParser, CLIError, command
+import torch
+import torch.distributed as torch_dist
+
+import tokenizers_bpe
+from gpt.config import PRESETS, GPTConfig
+from gpt.data import TOKENIZER_FILE, RandomWindows, SlidingWindows, load_meta, open_split
+from gpt.device import init_distributed
+from gpt.model import GPT
+from gpt.run_state import RUN_CONFIG_FILE, holds_run
+from gpt.sampling import SAMPLING_DEFAULTS, generate
+from gpt.trainer import Trainer
+from tools.cli import ArgumentParser, CLIError, command, parse_bool
+from tools.outputs import check_writable_dir
+from tools.training import add_option, check_memory, exit_code, option_table, run_training, train_config
 
 PROG = "gpt-train"
 
@@ -32,73 +44,6 @@ PROG = "gpt-train"
 MODEL_OPTIONS = ("n_layer", "n_head", "n_embd", "n_ctx", "dropout", "bias", "pos_embedding", "backend")
 # Options that define the run and cannot change on --resume.
 FIXED_ON_RESUME = ("data", "preset", "init_from", "vocab_size", "block_size", "seed", *MODEL_OPTIONS)
-DEFAULT_PRESET = "shakespeare-cpu"
-
-
-def parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def option_table() -> list[tuple[str, type, Any, str]]:
-    """(name, type, default, help) of every option that a config file can set."""
-    from gpt.trainer import TrainConfig
-
-    t = TrainConfig()
-    return [
-        # data and model
-        ("data", str, None, "data directory written by gpt-prepare (required for a new run)"),
-        ("out", str, None, "run directory for metrics, checkpoints, best/ and final/ (required for a new run)"),
-        ("tokenizer", str, None, "tokenizer.json to use instead of DATA/tokenizer.json (must be the same tokenizer)"),
-        ("preset", str, DEFAULT_PRESET, "model size from gpt.model.PRESETS; the shape options below override it"),
-        ("init_from", str, None, "start from this checkpoint directory (fine-tune/continue pre-training) instead of a random model"),
-        ("n_layer", int, None, "transformer blocks"),
-        ("n_head", int, None, "attention heads"),
-        ("n_embd", int, None, "embedding width (divisible by --n-head)"),
-        ("n_ctx", int, None, "context window (maximum sequence length) of the model"),
-        ("dropout", float, None, "dropout probability (0 for short runs and fine-tuning)"),
-        ("bias", parse_bool, None, "biases in Linear and LayerNorm (true/false)"),
-        ("pos_embedding", str, None, "learned (GPT-2's, default; needed for hf-export) or rope (rotary: lower loss from scratch, see benches/README.md)"),
-        ("backend", str, None, "kernels backend: auto, triton or torch"),
-        ("vocab_size", int, None, "model vocabulary (default: the tokenizer's n_vocab)"),
-        ("block_size", int, None, "training window in tokens (default: the model's n_ctx)"),
-        ("eval_stride", int, None, "stride of the validation sliding window (default: --block-size, no overlap)"),
-        ("batch_tokens", int, None, "target tokens per optimiser step; sets --grad-accum (rounded up)"),
-        # optimisation (gpt.trainer.TrainConfig)
-        ("max_steps", int, t.max_steps, "optimiser steps"),
-        ("batch_size", int, t.batch_size, "sequences per micro-batch per process"),
-        ("grad_accum", int, t.grad_accum, "micro-batches per optimiser step per process"),
-        ("lr", float, t.lr, "peak learning rate"),
-        ("min_lr", float, None, "learning-rate floor of the cosine decay (default: --lr / 10)"),
-        ("warmup_steps", int, t.warmup_steps, "linear warmup steps"),
-        ("lr_decay_steps", int, None, "step where the cosine reaches --min-lr (default: --max-steps)"),
-        ("weight_decay", float, t.weight_decay, "AdamW weight decay (matrices and embeddings only)"),
-        ("beta1", float, t.beta1, "AdamW beta1"),
-        ("beta2", float, t.beta2, "AdamW beta2"),
-        ("grad_clip", float, t.grad_clip, "clip the global gradient norm to this (0: no clipping)"),
-        ("eval_interval", int, t.eval_interval, "validate, sample and plot every N steps"),
-        ("eval_iters", int, t.eval_iters, "validation batches per evaluation (spread evenly over val.bin)"),
-        ("log_interval", int, t.log_interval, "a training line in metrics.jsonl every N steps"),
-        ("checkpoint_interval", int, None, "write RUN_DIR/checkpoints/step-N every N steps (default: --eval-interval)"),
-        ("keep_last", int, t.keep_last, "step checkpoints to keep"),
-        ("seed", int, t.seed, "random seed; the same seed gives the same run on CPU"),
-        ("device", str, t.device, "auto, cpu, cuda or cuda:N"),
-        ("dtype", str, t.dtype, "auto, float32, bfloat16 or float16 (CUDA only, with a GradScaler)"),
-        ("compile", parse_bool, t.compile, "torch.compile the model (true/false)"),
-        ("sample_tokens", int, 100, "tokens of the sample generated at each evaluation (0: none)"),
-        ("sample_prompt", str, "\n", "prompt of that sample"),
-        ("progress", parse_bool, t.progress, "show a progress bar (true/false)"),
-        ("threads", int, None, "CPU threads for PyTorch (default: PyTorch's choice, one per core); 1 is much faster on a machine busy with other work"),
-    ]
-
-
-def add_option(parser, name: str, typ, default, help_text: str) -> None:
-    """One row of the option table as a flag; a boolean alone (--compile) means true, --compile false works too."""
-    flag_kwargs = dict(nargs="?", const=True, metavar="BOOL") if typ is parse_bool else {}
-    parser.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=default, help=help_text, **flag_kwargs)
 
 
 def build_parser() -> ArgumentParser:
@@ -149,7 +94,7 @@ def effective_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict | 
     saved = None
     if args.resume:
         run_dir = Path(args.resume)
-        path = run_dir / "run_config.json"
+        path = run_dir / RUN_CONFIG_FILE
         if not run_dir.is_dir():
             raise CLIError(f"--resume {run_dir}: no such run directory")
         if not path.is_file():
@@ -176,10 +121,6 @@ def effective_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict | 
 
 def build_model(opts: dict, meta, tokenizer):
     """A fresh GPT (preset + overrides) or one loaded with --init-from, checked against the data."""
-    import torch
-
-    from gpt.model import GPT, PRESETS, GPTConfig
-
     overrides = {k: opts[k] for k in MODEL_OPTIONS if opts[k] is not None}
     if opts["init_from"]:
         try:
@@ -208,27 +149,19 @@ def build_model(opts: dict, meta, tokenizer):
 
 
 def make_sampler(tokenizer, prompt: str, n_tokens: int, seed: int):
-    """The evaluation-time sample: ``n_tokens`` from ``prompt`` with gpt.generate (fixed seed, so
-    samples at different steps differ only by what the model learned)."""
-    from gpt.sampling import generate
-
+    """The evaluation-time sample: ``n_tokens`` from ``prompt`` with gpt.generate and gpt-generate's
+    sampling defaults (fixed seed, so samples at different steps differ only by what the model learned)."""
     prompt_ids = tokenizer.encode_ordinary(prompt) or ([tokenizer.eot_token] if tokenizer.eot_token is not None else [0])
+    settings = {k: v for k, v in SAMPLING_DEFAULTS.items() if k != "max_new_tokens"}
 
     def sample(model) -> str:
-        out = generate(model, prompt_ids, n_tokens, temperature=0.8, top_k=200, seed=seed)
+        out = generate(model, prompt_ids, n_tokens, seed=seed, **settings)
         return tokenizer.decode(prompt_ids + out[0])
 
     return sample
 
 
 def run(opts: dict, resume: bool, saved: dict | None) -> int:
-    import torch
-
-    import tokenizers_bpe
-    from gpt.data import TOKENIZER_FILE, RandomWindows, SlidingWindows, load_meta, open_split
-    from gpt.trainer import TrainConfig, Trainer, TrainingDiverged, check_micro_batch_fits, init_distributed
-    from tools.fileio import check_writable_dir
-
     data_dir, out = Path(opts["data"]), Path(opts["out"])
     meta = load_meta(data_dir)
     tok_path = Path(opts["tokenizer"] or data_dir / TOKENIZER_FILE)
@@ -238,7 +171,7 @@ def run(opts: dict, resume: bool, saved: dict | None) -> int:
     if tokenizer.fingerprint() != meta.tokenizer_fingerprint:
         raise CLIError(f"tokenizer {tok_path} is not the one {data_dir} was prepared with (fingerprints differ); use that tokenizer or re-run gpt-prepare")
     train_tokens, val_tokens = open_split(data_dir, "train", meta), open_split(data_dir, "val", meta)
-    if not resume and ((out / "checkpoints").exists() or (out / "metrics.jsonl").exists()):
+    if not resume and holds_run(out):
         raise CLIError(f"--out {out} already holds a run; continue it with --resume {out} or choose another --out")
 
     model = build_model(opts, meta, tokenizer)
@@ -250,9 +183,7 @@ def run(opts: dict, resume: bool, saved: dict | None) -> int:
         if opts["threads"] < 1:
             raise CLIError(f"--threads must be at least 1, got {opts['threads']}")
         torch.set_num_threads(opts["threads"])
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in opts.items() if k in train_fields})
-    cfg.validate()
+    cfg = train_config(opts)
     dist = init_distributed(cfg.device)
     try:
         if opts["batch_tokens"]:
@@ -274,10 +205,7 @@ def run(opts: dict, resume: bool, saved: dict | None) -> int:
         sampler = make_sampler(tokenizer, opts["sample_prompt"], opts["sample_tokens"], cfg.seed) if opts["sample_tokens"] > 0 else None
         trainer = Trainer(model, cfg, train_batch, eval_batches, out_dir=out, tokenizer=tokenizer, sample_fn=sampler,
                           bytes_per_token=meta.bytes_per_token("val"), run_config=run_config, dist=dist)
-        c = model.config
-        warning = check_micro_batch_fits(c.n_layer, c.n_embd, c.vocab_size, cfg.batch_size, block_size, dist.device, cfg.dtype)
-        if warning and dist.is_main:
-            print(f"{PROG}: warning: {warning}", file=sys.stderr)
+        check_memory(PROG, model.config, model.config.vocab_size, cfg, block_size)
         check_writable_dir(out, "--out")  # the last check: it creates the directory
         trainer.prepare(resume)
         if dist.is_main:
@@ -285,22 +213,8 @@ def run(opts: dict, resume: bool, saved: dict | None) -> int:
                   f"{model.config.n_embd} wide, context {model.config.n_ctx}); {derived['tokens_per_step']:,} tokens/step "
                   f"({cfg.batch_size} x {block_size} x {cfg.grad_accum} accum x {dist.world_size} proc); "
                   f"device {dist.device}, {trainer.dtype}; {meta.splits['train'].tokens:,} train tokens", file=sys.stderr)
-        try:
-            result = trainer.fit(resume=resume)
-        except TrainingDiverged as e:
-            last = sorted((out / "checkpoints").glob("step-*"))
-            where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
-            if dist.is_main:
-                print(f"{PROG}: error: {e}; stopped, {where}. Lower --lr, raise --warmup-steps or use --dtype float32", file=sys.stderr)
-            return 1
-        if dist.is_main:
-            print(result.summary())
-            if result.interrupted:
-                print(f"resume with: gpt-train --resume {out}")
-        return 128 + (result.stop_signal or signal.SIGTERM) if result.interrupted else 0  # the shell's code for death by that signal
+        return exit_code(run_training(trainer, resume, f"gpt-train --resume {out}"))
     finally:
-        import torch.distributed as torch_dist
-
         if torch_dist.is_initialized():
             torch_dist.destroy_process_group()
 

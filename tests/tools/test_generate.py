@@ -10,9 +10,10 @@ import sys
 import pytest
 import torch
 
-import gpt.sampling as sampling
+import tools.generate
 from gpt.prompt_template import format_instruction_prompt
-from gpt.sampling import generate, main
+from gpt.sampling import generate
+from tools.generate import main
 from tests.conftest import ROOT
 from tests.gpt.test_sampling import make_tiny_model, small_tokenizer
 
@@ -47,7 +48,7 @@ def calls(monkeypatch):
         recorded.append(dict(prompt_ids=list(prompt_ids), max_new_tokens=max_new_tokens, **kwargs))
         return generate(model, prompt_ids, max_new_tokens, **kwargs)
 
-    monkeypatch.setattr(sampling, "generate", spy)
+    monkeypatch.setattr(tools.generate, "generate", spy)
     return recorded
 
 
@@ -114,7 +115,7 @@ def test_streams_utf8_incrementally(ckpt, tok, monkeypatch):
         assert "".join(written) == "é!"
         return [[0xC3, 0xA9, ord("!")]]
 
-    monkeypatch.setattr(sampling, "generate", fake_generate)
+    monkeypatch.setattr(tools.generate, "generate", fake_generate)
     assert main(["--model", str(ckpt), "x"]) == 0
     assert "".join(written) == "é!\n"
 
@@ -224,7 +225,7 @@ def test_help(capsys):
 
 def test_real_process_stdin_and_exit_status(ckpt, model, tok):
     """As a user runs it: a separate process, the prompt piped in, the text on stdout, stats on stderr."""
-    cmd = [sys.executable, "-c", "import sys; from gpt.sampling import main; sys.exit(main())",
+    cmd = [sys.executable, "-c", "import sys; from tools.generate import main; sys.exit(main())",
            "--model", str(ckpt), "-", "-n", "8", "--temperature", "0"]
     done = subprocess.run(cmd, input="Hello".encode(), capture_output=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr.decode()

@@ -9,19 +9,15 @@ import string
 import pytest
 import torch
 
-from gpt.finetune import (
-    CLASSIFIER_FILE,
-    ShuffledBatches,
-    classify_main,
-    collate_instructions,
-    encode_instruction,
-    load_classifier,
-    main,
-    read_examples,
-)
+from gpt.classifier import CLASSIFIER_FILE, load_classifier
+from gpt.finetune_data import ShuffledBatches, collate_instructions, encode_instruction, read_examples
 from gpt.model import GPT, GPTConfig
 from gpt.prompt_template import format_instruction_prompt
 from tokenizers_bpe import CharTokenizer
+from tools.classify import main as classify_main
+from tools.convert import merge_checkpoint
+from tools.finetune import main
+from tools.generate import main as generate_main
 
 TRAIN_ARGS = ["--device", "cpu", "--progress", "false", "--seed", "3"]
 
@@ -185,7 +181,6 @@ def test_classify_with_lora_trains_only_adapters_and_head(base, tmp_path, capsys
     assert any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in adapters.items())  # they trained
 
     merged = tmp_path / "merged"
-    from gpt.lora import merge_checkpoint
 
     merge_checkpoint(final, merged)
     assert not (merged / "adapters.safetensors").exists()
@@ -216,7 +211,6 @@ def test_instruct_lowers_val_loss_and_is_generated_with_the_template(base, tmp_p
     assert len(report["answers"]) == 2 and "validation loss:" in stdout
     model = GPT.from_pretrained(out / "final")
     assert model.generation_config["temperature"] == 0.0
-    from gpt.sampling import main as generate_main
 
     rc, answer, err = run(capsys, generate_main, ["--model", out / "final", "--instruct", "Repeat the word sun.", "--device", "cpu", "-n", 20])
     assert rc == 0, err

@@ -1,10 +1,10 @@
-"""tools.fileio: atomic outputs that never delete what the user did not ask to replace."""
+"""tokenizers_bpe.fileio: atomic outputs that never delete what the user did not ask to replace."""
 
 from __future__ import annotations
 
 import pytest
 
-from tools.fileio import atomic_directory
+from tokenizers_bpe.fileio import atomic_directory
 
 
 def test_atomic_directory_replaces_a_previous_output_of_the_same_kind(tmp_path):
@@ -48,17 +48,3 @@ def test_a_failed_write_leaves_the_old_directory(tmp_path):
             (tmp / "a").write_text("half")
             raise RuntimeError("crash while writing")
     assert (out / "a").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-
-
-def test_check_writable_dir_can_leave_no_trace(tmp_path):
-    from tools.fileio import check_writable_dir
-
-    assert check_writable_dir(tmp_path / "a" / "b", keep=False) == tmp_path / "a" / "b"
-    assert list(tmp_path.iterdir()) == []  # both levels it created are gone again
-    (tmp_path / "kept").mkdir()
-    check_writable_dir(tmp_path / "kept", keep=False)
-    check_writable_dir(tmp_path / "made")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "made"]
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(ValueError, match="--out .*file/sub: cannot write there"):
-        check_writable_dir(tmp_path / "file" / "sub", keep=False)

@@ -1,0 +1,94 @@
+"""Where a model runs: the device and dtype rules every command shares, and this process's place in
+a ``torchrun`` job (DDP: NCCL on GPUs, gloo on CPUs)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+from tokenizers_bpe.errors import SettingError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name of a weights dtype in DTYPES ("float32", ...); ValueError for any other."""
+    for name, d in DTYPES.items():
+        if d == dtype:
+            return name
+    raise ValueError(f"unsupported weight dtype {dtype}; use one of {', '.join(DTYPES)}")
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job (a single process is rank 0 of 1)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" when there is a GPU, else "cpu"; "cpu", "cuda" and "cuda:N" as they are."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and not device.startswith("cuda"):
+        raise SettingError("device", f"{{device}} must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SettingError("device", f"{{device}} {device}: CUDA is not available here; use {{device}} cpu")
+    return device
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Join the process group that ``torchrun`` describes in the environment (NCCL on CUDA, gloo
+    on CPU); without torchrun, a single process. Each rank gets its own GPU (``cuda:LOCAL_RANK``)."""
+    device = resolve_device(device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Dist(device=device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def _check_dtype_name(dtype: str) -> None:
+    if dtype != "auto" and dtype not in DTYPES:
+        raise SettingError("dtype", f"{{dtype}} must be one of auto, {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """The training dtype: "auto" is bf16 on a GPU that has it, else fp16 there (with a GradScaler),
+    and fp32 on the CPU."""
+    _check_dtype_name(dtype)
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype == "float16" and not device.startswith("cuda"):
+        raise SettingError("dtype", "{dtype} float16 needs CUDA (a GradScaler); use bfloat16 or float32 on the CPU")
+    return DTYPES[dtype]
+
+
+def resolve_inference_dtype(dtype: str, device: str) -> torch.dtype:
+    """The weights dtype for inference: "auto" is bf16 on a GPU that has it, else fp32 (inference
+    needs no fp16 loss scaling, but fp32 is the safe default on a CPU)."""
+    _check_dtype_name(dtype)
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    return DTYPES[dtype]

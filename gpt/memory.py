@@ -1,0 +1,70 @@
+"""Will a training micro-batch fit? A lower bound of its memory, checked against what the machine
+has before any work starts: on a CPU the OS kills a process that runs out of memory (or swaps for
+hours) instead of raising an error."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gpt.device import resolve_device, resolve_dtype
+from tokenizers_bpe.errors import SettingError
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the OS can give without swapping (Linux ``MemAvailable``); None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def micro_batch_bytes(n_layer: int, n_embd: int, vocab_size: int, batch_size: int, block_size: int, dtype: torch.dtype) -> int:
+    """A lower bound of the memory one language-model training micro-batch takes beyond the weights:
+    per token, the windows (int64 inputs and targets), 14 x n_embd activations per layer kept for the
+    backward pass (LayerNorm inputs and outputs, q/k/v, attention output, the 4x MLP before and after
+    GELU) and the fp32 logits with their log-softmax. A lower bound (autograd keeps a little more, and
+    the backward pass adds gradients), so it never refuses a batch that would fit."""
+    tokens = batch_size * block_size
+    activation_size = 2 if dtype in (torch.bfloat16, torch.float16) else 4
+    return tokens * (16 + n_layer * 14 * n_embd * activation_size + 2 * vocab_size * 4)
+
+
+@dataclass(frozen=True)
+class MicroBatchMemory:
+    """A micro-batch's memory lower bound next to the memory available for it, in bytes."""
+
+    need: int
+    available: int
+
+    @property
+    def tight(self) -> bool:
+        """The bound alone takes more than half the memory: the real peak (higher) may not fit."""
+        return self.need > self.available / 2
+
+
+def check_micro_batch_fits(n_layer: int, n_embd: int, vocab_size: int, batch_size: int, block_size: int, device: str,
+                           dtype: str) -> MicroBatchMemory | None:
+    """On a CPU, refuse (a SettingError on ``batch_size``) a micro-batch that cannot fit in the
+    available memory, before any work starts. CUDA raises an out-of-memory error cleanly, which the
+    Trainer turns into the same advice, so there (and where the available memory is unknown) this
+    checks nothing and returns None; otherwise it returns the estimate, so that the caller can warn
+    when it is ``tight``. ``device`` and ``dtype`` are the settings' values (may be "auto")."""
+    device = resolve_device(device)
+    available = available_memory_bytes()
+    if device.startswith("cuda") or available is None:
+        return None
+    need = micro_batch_bytes(n_layer, n_embd, vocab_size, batch_size, block_size, resolve_dtype(dtype, device))
+    if need > available:
+        raise SettingError("batch_size", f"a micro-batch of {{batch_size}} {batch_size} x {{block_size}} {block_size} needs at least "
+                           f"{need / 2**30:,.1f} GiB but {available / 2**30:,.1f} GiB of memory is available; "
+                           f"{SMALLER_BATCH_ADVICE}")
+    return MicroBatchMemory(need, available)
+
+
+SMALLER_BATCH_ADVICE = "lower {batch_size} (raise {grad_accum} to keep the batch) or {block_size}"

@@ -1,0 +1,41 @@
+"""bpe-decode: decode token ids (a JSON list such as [15496, 995]) to text."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Sequence
+
+from tokenizers_bpe import load
+from tools.cli import ArgumentParser, CLIError, HelpFormatter, command, text_argument
+
+PROG = "bpe-decode"
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog=PROG, formatter_class=HelpFormatter, description=__doc__.split(": ", 1)[1].strip())
+    p.add_argument("ids", nargs="?", default="-", metavar="IDS", help="a JSON list of ids, or - (or nothing) to read stdin")
+    p.add_argument("--tokenizer", "-t", required=True, help="a tokenizer.json")
+    return p
+
+
+@command(PROG)
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    tok = load(args.tokenizer)
+    raw = text_argument(args.ids, "IDS")
+    try:
+        ids = json.loads(raw)
+    except json.JSONDecodeError:
+        raise CLIError(f"IDS must be a JSON list of integers such as [15496, 995], got {raw.strip()[:40]!r}") from None
+    if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+        raise CLIError(f"IDS must be a JSON list of integers such as [15496, 995], got {raw.strip()[:40]!r}")
+    text = tok.decode(ids)
+    sys.stdout.write(text)
+    if sys.stdout.isatty() and not text.endswith("\n"):
+        sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

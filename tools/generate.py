@@ -1,0 +1,170 @@
+"""gpt-generate: generate text with a GPT checkpoint (sampling rules: gpt.sampling)."""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from gpt.device import DTYPES, resolve_device, resolve_inference_dtype
+from gpt.model import GPT
+from gpt.prompt_template import format_instruction_prompt
+from gpt.sampling import SAMPLING_DEFAULTS, check_count, check_sampling_settings, generate
+from tokenizers_bpe import UnknownCharacterError
+from tools.cli import (ArgumentParser, CLIError, HelpFormatter, add_seed_argument, command, integer, number, or_none,
+                       text_argument)
+
+PROG = "gpt-generate"
+DESCRIPTION = """\
+Generate text with a GPT checkpoint. The text is streamed to stdout as it is
+produced (the prompt is not repeated); speed and time to first token go to
+stderr. Sampling settings not given here come from the checkpoint's
+generation.json when it has them, else from the defaults shown. A sample ends
+early at the end-of-text token.
+
+examples:
+  gpt-generate --model run/final 'ROMEO:' -n 100 --seed 1
+  echo 'Once upon a time' | gpt-generate --model gpt2 - --temperature 0
+  gpt-generate --model sft --instruct 'Convert 45 kilometers to meters.'
+"""
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog=PROG, formatter_class=HelpFormatter, description=DESCRIPTION)
+    # Sampling flags default to SUPPRESS so that an absent flag is absent from args: then
+    # generation.json, then SAMPLING_DEFAULTS, fill it in (see _sampling_settings).
+    unset = argparse.SUPPRESS
+    p.add_argument("prompt", nargs="?", default=unset, metavar="PROMPT",
+                   help="prompt text, or '-' to read it (UTF-8) from stdin; empty: start from the end-of-text token")
+    p.add_argument("--model", required=True, default=unset, metavar="DIR", help="checkpoint directory (gpt-train, gpt-convert or gpt-finetune output)")
+    p.add_argument("-n", "--max-new-tokens", default=unset, metavar="N", type=integer(1),
+                   help=f"tokens to generate per sample (default {SAMPLING_DEFAULTS['max_new_tokens']})")
+    p.add_argument("--temperature", default=unset, metavar="T", type=number(0),
+                   help=f"softmax temperature; 0 is greedy (default {SAMPLING_DEFAULTS['temperature']})")
+    p.add_argument("--top-k", default=unset, metavar="K", type=or_none(integer(1)),
+                   help=f"sample among the K most likely tokens; 'none': no limit (default {SAMPLING_DEFAULTS['top_k']})")
+    p.add_argument("--top-p", default=unset, metavar="P", type=or_none(number(0, 1, low_open=True)),
+                   help="nucleus sampling: the smallest set of most likely tokens holding probability P; "
+                   f"1 or 'none': no limit (default {SAMPLING_DEFAULTS['top_p']})")
+    p.add_argument("--repetition-penalty", default=unset, metavar="R", type=or_none(number(0, low_open=True)),
+                   help="CTRL penalty on the logits of tokens already in the text, e.g. 1.2; 1 or 'none' is off (default none)")
+    add_seed_argument(p)
+    p.add_argument("--num-samples", type=integer(1), default=1, metavar="S",
+                   help="independent samples, decoded as one batch; the first streams live, the others follow it")
+    p.add_argument("--no-stream", action="store_true", help="print the text only when generation is done")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
+    p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                   help="weights dtype; auto: bfloat16 on a GPU that supports it, else float32")
+    p.add_argument("--allow-special", action="store_true",
+                   help="encode special-token text in the prompt (e.g. <|endoftext|>) as the special token, not as ordinary text")
+    p.add_argument("--instruct", metavar="TEXT",
+                   help="an instruction: wrap it in the instruction template (gpt.prompt_template) and print only the response")
+    p.add_argument("--input", metavar="TEXT", default="", help="the instruction's input (with --instruct)")
+    return p
+
+
+def _read_prompt(args) -> str:
+    if args.instruct is not None:
+        if args.prompt:
+            raise CLIError("give either a PROMPT or --instruct, not both")
+        return format_instruction_prompt(text_argument(args.instruct, "--instruct"), text_argument(args.input, "--input"))
+    if args.input:
+        raise CLIError("--input goes with --instruct")
+    return text_argument(args.prompt, "PROMPT")
+
+
+def _sampling_settings(args, generation: dict, model_dir: Path) -> dict:
+    """Each setting from the command line, else generation.json, else SAMPLING_DEFAULTS."""
+    defaults = {name: generation.get(name, value) for name, value in SAMPLING_DEFAULTS.items()}
+    try:
+        check_sampling_settings(defaults["temperature"], defaults["top_k"], defaults["top_p"], defaults["repetition_penalty"])
+        check_count("max_new_tokens", defaults["max_new_tokens"])
+    except ValueError as e:
+        raise CLIError(f"{model_dir / 'generation.json'}: {e}") from None
+    return {name: getattr(args, name, value) for name, value in defaults.items()}
+
+
+def _encode_prompt(tok, text: str, allow_special: bool, n_ctx: int) -> list[int]:
+    """Prompt ids: special-token text is ordinary text unless allowed, an empty prompt is the
+    end-of-text token, a prompt too long for the context keeps its last n_ctx - 1 tokens (with a note)."""
+    if allow_special:
+        ids = tok.encode(text, allowed_special=set(tok.special_tokens))
+    else:
+        ids = tok.encode_ordinary(text)
+        found = [s for s in tok.special_tokens if s in text]
+        if found:
+            print(f"{PROG}: note: the prompt's {', '.join(found)} is encoded as ordinary text; "
+                  "use --allow-special to encode it as the special token", file=sys.stderr)
+    if not ids:
+        if tok.eot_token is None:
+            raise CLIError("the prompt is empty and the tokenizer has no end-of-text token to start from; give a prompt")
+        ids = [tok.eot_token]
+    keep = max(1, n_ctx - 1)
+    if len(ids) > keep:
+        print(f"{PROG}: note: the prompt has {len(ids)} tokens but the context holds {n_ctx}; "
+              f"keeping its last {keep} tokens", file=sys.stderr)
+        ids = ids[-keep:]
+    return ids
+
+
+@command(PROG)
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.prompt = getattr(args, "prompt", "")
+    text = _read_prompt(args)
+    model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        raise CLIError(f"--model {model_dir}: no such checkpoint directory")
+    device = resolve_device(args.device)
+    dtype = resolve_inference_dtype(args.dtype, device)
+    model = GPT.from_pretrained(model_dir, device=device, dtype=dtype)
+    settings = _sampling_settings(args, model.generation_config, model_dir)
+    tok = model.tokenizer
+    try:
+        ids = _encode_prompt(tok, text, args.allow_special, model.config.n_ctx)
+    except UnknownCharacterError as e:
+        raise CLIError(f"the prompt: {e}; use only text the model's tokenizer knows") from None
+
+    stream_live = not args.no_stream
+    decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(args.num_samples)]
+    pieces: list[list[str]] = [[] for _ in range(args.num_samples)]
+    first_token_at: list[float] = []
+
+    def on_token(sample: int, token: int) -> None:
+        if not first_token_at:
+            first_token_at.append(time.perf_counter())
+        piece = decoders[sample].decode(tok.decode_single_token_bytes(token))
+        if stream_live and sample == 0:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        else:
+            pieces[sample].append(piece)
+
+    start = time.perf_counter()
+    outputs = generate(
+        model, ids, settings["max_new_tokens"], temperature=settings["temperature"], top_k=settings["top_k"],
+        top_p=settings["top_p"], repetition_penalty=settings["repetition_penalty"], seed=args.seed,
+        num_samples=args.num_samples, stream=on_token,
+    )
+    elapsed = time.perf_counter() - start
+    for sample in range(args.num_samples):
+        tail = decoders[sample].decode(b"", final=True)
+        if args.num_samples > 1 and sample > 0:
+            sys.stdout.write(f"\n{'-' * 20} sample {sample + 1} {'-' * 20}\n")
+        sys.stdout.write("".join(pieces[sample]) + tail)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+    n_tokens = sum(map(len, outputs))
+    ttft = (first_token_at[0] - start) if first_token_at else elapsed
+    samples = f" over {args.num_samples} samples" if args.num_samples > 1 else ""
+    print(f"{PROG}: {n_tokens} tokens{samples} in {elapsed:.2f} s ({n_tokens / elapsed:.1f} tokens/s), "
+          f"time to first token {ttft * 1000:.0f} ms", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""What the two training commands, gpt-train and gpt-finetune, share: the training options (one table,
+the same names, types, defaults and help in both), the check that a micro-batch fits in memory, and
+running the Trainer under the exit-code table."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any, Mapping
+
+from gpt.memory import check_micro_batch_fits
+from gpt.sampling import SAMPLING_DEFAULTS
+from gpt.train_config import TrainConfig
+from gpt.trainer import Trainer, TrainingDiverged, TrainResult
+from tokenizers_bpe.errors import SettingError
+from tools.cli import CLIError, ExitCode, flag, parse_bool
+
+DEFAULT_PRESET = "shakespeare-cpu"
+
+
+def option_table() -> list[tuple[str, Any, Any, str]]:
+    """(name, type, default, help) of every gpt-train option that a config file can set; gpt-finetune
+    takes the optimisation rows (TrainConfig's fields) with its own defaults."""
+    t = TrainConfig()
+    return [
+        # data and model
+        ("data", str, None, "data directory written by gpt-prepare (required for a new run)"),
+        ("out", str, None, "run directory for metrics, checkpoints, best/ and final/ (required for a new run)"),
+        ("tokenizer", str, None, "tokenizer.json to use instead of DATA/tokenizer.json (must be the same tokenizer)"),
+        ("preset", str, DEFAULT_PRESET, "model size from gpt.config.PRESETS; the shape options below override it"),
+        ("init_from", str, None, "start from this checkpoint directory (fine-tune/continue pre-training) instead of a random model"),
+        ("n_layer", int, None, "transformer blocks"),
+        ("n_head", int, None, "attention heads"),
+        ("n_embd", int, None, "embedding width (divisible by --n-head)"),
+        ("n_ctx", int, None, "context window (maximum sequence length) of the model"),
+        ("dropout", float, None, "dropout probability (0 for short runs and fine-tuning)"),
+        ("bias", parse_bool, None, "biases in Linear and LayerNorm (true/false)"),
+        ("pos_embedding", str, None, "learned (GPT-2's, default; needed for hf-export) or rope (rotary: lower loss from scratch, see benches/README.md)"),
+        ("backend", str, None, "kernels backend: auto, triton or torch"),
+        ("vocab_size", int, None, "model vocabulary (default: the tokenizer's n_vocab)"),
+        ("block_size", int, None, "training window in tokens (default: the model's n_ctx)"),
+        ("eval_stride", int, None, "stride of the validation sliding window (default: --block-size, no overlap)"),
+        ("batch_tokens", int, None, "target tokens per optimiser step; sets --grad-accum (rounded up)"),
+        # optimisation (gpt.train_config.TrainConfig)
+        ("max_steps", int, t.max_steps, "optimiser steps"),
+        ("batch_size", int, t.batch_size, "sequences per micro-batch per process"),
+        ("grad_accum", int, t.grad_accum, "micro-batches per optimiser step per process"),
+        ("lr", float, t.lr, "peak learning rate"),
+        ("min_lr", float, None, "learning-rate floor of the cosine decay (default: --lr / 10)"),
+        ("warmup_steps", int, t.warmup_steps, "linear warmup steps"),
+        ("lr_decay_steps", int, None, "step where the cosine reaches --min-lr (default: --max-steps)"),
+        ("weight_decay", float, t.weight_decay, "AdamW weight decay (matrices and embeddings only)"),
+        ("beta1", float, t.beta1, "AdamW beta1"),
+        ("beta2", float, t.beta2, "AdamW beta2"),
+        ("grad_clip", float, t.grad_clip, "clip the global gradient norm to this (0: no clipping)"),
+        ("eval_interval", int, t.eval_interval, "validate, sample and plot every N steps"),
+        ("eval_iters", int, t.eval_iters, "validation batches per evaluation (spread evenly over val.bin)"),
+        ("log_interval", int, t.log_interval, "a training line in metrics.jsonl every N steps"),
+        ("checkpoint_interval", int, None, "write RUN_DIR/checkpoints/step-N every N steps (default: --eval-interval)"),
+        ("keep_last", int, t.keep_last, "step checkpoints to keep"),
+        ("seed", int, t.seed, "random seed; the same seed gives the same run on CPU"),
+        ("device", str, t.device, "auto, cpu, cuda or cuda:N"),
+        ("dtype", str, t.dtype, "auto, float32, bfloat16 or float16 (CUDA only, with a GradScaler)"),
+        ("compile", parse_bool, t.compile, "torch.compile the model (true/false)"),
+        ("sample_tokens", int, 100, "tokens of the sample generated at each evaluation (0: none); sampled with "
+                                    f"temperature {SAMPLING_DEFAULTS['temperature']}, top-k {SAMPLING_DEFAULTS['top_k']}, "
+                                    f"top-p {SAMPLING_DEFAULTS['top_p']}, as gpt-generate"),
+        ("sample_prompt", str, "\n", "prompt of that sample"),
+        ("progress", parse_bool, t.progress, "show a progress bar (true/false)"),
+        ("threads", int, None, "CPU threads for PyTorch (default: PyTorch's choice, one per core); 1 is much faster on a machine busy with other work"),
+    ]
+
+
+def add_option(parser, name: str, typ, default, help_text: str) -> None:
+    """One row of the option table as a flag; a boolean alone (--compile) means true, --compile false works too."""
+    flag_kwargs = dict(nargs="?", const=True, metavar="BOOL") if typ is parse_bool else {}
+    parser.add_argument(flag(name), dest=name, type=typ, default=default, help=help_text, **flag_kwargs)
+
+
+def add_train_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), helps: dict[str, str] | None = None,
+                      **defaults) -> None:
+    """The optimisation options of gpt-train (the same names, types and help), with other defaults."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - set(skip)
+    group = parser.add_argument_group("training (as gpt-train)")
+    for name, typ, default, help_text in option_table():
+        if name in fields:
+            default = defaults.get(name, default)
+            help_text = (helps or {}).get(name, help_text + ("" if default is None else f" (default: {default!r})"))
+            add_option(group, name, typ, default, help_text)
+
+
+def train_config(values: Mapping[str, Any]) -> TrainConfig:
+    """A validated TrainConfig from the options that are its fields."""
+    cfg = TrainConfig(**{f.name: values[f.name] for f in dataclasses.fields(TrainConfig) if f.name in values})
+    cfg.validate()
+    return cfg
+
+
+def check_memory(prog: str, model_config, n_outputs: int, cfg: TrainConfig, length: int, flags: Mapping[str, str] | None = None) -> None:
+    """Refuse (a SettingError) a micro-batch that cannot fit in memory; warn on stderr when it may not."""
+    c = model_config
+    memory = check_micro_batch_fits(c.n_layer, c.n_embd, n_outputs, cfg.batch_size, length, cfg.device, cfg.dtype)
+    if memory is not None and memory.tight:
+        warning = SettingError("batch_size", f"a micro-batch of {{batch_size}} {cfg.batch_size} x {{block_size}} {length} needs "
+                                             f"at least {memory.need / 2**30:,.1f} GiB of the {memory.available / 2**30:,.1f} GiB "
+                                             "available; if the process is killed, lower {batch_size} (raise {grad_accum} to "
+                                             "keep the batch) or {block_size}")
+        print(f"{prog}: warning: {warning.render(lambda name: flag(name, flags))}", file=sys.stderr)
+
+
+def run_training(trainer: Trainer, resume: bool, resume_command: str) -> TrainResult:
+    """``trainer.fit``; a diverged run is an error with ExitCode.DIVERGED naming the last good
+    checkpoint. The main process prints the summary, and after an interruption how to resume."""
+    try:
+        result = trainer.fit(resume=resume)
+    except TrainingDiverged as e:
+        if not trainer.dist.is_main:  # every rank stops; the main one says why
+            raise SystemExit(ExitCode.DIVERGED) from None
+        last = trainer.latest_checkpoint()
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
+        raise CLIError(f"{e}; stopped, {where}. Lower --lr, raise --warmup-steps or use --dtype float32",
+                       ExitCode.DIVERGED) from None
+    if trainer.dist.is_main:
+        print(result.summary())
+        if result.interrupted:
+            print(f"resume with: {resume_command}")
+    return result
+
+
+def exit_code(result: TrainResult) -> ExitCode:
+    return ExitCode.INTERRUPTED if result.interrupted else ExitCode.OK
