@@ -28,7 +28,9 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
+# lint-imports checks the package graph (pyproject.toml, [tool.importlinter]) before the tests run.
 test: $(VENV)/.installed-dev
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 
 bench: $(VENV)/.installed-dev
