@@ -29,15 +29,15 @@ import tokenizers_bpe
 from gpt.config import GPTConfig
 from gpt.device import DTYPES, dtype_name
 from gpt.lora import LoRAConfig, adapter_shapes, apply_lora, check_unmerged, split_adapters
+from tokenizers_bpe import TOKENIZER_FILE
 from tokenizers_bpe.errors import SettingError
-from tokenizers_bpe.fileio import atomic_directory
+from tokenizers_bpe.fileio import atomic_directory, format_stamp, recorded_version
 from tokenizers_bpe.fileio import read_json as parse_json_file
 
 FORMAT = "gpt-checkpoint"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.json"
 GENERATION_FILE = "generation.json"
 ADAPTERS_FILE = "adapters.safetensors"
 
@@ -77,8 +77,7 @@ def write_checkpoint(directory, model, tokenizer, generation: dict | None = None
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        **format_stamp(FORMAT, FORMAT_VERSION),
         "dtype": dtype,
         "model": config.to_dict(),
         "tokenizer": {"n_vocab": tokenizer.n_vocab, "fingerprint": tokenizer.fingerprint()},
@@ -131,7 +130,7 @@ def read_meta(directory) -> dict[str, Any]:
     meta = read_json(path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a {FORMAT} config (missing \"format\": \"{FORMAT}\"); is this a Hugging Face directory? use gpt-convert hf-import")
-    version = meta.get("format_version")
+    version = recorded_version(meta)
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unknown format_version {version!r}; this version of the toolkit reads version {FORMAT_VERSION}")
     if meta.get("dtype") not in DTYPES:

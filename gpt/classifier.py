@@ -22,6 +22,7 @@ from gpt.finetune_data import collate_classification, in_batches
 from gpt.model import GPT
 from gpt.run_state import FINAL_DIR
 from tokenizers_bpe.errors import SettingError
+from tokenizers_bpe.fileio import format_stamp, recorded_version
 
 CLASSIFIER_FORMAT = "gpt-classifier"
 CLASSIFIER_VERSION = 1
@@ -73,7 +74,7 @@ def save_classifier(model: GPTClassifier, directory: Path, tokenizer, *, max_len
     write_checkpoint(directory, model.gpt, tokenizer, model.gpt.generation_config)
     head = {k: v.detach().to(next(model.gpt.parameters()).dtype).contiguous().cpu() for k, v in model.head.state_dict().items()}
     save_file(head, str(Path(directory) / HEAD_FILE), metadata={"format": "pt"})
-    meta = {"format": CLASSIFIER_FORMAT, "format_version": CLASSIFIER_VERSION, "labels": model.labels, "max_length": max_length}
+    meta = {**format_stamp(CLASSIFIER_FORMAT, CLASSIFIER_VERSION), "labels": model.labels, "max_length": max_length}
     (Path(directory) / CLASSIFIER_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
@@ -88,8 +89,8 @@ def load_classifier(directory, *, device="cpu") -> tuple[GPTClassifier, int]:
     meta = read_json(path)
     if not isinstance(meta, dict) or meta.get("format") != CLASSIFIER_FORMAT:
         raise CheckpointError(f"{path}: not a {CLASSIFIER_FORMAT} file")
-    if meta.get("format_version") != CLASSIFIER_VERSION:
-        raise CheckpointError(f"{path}: unknown format_version {meta.get('format_version')!r}; this version reads {CLASSIFIER_VERSION}")
+    if recorded_version(meta) != CLASSIFIER_VERSION:
+        raise CheckpointError(f"{path}: unknown format_version {recorded_version(meta)!r}; this version reads {CLASSIFIER_VERSION}")
     labels, max_length = meta.get("labels"), meta.get("max_length")
     if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels) or len(set(labels)) != len(labels):
         raise CheckpointError(f"{path}: \"labels\" must be a list of at least two distinct strings")

@@ -29,13 +29,12 @@ import numpy as np
 import torch
 
 from tokenizers_bpe.errors import SettingError
-from tokenizers_bpe.fileio import read_json
+from tokenizers_bpe.fileio import format_stamp, read_json, recorded_version
 
 DATA_FORMAT = "gpt-toolkit-tokens"
 DATA_VERSION = 1
 SPLITS = ("train", "val")
 META_FILE = "meta.json"
-TOKENIZER_FILE = "tokenizer.json"
 
 
 def token_dtype(n_vocab: int) -> np.dtype:
@@ -67,14 +66,14 @@ class DataMeta:
         return s.bytes / s.tokens
 
     def to_dict(self) -> dict:
-        return {"format": DATA_FORMAT, "version": DATA_VERSION, **asdict(self)}
+        return {**format_stamp(DATA_FORMAT, DATA_VERSION), **asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict, where: str = META_FILE) -> "DataMeta":
         if not isinstance(d, dict) or d.get("format") != DATA_FORMAT:
             raise ValueError(f"{where}: not a gpt-prepare data file (format is not {DATA_FORMAT!r}); run gpt-prepare")
-        if d.get("version") != DATA_VERSION:
-            raise ValueError(f"{where}: data format version {d.get('version')!r} is not supported (expected {DATA_VERSION}); re-run gpt-prepare")
+        if recorded_version(d) != DATA_VERSION:
+            raise ValueError(f"{where}: data format version {recorded_version(d)!r} is not supported (expected {DATA_VERSION}); re-run gpt-prepare")
         try:
             splits = {name: SplitInfo(**d["splits"][name]) for name in SPLITS}
             meta = cls(

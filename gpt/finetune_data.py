@@ -26,7 +26,6 @@ import torch
 from gpt.prompt_template import format_instruction_prompt
 from tokenizers_bpe.errors import SettingError
 
-
 # ---------------------------------------------------------------------------------------------- classification data
 
 

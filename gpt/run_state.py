@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from tokenizers_bpe.fileio import atomic_write
+from tokenizers_bpe.fileio import atomic_write, recorded_version
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -128,7 +128,7 @@ def read_train_state(path: Path, device) -> tuple[dict, dict[str, torch.Tensor],
         meta = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path / STATE_FILE}: unreadable trainer state ({e}); the run directory is corrupt") from None
-    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT or meta.get("version") != STATE_VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT or recorded_version(meta) != STATE_VERSION:
         raise ValueError(f"{path / STATE_FILE}: not a {STATE_FORMAT} v{STATE_VERSION} file; the run directory is corrupt or from another program")
     try:
         optimizer_tensors = load_file(str(path / OPTIMIZER_FILE), device=str(device))

@@ -38,7 +38,6 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-
 # ---------------------------------------------------------------------------------------------- logit filters
 # On (B, n) fp32 logits; a filtered-out token gets -inf.
 

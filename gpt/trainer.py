@@ -88,7 +88,7 @@ from gpt.run_state import (BEST_DIR, FINAL_DIR, METRICS_FILE, PLOT_FILE, RUN_CON
                            write_train_state)
 from gpt.train_config import TrainConfig, build_optimizer, lr_at
 from tokenizers_bpe.errors import SettingError
-from tokenizers_bpe.fileio import atomic_directory, atomic_write
+from tokenizers_bpe.fileio import atomic_directory, atomic_write, format_stamp
 
 log = logging.getLogger(__name__)
 
@@ -326,8 +326,7 @@ class Trainer:
             per_rank = [None] * self.dist.world_size
             torch_dist.all_gather_object(per_rank, (rng_tensors, rng_json))
         state = {
-            "format": STATE_FORMAT,
-            "version": STATE_VERSION,
+            **format_stamp(STATE_FORMAT, STATE_VERSION),
             "step": self.step,
             "tokens": self.tokens,
             "world_size": self.dist.world_size,

@@ -13,7 +13,7 @@ from .errors import InvalidTextError, SettingError, UnknownCharacterError
 from .formats import load, load_gpt2, load_tiktoken
 from .patterns import GPT2_PATTERN, GPT4_PATTERN, PATTERNS
 from .rankfiles import bytes_to_unicode
-from .tokenizer import ENDOFTEXT, BPETokenizer, Tokenizer
+from .tokenizer import ENDOFTEXT, TOKENIZER_FILE, BPETokenizer, Tokenizer
 from .trainer import learn_merges, train, train_char, train_from_iterator
 
 __all__ = [
@@ -35,4 +35,5 @@ __all__ = [
     "GPT2_PATTERN",
     "GPT4_PATTERN",
     "ENDOFTEXT",
+    "TOKENIZER_FILE",
 ]

@@ -154,3 +154,19 @@ def decode_utf8(data: bytes, source: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InvalidTextError(source, e.start, e.reason) from None
+
+
+# ---------------------------------------------------------------------------------------------- format stamps
+# Every file this toolkit writes for a reader (tokenizer.json, meta.json, a checkpoint's config.json,
+# classifier.json, trainer_state.json) starts with its stamp: {"format": NAME, "format_version": N}.
+VERSION_KEY = "format_version"
+_LEGACY_VERSION_KEY = "version"  # the key of tokenizer.json, meta.json and trainer_state.json before 2026-12
+
+
+def format_stamp(name: str, version: int) -> dict[str, object]:
+    return {"format": name, VERSION_KEY: version}
+
+
+def recorded_version(d: dict) -> object:
+    """The format version a parsed file records (None when it records none)."""
+    return d.get(VERSION_KEY, d.get(_LEGACY_VERSION_KEY))

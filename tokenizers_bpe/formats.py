@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from .char import CharTokenizer
+from .fileio import recorded_version
 from .patterns import GPT2_PATTERN
 from .rankfiles import read_gpt2, read_text_file, read_tiktoken
 from .tokenizer import FORMAT_NAME, FORMAT_VERSION, BPETokenizer, Tokenizer
@@ -26,9 +27,9 @@ def load(path: str | os.PathLike) -> Tokenizer:
         raise ValueError(f"{path}: corrupt or truncated tokenizer.json ({e}); re-create it with bpe-train") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
         raise ValueError(f"{path}: not a {FORMAT_NAME} tokenizer.json (no \"format\": \"{FORMAT_NAME}\" field)")
-    if d.get("version") != FORMAT_VERSION:
+    if recorded_version(d) != FORMAT_VERSION:
         raise ValueError(
-            f"{path}: unknown tokenizer format version {d.get('version')!r} (this version reads {FORMAT_VERSION}); "
+            f"{path}: unknown tokenizer format version {recorded_version(d)!r} (this version reads {FORMAT_VERSION}); "
             "upgrade tokenizers_bpe or re-train the tokenizer"
         )
     kind = d.get("type")

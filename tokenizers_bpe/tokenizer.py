@@ -21,11 +21,12 @@ import sys
 from itertools import chain
 from typing import AbstractSet, Collection, Iterable, Literal, Mapping, Sequence
 
-from .fileio import atomic_write
+from .fileio import atomic_write, format_stamp
 from .patterns import piece_splitter, resolve_pattern, special_token_regex
 from .rankfiles import gpt2_conflicts, write_gpt2, write_tiktoken
 
 FORMAT_NAME = "tokenizers_bpe"
+TOKENIZER_FILE = "tokenizer.json"  # the usual name of a saved tokenizer (bpe-train -o, checkpoints, data directories)
 FORMAT_VERSION = 1
 ENDOFTEXT = "<|endoftext|>"
 
@@ -172,7 +173,7 @@ class Tokenizer(abc.ABC):
         """The type-specific fields that define the tokenizer (fingerprint and == use these)."""
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "type": self.type, **self._content()}
+        return {**format_stamp(FORMAT_NAME, FORMAT_VERSION), "type": self.type, **self._content()}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``tokenizer.json`` atomically (a crash never leaves a half-written file)."""

@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from tokenizers_bpe import Tokenizer, train, train_char, train_from_iterator
+from tokenizers_bpe import TOKENIZER_FILE, Tokenizer, train, train_char, train_from_iterator
 from tokenizers_bpe.fileio import iter_file_texts
 from tokenizers_bpe.patterns import PATTERNS
 from tokenizers_bpe.trainer import DEFAULT_MIN_FREQUENCY, DEFAULT_SPECIAL_TOKENS
@@ -33,7 +33,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("files", nargs="*", metavar="FILE", help="UTF-8 text files (default: the built-in corpus)")
     p.add_argument("--builtin", choices=BUILTIN_CORPORA, help="train on a built-in corpus (used when no FILE is given)")
     p.add_argument("--vocab-size", type=int, default=4096, help="total ids: 256 bytes + merges + special tokens")
-    p.add_argument("-o", "--output", default="tokenizer.json", help="where to write the tokenizer")
+    p.add_argument("-o", "--output", default=TOKENIZER_FILE, help="where to write the tokenizer")
     p.add_argument("--pattern", default="gpt2", help=f"pre-tokenization regex: {' or '.join(PATTERNS)} (tiktoken's) or a regex")
     p.add_argument("--special", action="append", metavar="TOKEN", help=f"a special token (repeatable; default {' '.join(DEFAULT_SPECIAL_TOKENS)})")
     p.add_argument("--no-special", action="store_true", help="no special tokens at all")

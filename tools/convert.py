@@ -21,8 +21,8 @@ import json
 import os
 import re
 import shutil
-from pickle import UnpicklingError  # only to recognise what weights_only=True refuses
 from pathlib import Path
+from pickle import UnpicklingError  # only to recognise what weights_only=True refuses
 
 import torch
 import torch.nn as nn
@@ -41,6 +41,7 @@ from gpt.model import GPT
 from tokenizers_bpe.fileio import atomic_directory, read_json
 from tools.cli import ArgumentParser, CLIError, command
 
+HF_CONFIG_FILE = "config.json"  # transformers' own, not our checkpoint's (gpt.checkpoint.CONFIG_FILE)
 CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 
 
@@ -306,7 +307,7 @@ def to_transformers(model: GPT):
 def hf_import(src: Path, out: Path, tokenizer_file: Path | None = None) -> GPT:
     if not src.is_dir():
         raise CLIError(f"{src}: directory not found")
-    config = config_from_hf(read_json_file(src / "config.json", "a transformers GPT-2 directory has config.json"), src / "config.json")
+    config = config_from_hf(read_json_file(src / HF_CONFIG_FILE, "a transformers GPT-2 directory has config.json"), src / HF_CONFIG_FILE)
     if tokenizer_file is not None:
         tokenizer = load_tokenizer_file(tokenizer_file)
     else:
@@ -324,7 +325,7 @@ def hf_export(src: Path, out: Path) -> None:
         raise CLIError(f"{src}: Hugging Face GPT-2 has learned position embeddings; a '{config.pos_embedding}' model cannot be exported as GPT-2")
     dtype = model.transformer.wte.weight.dtype
     with atomic_directory(out) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(config, dtype, tokenizer.eot_token), indent=2) + "\n", encoding="utf-8")
+        (tmp / HF_CONFIG_FILE).write_text(json.dumps(config_to_hf(config, dtype, tokenizer.eot_token), indent=2) + "\n", encoding="utf-8")
         save_file(state_dict_to_hf(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer.is_gpt2_compatible():
             tokenizer.save_gpt2(tmp / "vocab.json", tmp / "merges.txt")

@@ -38,12 +38,29 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
 
-from gpt.classifier import (TRAINABLE, GPTClassifier, classification_loss, evaluate_classifier, load_classifier,
-                            save_classifier, set_trainable)
+from gpt.classifier import (
+    TRAINABLE,
+    GPTClassifier,
+    classification_loss,
+    evaluate_classifier,
+    load_classifier,
+    save_classifier,
+    set_trainable,
+)
 from gpt.device import init_distributed
-from gpt.finetune_data import (ShuffledBatches, check_known_labels, collate_classification, collate_instructions,
-                               count_targets, encode_examples, encode_instruction, in_batches, label_names,
-                               read_examples, read_instructions)
+from gpt.finetune_data import (
+    ShuffledBatches,
+    check_known_labels,
+    collate_classification,
+    collate_instructions,
+    count_targets,
+    encode_examples,
+    encode_instruction,
+    in_batches,
+    label_names,
+    read_examples,
+    read_instructions,
+)
 from gpt.lora import LoRAConfig, apply_lora, count_trainable
 from gpt.model import GPT
 from gpt.prompt_template import format_instruction_prompt

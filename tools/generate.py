@@ -14,8 +14,7 @@ from gpt.model import GPT
 from gpt.prompt_template import format_instruction_prompt
 from gpt.sampling import SAMPLING_DEFAULTS, check_count, check_sampling_settings, generate
 from tokenizers_bpe import UnknownCharacterError
-from tools.cli import (ArgumentParser, CLIError, HelpFormatter, add_seed_argument, command, integer, number, or_none,
-                       text_argument)
+from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_seed_argument, command, integer, number, or_none, text_argument
 
 PROG = "gpt-generate"
 DESCRIPTION = """\

@@ -30,13 +30,17 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from gpt.checkpoint import CONFIG_FILE
+from gpt.data import META_FILE
+from gpt.run_state import FINAL_DIR, METRICS_FILE
+from tokenizers_bpe import TOKENIZER_FILE
+from tokenizers_bpe.fileio import atomic_write
 from tools.bpe_train import main as bpe_train_main
 from tools.cli import ArgumentParser, CLIError, add_seed_argument, command
 from tools.corpus import plays
 from tools.finetune import main as finetune_main
 from tools.prepare import main as prepare_main
 from tools.train import main as train_main
-from tokenizers_bpe.fileio import atomic_write
 
 GENRES = ("comedies", "histories", "tragedies")
 N_VAL, N_TEST = 1, 2  # plays per genre
@@ -168,19 +172,19 @@ def pretrain(work: Path, splits: dict, args) -> Path:
         for p in splits["pretrain"]:
             (text_dir / f"{p.genre}--{p.name}.txt").write_text(p.text(), encoding="utf-8")
     files = sorted(text_dir.glob("*.txt"))
-    tokenizer = work / "tokenizer.json"
+    tokenizer = work / TOKENIZER_FILE
     if not tokenizer.is_file():
         call(bpe_train_main, [*files, "--vocab-size", args.vocab_size, "-o", tokenizer, "--quiet", "--seed", args.seed], "bpe-train")
     data = work / "data"
-    if not (data / "meta.json").is_file():
+    if not (data / META_FILE).is_file():
         call(prepare_main, [*files, "--tokenizer", tokenizer, "-o", data, "--append-eot", "--quiet"], "gpt-prepare")
     run = work / "pretrain"
-    if not (run / "final" / "config.json").is_file():
+    if not (run / FINAL_DIR / CONFIG_FILE).is_file():
         call(train_main, ["--data", data, "--out", run, "--preset", "shakespeare-cpu", "--n-ctx", args.n_ctx, "--n-layer", args.n_layer,
                           "--n-embd", args.n_embd, "--n-head", args.n_head, "--dropout", 0.0, "--max-steps", args.pretrain_steps,
                           "--batch-size", 16, "--lr", 2e-3, "--warmup-steps", 50, "--eval-interval", max(1, args.pretrain_steps // 4),
                           "--eval-iters", 10, "--sample-tokens", 40, "--seed", args.seed, "--device", "cpu"], "gpt-train")
-    return run / "final"
+    return run / FINAL_DIR
 
 
 def finetune(work: Path, model: Path, variant: str, extra: list, args) -> dict:
@@ -243,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("bag-of-words logistic regression:", results["bag_of_words"]["chosen"], flush=True)
 
     model = pretrain(work, splits, args)
-    metrics = [json.loads(line) for line in (work / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (work / "pretrain" / METRICS_FILE).read_text().splitlines()]
     results["pretrain_val_loss"] = [m["val_loss"] for m in metrics if "val_loss" in m][-1]
     results["finetune"] = {v: finetune(work, model, v, VARIANTS[v], args) for v in variants}
 

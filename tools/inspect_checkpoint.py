@@ -14,6 +14,7 @@ import torch
 
 from gpt import checkpoint
 from gpt.model import GPT
+from tokenizers_bpe.fileio import recorded_version
 from tools.cli import ArgumentParser, command
 
 
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
     checks, tokenizer = run_checks(args.dir, meta)
 
     print(f"checkpoint   {args.dir}")
-    print(f"format       {meta['format']} v{meta['format_version']}")
+    print(f"format       {meta['format']} v{recorded_version(meta)}")
     print(f"config       {' '.join(f'{k}={v}' for k, v in config.to_dict().items())}")
     print(f"parameters   {model.num_parameters():,} total, {model.num_parameters(non_embedding=True):,} non-embedding")
     print(f"dtype        {meta['dtype']}")

@@ -25,9 +25,9 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from gpt.data import META_FILE, SPLITS, TOKENIZER_FILE, DataMeta, SplitInfo, token_dtype
 import tokenizers_bpe
-from tokenizers_bpe import UnknownCharacterError
+from gpt.data import META_FILE, SPLITS, DataMeta, SplitInfo, token_dtype
+from tokenizers_bpe import TOKENIZER_FILE, UnknownCharacterError
 from tokenizers_bpe.fileio import atomic_directory, atomic_write, iter_file_texts
 from tools.cli import ArgumentParser, CLIError, command
 from tools.corpus import BUILTIN_CORPORA, plays

@@ -28,12 +28,13 @@ import torch.distributed as torch_dist
 
 import tokenizers_bpe
 from gpt.config import PRESETS, GPTConfig
-from gpt.data import TOKENIZER_FILE, RandomWindows, SlidingWindows, load_meta, open_split
+from gpt.data import RandomWindows, SlidingWindows, load_meta, open_split
 from gpt.device import init_distributed
 from gpt.model import GPT
 from gpt.run_state import RUN_CONFIG_FILE, holds_run
 from gpt.sampling import SAMPLING_DEFAULTS, generate
 from gpt.trainer import Trainer
+from tokenizers_bpe import TOKENIZER_FILE
 from tools.cli import ArgumentParser, CLIError, command, parse_bool
 from tools.outputs import check_writable_dir
 from tools.training import add_option, check_memory, exit_code, option_table, run_training, train_config

@@ -165,7 +165,7 @@ def test_failed_training_leaves_existing_output_untouched(tmp_path, corpus, toke
     "corrupt, expected",
     [
         (lambda t: t[: len(t) // 2], "corrupt or truncated tokenizer.json"),
-        (lambda t: t.replace('"version": 1', '"version": 99'), "unknown tokenizer format version 99"),
+        (lambda t: t.replace('"format_version": 1', '"format_version": 99'), "unknown tokenizer format version 99"),
         (lambda t: t.replace('"format": "tokenizers_bpe"', '"format": "other"'), "not a tokenizers_bpe tokenizer.json"),
         (lambda t: t.replace('"type": "bpe"', '"type": "wordpiece"'), "unknown tokenizer type 'wordpiece'"),
         (lambda t: json.dumps({**json.loads(t), "merges": [[7, 300]] + json.loads(t)["merges"][1:]}), "merge 0 (7, 300)"),
