@@ -2,6 +2,9 @@
 records (JSON, JSON Lines), read with errors that name the file and the line; their encodings and
 padded batches; and ``ShuffledBatches``, the trainer's ``train_batch`` for a dataset of examples.
 
+Text is strict UTF-8 (a UTF-8 BOM at the start is allowed): an invalid byte is an ``InvalidTextError``
+naming the file and its byte offset.
+
 Classification: one example per row with a text and a label column (``text_column``/
 ``label_column``, the header row of a CSV/TSV). Labels are strings; their ids are the sorted
 training labels. Inputs are padded on the right, so with causal attention the last real token's
@@ -16,6 +19,7 @@ and with ``mask_prompt`` so are the targets inside the prompt, so only the respo
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +29,9 @@ import torch
 
 from gpt.prompt_template import format_instruction_prompt
 from tokenizers_bpe.errors import SettingError
+from tokenizers_bpe.fileio import decode_utf8
+
+_BOM = "\ufeff"
 
 # ---------------------------------------------------------------------------------------------- classification data
 
@@ -38,16 +45,22 @@ def _text_field(value: Any, column: str, where: str) -> str:
     return text
 
 
+def read_text(path: Path) -> str:
+    """The file's text: strict UTF-8 (InvalidTextError naming the file and the byte offset of the
+    first invalid byte), without the BOM some editors put at the start."""
+    text = decode_utf8(path.read_bytes(), str(path))
+    return text[len(_BOM):] if text.startswith(_BOM) else text
+
+
 def read_jsonl(path: Path) -> list[tuple[str, Any]]:
     """(where, value) for each non-blank line of a JSON Lines file; ``where`` names the line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append((f"{path} line {number}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path} line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
+    for number, line in enumerate(io.StringIO(read_text(path), newline=None), 1):  # lines as open() splits them
+        if line.strip():
+            try:
+                rows.append((f"{path} line {number}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
     return rows
 
 
@@ -71,7 +84,7 @@ def read_examples(path: str | Path, text_column: str = "text", label_column: str
                                    "set {text_column}/{label_column}")
             examples.append((_text_field(row[text_column], text_column, where), _text_field(row[label_column], label_column, where).strip()))
         return examples
-    with open(path, encoding="utf-8", newline="") as f:
+    with io.StringIO(read_text(path), newline="") as f:
         reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
         header = reader.fieldnames or []
         missing = [c for c in (text_column, label_column) if c not in header]
@@ -133,7 +146,7 @@ def read_instructions(path: str | Path) -> list[dict[str, str]]:
         rows = read_jsonl(path)
     else:
         try:
-            records = json.loads(path.read_text(encoding="utf-8"))
+            records = json.loads(read_text(path))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} line {e.lineno} column {e.colno}: not valid JSON ({e.msg})") from None
         if not isinstance(records, list):

@@ -5,12 +5,13 @@ and ids, save/load a versioned ``tokenizer.json``, and read/write tiktoken and G
     tok = tokenizers_bpe.train(["corpus.txt"], vocab_size=4096)
     tok.save("tokenizer.json")
     tok = tokenizers_bpe.load("tokenizer.json")
+    tok = tokenizers_bpe.load_any("cl100k_base.tiktoken")  # or a data/checkpoint directory
     tok.decode(tok.encode("hello world")) == "hello world"
 """
 
 from .char import CharTokenizer
 from .errors import InvalidTextError, SettingError, UnknownCharacterError
-from .formats import load, load_gpt2, load_tiktoken
+from .formats import TIKTOKEN_ENCODINGS, load, load_any, load_gpt2, load_tiktoken
 from .patterns import GPT2_PATTERN, GPT4_PATTERN, PATTERNS
 from .rankfiles import bytes_to_unicode
 from .tokenizer import ENDOFTEXT, TOKENIZER_FILE, BPETokenizer, Tokenizer
@@ -28,8 +29,10 @@ __all__ = [
     "train_char",
     "learn_merges",
     "load",
+    "load_any",
     "load_gpt2",
     "load_tiktoken",
+    "TIKTOKEN_ENCODINGS",
     "bytes_to_unicode",
     "PATTERNS",
     "GPT2_PATTERN",

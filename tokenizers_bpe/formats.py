@@ -1,6 +1,8 @@
 """Loading tokenizers from files: our ``tokenizer.json`` (BPE or char-level), tiktoken's
 ``.tiktoken`` rank files and GPT-2's ``encoder.json`` + ``vocab.bpe`` (the raw formats are read in
-``tokenizers_bpe.rankfiles``). Every loader validates and names the file and the problem in its error."""
+``tokenizers_bpe.rankfiles``), and ``load_any``, the one rule for "a tokenizer" given as a path (a
+tokenizer.json, a .tiktoken file, or a directory holding a tokenizer.json). Every loader validates
+and names the file and the problem in its error."""
 
 from __future__ import annotations
 
@@ -9,13 +11,26 @@ import os
 from pathlib import Path
 
 from .char import CharTokenizer
+from .errors import SettingError
 from .fileio import recorded_version
-from .patterns import GPT2_PATTERN
-from .rankfiles import read_gpt2, read_text_file, read_tiktoken
-from .tokenizer import FORMAT_NAME, FORMAT_VERSION, BPETokenizer, Tokenizer
+from .patterns import GPT2_PATTERN, GPT4_PATTERN, O200K_PATTERN
+from .rankfiles import looks_like_tiktoken, read_gpt2, read_text_file, read_tiktoken
+from .tokenizer import ENDOFTEXT, FORMAT_NAME, FORMAT_VERSION, TOKENIZER_FILE, BPETokenizer, Tokenizer
 
 TOKENIZER_TYPES = {"bpe": BPETokenizer, "char": CharTokenizer}
 _REQUIRED = {"bpe": ("pattern", "vocab", "merges", "special_tokens"), "char": ("chars", "special_tokens")}
+
+# A .tiktoken file holds only ranks. The encodings tiktoken defines (tiktoken_ext.openai_public) for
+# the rank files it publishes, by file stem: (pattern, special tokens). p50k_base is left out: its
+# ranks skip id 50256 (its <|endoftext|>), and a BPETokenizer's ranks are 0..N-1 without gaps.
+TIKTOKEN_ENCODINGS: dict[str, tuple[str, dict[str, int]]] = {
+    "gpt2": (GPT2_PATTERN, {ENDOFTEXT: 50256}),
+    "r50k_base": (GPT2_PATTERN, {ENDOFTEXT: 50256}),
+    "cl100k_base": (GPT4_PATTERN, {ENDOFTEXT: 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
+                                   "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276}),
+    "o200k_base": (O200K_PATTERN, {ENDOFTEXT: 199999, "<|endofprompt|>": 200018}),
+}
+TIKTOKEN_SUFFIX = ".tiktoken"
 
 
 def load(path: str | os.PathLike) -> Tokenizer:
@@ -24,6 +39,11 @@ def load(path: str | os.PathLike) -> Tokenizer:
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:
+        if looks_like_tiktoken(text):
+            raise ValueError(f"{path}: a .tiktoken rank file (ranks only: no pattern, no special tokens), not a "
+                             "tokenizer.json; load it with tokenizers_bpe.load_any(path) (tiktoken's definition for a "
+                             "known file name, else the gpt2 pattern) or tokenizers_bpe.load_tiktoken(path, pattern=..., "
+                             "special_tokens=...)") from None
         raise ValueError(f"{path}: corrupt or truncated tokenizer.json ({e}); re-create it with bpe-train") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
         raise ValueError(f"{path}: not a {FORMAT_NAME} tokenizer.json (no \"format\": \"{FORMAT_NAME}\" field)")
@@ -55,6 +75,38 @@ def load_tiktoken(path, *, pattern: str = "gpt2", special_tokens: dict[str, int]
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
 
+
+
+def load_any(path: str | os.PathLike, *, pattern: str | None = None) -> Tokenizer:
+    """A tokenizer from a path as users give it: a ``tokenizer.json``, a ``.tiktoken`` rank file (by
+    its suffix or its content), or a directory holding a ``tokenizer.json`` (a gpt-prepare data
+    directory, a checkpoint). A rank file of a known encoding (TIKTOKEN_ENCODINGS, by file stem)
+    gets tiktoken's pattern and special tokens, any other the gpt2 pattern and none; ``pattern``
+    (``"gpt2"``, ``"gpt4"`` or a regex) replaces the pattern of a rank file, and is a SettingError
+    for a tokenizer.json, which records its own."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / TOKENIZER_FILE).is_file():
+            raise ValueError(f"{path}: a directory without a {TOKENIZER_FILE}; pass a {TOKENIZER_FILE}, a .tiktoken file, "
+                             f"or a data or checkpoint directory that holds a {TOKENIZER_FILE}")
+        path = path / TOKENIZER_FILE
+    if path.suffix == TIKTOKEN_SUFFIX or _sniff_tiktoken(path):
+        known_pattern, specials = TIKTOKEN_ENCODINGS.get(path.stem, (GPT2_PATTERN, {}))
+        return load_tiktoken(path, pattern=pattern or known_pattern, special_tokens=specials)
+    if pattern is not None:
+        raise SettingError("pattern", "{pattern} applies to a .tiktoken rank file only: a tokenizer.json records "
+                                      "its own pattern")
+    return load(path)
+
+
+def _sniff_tiktoken(path: Path) -> bool:
+    """Whether a file that does not say so by its name starts like a .tiktoken rank file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False  # load() names the problem
+    return looks_like_tiktoken(head.decode("utf-8", errors="replace"))
 
 
 def load_gpt2(encoder_json, vocab_bpe) -> BPETokenizer:

@@ -16,6 +16,16 @@ GPT4_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 )
 PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
+# o200k_base's pattern (tiktoken's), for loading that rank file; not offered for training here.
+O200K_PATTERN = "|".join([
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""\p{N}{1,3}""",
+    r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+    r"""\s*[\r\n]+""",
+    r"""\s+(?!\S)""",
+    r"""\s+""",
+])
 
 # Twins of the named patterns for the stdlib `re`, which splits about 2x faster than `regex`. They
 # are exact on ASCII-only text, where \p{L} is [A-Za-z], \p{N} is [0-9] and `regex`'s \s is the
@@ -36,6 +46,26 @@ _ASCII_TWINS = {
 _LF_CUT = r"\S\n(?=\S)"
 _SAFE_CUTS = {GPT2_PATTERN: _LF_CUT + r"|\S\r(?=\n\S)", GPT4_PATTERN: r"\S\r?\n(?=\S)"}
 _BLOCK = 1 << 16  # characters per block when mixed text is split into ASCII and non-ASCII blocks
+
+# Where a long text may be cut into chunks that encode to exactly the tokens of the whole (gpt-prepare),
+# as zero-width matches at the cut; unlike the cuts above they need no line break. For both named
+# patterns, a letter is consumed only by the contraction or the letter run (` ?\p{L}++`,
+# `[^\r\n\p{L}\p{N}]?+\p{L}++`), and a digit only by the digit run (` ?\p{N}++`, `\p{N}{1,3}+`): each
+# stops at the first character of another class without consuming it, and would stop the same way at
+# the end of the text. So after a letter followed by a non-letter (or a digit followed by a non-digit)
+# a piece always ends, nothing before it depends on what follows, and the rest (the patterns look
+# behind nothing) splits the same on its own. Text with neither such an edge nor a line start (only
+# punctuation and spaces, one endless word) cannot be cut. A custom pattern gets line starts only; a
+# tokenizer without a pattern (char-level) any character boundary. tests/tokenizers_bpe/test_chunk_cuts.py
+# checks all of this.
+_EDGE_CUT = r"(?<=\p{L})(?=\P{L})|(?<=\p{N})(?=\P{N})"
+_CHUNK_CUTS = {
+    GPT2_PATTERN: _EDGE_CUT + r"|(?<=\S\n)(?=\S)|(?<=\S\r)(?=\n\S)",
+    GPT4_PATTERN: _EDGE_CUT + r"|(?<=\S\r?\n)(?=\S)",
+}
+_LINE_START_CUT = r"(?<=\S\n)(?=\S)"
+_ANY_CUT = r"(?s)(?<=.)(?=.)"
+CHUNK_CUT_LOOKAHEAD = 2  # characters after a cut that decide it: a search of a growing text re-checks these
 
 
 def resolve_pattern(pattern: str) -> str:
@@ -113,3 +143,21 @@ def safe_blocks(text: str, size: int, pattern: str) -> Iterator[str]:
         yield text[start : m.end()]
         start = m.end()
     yield text[start:]
+
+
+@functools.lru_cache(maxsize=16)
+def chunk_cut_regex(pattern: str | None) -> regex.Pattern:
+    """Zero-width matches where text may be cut into chunks that, encoded one by one, give exactly
+    the tokens of the whole text under ``pattern`` (a regex string; None: no pre-tokenizer, as for a
+    char-level tokenizer). A match needs the characters around it to be present: searching a text
+    that is still growing, re-check the last ``CHUNK_CUT_LOOKAHEAD`` characters once more arrive."""
+    return regex.compile(_ANY_CUT if pattern is None else _CHUNK_CUTS.get(pattern, _LINE_START_CUT))
+
+
+def chunk_cut_rule(pattern: str | None) -> str:
+    """In words, where chunk_cut_regex(pattern) cuts (for messages)."""
+    if pattern is None:
+        return "anywhere (a char-level tokenizer)"
+    if pattern in _CHUNK_CUTS:
+        return "after a letter or a digit followed by another kind of character, or at a line start"
+    return "only at a line start (a custom pattern, where nothing else is known to keep the tokens)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -28,6 +29,16 @@ def read_text_file(path, what: str) -> str:
 
 
 # --------------------------------------------------------------------------------------- tiktoken
+_TIKTOKEN_LINE = re.compile(r"[A-Za-z0-9+/]+={0,2} [0-9]+")
+
+
+def looks_like_tiktoken(text: str) -> bool:
+    """Whether ``text`` (a file's text, or its start) begins with 'BASE64TOKEN RANK' lines, as a .tiktoken file."""
+    complete = text.split("\n")[:-1] or [text]  # the last line of a file's start may be cut off
+    lines = [line.rstrip("\r") for line in complete if line.strip()][:2]
+    return bool(lines) and all(_TIKTOKEN_LINE.fullmatch(line) for line in lines)
+
+
 def read_tiktoken(path) -> dict[bytes, int]:
     ranks: dict[bytes, int] = {}
     for n, line in enumerate(read_text_file(path, ".tiktoken").splitlines(), 1):

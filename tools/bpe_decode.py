@@ -6,7 +6,8 @@ import json
 import sys
 from typing import Sequence
 
-from tokenizers_bpe import load
+from tokenizers_bpe import load_any
+from tools.bpe_encode import add_tokenizer_arguments
 from tools.cli import ArgumentParser, CLIError, HelpFormatter, command, text_argument
 
 PROG = "bpe-decode"
@@ -15,14 +16,14 @@ PROG = "bpe-decode"
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, formatter_class=HelpFormatter, description=__doc__.split(": ", 1)[1].strip())
     p.add_argument("ids", nargs="?", default="-", metavar="IDS", help="a JSON list of ids, or - (or nothing) to read stdin")
-    p.add_argument("--tokenizer", "-t", required=True, help="a tokenizer.json")
+    add_tokenizer_arguments(p, "--tokenizer", "-t", required=True)
     return p
 
 
 @command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    tok = load(args.tokenizer)
+    tok = load_any(args.tokenizer, pattern=args.pattern)
     raw = text_argument(args.ids, "IDS")
     try:
         ids = json.loads(raw)

@@ -2,19 +2,44 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from typing import Sequence
 
-from tokenizers_bpe import UnknownCharacterError, load
+from tokenizers_bpe import TIKTOKEN_ENCODINGS, UnknownCharacterError, load_any
+from tokenizers_bpe.patterns import resolve_pattern
 from tools.cli import ArgumentParser, CLIError, HelpFormatter, command, text_argument
 
 PROG = "bpe-encode"
 
 
+# The tokenizer options of every command that takes a tokenizer by path (here, bpe-decode, bpe-inspect,
+# gpt-prepare); tokenizers_bpe.load_any is the rule for what the path may be.
+def pattern_argument(text: str) -> str:
+    """An argparse type: 'gpt2', 'gpt4' or a regex that compiles and never matches the empty string."""
+    try:
+        resolve_pattern(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def add_tokenizer_arguments(p: argparse.ArgumentParser, *names: str, **kwargs) -> None:
+    """The tokenizer argument (``names``: a flag or a positional) and ``--pattern``."""
+    known = ", ".join(TIKTOKEN_ENCODINGS)
+    p.add_argument(*names, **kwargs, metavar="TOKENIZER",
+                   help=f"a tokenizer.json, a .tiktoken rank file (tiktoken's pattern and special tokens for {known}; "
+                        "other rank files: the gpt2 pattern and no special tokens), or a data or checkpoint directory "
+                        "(its tokenizer.json)")
+    p.add_argument("--pattern", type=pattern_argument, metavar="PATTERN",
+                   help="the pre-tokenization pattern of a .tiktoken rank file: gpt2, gpt4 or a regex "
+                        "(default: tiktoken's for a known file name, else gpt2)")
+
+
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, formatter_class=HelpFormatter, description=__doc__.split(": ", 1)[1].strip())
     p.add_argument("text", nargs="?", default="-", metavar="TEXT", help="the text, or - (or nothing) to read stdin")
-    p.add_argument("--tokenizer", "-t", required=True, help="a tokenizer.json")
+    add_tokenizer_arguments(p, "--tokenizer", "-t", required=True)
     p.add_argument("--count", action="store_true", help="print only the number of tokens")
     p.add_argument("--special", choices=("error", "allow", "ordinary"), default="error",
                    help="special-token strings in the text: refuse, encode as special tokens, or encode as plain text")
@@ -24,7 +49,7 @@ def build_parser() -> ArgumentParser:
 @command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    tok = load(args.tokenizer)
+    tok = load_any(args.tokenizer, pattern=args.pattern)
     text = text_argument(args.text, "TEXT")
     try:
         if args.special == "allow":

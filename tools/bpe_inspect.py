@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from tokenizers_bpe import BPETokenizer, Tokenizer, load
+from tokenizers_bpe import BPETokenizer, Tokenizer, load_any
 from tokenizers_bpe.fileio import iter_file_texts
 from tokenizers_bpe.patterns import PATTERNS
+from tools.bpe_encode import add_tokenizer_arguments
 from tools.cli import ArgumentParser, CLIError, HelpFormatter, command
 from tools.corpus import plays
 
@@ -32,13 +33,13 @@ def _show_merges(merges, by_rank) -> str:
 @command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog=PROG, formatter_class=HelpFormatter, description=__doc__.split(": ", 1)[1].strip())
-    p.add_argument("tokenizer", metavar="TOKENIZER", help="a tokenizer.json")
+    add_tokenizer_arguments(p, "tokenizer")
     p.add_argument("--sample", metavar="FILE", help="measure compression on this UTF-8 file (default: about 1 MB of the built-in corpus)")
     p.add_argument("--top", type=int, default=10, help="how many tokens/merges to list")
     args = p.parse_args(argv)
     if args.top < 1:
         raise CLIError(f"--top must be at least 1, got {args.top}")
-    tok = load(args.tokenizer)
+    tok = load_any(args.tokenizer, pattern=args.pattern)
     print(f"{args.tokenizer}: {tok.type} tokenizer, fingerprint {tok.fingerprint()[:16]}")
     print(f"  vocabulary     {describe_sizes(tok)}")
     specials = ", ".join(f"{t}={i}" for t, i in tok.special_tokens.items()) or "none"

@@ -3,17 +3,18 @@
     gpt-prepare input.txt more.txt --tokenizer tokenizer.json -o data/
     gpt-prepare --builtin shakespeare --tokenizer tokenizer.json -o data/
 
-The corpus is streamed: files are read line by line and cut into chunks of about ``--chunk-mb``
+The corpus is streamed: files are read a block at a time and cut into chunks of about ``--chunk-mb``
 that are encoded in parallel (``--workers`` processes) and appended to ``train.bin`` until
-``1 - --val-fraction`` of the bytes are done, then to ``val.bin``. Chunks are cut only before a
-line that starts with a non-space character, where the GPT-2 pre-tokenizer splits anyway, so the
-tokens are the same as encoding each document whole. The layout is described in ``gpt/data.py``.
+``1 - --val-fraction`` of the bytes are done, then to ``val.bin``. Chunks are cut only where the
+tokenizer's pattern ends a piece whatever follows (tokenizers_bpe.patterns.chunk_cut_regex: for the
+gpt2/gpt4 patterns after a letter or digit followed by another kind of character, or at a line start;
+for a char-level tokenizer anywhere), so the tokens are the same as encoding each document whole, and
+text without line breaks is cut like any other. Before any encoding, one streaming pass over the
+input checks that it is UTF-8 and places the train/val cut. The layout is described in ``gpt/data.py``.
 """
 
 from __future__ import annotations
 
-import functools
-import io
 import itertools
 import json
 import os
@@ -23,46 +24,90 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+import regex
 from tqdm import tqdm
 
 import tokenizers_bpe
 from gpt.data import META_FILE, SPLITS, DataMeta, SplitInfo, token_dtype
-from tokenizers_bpe import TOKENIZER_FILE, UnknownCharacterError
-from tokenizers_bpe.fileio import atomic_directory, atomic_write, iter_file_texts
-from tools.cli import ArgumentParser, CLIError, command
+from tokenizers_bpe import TOKENIZER_FILE, BPETokenizer, InvalidTextError, UnknownCharacterError
+from tokenizers_bpe.fileio import atomic_directory, atomic_write, check_text_file
+from tokenizers_bpe.patterns import CHUNK_CUT_LOOKAHEAD, chunk_cut_regex, chunk_cut_rule
+from tools.bpe_encode import add_tokenizer_arguments
+from tools.cli import ArgumentParser, CLIError, command, integer, number
 from tools.corpus import BUILTIN_CORPORA, plays
 from tools.outputs import check_writable_dir
+
+READ_BYTES = 1 << 18  # bytes read at a time: the reader's memory, whatever the length of a line
+
+
+# ---------------------------------------------------------------------------------------------- reading
 
 
 @dataclass
 class Document:
     name: str
     bytes: int  # UTF-8 size, known up front so the train/val cut can be placed while streaming
-    lines: Callable[[], Iterator[str]]  # reads the text lazily, line by line, keeping line ends
+    blocks: Callable[[], Iterator[tuple[str, int]]]  # reads the text lazily: (text, its UTF-8 size) blocks
 
 
-def _file_lines(path: Path) -> Iterator[str]:
-    """The file's lines with their line ends as written, streamed through the tokenizer's reader
-    (blocks ending at a newline; invalid UTF-8 is reported with its exact byte offset)."""
-    for block in iter_file_texts([path]):
-        yield from io.StringIO(block, newline="")  # newline="": split like a file, keep \r\n as written
+def _complete_utf8(data: bytes) -> int:
+    """How many bytes of ``data`` end on a character boundary: all, less an unfinished UTF-8
+    sequence at the end (an invalid byte counts as finished, so decoding reports it)."""
+    for back in range(1, min(4, len(data)) + 1):
+        lead = data[-back]
+        if lead & 0xC0 != 0x80:  # ASCII or a lead byte: the sequence that starts here needs `size` bytes
+            size = 1 if lead < 0xC0 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+            return len(data) - back if size > back else len(data)
+    return len(data)
+
+
+def file_blocks(path: Path, size: int = READ_BYTES) -> Iterator[tuple[str, int]]:
+    """The file's text in blocks of about ``size`` bytes, cut anywhere but inside a character (so a
+    file that is one huge line is read in bounded memory, where tokenizers_bpe.fileio.read_text_blocks
+    waits for a newline). Invalid UTF-8 is an InvalidTextError with its byte offset in the file."""
+    offset, tail = 0, b""
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(size)
+            data = tail + block
+            n = _complete_utf8(data) if block else len(data)
+            body, tail = data[:n], data[n:]
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InvalidTextError(str(path), offset + e.start, e.reason) from None
+            if body:
+                yield text, len(body)
+            offset += n
+            if not block:
+                return
+
+
+def text_blocks(text: str, size: int = READ_BYTES) -> Iterator[tuple[str, int]]:
+    """A text already in memory, in blocks like file_blocks."""
+    for start in range(0, len(text), size):
+        block = text[start : start + size]
+        yield block, len(block.encode("utf-8"))
 
 
 def documents(files: Sequence[str], builtin: str | None) -> list[Document]:
     """Every input as a document: each file, or each play of the built-in corpus."""
     docs: list[Document] = []
     for name in files:
-        p = Path(name)
+        p = check_text_file(name)  # a directory, a missing or an empty file: an error saying which
         if not p.is_file():
-            raise ValueError(f"input file {p} does not exist")
+            raise ValueError(f"{p}: not a regular file; pass a text file")
         if not os.access(p, os.R_OK):
-            raise ValueError(f"input file {p} is not readable")
-        docs.append(Document(str(p), p.stat().st_size, functools.partial(_file_lines, p)))
+            raise ValueError(f"{p}: the file is not readable")
+        docs.append(Document(str(p), p.stat().st_size, lambda p=p: file_blocks(p)))
     if builtin:
         for play in plays():  # a play's text is made again when it is encoded: never the whole corpus at once
             size = len(play.text().encode("utf-8"))
-            docs.append(Document(f"builtin:{builtin}/{play.name}", size, lambda play=play: iter(play.text().splitlines(keepends=True))))
+            docs.append(Document(f"builtin:{builtin}/{play.name}", size, lambda play=play: text_blocks(play.text())))
     return docs
+
+
+# ---------------------------------------------------------------------------------------------- chunks
 
 
 @dataclass
@@ -74,38 +119,75 @@ class Chunk:
     source: str  # the document's name, for error messages
 
 
-def chunks(docs: Iterable[Document], train_bytes: int, chunk_bytes: int) -> Iterator[Chunk]:
-    """Cut the documents into chunks of about ``chunk_bytes``; the first ``train_bytes`` go to the
-    training split. A cut happens only at a document end or before a line starting with a
-    non-space character (see the module docstring)."""
+def cut_regex(tokenizer) -> regex.Pattern:
+    """Where this tokenizer's input may be cut (tokenizers_bpe.patterns.chunk_cut_regex)."""
+    return chunk_cut_regex(tokenizer.pattern if isinstance(tokenizer, BPETokenizer) else None)
+
+
+def _char_index(text: str, nbytes: int) -> int:
+    """The index of the first character of ``text`` that starts at or after UTF-8 byte ``nbytes``."""
+    if text.isascii():
+        return nbytes
+    data = text.encode("utf-8")
+    k = len(data[:nbytes].decode("utf-8", errors="ignore"))  # the characters wholly before the byte
+    return k + 1 if nbytes < len(data) and data[nbytes] & 0xC0 == 0x80 else k
+
+
+def chunks(docs: Iterable[Document], train_bytes: int, chunk_bytes: int, cuts: regex.Pattern) -> Iterator[Chunk]:
+    """Cut the documents into chunks of about ``chunk_bytes`` (at least 1) at the places ``cuts``
+    matches, holding about one chunk plus one read block at a time (more only where the text has
+    no cut). The training split ends at the first cut or document end at or after byte
+    ``train_bytes`` (at least 1). The same input always gives the same chunks."""
     split, done = "train", 0
-    buf: list[str] = []
-    buf_bytes = 0
     for doc in docs:
-        for line in doc.lines():
-            if buf and line[:1] and not line[:1].isspace():
+        pending, pending_bytes = "", 0  # read, not yet yielded; starts at a cut
+        search_from = None  # where to go on looking for the next cut; None: from the goal
+        for text, nbytes in doc.blocks():
+            pending += text
+            pending_bytes += nbytes
+            while True:
+                goal = chunk_bytes if split == "val" else min(chunk_bytes, train_bytes - done)  # >= 1
+                if pending_bytes <= goal:
+                    break
+                if search_from is None:
+                    search_from = _char_index(pending, goal)
+                m = cuts.search(pending, search_from)
+                if m is None:  # read on; the last characters may yet turn out to be a cut
+                    search_from = max(search_from, len(pending) - CHUNK_CUT_LOOKAHEAD)
+                    break
+                text_out = pending[: m.start()]
+                n = len(text_out.encode("utf-8"))
+                yield Chunk(split, text_out, n, False, doc.name)
+                pending, pending_bytes, done, search_from = pending[m.start() :], pending_bytes - n, done + n, None
                 if split == "train" and done >= train_bytes:
-                    yield Chunk(split, "".join(buf), buf_bytes, False, doc.name)
-                    buf, buf_bytes, split = [], 0, "val"
-                elif buf_bytes >= chunk_bytes:
-                    yield Chunk(split, "".join(buf), buf_bytes, False, doc.name)
-                    buf, buf_bytes = [], 0
-            n = len(line.encode("utf-8"))
-            buf.append(line)
-            buf_bytes += n
-            done += n
-        yield Chunk(split, "".join(buf), buf_bytes, True, doc.name)
-        buf, buf_bytes = [], 0
+                    split = "val"
+        yield Chunk(split, pending, pending_bytes, True, doc.name)
+        done += pending_bytes
         if split == "train" and done >= train_bytes:
             split = "val"
 
 
+def plan_splits(docs: list[Document], train_bytes: int, chunk_bytes: int, cuts: regex.Pattern,
+                progress: bool = True) -> dict[str, int]:
+    """The bytes each split will get, from one streaming pass over the input (chunks() without the
+    encoding): invalid UTF-8 anywhere, or a split left empty, is found before any work."""
+    sizes = dict.fromkeys(SPLITS, 0)
+    with tqdm(total=sum(d.bytes for d in docs), unit="B", unit_scale=True, desc="gpt-prepare: checking",
+              disable=not progress, leave=False) as bar:
+        for c in chunks(docs, train_bytes, chunk_bytes, cuts):
+            sizes[c.split] += c.nbytes
+            bar.update(c.nbytes)
+    return sizes
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+
 _worker_tokenizer = None
 
 
-def _init_worker(tokenizer_path: str) -> None:
+def _init_worker(tokenizer_path: str, pattern: str | None) -> None:
     global _worker_tokenizer
-    _worker_tokenizer = tokenizers_bpe.load(tokenizer_path)
+    _worker_tokenizer = tokenizers_bpe.load_any(tokenizer_path, pattern=pattern)
 
 
 def _encode(text: str) -> list[int]:
@@ -114,21 +196,28 @@ def _encode(text: str) -> list[int]:
 
 
 def prepare(docs: list[Document], tokenizer, tokenizer_path: str, out: Path, *, val_fraction: float,
-            append_eot: bool, workers: int, chunk_bytes: int, sources: list[dict], progress: bool = True) -> DataMeta:
-    """Encode ``docs`` into ``out`` (replaced atomically only once everything is written)."""
+            append_eot: bool, workers: int, chunk_bytes: int, sources: list[dict], pattern: str | None = None,
+            planned: dict[str, int] | None = None, progress: bool = True) -> DataMeta:
+    """Encode ``docs`` into ``out`` (replaced atomically only once everything is written). ``planned``:
+    the bytes per split that plan_splits found (computed here when not given; an empty split is an
+    error before anything is written)."""
     dtype = token_dtype(tokenizer.n_vocab)
     total = sum(d.bytes for d in docs)
-    train_bytes = round(total * (1 - val_fraction))
+    train_bytes = train_split_bytes(total, val_fraction)
+    cuts = cut_regex(tokenizer)
+    if planned is None:
+        planned = plan_splits(docs, train_bytes, chunk_bytes, cuts, progress)
+    check_splits(planned, train_bytes, total, val_fraction, tokenizer)
     splits = {name: SplitInfo(file=f"{name}.bin") for name in SPLITS}
     eot = np.array([tokenizer.eot_token], dtype=dtype) if append_eot else None
-    pool = Pool(workers, initializer=_init_worker, initargs=(tokenizer_path,)) if workers > 1 else None
+    pool = Pool(workers, initializer=_init_worker, initargs=(tokenizer_path, pattern)) if workers > 1 else None
     if pool is None:
-        _init_worker(tokenizer_path)
+        _init_worker(tokenizer_path, pattern)
     try:
         with atomic_directory(out) as tmp, tqdm(total=total, unit="B", unit_scale=True, desc="gpt-prepare", disable=not progress) as bar:
             files = {name: open(tmp / info.file, "wb") for name, info in splits.items()}
             try:
-                stream = chunks(docs, train_bytes, chunk_bytes)
+                stream = chunks(docs, train_bytes, chunk_bytes, cuts)
                 # Bounded batches of chunks keep memory flat (Pool.imap would read the whole input ahead).
                 while batch := list(itertools.islice(stream, max(1, workers) * 4)):
                     texts = [c.text for c in batch]
@@ -151,11 +240,9 @@ def prepare(docs: list[Document], tokenizer, tokenizer_path: str, out: Path, *, 
             finally:
                 for f in files.values():
                     f.close()
-            for name, info in splits.items():
-                if info.tokens == 0:
-                    raise ValueError(
-                        f"the {name} split would be empty ({total} bytes of input, --val-fraction {val_fraction}); "
-                        "give more text or change --val-fraction")
+            if {name: info.bytes for name, info in splits.items()} != planned:
+                raise ValueError("the input changed while gpt-prepare read it (the splits differ from the first pass); "
+                                 "run it again on files that stay as they are")
             meta = DataMeta(
                 tokenizer_fingerprint=tokenizer.fingerprint(), n_vocab=tokenizer.n_vocab, eot_token=tokenizer.eot_token,
                 dtype=dtype.name, append_eot=append_eot, val_fraction=val_fraction, splits=splits, sources=sources)
@@ -170,16 +257,35 @@ def prepare(docs: list[Document], tokenizer, tokenizer_path: str, out: Path, *, 
     return meta
 
 
+def train_split_bytes(total: int, val_fraction: float) -> int:
+    """Where the training split ends, in bytes of the whole input (at least 1: it is never empty)."""
+    return max(1, round(total * (1 - val_fraction)))
+
+
+def check_splits(planned: dict[str, int], train_bytes: int, total: int, val_fraction: float, tokenizer) -> None:
+    """A split that would be empty is a one-line error (before any encoding)."""
+    for name, nbytes in planned.items():
+        if nbytes == 0:
+            pattern = tokenizer.pattern if isinstance(tokenizer, BPETokenizer) else None
+            raise ValueError(
+                f"the {name} split would be empty: the input ({total} bytes) has no place after byte {train_bytes} "
+                f"(the first {1 - val_fraction:.0%}, --val-fraction {val_fraction:g}) where it can be cut without "
+                f"changing its tokens (this tokenizer cuts {chunk_cut_rule(pattern)}); give more text or a larger "
+                "--val-fraction")
+
+
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="gpt-prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="*", metavar="FILE", help="UTF-8 text files (each one a document)")
     p.add_argument("--builtin", choices=BUILTIN_CORPORA, help="use a built-in corpus (each play a document)")
-    p.add_argument("--tokenizer", required=True, help="tokenizer.json from bpe-train (or bpe-train --char)")
+    add_tokenizer_arguments(p, "--tokenizer", required=True)
     p.add_argument("-o", "--out", required=True, help="output data directory (created; a previous gpt-prepare output there is replaced)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of the bytes (the end of the corpus) held out for validation")
+    p.add_argument("--val-fraction", type=number(0, 1, low_open=True, high_open=True), default=0.1,
+                   help="fraction of the bytes (the end of the corpus) held out for validation")
     p.add_argument("--append-eot", action="store_true", help="append the <|endoftext|> token after every document")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="encoding processes")
-    p.add_argument("--chunk-mb", type=float, default=1.0, help="approximate size of the text chunks encoded in parallel, in MB")
+    p.add_argument("--workers", type=integer(1, 1024), default=min(8, os.cpu_count() or 1), help="encoding processes")
+    p.add_argument("--chunk-mb", type=number(0, 1024, low_open=True), default=1.0,
+                   help="approximate size of the text chunks encoded in parallel, in MB (memory grows with it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -189,27 +295,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.files and not args.builtin:
         raise CLIError("no input: give text FILEs or --builtin shakespeare")
-    if not 0.0 < args.val_fraction < 1.0:
-        raise CLIError(f"--val-fraction must be between 0 and 1 (exclusive), got {args.val_fraction}")
-    if args.workers < 1:
-        raise CLIError(f"--workers must be at least 1, got {args.workers}")
-    if args.chunk_mb <= 0:
-        raise CLIError(f"--chunk-mb must be positive, got {args.chunk_mb}")
-    if not Path(args.tokenizer).is_file():
+    if not Path(args.tokenizer).exists():
         raise CLIError(f"--tokenizer {args.tokenizer} does not exist; train one with bpe-train")
-    tokenizer = tokenizers_bpe.load(args.tokenizer)
+    tokenizer = tokenizers_bpe.load_any(args.tokenizer, pattern=args.pattern)
     if args.append_eot and tokenizer.eot_token is None:
         raise CLIError(f"--append-eot: the tokenizer {args.tokenizer} has no <|endoftext|> token; drop --append-eot or retrain with it")
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / META_FILE).is_file())):
-        raise CLIError(f"--out {out} exists and is not a gpt-prepare data directory; choose a new or empty directory")
-    check_writable_dir(out.parent if str(out.parent) else Path("."), "--out")
+    # Every input is checked, and the train/val cut placed, before the output is touched.
     docs = documents(args.files, args.builtin)
     sources = [{"path": str(Path(f).resolve()), "bytes": Path(f).stat().st_size} for f in args.files]
     if args.builtin:
         sources.append({"builtin": args.builtin, "bytes": sum(d.bytes for d in docs if d.name.startswith("builtin:"))})
+    chunk_bytes = max(1, int(args.chunk_mb * 2**20))
+    total = sum(d.bytes for d in docs)
+    planned = plan_splits(docs, train_split_bytes(total, args.val_fraction), chunk_bytes, cut_regex(tokenizer), not args.quiet)
+    check_splits(planned, train_split_bytes(total, args.val_fraction), total, args.val_fraction, tokenizer)
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / META_FILE).is_file())):
+        raise CLIError(f"--out {out} exists and is not a gpt-prepare data directory; choose a new or empty directory")
+    check_writable_dir(out.parent if str(out.parent) else Path("."), "--out")
+
     meta = prepare(docs, tokenizer, args.tokenizer, out, val_fraction=args.val_fraction, append_eot=args.append_eot,
-                   workers=args.workers, chunk_bytes=int(args.chunk_mb * 2**20), sources=sources, progress=not args.quiet)
+                   workers=args.workers, chunk_bytes=chunk_bytes, sources=sources, pattern=args.pattern,
+                   planned=planned, progress=not args.quiet)
     for name in SPLITS:
         s = meta.splits[name]
         print(f"{name}: {s.tokens:,} tokens ({s.bytes:,} bytes, {s.bytes / s.tokens:.2f} bytes/token)")
