@@ -1,5 +1,6 @@
 """gpt-prepare: token files that decode back to the corpus, the same tokens as encoding each document
-whole (however it is chunked and however many workers), the split, EOTs, meta.json, and errors."""
+whole (however it is chunked and however many workers, with or without line breaks), the split, EOTs,
+meta.json, bounded memory on one huge line, and errors found before any work that touch nothing."""
 
 from __future__ import annotations
 
@@ -8,10 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tokenizers_bpe
+import tools.prepare as prepare_module
 from gpt.data import load_meta, open_split
+from tokenizers_bpe.patterns import chunk_cut_regex
 from tools.corpus import plays
+from tools.prepare import Document, chunks, file_blocks, text_blocks
 from tools.prepare import main as prepare_main
 
 
@@ -92,32 +98,213 @@ def test_builtin_corpus_streams_play_by_play(tmp_path, monkeypatch):
     assert load_meta(out).sources == [{"builtin": "shakespeare", "bytes": sum(len(p.text().encode()) for p in few)}]
 
 
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` (hidden ones too) -> its bytes (None for a directory)."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+def assert_one_line_error(capsys, expected: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gpt-prepare: error:") and "\n" not in err and expected in err, (expected, err)
+    return err
+
+
 def test_bad_inputs_are_one_line_errors_that_touch_nothing(corpus, tmp_path, capsys):
     existing = tmp_path / "existing"
     assert prepare(corpus, existing) == 0
-    before = {p.name: p.read_bytes() for p in existing.iterdir()}
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
-    (tmp_path / "tiny.txt").write_text("one line only\n")
+    (tmp_path / "tiny.txt").write_text("one line only" + "!" * 20)  # nothing to cut after 90%
     (tmp_path / "emoji.txt").write_text("the char tokenizer never saw \U0001F600\n" * 50)
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "a_directory").mkdir()
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     tok, out = str(corpus["bpe"]), str(existing)
+    ok = [*corpus["files"], "--tokenizer", tok]
     cases = {
         "no input": ["--tokenizer", tok, "-o", out],
-        "does not exist": [str(tmp_path / "missing.txt"), "--tokenizer", tok, "-o", out],
+        "missing.txt: no such file": [str(tmp_path / "missing.txt"), "--tokenizer", tok, "-o", out],
+        "a_directory: is a directory": [str(tmp_path / "a_directory"), "--tokenizer", tok, "-o", out],
+        "empty.txt: the file is empty": [*corpus["files"], str(tmp_path / "empty.txt"), "--tokenizer", tok, "-o", out],
         "--tokenizer": [*corpus["files"], "--tokenizer", str(tmp_path / "none.json"), "-o", out],
-        "not UTF-8": [str(tmp_path / "latin1.txt"), "--tokenizer", tok, "-o", out],
-        "--val-fraction": [*corpus["files"], "--tokenizer", tok, "-o", out, "--val-fraction", "1.5"],
+        "latin1.txt: not UTF-8 at byte offset 3": [str(tmp_path / "latin1.txt"), "--tokenizer", tok, "-o", out],
         "would be empty": [str(tmp_path / "tiny.txt"), "--tokenizer", tok, "-o", out],
-        "not a gpt-prepare data directory": [*corpus["files"], "--tokenizer", tok, "-o", str(foreign)],
-        "invalid float": [*corpus["files"], "--tokenizer", tok, "-o", out, "--val-fraction", "x"],
+        "not a gpt-prepare data directory": [*ok, "-o", str(foreign)],
         "emoji.txt: --tokenizer": [*corpus["files"], str(tmp_path / "emoji.txt"), "--tokenizer", str(corpus["char"]), "-o", out],
+        "a_directory: a directory without a tokenizer.json": [*corpus["files"], "--tokenizer", str(tmp_path / "a_directory"), "-o", out],
+        "--pattern applies to a .tiktoken rank file only": [*ok, "--pattern", "gpt4", "-o", out],
+        "argument --pattern: invalid pattern '(unclosed'": [*ok, "--pattern", "(unclosed", "-o", out],
     }
+    for value in ("inf", "nan", "0", "-1", "x", "2000"):
+        cases[f"argument --chunk-mb: must be a number in (0, 1024], got '{value}'"] = [*ok, "-o", out, "--chunk-mb", value]
+    for value in ("0", "-3", "1.5", "x"):
+        cases[f"argument --workers: must be an integer in [1, 1024], got '{value}'"] = [*ok, "-o", out, "--workers", value]
+    for value in ("0", "1", "1.5", "-0.1", "nan", "inf", "x"):
+        cases[f"argument --val-fraction: must be a number in (0, 1), got '{value}'"] = [*ok, "-o", out, "--val-fraction", value]
+    before = tree(tmp_path)
     for expected, argv in cases.items():
         assert prepare_main([*argv, "--quiet"]) == 2, expected
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("gpt-prepare: error:") and "\n" not in err and expected in err, (expected, err)
-    assert {p.name: p.read_bytes() for p in existing.iterdir()} == before
-    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+        assert_one_line_error(capsys, expected)
+        assert tree(tmp_path) == before, expected  # inputs byte-identical, the old output kept, nothing new
     json.loads((existing / "meta.json").read_text())  # still the good one
+
+
+# ------------------------------------------------------------------------------ text without line breaks
+@pytest.fixture(scope="module")
+def gpt2_tokenizer(tmp_path_factory):
+    """The real GPT-2 ranks as a tokenizer.json (from ../shared/data)."""
+    from tests.conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "gpt2" / "vocab.bpe").is_file():
+        pytest.skip(f"GPT-2 files not found under {SHARED_DATA}")
+    tok = tokenizers_bpe.load_gpt2(SHARED_DATA / "gpt2" / "encoder.json", SHARED_DATA / "gpt2" / "vocab.bpe")
+    path = tmp_path_factory.mktemp("gpt2") / "tokenizer.json"
+    tok.save(path)
+    return path
+
+
+def test_a_file_without_line_breaks_is_split_and_chunked_with_the_tokens_of_the_whole(gpt2_tokenizer, tmp_path):
+    """A 300 KB line of prose (the issue: a 29 MB one ended in "the val split would be empty"), cut into
+    ~8 KB chunks by two workers: the ids are tiktoken's for the whole text, and validation holds 10%."""
+    text = plays()[0].text().replace("\n", " ")[:300_000]
+    (tmp_path / "line.txt").write_text(text, encoding="utf-8")
+    out = tmp_path / "data"
+    assert prepare_main([str(tmp_path / "line.txt"), "--tokenizer", str(gpt2_tokenizer), "-o", str(out), "--quiet",
+                         "--workers", "2", "--chunk-mb", "0.008"]) == 0
+    reference = tokenizers_bpe.load(gpt2_tokenizer).to_tiktoken()
+    assert all_tokens(out).tolist() == reference.encode_ordinary(text)
+    meta = load_meta(out)
+    train_bytes = round(len(text) * 0.9)
+    cut = next(m.start() for m in chunk_cut_regex(tokenizers_bpe.GPT2_PATTERN).finditer(text, train_bytes))
+    assert meta.splits["train"].bytes == cut and meta.splits["val"].bytes == len(text) - cut  # the first cut after 90%
+    assert meta.splits["train"].tokens == len(reference.encode_ordinary(text[:cut]))
+
+
+def test_blank_lines_keep_their_tokens(gpt2_tokenizer, tmp_path):
+    """The old rule (cut before any line that starts with a non-space) split GPT-2's "\\n\\n" pieces differently
+    from the whole text ("a\\n\\n" + "b" is not "a\\n\\nb"); the cuts now come from the pattern."""
+    text = "".join(f"Line {i} of the text.\n\n{'Second' if i % 2 else 'Third'} part\n" for i in range(3000))
+    (tmp_path / "blank.txt").write_text(text, encoding="utf-8")
+    out = tmp_path / "data"
+    assert prepare_main([str(tmp_path / "blank.txt"), "--tokenizer", str(gpt2_tokenizer), "-o", str(out), "--quiet",
+                         "--workers", "1", "--chunk-mb", "0.0001"]) == 0
+    assert all_tokens(out).tolist() == tokenizers_bpe.load(gpt2_tokenizer).to_tiktoken().encode_ordinary(text)
+
+
+def test_a_char_level_tokenizer_cuts_anywhere(tmp_path):
+    text = "x" * 5000  # no letter edge, no line start: only a char-level tokenizer can cut it
+    (tmp_path / "x.txt").write_text(text)
+    tokenizers_bpe.train_char([text]).save(tmp_path / "char.json")
+    out = tmp_path / "data"
+    assert prepare_main([str(tmp_path / "x.txt"), "--tokenizer", str(tmp_path / "char.json"), "-o", str(out), "--quiet",
+                         "--workers", "1", "--chunk-mb", "0.0005"]) == 0
+    meta = load_meta(out)
+    assert meta.splits["train"].bytes == 4500 and meta.splits["val"].bytes == 500
+
+
+@pytest.mark.parametrize(
+    "text, pattern, rule",
+    [
+        ("word " * 20 + "!" * 100, "gpt2", "after a letter or a digit followed by another kind of character"),
+        ("word " * 20 + "x" * 100, "gpt4", "after a letter or a digit followed by another kind of character"),
+        ("line\n" * 100 + "word " * 30, r"\S+|\s+", "only at a line start (a custom pattern"),
+    ],
+    ids=["punctuation-tail", "one-long-word", "custom-pattern"],
+)
+def test_an_impossible_split_is_known_before_any_encoding(tmp_path, capsys, monkeypatch, text, pattern, rule):
+    """No place to cut after 90% of the text: one line, exit 2, found by the pre-pass (encoding never
+    starts), nothing written."""
+    (tmp_path / "in.txt").write_text(text)
+    tokenizers_bpe.train_from_iterator([text], 260, pattern=pattern, workers=1).save(tmp_path / "tok.json")
+    monkeypatch.setattr(prepare_module, "prepare", lambda *a, **k: pytest.fail("encoding started"))
+    before = tree(tmp_path)
+    assert prepare_main([str(tmp_path / "in.txt"), "--tokenizer", str(tmp_path / "tok.json"), "-o", str(tmp_path / "out"), "--quiet"]) == 2
+    err = assert_one_line_error(capsys, "the val split would be empty")
+    assert rule in err and "--val-fraction 0.1" in err
+    assert tree(tmp_path) == before
+
+
+def test_one_huge_line_is_read_in_bounded_blocks_and_chunks(tmp_path):
+    """The reader never waits for a newline, and chunks stay near --chunk-mb on a single 2 MB line."""
+    text = ("Sing, goddess, the anger of Peleus' son Achilles 1234 é中 " * 40000)[: 2 << 20]
+    path = tmp_path / "line.txt"
+    path.write_text(text, encoding="utf-8")
+    blocks = list(file_blocks(path, size=1 << 16))
+    assert "".join(b for b, _ in blocks) == text and max(n for _, n in blocks) <= 1 << 16
+    assert sum(n for _, n in blocks) == path.stat().st_size
+    doc = Document("line", path.stat().st_size, lambda: file_blocks(path, size=1 << 16))
+    out = list(chunks([doc], train_bytes=doc.bytes * 9 // 10, chunk_bytes=50_000, cuts=chunk_cut_regex(tokenizers_bpe.GPT2_PATTERN)))
+    assert "".join(c.text for c in out) == text and len(out) > 40
+    assert max(c.nbytes for c in out) < 50_000 + 20  # a chunk ends at the first cut after its size
+    assert [c.split for c in out] == sorted(c.split for c in out) and out[-1].split == "val"
+
+
+def test_invalid_utf8_deep_in_a_long_line_is_found_with_its_offset(corpus, tmp_path, capsys):
+    good = ("no line break here, " * 30000).encode()
+    (tmp_path / "bad.txt").write_bytes(good + b"\xe9t\xc3\xa9" + good)
+    assert prepare_main([str(tmp_path / "bad.txt"), "--tokenizer", str(corpus["bpe"]), "-o", str(tmp_path / "out"), "--quiet"]) == 2
+    assert_one_line_error(capsys, f"bad.txt: not UTF-8 at byte offset {len(good)}")
+    assert not (tmp_path / "out").exists()
+
+
+chunk_texts = st.lists(
+    st.one_of(st.sampled_from(["word", " ", "  ", "\n", "\r\n", "\n\n", "é", "中文", "🎉", "123", "'s", "!!", "\t", "x"]),
+              st.text(max_size=4)),
+    max_size=60,
+).map("".join)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=chunk_texts, chunk_bytes=st.integers(1, 40), block=st.integers(1, 17), fraction=st.floats(0.05, 0.95),
+       pattern=st.sampled_from(["gpt2", "gpt4", None]))
+def test_chunks_cut_only_at_cuts_whatever_the_read_blocks(tmp_path_factory, text, chunk_bytes, block, fraction, pattern):
+    """chunks(): the text back whole, every chunk end a cut of the whole text, the split at the first cut
+    at or after the training bytes, and the same chunks whatever size the file is read in."""
+    from tokenizers_bpe.patterns import resolve_pattern
+
+    rx = chunk_cut_regex(None if pattern is None else resolve_pattern(pattern))
+    path = tmp_path_factory.mktemp("chunks") / "t.txt"
+    path.write_bytes(text.encode("utf-8"))
+    size = len(text.encode("utf-8"))
+    train_bytes = max(1, round(size * fraction))
+
+    def run(read_size):
+        doc = Document("t", size, lambda: file_blocks(path, size=read_size) if read_size else text_blocks(text, 5))
+        return [(c.split, c.text, c.nbytes, c.doc_end) for c in chunks([doc], train_bytes, chunk_bytes, rx)]
+
+    out = run(block)
+    assert out == run(4096) == run(None)
+    assert "".join(t for _, t, _, _ in out) == text and all(n == len(t.encode()) for _, t, n, _ in out)
+    cuts = {m.start() for m in rx.finditer(text)}
+    ends = np.cumsum([len(t) for _, t, _, _ in out])[:-1].tolist()
+    assert set(ends) <= cuts
+    val_start = next((i for i, (split, _, _, _) in enumerate(out) if split == "val"), None)
+    byte_cuts = sorted(len(text[:c].encode()) for c in cuts)
+    first_cut = next((b for b in byte_cuts if b >= train_bytes), None)
+    if first_cut is None:
+        assert val_start is None
+    else:
+        assert sum(n for split, _, n, _ in out if split == "train") == first_cut
+
+
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
+def test_a_cut_decided_by_characters_not_yet_read_is_still_found(tmp_path, pattern):
+    """GPT-2 cuts "!\\r" | "\\n!" (two characters of look-ahead; nothing else cuts this text): wherever a read
+    block ends, the chunks are the same."""
+    from tokenizers_bpe.patterns import resolve_pattern
+
+    text = "!\r\n" * 300
+    path = tmp_path / "crlf.txt"
+    path.write_bytes(text.encode())
+    rx = chunk_cut_regex(resolve_pattern(pattern))
+    results = {tuple(c.text for c in chunks([Document("crlf", len(text), lambda: file_blocks(path, size=size))], 700, 3, rx))
+               for size in range(1, 9)}
+    assert len(results) == 1 and len(next(iter(results))) > 100
+
+
+def test_char_index_is_the_first_character_at_or_after_a_byte():
+    from tools.prepare import _char_index
+
+    assert [_char_index("aé中b", n) for n in range(8)] == [0, 1, 2, 2, 3, 3, 3, 4]
+    assert [_char_index("abc", n) for n in range(4)] == [0, 1, 2, 3]
