@@ -4,10 +4,12 @@ one line on stderr, exit status 2 and no half-written output."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 import tokenizers_bpe
+from tests.tokenizers_bpe.conftest import tiktoken_encoding  # noqa: F401 (a fixture: tiktoken's own encodings, offline)
 from tools.bpe_decode import main as decode_main
 from tools.bpe_encode import main as encode_main
 from tools.bpe_inspect import main as inspect_main
@@ -201,7 +203,7 @@ def test_missing_tokenizer_file(tmp_path, capsys):
     assert encode_main(["-t", str(tmp_path / "none.json"), "x"]) == 2
     assert "none.json: no such file" in one_line_error(capsys, "bpe-encode")
     assert inspect_main([str(tmp_path)]) == 2
-    assert "is a directory" in one_line_error(capsys, "bpe-inspect")
+    assert "a directory without a tokenizer.json" in one_line_error(capsys, "bpe-inspect")
 
 
 def test_non_utf8_offset_is_exact_beyond_the_first_read_block(tmp_path, capsys):
@@ -222,3 +224,84 @@ def test_builtin_corpus_is_the_default(tmp_path, monkeypatch, capsys):
         assert tokenizers_bpe.load(out).n_vocab == 270
     assert train_main([str(tmp_path / "b.json"), "--builtin", "shakespeare", "-o", str(out)]) == 2
     assert "not both" in one_line_error(capsys, "bpe-train")
+
+
+# ------------------------------------------------------------------------------ --tokenizer: what it accepts
+def tree(root) -> dict:
+    """Every path under ``root`` (hidden ones too) -> its bytes (None for a directory)."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+TEXT = "Hello world! It's 2024: naïve café, 中文, 12345678 spaces    here\n\n\tand <|endoftext|> too"
+
+
+@pytest.mark.parametrize("name, path", [("cl100k_base", "cl100k/cl100k_base.tiktoken"), ("gpt2", "gpt2/gpt2.tiktoken")])
+def test_encode_with_a_tiktoken_file_gives_tiktokens_ids(shared_file, tiktoken_encoding, capsys, name, path):
+    ranks = str(shared_file(path))
+    for special in ("allow", "ordinary"):
+        assert encode_main(["-t", ranks, "--special", special, TEXT]) == 0
+        ids = json.loads(capsys.readouterr().out)
+        reference = tiktoken_encoding(name)
+        assert ids == (reference.encode(TEXT, allowed_special="all") if special == "allow" else reference.encode_ordinary(TEXT))
+    assert decode_main(["-t", ranks, json.dumps(ids)]) == 0
+    assert capsys.readouterr().out == TEXT
+    assert inspect_main([ranks, "--top", "2", "--sample", str(shared_file("tinyshakespeare.txt"))]) == 0
+    out = capsys.readouterr().out
+    assert "<|endoftext|>=" in out and ("gpt4 (as tiktoken)" if name == "cl100k_base" else "gpt2 (as tiktoken)") in out
+
+
+def test_pattern_replaces_the_pattern_of_a_rank_file(tmp_path, shared_file, capsys):
+    import tiktoken
+
+    mine = tmp_path / "mine.tiktoken"  # not a known name: the gpt2 pattern, no special tokens
+    shutil.copyfile(shared_file("gpt2/gpt2.tiktoken"), mine)
+    ranks = tokenizers_bpe.load_any(mine).mergeable_ranks
+    for pattern, rx in (("gpt2", tokenizers_bpe.GPT2_PATTERN), ("gpt4", tokenizers_bpe.GPT4_PATTERN)):
+        argv = ["-t", str(mine), TEXT] + ([] if pattern == "gpt2" else ["--pattern", pattern])
+        assert encode_main(argv) == 0
+        reference = tiktoken.Encoding(pattern, pat_str=rx, mergeable_ranks=ranks, special_tokens={})
+        assert json.loads(capsys.readouterr().out) == reference.encode_ordinary(TEXT)
+
+
+def test_a_data_or_checkpoint_directory_means_its_tokenizer(data_dir, tmp_path, capsys):
+    import torch
+
+    from gpt.model import GPT, GPTConfig
+
+    tok = tokenizers_bpe.load(data_dir / "tokenizer.json")
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "ckpt"
+    GPT(GPTConfig(vocab_size=tok.n_vocab, n_ctx=16, n_embd=8, n_layer=1, n_head=1, backend="torch")).save_pretrained(checkpoint, tokenizer=tok)
+    for directory in (data_dir, checkpoint):
+        assert encode_main(["-t", str(directory), "ROMEO:"]) == 0
+        ids = json.loads(capsys.readouterr().out)
+        assert ids == tok.encode("ROMEO:")
+        assert decode_main(["-t", str(directory), json.dumps(ids)]) == 0
+        assert capsys.readouterr().out == "ROMEO:"
+        assert inspect_main([str(directory), "--sample", str(data_dir / "meta.json")]) == 0
+        assert "char tokenizer" in capsys.readouterr().out
+
+
+def test_bad_tokenizer_arguments_are_one_line_errors_that_touch_nothing(tmp_path, tokenizer_file, shared_file, capsys):
+    (tmp_path / "no_tokenizer").mkdir()
+    (tmp_path / "no_tokenizer" / "notes.txt").write_text("mine")
+    lines = shared_file("gpt2/gpt2.tiktoken").read_text().splitlines()[:300]
+    (tmp_path / "bad.tiktoken").write_text(lines[0] + "\nnot a rank line\n")
+    (tmp_path / "gaps.tiktoken").write_text("\n".join(lines[:256] + [lines[299]]) + "\n")
+    cases = {
+        "--pattern applies to a .tiktoken rank file only": [str(tokenizer_file), "--pattern", "gpt4"],
+        "argument --pattern: invalid pattern '(unclosed'": [str(tokenizer_file), "--pattern", "(unclosed"],
+        "argument --pattern: invalid pattern 'x*': it matches the empty string": [str(tokenizer_file), "--pattern", "x*"],
+        "no_tokenizer: a directory without a tokenizer.json": [str(tmp_path / "no_tokenizer")],
+        "bad.tiktoken:2: expected 'BASE64TOKEN RANK'": [str(tmp_path / "bad.tiktoken")],
+        "gaps.tiktoken: token ranks must be the contiguous ids": [str(tmp_path / "gaps.tiktoken")],
+        "missing.tiktoken: no such file": [str(tmp_path / "missing.tiktoken")],
+    }
+    before = tree(tmp_path)
+    for expected, (tokenizer, *options) in cases.items():
+        for main, prog, argv in ((encode_main, "bpe-encode", ["-t", tokenizer, *options, "x"]),
+                                 (decode_main, "bpe-decode", ["-t", tokenizer, *options, "[1]"]),
+                                 (inspect_main, "bpe-inspect", [tokenizer, *options])):
+            assert main(argv) == 2, (prog, expected)
+            assert expected in one_line_error(capsys, prog), (prog, expected)
+            assert tree(tmp_path) == before, (prog, expected)

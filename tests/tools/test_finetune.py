@@ -298,6 +298,40 @@ def test_bad_inputs_are_one_line_errors(base, tmp_path, capsys):
         assert not (tmp_path / "o").exists(), name  # not even an empty --out directory
 
 
+def test_invalid_utf8_in_any_data_file_names_the_file_and_the_byte(base, tmp_path, capsys):
+    """A Latin-1 byte in a CSV/TSV/JSONL of examples or a JSON/JSONL of records: one line naming the file
+    and the offset of the byte (the BOM of a good file counts), nothing written, every file as it was."""
+    ok = write_csv(tmp_path / "ok.csv", genre_rows(6))
+    good_records = json.dumps(instruction_records(6)).encode()
+    files = {  # name: (bytes, the offset of the first invalid byte)
+        "bad.csv": (b"text,label\n" + "caf\xe9,alpha\n".encode("latin-1") + b"b,zulu\n", 14),
+        "bad.tsv": (b"\xef\xbb\xbftext\tlabel\na\talpha\n" + "z\xfc\tzulu\n".encode("latin-1"), 3 + 11 + 8 + 1),
+        "bad.jsonl": (b'{"text": "a", "label": "alpha"}\n{"text": "\xe9", "label": "zulu"}\n', 32 + 10),
+        "bad.json": (good_records[:-1] + b', {"instruction": "\xff", "output": "x"}]', len(good_records) - 1 + 19),
+        "bad_records.jsonl": (b'{"instruction": "a", "output": "b"}\n{"instruction": "\xc3(", "output": "b"}\n', 36 + 17),
+    }
+    for name, (data, offset) in files.items():
+        assert data.decode("latin-1")[offset] in "\xe9\xfc\xff\xc3", name  # the offsets above point at the bad byte
+        (tmp_path / name).write_bytes(data)
+    classify = ["classify", "--model", base, "--out", tmp_path / "o"]
+    cases = {
+        "bad.csv": classify + ["--train", tmp_path / "bad.csv", "--val", ok],
+        "bad.tsv": classify + ["--train", ok, "--val", tmp_path / "bad.tsv"],
+        "bad.jsonl": classify + ["--train", tmp_path / "bad.jsonl", "--val", ok],
+        "bad.json": ["instruct", "--model", base, "--out", tmp_path / "o", "--data", tmp_path / "bad.json"],
+        "bad_records.jsonl": ["instruct", "--model", base, "--out", tmp_path / "o", "--data", tmp_path / "bad_records.jsonl"],
+    }
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    dirs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    for name, argv in cases.items():
+        rc, out, err = run(capsys, main, argv + TRAIN_ARGS)
+        assert rc == 2, (name, err)
+        assert err.startswith("gpt-finetune: error: ") and err.count("\n") == 1, (name, err)
+        assert f"{tmp_path / name}: not UTF-8 at byte offset {files[name][1]} (" in err, (name, err)
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before, name
+        assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == dirs, name  # no --out, no temp dir
+
+
 def test_gpt_classify_bad_model(base, tmp_path, capsys):
     rc, _, err = run(capsys, classify_main, ["--model", base, "some text"])
     assert rc == 2 and "classifier.json: file not found" in err and err.count("\n") == 1

@@ -1,0 +1,75 @@
+"""gpt.finetune_data readers: strict UTF-8 (an InvalidTextError naming the file and the byte offset), a
+UTF-8 BOM accepted, and the line numbers of the other errors unchanged by either."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gpt.finetune_data import read_examples, read_instructions
+from tokenizers_bpe import InvalidTextError
+
+BOM = b"\xef\xbb\xbf"
+RECORDS = [{"instruction": "Say hi.", "input": "", "output": "hi"}, {"instruction": "Add 1 and 2.", "input": "", "output": "3"}]
+
+
+@pytest.mark.parametrize("bom", [b"", BOM], ids=["plain", "bom"])
+def test_every_format_reads_the_same_with_or_without_a_bom(tmp_path, bom):
+    rows = [("café au lait", "drink"), ("naïve\u2028text", "word")]
+    csv = tmp_path / "d.csv"
+    csv.write_bytes(bom + ("text,label\r\n" + "".join(f'"{t}",{lab}\r\n' for t, lab in rows)).encode())
+    tsv = tmp_path / "d.tsv"
+    tsv.write_bytes(bom + ("text\tlabel\n" + "".join(f"{t}\t{lab}\n" for t, lab in rows)).encode())
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_bytes(bom + "".join(json.dumps({"text": t, "label": lab}, ensure_ascii=False) + "\n" for t, lab in rows).encode())
+    for path in (csv, tsv, jsonl):
+        assert read_examples(path) == rows, path.name
+    records = tmp_path / "r.json"
+    records.write_bytes(bom + json.dumps(RECORDS, indent=1, ensure_ascii=False).encode())
+    records_jsonl = tmp_path / "r.jsonl"
+    records_jsonl.write_bytes(bom + "".join(json.dumps(r) + "\n" for r in RECORDS).encode())
+    assert read_instructions(records) == read_instructions(records_jsonl) == RECORDS
+
+
+@pytest.mark.parametrize(
+    "name, data, offset",
+    [
+        ("e.csv", BOM + b"text,label\nok,a\n" + b"caf\xe9,b\n", 3 + 16 + 3),
+        ("e.tsv", b"text\tlabel\nx\xc3\ty\n", 12),
+        ("e.jsonl", b'{"text": "a", "label": "b"}\n\n{"text": "\xff", "label": "b"}\n', 28 + 1 + 10),
+    ],
+)
+def test_invalid_utf8_in_examples_is_an_error_naming_the_file_and_the_byte(tmp_path, name, data, offset):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(InvalidTextError) as e:
+        read_examples(path)
+    assert (e.value.source, e.value.offset) == (str(path), offset)
+    assert str(e.value).startswith(f"{path}: not UTF-8 at byte offset {offset} (")
+
+
+def test_invalid_utf8_in_records_is_an_error_naming_the_file_and_the_byte(tmp_path):
+    good = json.dumps(RECORDS).encode()
+    for name, data, offset in (("r.json", BOM + good[:-1] + b', {"instruction": "\xe9"}]', 3 + len(good) - 1 + 19),
+                               ("r.jsonl", b'{"instruction": "a", "output": "\xed\xa0\x80"}\n', 32)):  # \xed\xa0\x80: a surrogate
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(InvalidTextError) as e:
+            read_instructions(path)
+        assert (e.value.source, e.value.offset) == (str(path), offset), name
+
+
+def test_other_errors_keep_their_line_numbers_after_a_bom_and_crlf(tmp_path):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_bytes(BOM + b'{"text": "a", "label": "b"}\r\n{"text": "c", "label": \r\n')
+    with pytest.raises(ValueError, match=r"d\.jsonl line 2: not valid JSON"):
+        read_examples(jsonl)
+    csv = tmp_path / "d.csv"
+    csv.write_bytes(BOM + b"text,label\r\na,b\r\nc,d,e\r\n")
+    with pytest.raises(ValueError, match=r"d\.csv line 3: expected 2 fields"):
+        read_examples(csv)
+    records = tmp_path / "r.json"
+    records.write_bytes(BOM + b'[\n {"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}\n]\n')
+    with pytest.raises(ValueError, match=r"r\.json line 3 column 22: not valid JSON"):
+        read_instructions(records)
