@@ -26,12 +26,12 @@ import numpy as np
 from tqdm import tqdm
 
 import tokenizers_bpe
-from gpt.data import META_FILE, SPLITS, DataMeta, SplitInfo, token_dtype
+from gpt.data import DATA_STAMP, META_FILE, SPLITS, DataMeta, SplitInfo, token_dtype
 from tokenizers_bpe import TOKENIZER_FILE, UnknownCharacterError
 from tokenizers_bpe.fileio import atomic_directory, atomic_write, iter_file_texts
 from tools.cli import ArgumentParser, CLIError, command
 from tools.corpus import BUILTIN_CORPORA, plays
-from tools.outputs import check_writable_dir
+from tools.outputs import check_output
 
 
 @dataclass
@@ -125,7 +125,7 @@ def prepare(docs: list[Document], tokenizer, tokenizer_path: str, out: Path, *, 
     if pool is None:
         _init_worker(tokenizer_path)
     try:
-        with atomic_directory(out) as tmp, tqdm(total=total, unit="B", unit_scale=True, desc="gpt-prepare", disable=not progress) as bar:
+        with atomic_directory(out, DATA_STAMP) as tmp, tqdm(total=total, unit="B", unit_scale=True, desc="gpt-prepare", disable=not progress) as bar:
             files = {name: open(tmp / info.file, "wb") for name, info in splits.items()}
             try:
                 stream = chunks(docs, train_bytes, chunk_bytes)
@@ -200,10 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokenizer = tokenizers_bpe.load(args.tokenizer)
     if args.append_eot and tokenizer.eot_token is None:
         raise CLIError(f"--append-eot: the tokenizer {args.tokenizer} has no <|endoftext|> token; drop --append-eot or retrain with it")
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / META_FILE).is_file())):
-        raise CLIError(f"--out {out} exists and is not a gpt-prepare data directory; choose a new or empty directory")
-    check_writable_dir(out.parent if str(out.parent) else Path("."), "--out")
+    out = check_output(args.out, DATA_STAMP, "--out", inputs=[*args.files, args.tokenizer])
     docs = documents(args.files, args.builtin)
     sources = [{"path": str(Path(f).resolve()), "bytes": Path(f).stat().st_size} for f in args.files]
     if args.builtin:
