@@ -29,9 +29,10 @@ import tokenizers_bpe
 from gpt.config import GPTConfig
 from gpt.device import DTYPES, dtype_name
 from gpt.lora import LoRAConfig, adapter_shapes, apply_lora, check_unmerged, split_adapters
+from gpt.sampling import SAMPLING_DEFAULTS
 from tokenizers_bpe import TOKENIZER_FILE
 from tokenizers_bpe.errors import SettingError
-from tokenizers_bpe.fileio import atomic_directory, format_stamp, recorded_version
+from tokenizers_bpe.fileio import Stamp, atomic_directory, format_stamp, recorded_version
 from tokenizers_bpe.fileio import read_json as parse_json_file
 
 FORMAT = "gpt-checkpoint"
@@ -41,6 +42,7 @@ WEIGHTS_FILE = "model.safetensors"
 GENERATION_FILE = "generation.json"
 ADAPTERS_FILE = "adapters.safetensors"
 
+CHECKPOINT_STAMP = Stamp(FORMAT, "a checkpoint", CONFIG_FILE)
 SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
@@ -97,7 +99,7 @@ def save_pretrained(directory, model, tokenizer=None, generation: dict | None = 
     if it holds nothing but checkpoint files; one holding other files is a ValueError, left untouched."""
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     generation = generation if generation is not None else model.generation_config
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, CHECKPOINT_STAMP) as tmp:
         write_checkpoint(tmp, model, tokenizer, generation)
 
 
@@ -199,6 +201,9 @@ def read_generation(directory) -> dict[str, Any]:
     generation = read_json(path)
     if not isinstance(generation, dict):
         raise CheckpointError(f"{path}: must be a JSON object of sampling defaults")
+    unknown = sorted(set(generation) - set(SAMPLING_DEFAULTS))
+    if unknown:
+        raise CheckpointError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(SAMPLING_DEFAULTS)}")
     return generation
 
 
@@ -266,7 +271,10 @@ class PretrainedMixin:
         check_weights(directory, meta, cls.expected_shapes(meta["model"]))
         tokenizer = load_tokenizer(directory, meta)
         generation = read_generation(directory)
-        state = load_file(str(directory / WEIGHTS_FILE), device=str(device))
+        try:
+            state = load_file(str(directory / WEIGHTS_FILE), device=str(device))
+        except Exception as e:  # safetensors' own error types for data cut short or corrupt
+            raise CheckpointError(f"{directory / WEIGHTS_FILE}: not a readable safetensors file ({e})") from None
         model = cls.from_state_dict(meta["model"], state, what=str(directory / WEIGHTS_FILE))
         if "lora" in meta:
             load_adapters(directory, model, meta, device)

@@ -29,12 +29,13 @@ import numpy as np
 import torch
 
 from tokenizers_bpe.errors import SettingError
-from tokenizers_bpe.fileio import format_stamp, read_json, recorded_version
+from tokenizers_bpe.fileio import Stamp, format_stamp, read_json, recorded_version
 
 DATA_FORMAT = "gpt-toolkit-tokens"
 DATA_VERSION = 1
 SPLITS = ("train", "val")
 META_FILE = "meta.json"
+DATA_STAMP = Stamp(DATA_FORMAT, "a gpt-prepare data directory", META_FILE)
 
 
 def token_dtype(n_vocab: int) -> np.dtype:
@@ -194,3 +195,15 @@ class SlidingWindows:
         for b in range(0, len(self.starts), self.batch_size):
             windows = np.stack([self.tokens[i : i + T + 1] for i in self.starts[b : b + self.batch_size]])
             yield _to_tensors(windows, self.device)
+
+
+def check_token_ids(tokens: np.ndarray, n_vocab: int, path: str | Path) -> None:
+    """A ValueError naming the first token id of ``tokens`` (a split's memmap) that is not below the
+    vocabulary: one vectorised pass, a block at a time (memory stays flat at any size)."""
+    block = 1 << 24
+    for start in range(0, len(tokens), block):
+        chunk = np.asarray(tokens[start : start + block])
+        if len(chunk) and int(chunk.max()) >= n_vocab:
+            at = start + int(np.argmax(chunk >= n_vocab))
+            raise ValueError(f"{path}: token id {int(tokens[at])} at position {at:,} is not below the vocabulary size "
+                             f"{n_vocab} of its meta.json; the file is corrupt or from another tokenizer: re-run gpt-prepare")

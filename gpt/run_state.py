@@ -2,9 +2,15 @@
 
     RUN_DIR/metrics.jsonl          one JSON object per line (see gpt.trainer)
     RUN_DIR/loss.png               the loss curve (gpt.plot)
-    RUN_DIR/run_config.json        the command's effective options (written by the command layer)
+    RUN_DIR/run_config.json        the command's effective options, stamped {"format": "gpt-run", ...}
     RUN_DIR/checkpoints/step-NNNNNN/   a model checkpoint + STATE_FILE, OPTIMIZER_FILE, RNG_FILE
     RUN_DIR/best/, RUN_DIR/final/  model checkpoints (the best evaluation, the end of training)
+    RUN_DIR/.lock                  while a process writes the run: which one (tokenizers_bpe.locks)
+
+A run survives a kill at any moment: checkpoints are written atomically, the next writer removes what a
+killed one left half-written and takes over its lock, a corrupt checkpoint is set aside
+(``step-NNNNNN.corrupt``) and the newest intact one resumed, and a run with no intact checkpoint starts
+again from step 0 (``RunDirectory``).
 
 The trainer state is JSON (step, tokens, best metric, scaler, python/numpy RNG states) plus two
 safetensors files (AdamW moments keyed by parameter name; torch generator states of every rank):
@@ -15,16 +21,34 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
+import os
 import random
 import re
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from tokenizers_bpe.fileio import atomic_write, recorded_version
+from gpt.checkpoint import CHECKPOINT_STAMP, CONFIG_FILE
+from tokenizers_bpe.errors import NoSpaceError
+from tokenizers_bpe.fileio import (
+    Stamp,
+    atomic_directory,
+    atomic_write,
+    format_stamp,
+    free_bytes,
+    recorded_version,
+    remove_stale_temporaries,
+)
+from tokenizers_bpe.locks import OutputLock
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -37,6 +61,10 @@ STATE_VERSION = 1
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
+LOCK_FILE = ".lock"
+RUN_FORMAT = "gpt-run"
+RUN_VERSION = 1
+RUN_STAMP = Stamp(RUN_FORMAT, "a run directory", RUN_CONFIG_FILE)
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
@@ -46,8 +74,9 @@ def step_dir(out_dir: Path, step: int) -> Path:
 
 
 def holds_run(out_dir: Path) -> bool:
-    """Whether a run was started in ``out_dir`` (it has checkpoints or metrics)."""
-    return (Path(out_dir) / CHECKPOINTS_DIR).exists() or (Path(out_dir) / METRICS_FILE).exists()
+    """Whether ``out_dir`` holds a run with something to resume (a step checkpoint) or a finished one
+    (``final/``). A run killed before its first checkpoint holds nothing: the same command restarts it."""
+    return bool(checkpoint_dirs(out_dir)) or (Path(out_dir) / FINAL_DIR).is_dir()
 
 
 def optimizer_state(opt: torch.optim.Optimizer, names: dict[nn.Parameter, str]) -> tuple[dict, dict]:
@@ -153,3 +182,98 @@ def truncate_metrics(out_dir: Path, step: int) -> None:
             continue
     with atomic_write(path) as f:
         f.write("".join(line + "\n" for line in keep))
+
+
+def resolve_model_dir(path: str | os.PathLike) -> tuple[Path, str | None]:
+    """A checkpoint directory as given, or a run directory standing for its model: ``final/``, else
+    ``best/``, else the newest step checkpoint. Returns (directory, a note saying what was picked, or
+    None when ``path`` was used as it is)."""
+    path = Path(path)
+    if not path.is_dir() or (path / CONFIG_FILE).is_file():
+        return path, None
+    candidates = [path / FINAL_DIR, path / BEST_DIR, *(d for _, d in reversed(checkpoint_dirs(path)))]
+    for candidate in candidates:
+        if (candidate / CONFIG_FILE).is_file():
+            return candidate, f"{path} is a run directory; using its model {candidate}"
+    return path, None
+
+
+@dataclass
+class TrainResult:
+    step: int
+    tokens: int
+    wall_s: float
+    interrupted: bool
+    stop_signal: int | None  # the signal that interrupted the run (SIGINT/SIGTERM), if one did
+    last_eval: dict | None
+    best: dict | None  # {"step", best_metric, "dir"}
+    final_dir: Path | None
+    checkpoint_dir: Path | None
+
+    def summary(self) -> str:
+        lines = [f"{'interrupted' if self.interrupted else 'finished'} at step {self.step}: "
+                 f"{self.tokens:,} tokens in {self.wall_s:.0f}s ({self.tokens / max(self.wall_s, 1e-9):,.0f} tok/s)"]
+        if self.last_eval:
+            lines.append("last eval: " + ", ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items() if k.startswith("val_") and isinstance(v, float)))
+        if self.best:
+            lines.append(f"best: {self.best['metric']} {self.best['value']:.4f} at step {self.best['step']} -> {self.best['dir']}")
+        if self.final_dir:
+            lines.append(f"final model: {self.final_dir}")
+        if self.checkpoint_dir:
+            lines.append(f"latest checkpoint: {self.checkpoint_dir}")
+        return "\n".join(lines)
+
+
+class RunDirectory:
+    """A run directory while a process writes it: one writer at a time (the lock), the leftovers of a
+    killed writer removed, corrupt checkpoints set aside. ``open()`` before writing, ``close()`` after."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.lock = OutputLock(self.path / LOCK_FILE, f"run directory {self.path}")
+
+    def open(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        for directory in (self.path, self.path / CHECKPOINTS_DIR):
+            for entry in remove_stale_temporaries(directory):
+                log.info(f"note: removed {entry}, left by a writer that was killed")
+
+    def close(self) -> None:
+        self.lock.release()
+
+    def set_aside(self, checkpoint: Path, reason: str) -> None:
+        """Rename a corrupt step checkpoint out of the way (kept, as ``step-NNNNNN.corrupt``)."""
+        target = checkpoint.with_name(checkpoint.name + ".corrupt")
+        n = 1
+        while target.exists():
+            n += 1
+            target = checkpoint.with_name(f"{checkpoint.name}.corrupt{n}")
+        os.replace(checkpoint, target)
+        log.warning(f"skipped {checkpoint}: {reason}; it is kept as {target.name}")
+
+    def restart(self) -> None:
+        """Forget what a run that left no checkpoint wrote (its metrics and best/), to start it again."""
+        truncate_metrics(self.path, 0)
+        best = self.path / BEST_DIR
+        if best.is_dir():
+            shutil.rmtree(best)
+
+    def write_checkpoint(self, directory: Path, write: Callable[[Path], None], size: int) -> None:
+        """A checkpoint directory of the run, written atomically by ``write(tmp)``; ``size`` is about the
+        bytes it takes. A disk too full for it is a NoSpaceError naming the last good checkpoint, raised
+        before writing when the free space is known to be short."""
+        found = checkpoint_dirs(self.path)
+        advice = f"the last good checkpoint {found[-1][1]} is intact" if found else "no checkpoint was written yet"
+        if free_bytes(directory.parent) < size:
+            raise NoSpaceError(directory, free_bytes(directory.parent), size, advice)
+        try:
+            with atomic_directory(directory, CHECKPOINT_STAMP) as tmp:
+                write(tmp)
+        except NoSpaceError as e:
+            raise NoSpaceError(directory, e.free, size, advice) from None
+
+    def write_config(self, run_config: dict) -> None:
+        with atomic_write(self.path / RUN_CONFIG_FILE) as f:
+            json.dump({**format_stamp(RUN_FORMAT, RUN_VERSION), **run_config}, f, indent=2)
+            f.write("\n")

@@ -102,7 +102,10 @@ def _last_logits(model, idx: torch.Tensor, kv_cache) -> torch.Tensor:
     """(B, V) fp32 logits of the last position. The output head runs on that position only, so a long
     prefill never materialises (B, T, vocab) logits."""
     hidden = model.hidden_states(idx, kv_cache=kv_cache)[:, -1]
-    return model.lm_head(hidden).float()
+    logits = model.lm_head(hidden).float()
+    if not torch.isfinite(logits).all():
+        raise ValueError("the model's output is not finite (NaN or inf): its weights are damaged, or its training diverged")
+    return logits
 
 
 @torch.inference_mode()

@@ -1,59 +1,37 @@
 """One training loop for everything: pre-training (`gpt-train`) and fine-tuning (`gpt-finetune`).
 
-How to reuse it::
+    dist = gpt.device.init_distributed("auto")   # joins torchrun's process group if there is one
+    trainer = Trainer(model, TrainConfig(max_steps=500, batch_size=8, lr=1e-4, eval_interval=50),
+                      train_batch=lambda step, micro_step: (x, y),  # this rank's micro-batch (tensors)
+                      eval_batches=lambda: iter(val_batches),       # this rank's evaluation batches
+                      loss_fn=my_loss,                              # (model, batch) -> loss; default lm_loss
+                      out_dir="runs/exp1", tokenizer=tokenizer, dist=dist)
+    result = trainer.fit(resume=False)   # resume=True continues the newest intact checkpoint exactly
 
-    from gpt.device import init_distributed
-    from gpt.train_config import TrainConfig
-    from gpt.trainer import Trainer
+``prepare(resume)`` (called by ``fit``) opens the run directory (``gpt.run_state.RunDirectory``: one
+writer at a time, a killed writer's leftovers removed) and loads the checkpoint; call it first to report
+a bad run directory before printing anything. The contract:
 
-    dist = init_distributed("auto")           # joins torchrun's process group if there is one
-    trainer = Trainer(
-        model,                                 # any nn.Module (the Trainer moves it to the device)
-        TrainConfig(max_steps=500, batch_size=8, lr=1e-4, eval_interval=50),
-        train_batch=lambda step, micro_step: (x, y),   # tensors (tuple/list/dict) for this rank
-        eval_batches=lambda: iter(val_batches),        # this rank's evaluation batches
-        loss_fn=my_loss,                       # loss_fn(model, batch) -> scalar loss (default: lm_loss)
-        out_dir="runs/exp1",
-        tokenizer=tokenizer,                   # written into every checkpoint
-        save_extra=lambda d: (d / "labels.json").write_text(...),  # your own files in each checkpoint
-        dist=dist,
-    )
-    result = trainer.fit(resume=False)         # resume=True continues the latest checkpoint exactly
-    result.summary()                           # a few lines on what was done
+- ``train_batch(step, micro_step)`` is micro-batch ``micro_step`` (< grad_accum) of step ``step`` for
+  this rank, a pure function of its arguments (and your seed): then resuming replays the same data with
+  no sampler state to save. ``gpt.data.RandomWindows`` is the language-model one; for a dataset of
+  examples see ``gpt.finetune_data.ShuffledBatches``.
+- ``loss_fn(model, batch)`` gets the *wrapped* model (DDP and/or torch.compile) in training and the
+  unwrapped one in evaluation, so it must call ``model(...)`` (put a model and a head in one module
+  whose ``forward`` does the work). It returns the batch's mean loss; ``-100`` targets are padding.
+- ``eval_batches()`` yields evaluation batches, at most ``eval_iters``; the validation loss is their
+  token-weighted mean (``count_tokens(batch)``), reduced over ranks. ``extra_eval(model) -> dict`` adds
+  metrics; ``TrainConfig.best_metric``/``best_mode`` pick the one that decides ``RUN_DIR/best/``.
+- ``save_model(model, dir)``/``load_model(model, dir)`` write and restore the model files (default:
+  the GPT checkpoint format with ``tokenizer``/``generation``), ``save_extra(dir)`` adds yours; the
+  Trainer adds its own state to step checkpoints (``gpt.run_state``; no pickle).
 
-``trainer.prepare(resume)`` (called by ``fit``) checks the run directory and loads the checkpoint;
-call it first to report a bad run directory before printing anything.
-
-The contract:
-
-- ``train_batch(step, micro_step)`` returns the micro-batch ``micro_step`` (0 <= micro_step <
-  grad_accum) of optimiser step ``step`` *for this rank*. Make it a pure function of its arguments
-  (and your seed): then resuming at a step replays the same data with no sampler state to save,
-  which is what makes resume exact. ``gpt.data.RandomWindows`` is the language-model one; for a
-  dataset of examples, index a per-epoch permutation with
-  ``(step * grad_accum + micro_step) * world_size + rank``.
-- ``loss_fn(model, batch)`` gets the *wrapped* model (DDP and/or torch.compile) during training and
-  the unwrapped-from-DDP one during evaluation, so it must call ``model(...)``; to use another
-  method (e.g. ``hidden_states`` for a classification head), put the model and the head in one
-  ``nn.Module`` whose ``forward`` does it. Return the mean loss of the batch; the Trainer divides by
-  ``grad_accum``. Padding: use ``-100`` targets (ignored by ``F.cross_entropy``).
-- ``eval_batches()`` yields this rank's evaluation batches; at most ``eval_iters`` are used. The
-  validation loss is the token-weighted mean of ``loss_fn`` over them (``count_tokens(batch)``, by
-  default the ``numel`` of the first tensor), reduced over ranks. ``extra_eval(model) -> dict``
-  adds your own metrics (e.g. accuracy) to the evaluation record; pick the one that decides
-  ``RUN_DIR/best/`` with ``TrainConfig.best_metric`` / ``best_mode``.
-- Checkpoints: ``save_model(model, dir)`` writes the model files (default: the GPT checkpoint format
-  via ``gpt.checkpoint.write_checkpoint`` with ``tokenizer``/``generation``) and
-  ``load_model(model, dir)`` restores them on resume (default: ``type(model).from_pretrained``);
-  ``save_extra(dir)`` adds your files. The Trainer adds its own state to step checkpoints (optimizer,
-  RNG streams, counters: ``gpt.run_state``, no pickle).
-
-The run directory's layout is in ``gpt.run_state``. ``metrics.jsonl`` has one JSON object per line:
-training lines ``step, loss, lr, grad_norm, tokens_per_s, tokens, elapsed_s``; evaluation lines
-``step, val_loss, val_ppl[, val_bpb, sample]``. Evaluation lines and notes are also logged
-(``logging``, logger ``gpt.trainer``). SIGINT/SIGTERM finish the current step, write a checkpoint and return (``result.interrupted``); a
-second Ctrl-C aborts at once. A non-finite loss raises ``TrainingDiverged`` before anything is
-written for that step, so the last good checkpoint stays the newest one.
+``metrics.jsonl`` has one JSON object per line: training lines ``step, loss, lr, grad_norm,
+tokens_per_s, tokens, elapsed_s``; evaluation lines ``step, val_loss, val_ppl[, val_bpb, sample]``,
+also logged (``logging``, logger ``gpt.trainer``). SIGINT/SIGTERM finish the current step, write a
+checkpoint and return (``result.interrupted``); a second Ctrl-C aborts at once. A non-finite loss
+raises ``TrainingDiverged`` before anything is written for that step, so the last good checkpoint
+stays the newest one.
 """
 
 from __future__ import annotations
@@ -68,7 +46,6 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -79,16 +56,33 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from gpt.checkpoint import write_checkpoint
-from gpt.device import Dist, resolve_device, resolve_dtype
+from gpt.device import Dist, resolve_device, resolve_dtype, to_device
 from gpt.memory import SMALLER_BATCH_ADVICE
 from gpt.plot import plot_metrics
-from gpt.run_state import (BEST_DIR, FINAL_DIR, METRICS_FILE, PLOT_FILE, RUN_CONFIG_FILE, STATE_FILE, STATE_FORMAT,
-                           STATE_VERSION, checkpoint_dirs, holds_run, load_optimizer_state, local_rng_state,
-                           optimizer_state, read_train_state, set_local_rng_state, step_dir, truncate_metrics,
-                           write_train_state)
+from gpt.run_state import (
+    BEST_DIR,
+    FINAL_DIR,
+    METRICS_FILE,
+    PLOT_FILE,
+    STATE_FILE,
+    STATE_FORMAT,
+    STATE_VERSION,
+    RunDirectory,
+    TrainResult,
+    checkpoint_dirs,
+    holds_run,
+    load_optimizer_state,
+    local_rng_state,
+    optimizer_state,
+    read_train_state,
+    set_local_rng_state,
+    step_dir,
+    truncate_metrics,
+    write_train_state,
+)
 from gpt.train_config import TrainConfig, build_optimizer, lr_at
 from tokenizers_bpe.errors import SettingError
-from tokenizers_bpe.fileio import atomic_directory, atomic_write, format_stamp
+from tokenizers_bpe.fileio import format_stamp
 
 log = logging.getLogger(__name__)
 
@@ -107,44 +101,12 @@ def count_first_tensor(batch) -> int:
     return (batch[0] if isinstance(batch, (tuple, list)) else batch).numel()
 
 
-def to_device(batch, device: torch.device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
+class CorruptCheckpoint(ValueError):
+    """A step checkpoint whose files are missing, unreadable or malformed (resume skips it)."""
 
 
 class TrainingDiverged(RuntimeError):
     """The loss (or the gradient norm) became NaN/inf; nothing was written for that step."""
-
-
-@dataclass
-class TrainResult:
-    step: int
-    tokens: int
-    wall_s: float
-    interrupted: bool
-    stop_signal: int | None  # the signal that interrupted the run (SIGINT/SIGTERM), if one did
-    last_eval: dict | None
-    best: dict | None  # {"step", best_metric, "dir"}
-    final_dir: Path | None
-    checkpoint_dir: Path | None
-
-    def summary(self) -> str:
-        lines = [f"{'interrupted' if self.interrupted else 'finished'} at step {self.step}: "
-                 f"{self.tokens:,} tokens in {self.wall_s:.0f}s ({self.tokens / max(self.wall_s, 1e-9):,.0f} tok/s)"]
-        if self.last_eval:
-            lines.append("last eval: " + ", ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items() if k.startswith("val_") and isinstance(v, float)))
-        if self.best:
-            lines.append(f"best: {self.best['metric']} {self.best['value']:.4f} at step {self.best['step']} -> {self.best['dir']}")
-        if self.final_dir:
-            lines.append(f"final model: {self.final_dir}")
-        if self.checkpoint_dir:
-            lines.append(f"latest checkpoint: {self.checkpoint_dir}")
-        return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
@@ -178,6 +140,7 @@ class Trainer:
         self.device = torch.device(self.dist.device)
         self.dtype = resolve_dtype(cfg.dtype, self.dist.device)
         self.out_dir = Path(out_dir)
+        self.run_dir = RunDirectory(self.out_dir)
         self.train_batch, self.eval_batches, self.loss_fn = train_batch, eval_batches, loss_fn
         self.tokenizer, self.generation = tokenizer, generation
         self.save_model = save_model or self._write_gpt_checkpoint
@@ -341,12 +304,15 @@ class Trainer:
         return state, opt_tensors, rng
 
     def _write_model_dir(self, directory: Path, state=None) -> None:
-        with atomic_directory(directory) as tmp:
+        def write(tmp: Path) -> None:
             self.save_model(self.model, tmp)
             if self.save_extra is not None:
                 self.save_extra(tmp)
             if state is not None:
                 write_train_state(tmp, *state)
+
+        tensors = [*self.model.state_dict().values(), *(state[1].values() if state else ())]
+        self.run_dir.write_checkpoint(directory, write, sum(t.numel() * t.element_size() for t in tensors))
 
     def save_checkpoint(self) -> Path:
         """RUN_DIR/checkpoints/step-NNNNNN/ (model + trainer state), keeping the last ``keep_last``."""
@@ -359,11 +325,15 @@ class Trainer:
         return path
 
     def load_checkpoint(self, path: Path) -> None:
-        meta, opt_tensors, rng = read_train_state(path, self.device)
+        """Restore model, optimizer, counters and RNG streams from a step checkpoint. A checkpoint whose
+        files are damaged is a CorruptCheckpoint; one of another model a ValueError."""
         try:
+            meta, opt_tensors, rng = read_train_state(path, self.device)
             self.load_model(self.model, path)
         except RuntimeError as e:  # load_state_dict: missing keys or shape mismatch
             raise ValueError(f"{path}: the checkpoint's weights do not fit this model ({str(e).splitlines()[0]})") from None
+        except (ValueError, OSError) as e:
+            raise CorruptCheckpoint(str(e)) from None
         try:
             load_optimizer_state(self.optimizer, self.param_names, opt_tensors, meta["optimizer"], str(path))
             if self.scaler and meta.get("scaler"):
@@ -379,7 +349,7 @@ class Trainer:
                     log.info(f"note: resuming a {meta['world_size']}-process run with {self.dist.world_size}; random streams are re-seeded")
                 torch.manual_seed(self.config.seed + 1000 * self.step + rank)
         except (KeyError, TypeError, IndexError) as e:
-            raise ValueError(f"{path / STATE_FILE}: malformed trainer state ({type(e).__name__}: {e}); the run directory is corrupt") from None
+            raise CorruptCheckpoint(f"{path / STATE_FILE}: malformed trainer state ({type(e).__name__}: {e})") from None
 
     def latest_checkpoint(self) -> Path | None:
         """The newest RUN_DIR/checkpoints/step-NNNNNN, if any."""
@@ -387,11 +357,18 @@ class Trainer:
         return found[-1][1] if found else None
 
     def prepare(self, resume: bool = False) -> Path | None:
-        """Check the run directory; on resume load the latest checkpoint and return its path.
-        ``fit`` calls it; call it first yourself to report a bad run directory before anything else."""
+        """Open the run directory (its lock: one writer at a time; a killed writer's leftovers removed);
+        on resume load the newest intact checkpoint and return its path. ``fit`` calls it; call it first
+        yourself to report a bad run directory before anything else."""
         if self._prepared is not None:
             return self._prepared[0]
-        path = self._prepare_run_dir(resume)
+        if self.dist.is_main:
+            self.run_dir.open()
+        try:
+            path = self._prepare_run_dir(resume)
+        except BaseException:
+            self.run_dir.close()
+            raise
         self._prepared = (path,)
         return path
 
@@ -399,31 +376,55 @@ class Trainer:
         if not resume:
             if holds_run(self.out_dir):
                 raise ValueError(f"{self.out_dir} already holds a run; resume it (fit(resume=True)) or choose another directory")
-            return None
-        found = checkpoint_dirs(self.out_dir)
-        if not found:
-            raise ValueError(f"{self.out_dir}: no checkpoints/step-NNNNNN/ there to resume from")
-        path = found[-1][1]
-        self.load_checkpoint(path)
-        return path
+        else:
+            initial = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            corrupt = []
+            for _, path in reversed(checkpoint_dirs(self.out_dir)):
+                try:
+                    self.load_checkpoint(path)
+                except CorruptCheckpoint as e:
+                    corrupt.append((path, str(e)))
+                    continue
+                self._set_aside(corrupt)
+                return path
+            if (self.out_dir / FINAL_DIR).is_dir():  # a finished run: starting it again would replace its model
+                reasons = "; ".join(reason for _, reason in corrupt) or "none was written"
+                raise ValueError(f"{self.out_dir}: no intact checkpoint to resume from ({reasons}); its model is in {FINAL_DIR}/")
+            self._set_aside(corrupt)
+            self.model.load_state_dict(initial)
+            self.optimizer = build_optimizer(self.model, self.config, self.dist.device)
+            self.step = self.tokens = 0
+            self.best = self.last_eval = None
+            log.warning(f"{self.out_dir}: no intact checkpoint to resume from; starting the run again from step 0")
+        if self.dist.is_main:
+            self.run_dir.restart()
+        return None
+
+    def _set_aside(self, corrupt: list[tuple[Path, str]]) -> None:
+        if self.dist.is_main:
+            for path, reason in corrupt:
+                self.run_dir.set_aside(path, reason)
 
     # -- the loop
 
     def fit(self, resume: bool = False) -> TrainResult:
-        cfg = self.config
+        """Train to ``max_steps`` (from the newest intact checkpoint with ``resume``); see the module docstring."""
         checkpoint = self.prepare(resume)
+        try:
+            return self._fit(checkpoint)
+        finally:
+            self.run_dir.close()
+
+    def _fit(self, checkpoint: Path | None) -> TrainResult:
+        cfg = self.config
         if checkpoint is None:  # a fresh run: each rank its own dropout stream, all reproducible
             torch.manual_seed(cfg.seed + self.dist.rank)
             random.seed(cfg.seed + self.dist.rank)
             np.random.seed(cfg.seed + self.dist.rank)
         if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            if resume:
-                truncate_metrics(self.out_dir, self.step)
+            truncate_metrics(self.out_dir, self.step)
             if self.run_config is not None:
-                with atomic_write(self.out_dir / RUN_CONFIG_FILE) as f:
-                    json.dump(self.run_config, f, indent=2)
-                    f.write("\n")
+                self.run_dir.write_config(self.run_config)
         checkpoint_interval = cfg.checkpoint_interval or cfg.eval_interval
         restore = []
         if threading.current_thread() is threading.main_thread():

@@ -5,8 +5,8 @@ importable, the PyTorch fallback otherwise; $KERNELS_BACKEND overrides "auto" gl
 """
 
 from kernels.attention import causal_attention
-from kernels.dispatch import BACKENDS, ENV_VAR, resolve_backend
+from kernels.dispatch import BACKENDS, ENV_VAR, backend_for_device, resolve_backend
 from kernels.gelu import GELU, gelu
 from kernels.layer_norm import LayerNorm, layer_norm
 
-__all__ = ["BACKENDS", "ENV_VAR", "GELU", "LayerNorm", "causal_attention", "gelu", "layer_norm", "resolve_backend"]
+__all__ = ["BACKENDS", "ENV_VAR", "backend_for_device", "GELU", "LayerNorm", "causal_attention", "gelu", "layer_norm", "resolve_backend"]

@@ -47,20 +47,27 @@ def _check_name(backend: str, where: str) -> str:
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """Return "triton" or "torch" for an op on tensor `x` given the requested backend."""
+    return backend_for_device(backend, x.device.type)
+
+
+def backend_for_device(backend: str, device_type: str) -> str:
+    """The rule of ``resolve_backend`` for tensors on ``device_type`` ("cuda", "cpu", ...), so that a
+    caller can check a backend before it has a tensor. ValueError for an unknown name, RuntimeError for
+    a backend that cannot run there."""
     _check_name(backend, "backend")
     if backend == "auto":
         backend = _check_name(os.environ.get(ENV_VAR, "auto"), f"${ENV_VAR}")
     if backend == "auto":
-        return "triton" if x.is_cuda and triton is not None else "torch"
+        return "triton" if device_type == "cuda" and triton is not None else "torch"
     if backend == "torch":
         return "torch"
     if triton is None:
         raise RuntimeError("backend='triton' needs the triton package, which is not installed; "
                            "use backend='torch' (or 'auto')")
-    if x.is_cuda:
+    if device_type == "cuda":
         return "triton"
     if not INTERPRETER:
-        raise RuntimeError(f"backend='triton' got a tensor on {x.device.type}: Triton kernels need a CUDA "
+        raise RuntimeError(f"backend='triton' got a tensor on {device_type}: Triton kernels need a CUDA "
                            "tensor, or TRITON_INTERPRET=1 set before importing kernels to run them on the "
                            "CPU interpreter; use backend='torch' (or 'auto') for CPU tensors")
     return "triton"

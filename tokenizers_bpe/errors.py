@@ -62,3 +62,29 @@ class UnknownCharacterError(ValueError):
     def __str__(self) -> str:
         c = self.character
         return f"character {c!r} (U+{ord(c):04X}) is not in this char-level vocabulary of {self.vocabulary_size} characters"
+
+
+class OutputError(ValueError):
+    """An output path that may not be written: it holds something this toolkit did not write (or of
+    another kind), it is one of the inputs, or another process is writing it. ``path`` names it."""
+
+    def __init__(self, path, message: str):
+        super().__init__(path, message)
+        self.path, self.message = path, message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class NoSpaceError(ValueError):
+    """The disk filled up while writing ``path``: ``free`` bytes were free, ``needed`` (when known)
+    the bytes the write needed. What was there before the write is intact."""
+
+    def __init__(self, path, free: int, needed: int | None = None, advice: str = ""):
+        super().__init__(path, free, needed, advice)
+        self.path, self.free, self.needed, self.advice = path, free, needed, advice
+
+    def __str__(self) -> str:
+        need = f"needs about {self.needed / 1e6:,.1f} MB, " if self.needed is not None else ""
+        return (f"{self.path}: no space left on the device ({need}{self.free / 1e6:,.1f} MB free)"
+                + (f"; {self.advice}" if self.advice else "; free some space and run the command again"))

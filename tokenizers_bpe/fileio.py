@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .errors import InvalidTextError
+from .errors import InvalidTextError, NoSpaceError, OutputError
+from .locks import OutputLock, current_umask, process_alive
 
 READ_BYTES = 1 << 18  # text block size when streaming a file
 
@@ -25,58 +29,199 @@ READ_BYTES = 1 << 18  # text block size when streaming a file
 # ---------------------------------------------------------------------------------------------- output
 
 
+@dataclass(frozen=True)
+class Stamp:
+    """How to tell an output of one kind from anything else: the JSON file in it whose "format" is
+    ``format`` (``file`` is "" when the output is that JSON file itself, e.g. a tokenizer.json).
+    ``what`` names the kind in messages ("a tokenizer", "a checkpoint")."""
+
+    format: str
+    what: str
+    file: str = ""
+
+
+def is_stamped(path: str | os.PathLike, stamp: Stamp) -> bool:
+    """Whether ``path`` is an output of ``stamp``'s kind written by this toolkit."""
+    target = Path(path) / stamp.file if stamp.file else Path(path)
+    try:
+        data = json.loads(target.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("format") == stamp.format
+
+
+def check_replaceable(path: str | os.PathLike, stamp: Stamp) -> None:
+    """An OutputError unless ``path`` may be written: it does not exist, is an empty directory (for a
+    directory output), or is an output of the same kind that this toolkit wrote (its stamp says so;
+    file names alone never do)."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    is_dir_output = bool(stamp.file)
+    if path.is_dir() != is_dir_output or path.is_symlink():
+        kind = "a directory" if path.is_dir() else "a file"
+        raise OutputError(path, f"{path} exists and is {kind}, not {stamp.what}; choose another path")
+    if is_dir_output and not any(path.iterdir()):
+        return
+    if not is_stamped(path, stamp):
+        held = ""
+        if is_dir_output:
+            names = sorted(entry.name for entry in path.iterdir())
+            held = f" and holds {', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''},"
+        raise OutputError(path, f"{path} already exists{held} and is not {stamp.what} this toolkit wrote; "
+                                "choose a new path, or move it away yourself")
+
+
+def _temporary_name(name: str) -> str:
+    # The writer's pid is in the name, so that a later writer can tell a dead writer's leftovers
+    # (remove_stale_temporaries) from a live one's.
+    return f".{name}.{os.getpid()}."
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^./]+\.tmp$")
+_SET_ASIDE = re.compile(r"^\.(?P<name>.+)\.old-(?P<pid>\d+)$")
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove what writers killed mid-write left in ``directory`` (for the output ``name``, or all):
+    their temporary files and directories; a directory set aside for replacement is put back if the
+    kill came before its replacement was in place, else removed. Returns what was removed."""
+    directory = Path(directory)
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for entry in directory.iterdir():
+        m = _TEMPORARY.match(entry.name) or _SET_ASIDE.match(entry.name)
+        if not m or (name is not None and m["name"] != name) or process_alive(int(m["pid"])):
+            continue
+        target = directory / m["name"]
+        if m.re is _SET_ASIDE and not target.exists():
+            os.replace(entry, target)  # killed between setting the old output aside and renaming the new one in
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_out_of_space(e: BaseException) -> bool:
+    """An error that means the disk is full (an OSError, or a library's wrapped I/O error)."""
+    if isinstance(e, OSError) and e.errno in _NO_SPACE_ERRNOS:
+        return True
+    text = str(e)
+    return "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator:
-    """Open a temp file next to ``path``; rename it over ``path`` only if the block succeeds."""
+def _no_space_as_error(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except NoSpaceError:
+        raise
+    except Exception as e:
+        if is_out_of_space(e):
+            raise NoSpaceError(path, free_bytes(path.parent)) from None
+        raise
+
+
+def output_lock(path: Path, stamp: Stamp) -> OutputLock:
+    """The lock a writer of the output ``path`` holds (a ``.NAME.lock`` file beside it)."""
+    return OutputLock(path.parent / f".{path.name}.lock", f"{path} ({stamp.what})")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8", *,
+                 stamp: Stamp | None = None) -> Iterator:
+    """Open a temp file next to ``path``; rename it over ``path`` only if the block succeeds. The file
+    gets the permissions of a new file (honouring the umask). With ``stamp`` (a user-facing output),
+    an existing ``path`` is replaced only if it is an output of that kind (``check_replaceable``)
+    and one process at a time writes it (``output_lock``). A full disk is a NoSpaceError."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    try:
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with contextlib.ExitStack() as stack:
+        if stamp is not None:
+            check_replaceable(path, stamp)
+            stack.enter_context(output_lock(path.absolute(), stamp))
+        parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(parent, path.name)
+        fd, tmp = tempfile.mkstemp(prefix=_temporary_name(path.name), suffix=".tmp", dir=parent)
+        try:
+            with _no_space_as_error(path):
+                os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600
+                with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
+                    yield f
+                    f.flush()
+                    os.fsync(f.fileno())
+                if stamp is not None:
+                    check_replaceable(path, stamp)  # again: something may have appeared there meanwhile
+                os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, stamp: Stamp | None = None) -> Iterator[Path]:
     """Yield a temp directory next to ``path``; when the block succeeds it replaces ``path``.
 
-    An existing ``path`` is moved aside first and deleted only after the rename, so a crash at
-    any point leaves either the old or the new directory in place, never a half-written one. It is
-    replaced only if everything in it is something the new directory also holds (a previous output
-    of the same kind): a directory with other files in it, say a project folder given as the output
-    by mistake, is a ValueError naming them, and nothing is deleted."""
+    An existing ``path`` is moved aside first and deleted only after the rename, so a crash at any
+    point leaves either the old or the new directory in place, never a half-written one (and the
+    next writer cleans up after a killed one). It is replaced only if everything in it is something
+    the new directory also holds: a directory with other files in it, say a project folder given as
+    the output by mistake, is an OutputError naming them, and nothing is deleted. With ``stamp`` (a
+    user-facing output) it must also be an output of that kind (checked before the block runs, so no
+    work is wasted), and one process at a time writes it. The directory gets the permissions of a new
+    one (honouring the umask); a full disk is a NoSpaceError."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{path} exists and is not a directory; choose a new or empty directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        old = None
-        if path.exists():
-            foreign = sorted(entry.name for entry in path.iterdir() if not (tmp / entry.name).exists())
-            if foreign:
-                shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-                raise ValueError(f"{path} already exists and holds {shown}, which replacing it would delete; "
-                                 "choose a new or empty directory")
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with contextlib.ExitStack() as stack:
+        if stamp is not None:
+            check_replaceable(path, stamp)
+            stack.enter_context(output_lock(path.absolute(), stamp))
+        elif path.exists() and not path.is_dir():
+            raise OutputError(path, f"{path} exists and is not a directory; choose a new or empty directory")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path.parent, path.name)
+        tmp = Path(tempfile.mkdtemp(prefix=_temporary_name(path.name), suffix=".tmp", dir=path.parent))
+        try:
+            with _no_space_as_error(path):
+                os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
+                yield tmp
+            _replace_directory(path, tmp, stamp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _replace_directory(path: Path, new: Path, stamp: Stamp | None) -> None:
+    old = None
+    if path.exists():
+        if stamp is not None:
+            check_replaceable(path, stamp)
+        foreign = sorted(entry.name for entry in path.iterdir() if not (new / entry.name).exists())
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise OutputError(path, f"{path} already exists and holds {shown}, which replacing it would delete; "
+                                    "choose a new or empty directory")
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(path, old)
+    os.replace(new, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- input

@@ -21,12 +21,13 @@ import sys
 from itertools import chain
 from typing import AbstractSet, Collection, Iterable, Literal, Mapping, Sequence
 
-from .fileio import atomic_write, format_stamp
+from .fileio import Stamp, atomic_write, format_stamp
 from .patterns import piece_splitter, resolve_pattern, special_token_regex
 from .rankfiles import gpt2_conflicts, write_gpt2, write_tiktoken
 
 FORMAT_NAME = "tokenizers_bpe"
 TOKENIZER_FILE = "tokenizer.json"  # the usual name of a saved tokenizer (bpe-train -o, checkpoints, data directories)
+TOKENIZER_STAMP = Stamp(FORMAT_NAME, "a tokenizer.json")
 FORMAT_VERSION = 1
 ENDOFTEXT = "<|endoftext|>"
 
@@ -176,8 +177,9 @@ class Tokenizer(abc.ABC):
         return {**format_stamp(FORMAT_NAME, FORMAT_VERSION), "type": self.type, **self._content()}
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write ``tokenizer.json`` atomically (a crash never leaves a half-written file)."""
-        with atomic_write(path, "w") as f:
+        """Write ``tokenizer.json`` atomically (a crash never leaves a half-written file). An existing
+        file at ``path`` is replaced only if it is a tokenizer.json too (else an OutputError)."""
+        with atomic_write(path, "w", stamp=TOKENIZER_STAMP) as f:
             f.write(_json_lines(self.to_dict()))
 
     def fingerprint(self) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 import warnings
@@ -12,10 +11,12 @@ from typing import Sequence
 from tokenizers_bpe import TOKENIZER_FILE, Tokenizer, train, train_char, train_from_iterator
 from tokenizers_bpe.fileio import iter_file_texts
 from tokenizers_bpe.patterns import PATTERNS
+from tokenizers_bpe.tokenizer import TOKENIZER_STAMP
 from tokenizers_bpe.trainer import DEFAULT_MIN_FREQUENCY, DEFAULT_SPECIAL_TOKENS
 from tools.bpe_inspect import describe_sizes
 from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_seed_argument, command
 from tools.corpus import BUILTIN_CORPORA, iter_builtin_texts
+from tools.outputs import check_output
 
 PROG = "bpe-train"
 EXAMPLES = """examples:
@@ -46,16 +47,6 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def check_output(path: str) -> Path:
-    out = Path(path)
-    if out.is_dir():
-        raise CLIError(f"-o {out}: is a directory; give a file name such as {out / 'tokenizer.json'}")
-    parent = out.parent if str(out.parent) else Path(".")
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise CLIError(f"-o {out}: cannot write to {parent}; choose another path")
-    return out
-
-
 @command(PROG, text_hint="fix the file or pass --errors replace to substitute U+FFFD")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -70,7 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     specials = () if args.no_special else tuple(args.special or DEFAULT_SPECIAL_TOKENS)
     if "" in specials:
         raise CLIError("--special needs a non-empty token")
-    out = check_output(args.output)
+    if Path(args.output).is_dir():
+        raise CLIError(f"-o {args.output}: is a directory; give a file name such as {Path(args.output) / TOKENIZER_FILE}")
+    out = check_output(args.output, TOKENIZER_STAMP, "-o", inputs=args.files)
     builtin = None if args.files else (args.builtin or BUILTIN_CORPORA[0])
     source = f"built-in corpus '{builtin}'" if builtin else ", ".join(args.files)
 

@@ -95,6 +95,12 @@ class _TqdmHandler(logging.Handler):
             tqdm.write(message, file=sys.stdout)
 
 
+def close_progress_bars() -> None:
+    """Close every progress bar still on screen, so that the next line starts on a clean line."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def command(prog: str, *, flags: Mapping[str, str] | None = None, text_hint: str = DEFAULT_TEXT_HINT):
     """Wrap a command's ``main(argv) -> int | None`` with the conventions above. ``flags`` maps
     library setting names to this command's flags where they differ from ``--setting-name``;
@@ -116,6 +122,7 @@ def command(prog: str, *, flags: Mapping[str, str] | None = None, text_hint: str
             except SystemExit as e:  # argparse: --help (0) and usage errors (2)
                 return e.code if isinstance(e.code, int) else (ExitCode.OK if e.code is None else ExitCode.USER_ERROR)
             except KeyboardInterrupt:
+                close_progress_bars()
                 print(f"{prog}: interrupted", file=sys.stderr)
                 return ExitCode.INTERRUPTED
             except BrokenPipeError:  # e.g. `gpt-generate ... | head`
@@ -127,11 +134,13 @@ def command(prog: str, *, flags: Mapping[str, str] | None = None, text_hint: str
             except CLIError as e:
                 if debug:
                     raise
+                close_progress_bars()
                 print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
                 return e.code
             except USER_ERRORS as e:
                 if debug:
                     raise
+                close_progress_bars()
                 print(f"{prog}: error: {error_message(e, flags, text_hint)}", file=sys.stderr)
                 return ExitCode.USER_ERROR
             finally:
@@ -254,3 +263,22 @@ def text_argument(text: str, name: str) -> str:
             pass
         raise InvalidTextError(name, len(text[: e.start].encode("utf-8")), e.reason) from None
     return text
+
+
+def choice(*values: str) -> Callable[[str], str]:
+    """An argparse type: one of ``values`` (like ``choices=``, but usable in a config file's checks too)."""
+
+    def parse(text: str) -> str:
+        if text not in values:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(values)}, got {text!r}")
+        return text
+
+    parse.requirement = f"one of {', '.join(values)}"
+    return parse
+
+
+def device_name(text: str) -> str:
+    """An argparse type: auto, cpu, cuda or cuda:N."""
+    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from pickle import UnpicklingError  # only to recognise what weights_only=True refuses
 
@@ -32,16 +33,20 @@ from tqdm import tqdm
 
 import kernels
 import tokenizers_bpe
-from gpt.checkpoint import check_vocab, write_checkpoint
+from gpt.checkpoint import CHECKPOINT_STAMP, check_vocab, write_checkpoint
 from gpt.classifier import CLASSIFIER_FILE, HEAD_FILE
 from gpt.config import GPTConfig
 from gpt.device import dtype_name
 from gpt.lora import merge_lora
 from gpt.model import GPT
-from tokenizers_bpe.fileio import atomic_directory, read_json
+from tokenizers_bpe.fileio import Stamp, atomic_directory, format_stamp, read_json
 from tools.cli import ArgumentParser, CLIError, command
+from tools.models import model_argument
+from tools.outputs import check_output
 
 HF_CONFIG_FILE = "config.json"  # transformers' own, not our checkpoint's (gpt.checkpoint.CONFIG_FILE)
+HF_EXPORT_FILE = "gpt2_toolkit_export.json"  # our stamp in an export (transformers ignores the file)
+HF_EXPORT_STAMP = Stamp("gpt2-toolkit-hf-export", "a Hugging Face export", HF_EXPORT_FILE)
 CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 
 
@@ -244,14 +249,22 @@ def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
 
 
 def read_torch_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A pytorch_model.bin's tensors, loaded with weights_only=True: never running pickle code."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    # torch.save writes a zip archive (torch >= 1.6) or, in the legacy format, a pickle (0x80, protocol).
+    if not zipfile.is_zipfile(path) and not (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        raise CLIError(f"{path}: not a PyTorch weights file (neither the zip archive nor the pickle torch.save writes)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except UnpicklingError:
+    except UnpicklingError as e:
+        if not re.search(r"unsupported (global|operand)", str(e), re.IGNORECASE):  # damaged, not code
+            raise CLIError(f"{path}: not a readable PyTorch weights file (a damaged pickle)") from None
         raise CLIError(
             f"{path}: refusing to load: this file needs pickle code execution (it holds Python objects, not just "
             "tensors); convert it to safetensors with a tool you trust"
         ) from None
-    except (RuntimeError, EOFError) as e:
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
         raise CLIError(f"{path}: not a readable PyTorch weights file ({e})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CLIError(f"{path}: expected a dict of tensors (a state_dict)")
@@ -324,7 +337,9 @@ def hf_export(src: Path, out: Path) -> None:
     if config.pos_embedding != "learned":
         raise CLIError(f"{src}: Hugging Face GPT-2 has learned position embeddings; a '{config.pos_embedding}' model cannot be exported as GPT-2")
     dtype = model.transformer.wte.weight.dtype
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, HF_EXPORT_STAMP) as tmp:
+        (tmp / HF_EXPORT_FILE).write_text(json.dumps({**format_stamp(HF_EXPORT_STAMP.format, 1), "source": str(src)}, indent=2) + "\n",
+                                          encoding="utf-8")
         (tmp / HF_CONFIG_FILE).write_text(json.dumps(config_to_hf(config, dtype, tokenizer.eot_token), indent=2) + "\n", encoding="utf-8")
         save_file(state_dict_to_hf(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer.is_gpt2_compatible():
@@ -340,7 +355,7 @@ def merge_checkpoint(src: Path, out: Path) -> None:
     if src.resolve() == out.resolve():
         raise ValueError(f"OUT must differ from SRC ({src}); the merged model is a new checkpoint")
     merge_lora(model)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, CHECKPOINT_STAMP) as tmp:
         write_checkpoint(tmp, model, model.tokenizer, model.generation_config)
         for name in (CLASSIFIER_FILE, HEAD_FILE):
             if (src / name).is_file():
@@ -386,6 +401,10 @@ def build_parser() -> ArgumentParser:
 @command("gpt-convert")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("hf-export", "merge-lora"):
+        args.src = model_argument(args.src, f"gpt-convert {args.command}")
+    inputs = [args.src, getattr(args, "tokenizer", None)]
+    check_output(args.out, HF_EXPORT_STAMP if args.command == "hf-export" else CHECKPOINT_STAMP, "OUT", inputs=inputs)
     args.run(args)
     print(f"gpt-convert {args.command}: wrote {args.out}")
     return 0

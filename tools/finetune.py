@@ -64,14 +64,15 @@ from gpt.finetune_data import (
 from gpt.lora import LoRAConfig, apply_lora, count_trainable
 from gpt.model import GPT
 from gpt.prompt_template import format_instruction_prompt
-from gpt.run_state import RUN_CONFIG_FILE, holds_run
+from gpt.run_state import RUN_CONFIG_FILE
 from gpt.sampling import generate
 from gpt.trainer import Trainer, lm_loss
 from tokenizers_bpe import UnknownCharacterError
 from tokenizers_bpe.fileio import atomic_write, read_json
 from tools.cli import ArgumentParser, CLIError, command
+from tools.models import model_argument
 from tools.outputs import check_writable_dir
-from tools.training import add_train_options, check_memory, exit_code, run_training, train_config
+from tools.training import add_train_options, check_memory, check_run_dir, exit_code, run_training, train_config
 
 PROG = "gpt-finetune"
 FLAGS = {"block_size": "--max-length"}  # a micro-batch's length is set by --max-length here
@@ -141,7 +142,7 @@ def lora_config_from_args(args):
 
 
 def load_base(args):
-    model = GPT.from_pretrained(args.model)
+    model = GPT.from_pretrained(model_argument(args.model, PROG))
     if getattr(model, "lora_config", None) is not None:
         raise CLIError(f"--model {args.model} has LoRA adapters; merge them first: gpt-convert merge-lora {args.model} MERGED")
     max_length = args.max_length or model.config.n_ctx
@@ -159,9 +160,8 @@ def check_batch(cfg, train_examples: list, model_config, n_outputs: int) -> None
 
 def check_out(args) -> None:
     """Fail before any work when --out already holds a run (and --resume is not given)."""
-    out = check_writable_dir(args.out, "--out", keep=False)  # the Trainer creates it once every check has passed
-    if not args.resume and holds_run(out):
-        raise CLIError(f"--out {out} already holds a run; continue it with --resume or choose another --out")
+    check_run_dir(Path(args.out), args.resume, "--resume")
+    check_writable_dir(args.out, "--out", keep=False)  # the Trainer creates it once every check has passed
 
 
 def check_resume(args, run_config: dict) -> None:

@@ -15,6 +15,7 @@ from gpt.prompt_template import format_instruction_prompt
 from gpt.sampling import SAMPLING_DEFAULTS, check_count, check_sampling_settings, generate
 from tokenizers_bpe import UnknownCharacterError
 from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_seed_argument, command, integer, number, or_none, text_argument
+from tools.models import check_kernels_backend, model_argument
 
 PROG = "gpt-generate"
 DESCRIPTION = """\
@@ -114,12 +115,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.prompt = getattr(args, "prompt", "")
     text = _read_prompt(args)
-    model_dir = Path(args.model)
+    model_dir = model_argument(args.model, PROG)
     if not model_dir.is_dir():
         raise CLIError(f"--model {model_dir}: no such checkpoint directory")
     device = resolve_device(args.device)
     dtype = resolve_inference_dtype(args.dtype, device)
     model = GPT.from_pretrained(model_dir, device=device, dtype=dtype)
+    check_kernels_backend(model.config.backend, device)
     settings = _sampling_settings(args, model.generation_config, model_dir)
     tok = model.tokenizer
     try:

@@ -16,6 +16,7 @@ from gpt import checkpoint
 from gpt.model import GPT
 from tokenizers_bpe.fileio import recorded_version
 from tools.cli import ArgumentParser, command
+from tools.models import model_argument
 
 
 def human_size(n: int) -> str:
@@ -66,6 +67,7 @@ def main(argv=None) -> int:
     parser = ArgumentParser(prog="gpt-inspect", description="Show a checkpoint's config, size and tokenizer, and check that it is consistent.")
     parser.add_argument("dir", type=Path, metavar="DIR", help="checkpoint directory (config.json, model.safetensors, tokenizer.json)")
     args = parser.parse_args(argv)
+    args.dir = model_argument(args.dir, "gpt-inspect")
 
     meta = checkpoint.read_meta(args.dir)  # unreadable config: nothing to inspect, exit 2
     config = meta["model"]

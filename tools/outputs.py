@@ -1,10 +1,16 @@
-"""Checks on the places a command will write to, made before any work starts."""
+"""Checks on the places a command will write to, made before any work starts: the output may be
+written (it is new, empty, or an earlier output of the same kind), it is not one of the inputs and
+holds none of them, and its directory is writable."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterable
+
+from tokenizers_bpe.errors import OutputError
+from tokenizers_bpe.fileio import Stamp, check_replaceable
 
 
 def check_writable_dir(path: str | os.PathLike, what: str = "--out", *, keep: bool = True) -> Path:
@@ -31,3 +37,29 @@ def check_writable_dir(path: str | os.PathLike, what: str = "--out", *, keep: bo
                 except OSError:
                     break
     return path
+
+
+def check_not_an_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], flag: str) -> None:
+    """An OutputError when the output ``out`` is one of ``inputs`` or a directory holding one of them
+    (writing it would destroy the input)."""
+    target = Path(out).resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(given).resolve()
+        if source == target or target in source.parents:
+            what = "is" if source == target else "holds"
+            raise OutputError(out, f"{flag} {out} {what} the input {given}; writing it would destroy that input, choose another path")
+
+
+def check_output(out: str | os.PathLike, stamp: Stamp, flag: str, *, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """All the checks on one output before any work: not an input, replaceable (``stamp``), writable."""
+    out = Path(out)
+    check_not_an_input(out, inputs, flag)
+    try:
+        check_replaceable(out, stamp)
+    except OutputError as e:
+        raise OutputError(out, f"{flag} {e}") from None
+    parent = out.parent if str(out.parent) else Path(".")
+    check_writable_dir(parent, flag, keep=False)
+    return out

@@ -28,14 +28,14 @@ import regex
 from tqdm import tqdm
 
 import tokenizers_bpe
-from gpt.data import META_FILE, SPLITS, DataMeta, SplitInfo, token_dtype
+from gpt.data import DATA_STAMP, META_FILE, SPLITS, DataMeta, SplitInfo, token_dtype
 from tokenizers_bpe import TOKENIZER_FILE, BPETokenizer, InvalidTextError, UnknownCharacterError
 from tokenizers_bpe.fileio import atomic_directory, atomic_write, check_text_file
 from tokenizers_bpe.patterns import CHUNK_CUT_LOOKAHEAD, chunk_cut_regex, chunk_cut_rule
 from tools.bpe_encode import add_tokenizer_arguments
 from tools.cli import ArgumentParser, CLIError, command, integer, number
 from tools.corpus import BUILTIN_CORPORA, plays
-from tools.outputs import check_writable_dir
+from tools.outputs import check_output
 
 READ_BYTES = 1 << 18  # bytes read at a time: the reader's memory, whatever the length of a line
 
@@ -214,7 +214,7 @@ def prepare(docs: list[Document], tokenizer, tokenizer_path: str, out: Path, *, 
     if pool is None:
         _init_worker(tokenizer_path, pattern)
     try:
-        with atomic_directory(out) as tmp, tqdm(total=total, unit="B", unit_scale=True, desc="gpt-prepare", disable=not progress) as bar:
+        with atomic_directory(out, DATA_STAMP) as tmp, tqdm(total=total, unit="B", unit_scale=True, desc="gpt-prepare", disable=not progress) as bar:
             files = {name: open(tmp / info.file, "wb") for name, info in splits.items()}
             try:
                 stream = chunks(docs, train_bytes, chunk_bytes, cuts)
@@ -300,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokenizer = tokenizers_bpe.load_any(args.tokenizer, pattern=args.pattern)
     if args.append_eot and tokenizer.eot_token is None:
         raise CLIError(f"--append-eot: the tokenizer {args.tokenizer} has no <|endoftext|> token; drop --append-eot or retrain with it")
-    # Every input is checked, and the train/val cut placed, before the output is touched.
+    out = check_output(args.out, DATA_STAMP, "--out", inputs=[*args.files, args.tokenizer])
     docs = documents(args.files, args.builtin)
     sources = [{"path": str(Path(f).resolve()), "bytes": Path(f).stat().st_size} for f in args.files]
     if args.builtin:
@@ -308,13 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     chunk_bytes = max(1, int(args.chunk_mb * 2**20))
     total = sum(d.bytes for d in docs)
     planned = plan_splits(docs, train_split_bytes(total, args.val_fraction), chunk_bytes, cut_regex(tokenizer), not args.quiet)
-    check_splits(planned, train_split_bytes(total, args.val_fraction), total, args.val_fraction, tokenizer)
-
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / META_FILE).is_file())):
-        raise CLIError(f"--out {out} exists and is not a gpt-prepare data directory; choose a new or empty directory")
-    check_writable_dir(out.parent if str(out.parent) else Path("."), "--out")
-
+    check_splits(planned, train_split_bytes(total, args.val_fraction), total, args.val_fraction, tokenizer)  # before any encoding
     meta = prepare(docs, tokenizer, args.tokenizer, out, val_fraction=args.val_fraction, append_eot=args.append_eot,
                    workers=args.workers, chunk_bytes=chunk_bytes, sources=sources, pattern=args.pattern,
                    planned=planned, progress=not args.quiet)

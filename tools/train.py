@@ -27,17 +27,20 @@ import torch
 import torch.distributed as torch_dist
 
 import tokenizers_bpe
-from gpt.config import PRESETS, GPTConfig
-from gpt.data import RandomWindows, SlidingWindows, load_meta, open_split
-from gpt.device import init_distributed
+from gpt.config import GPTConfig
+from gpt.data import RandomWindows, SlidingWindows, check_token_ids, load_meta, open_split
+from gpt.device import init_distributed, resolve_device
 from gpt.model import GPT
-from gpt.run_state import RUN_CONFIG_FILE, holds_run
+from gpt.run_state import RUN_CONFIG_FILE
 from gpt.sampling import SAMPLING_DEFAULTS, generate
 from gpt.trainer import Trainer
 from tokenizers_bpe import TOKENIZER_FILE
+from tokenizers_bpe.fileio import decode_utf8
 from tools.cli import ArgumentParser, CLIError, command, parse_bool
+from tools.models import check_kernels_backend, model_argument
 from tools.outputs import check_writable_dir
-from tools.training import add_option, check_memory, exit_code, option_table, run_training, train_config
+from tools.training import (add_option, check_disk, check_memory, check_run_dir, exit_code, option_table, run_training,
+                            train_config)
 
 PROG = "gpt-train"
 
@@ -59,31 +62,36 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def read_config_file(path: str) -> dict[str, Any]:
-    """Options from a TOML/JSON file, validated against the option table."""
+NOT_OPTIONS = ("derived", "format", "format_version")  # what run_config.json records besides the options
+
+
+def read_config_file(path: str | Path, flag: str = "--config") -> dict[str, Any]:
+    """Options from a TOML/JSON file, each value checked by its flag's own parser."""
     p = Path(path)
     if not p.is_file():
-        raise CLIError(f"--config {p} does not exist")
+        raise CLIError(f"{flag} {p} does not exist" if not p.exists() else f"{flag} {p} is not a file")
     try:
-        raw = json.loads(p.read_text(encoding="utf-8")) if p.suffix == ".json" else tomllib.loads(p.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CLIError(f"--config {p}: not valid {'JSON' if p.suffix == '.json' else 'TOML'} ({e})") from None
+        text = decode_utf8(p.read_bytes(), str(p))
+        raw = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise CLIError(f"{flag} {p}: not valid {'JSON' if p.suffix == '.json' else 'TOML'} ({e})") from None
     if not isinstance(raw, dict):
-        raise CLIError(f"--config {p}: expected a table of options")
+        raise CLIError(f"{flag} {p}: expected a table of options")
     types = {name: typ for name, typ, _, _ in option_table()}
     out = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
-        if name == "derived":  # what run_config.json records about the run, not an option
+        if name in NOT_OPTIONS:
             continue
         if name not in types:
-            raise CLIError(f"--config {p}: unknown option {key!r}; see gpt-train --help")
-        typ = bool if types[name] is parse_bool else types[name]
+            raise CLIError(f"{flag} {p}: unknown option {key!r}; see gpt-train --help")
         if value is not None:
-            if typ is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-                raise CLIError(f"--config {p}: option {key!r} must be {typ.__name__}, got {value!r}")
+            if isinstance(value, (dict, list)) or (isinstance(value, bool) and types[name] is not parse_bool):
+                raise CLIError(f"{flag} {p}: option {key!r} got {value!r}, which is not a {types[name].__name__ if isinstance(types[name], type) else 'valid'} value")
+            try:
+                value = types[name](str(value).lower() if isinstance(value, bool) else str(value))
+            except (argparse.ArgumentTypeError, ValueError) as e:
+                raise CLIError(f"{flag} {p}: option {key!r} {e}") from None
         out[name] = value
     return out
 
@@ -100,10 +108,10 @@ def effective_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict | 
             raise CLIError(f"--resume {run_dir}: no such run directory")
         if not path.is_file():
             raise CLIError(f"--resume {run_dir}: {path.name} is missing; this is not a gpt-train run directory")
-        saved = read_config_file(str(path))
+        options = read_config_file(path, "--resume")
         saved_raw = json.loads(path.read_text(encoding="utf-8"))
-        opts.update(saved)
-        saved = {"options": saved, "derived": saved_raw.get("derived", {})}
+        opts.update(options)
+        saved = {"options": options, "derived": saved_raw.get("derived", {})}
         if "out" in given and Path(given["out"]).resolve() != run_dir.resolve():
             raise CLIError(f"--out {given['out']} differs from --resume {run_dir}; give only --resume")
         opts["out"] = str(run_dir)
@@ -113,10 +121,16 @@ def effective_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict | 
     if saved is not None:
         for name in FIXED_ON_RESUME:
             if opts[name] != saved["options"].get(name):
-                raise CLIError(f"--{name.replace('_', '-')} cannot change when resuming (the run used {saved['options'].get(name)!r})")
+                used = saved["options"].get(name)
+                if used is None:  # the run took it from its preset or data: say which value that was
+                    derived = saved["derived"]
+                    used = derived.get("model", {}).get(name, derived.get(name))
+                raise CLIError(f"--{name.replace('_', '-')} cannot change when resuming (the run used {used!r})")
     for name in ("data", "out"):
         if not opts[name]:
             raise CLIError(f"--{name} is required (or --resume RUN_DIR)")
+    if opts["threads"] is not None and opts["threads"] < 1:
+        raise CLIError(f"--threads must be at least 1, got {opts['threads']}")
     return opts, saved
 
 
@@ -125,7 +139,7 @@ def build_model(opts: dict, meta, tokenizer):
     overrides = {k: opts[k] for k in MODEL_OPTIONS if opts[k] is not None}
     if opts["init_from"]:
         try:
-            base = GPT.from_pretrained(opts["init_from"])
+            base = GPT.from_pretrained(model_argument(opts["init_from"], PROG))
         except ValueError as e:  # CheckpointError: missing, foreign or corrupt
             raise CLIError(f"--init-from {e}") from None
         if base.tokenizer.fingerprint() != meta.tokenizer_fingerprint:
@@ -137,8 +151,6 @@ def build_model(opts: dict, meta, tokenizer):
         model = GPT(config)
         model.load_state_dict(base.state_dict())
         return model
-    if opts["preset"] not in PRESETS:
-        raise CLIError(f"--preset {opts['preset']!r} is unknown; choose one of {', '.join(PRESETS)}")
     vocab_size = opts["vocab_size"] or meta.n_vocab
     if vocab_size < meta.n_vocab:
         raise CLIError(f"the tokenizer has {meta.n_vocab} tokens, more than --vocab-size {vocab_size}; raise --vocab-size or drop it")
@@ -162,8 +174,12 @@ def make_sampler(tokenizer, prompt: str, n_tokens: int, seed: int):
     return sample
 
 
-def run(opts: dict, resume: bool, saved: dict | None) -> int:
-    data_dir, out = Path(opts["data"]), Path(opts["out"])
+def check_data(data_dir: Path, opts: dict):
+    """(meta, tokenizer, train and val tokens) of the data directory, every file checked against
+    meta.json, the token ids against the vocabulary included."""
+    if data_dir.is_file():
+        raise CLIError(f"--data {data_dir} is a file, not a data directory; make one from it with "
+                       f"gpt-prepare {data_dir} --tokenizer TOKENIZER -o DATA_DIR (or train on it directly: gpt-train {data_dir} --out RUN_DIR)")
     meta = load_meta(data_dir)
     tok_path = Path(opts["tokenizer"] or data_dir / TOKENIZER_FILE)
     if not tok_path.is_file():
@@ -171,20 +187,28 @@ def run(opts: dict, resume: bool, saved: dict | None) -> int:
     tokenizer = tokenizers_bpe.load(tok_path)
     if tokenizer.fingerprint() != meta.tokenizer_fingerprint:
         raise CLIError(f"tokenizer {tok_path} is not the one {data_dir} was prepared with (fingerprints differ); use that tokenizer or re-run gpt-prepare")
-    train_tokens, val_tokens = open_split(data_dir, "train", meta), open_split(data_dir, "val", meta)
-    if not resume and holds_run(out):
-        raise CLIError(f"--out {out} already holds a run; continue it with --resume {out} or choose another --out")
+    splits = {}
+    for name in ("train", "val"):
+        splits[name] = open_split(data_dir, name, meta)
+        check_token_ids(splits[name], meta.n_vocab, data_dir / meta.splits[name].file)
+    return meta, tokenizer, splits["train"], splits["val"]
 
+
+def run(opts: dict, resume: bool, saved: dict | None) -> int:
+    data_dir, out = Path(opts["data"]), Path(opts["out"])
+    cfg = train_config(opts)  # every option is checked before the data is read or the model built
+    check_kernels_backend(opts["backend"] or "auto", resolve_device(cfg.device))
+    check_run_dir(out, resume, f"--resume {out}")
+    meta, tokenizer, train_tokens, val_tokens = check_data(data_dir, opts)
+    if saved is not None and saved["derived"].get("tokenizer_fingerprint") not in (None, meta.tokenizer_fingerprint):
+        raise CLIError(f"--resume {out}: the run was trained on data with another tokenizer than {data_dir}")
     model = build_model(opts, meta, tokenizer)
     model.tokenizer = tokenizer
     block_size = opts["block_size"] or model.config.n_ctx
     if block_size > model.config.n_ctx:
         raise CLIError(f"--block-size {block_size} is longer than the model's context n_ctx={model.config.n_ctx}; lower --block-size or raise --n-ctx")
     if opts["threads"] is not None:
-        if opts["threads"] < 1:
-            raise CLIError(f"--threads must be at least 1, got {opts['threads']}")
         torch.set_num_threads(opts["threads"])
-    cfg = train_config(opts)
     dist = init_distributed(cfg.device)
     try:
         if opts["batch_tokens"]:
@@ -201,13 +225,12 @@ def run(opts: dict, resume: bool, saved: dict | None) -> int:
             "tokenizer_fingerprint": meta.tokenizer_fingerprint, "data_tokens": {s: i.tokens for s, i in meta.splits.items()},
         }
         run_config = {**{k: v for k, v in opts.items()}, "grad_accum": cfg.grad_accum, "derived": derived}
-        if saved is not None and saved["derived"].get("tokenizer_fingerprint") not in (None, meta.tokenizer_fingerprint):
-            raise CLIError(f"--resume {out}: the run was trained on data with another tokenizer than {data_dir}")
         sampler = make_sampler(tokenizer, opts["sample_prompt"], opts["sample_tokens"], cfg.seed) if opts["sample_tokens"] > 0 else None
         trainer = Trainer(model, cfg, train_batch, eval_batches, out_dir=out, tokenizer=tokenizer, sample_fn=sampler,
                           bytes_per_token=meta.bytes_per_token("val"), run_config=run_config, dist=dist)
         check_memory(PROG, model.config, model.config.vocab_size, cfg, block_size)
-        check_writable_dir(out, "--out")  # the last check: it creates the directory
+        check_writable_dir(out, "--out")
+        check_disk(PROG, model, cfg, out)
         trainer.prepare(resume)
         if dist.is_main:
             print(f"{PROG}: {model.num_parameters():,} parameters ({model.config.n_layer} layers, {model.config.n_head} heads, "

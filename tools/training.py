@@ -7,14 +7,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 from typing import Any, Mapping
 
+from gpt.config import POS_EMBEDDINGS, PRESETS
+from gpt.device import DTYPES
 from gpt.memory import check_micro_batch_fits
+from gpt.run_state import LOCK_FILE, RUN_STAMP, TrainResult, holds_run
 from gpt.sampling import SAMPLING_DEFAULTS
 from gpt.train_config import TrainConfig
-from gpt.trainer import Trainer, TrainingDiverged, TrainResult
-from tokenizers_bpe.errors import SettingError
-from tools.cli import CLIError, ExitCode, flag, parse_bool
+from gpt.trainer import Trainer, TrainingDiverged
+from kernels import BACKENDS
+from tokenizers_bpe.errors import NoSpaceError, OutputError, SettingError
+from tokenizers_bpe.fileio import check_replaceable, free_bytes
+from tools.cli import CLIError, ExitCode, choice, device_name, flag, integer, number, parse_bool
 
 DEFAULT_PRESET = "shakespeare-cpu"
 
@@ -28,44 +34,44 @@ def option_table() -> list[tuple[str, Any, Any, str]]:
         ("data", str, None, "data directory written by gpt-prepare (required for a new run)"),
         ("out", str, None, "run directory for metrics, checkpoints, best/ and final/ (required for a new run)"),
         ("tokenizer", str, None, "tokenizer.json to use instead of DATA/tokenizer.json (must be the same tokenizer)"),
-        ("preset", str, DEFAULT_PRESET, "model size from gpt.config.PRESETS; the shape options below override it"),
-        ("init_from", str, None, "start from this checkpoint directory (fine-tune/continue pre-training) instead of a random model"),
-        ("n_layer", int, None, "transformer blocks"),
-        ("n_head", int, None, "attention heads"),
-        ("n_embd", int, None, "embedding width (divisible by --n-head)"),
-        ("n_ctx", int, None, "context window (maximum sequence length) of the model"),
-        ("dropout", float, None, "dropout probability (0 for short runs and fine-tuning)"),
+        ("preset", choice(*PRESETS), DEFAULT_PRESET, "model size (gpt.config.PRESETS); the shape options below override it"),
+        ("init_from", str, None, "start from this checkpoint (or run) directory (fine-tune/continue pre-training) instead of a random model"),
+        ("n_layer", integer(1), None, "transformer blocks"),
+        ("n_head", integer(1), None, "attention heads"),
+        ("n_embd", integer(1), None, "embedding width (divisible by --n-head)"),
+        ("n_ctx", integer(1), None, "context window (maximum sequence length) of the model"),
+        ("dropout", number(0, 1, high_open=True), None, "dropout probability (0 for short runs and fine-tuning)"),
         ("bias", parse_bool, None, "biases in Linear and LayerNorm (true/false)"),
-        ("pos_embedding", str, None, "learned (GPT-2's, default; needed for hf-export) or rope (rotary: lower loss from scratch, see benches/README.md)"),
-        ("backend", str, None, "kernels backend: auto, triton or torch"),
-        ("vocab_size", int, None, "model vocabulary (default: the tokenizer's n_vocab)"),
-        ("block_size", int, None, "training window in tokens (default: the model's n_ctx)"),
-        ("eval_stride", int, None, "stride of the validation sliding window (default: --block-size, no overlap)"),
-        ("batch_tokens", int, None, "target tokens per optimiser step; sets --grad-accum (rounded up)"),
+        ("pos_embedding", choice(*POS_EMBEDDINGS), None, "learned (GPT-2's, default; needed for hf-export) or rope (rotary: lower loss from scratch, see benches/README.md)"),
+        ("backend", choice(*BACKENDS), None, "kernels backend: auto, triton or torch"),
+        ("vocab_size", integer(1), None, "model vocabulary (default: the tokenizer's n_vocab)"),
+        ("block_size", integer(1), None, "training window in tokens (default: the model's n_ctx)"),
+        ("eval_stride", integer(1), None, "stride of the validation sliding window (default: --block-size, no overlap)"),
+        ("batch_tokens", integer(1), None, "target tokens per optimiser step; sets --grad-accum (rounded up)"),
         # optimisation (gpt.train_config.TrainConfig)
-        ("max_steps", int, t.max_steps, "optimiser steps"),
-        ("batch_size", int, t.batch_size, "sequences per micro-batch per process"),
-        ("grad_accum", int, t.grad_accum, "micro-batches per optimiser step per process"),
-        ("lr", float, t.lr, "peak learning rate"),
-        ("min_lr", float, None, "learning-rate floor of the cosine decay (default: --lr / 10)"),
-        ("warmup_steps", int, t.warmup_steps, "linear warmup steps"),
-        ("lr_decay_steps", int, None, "step where the cosine reaches --min-lr (default: --max-steps)"),
-        ("weight_decay", float, t.weight_decay, "AdamW weight decay (matrices and embeddings only)"),
-        ("beta1", float, t.beta1, "AdamW beta1"),
-        ("beta2", float, t.beta2, "AdamW beta2"),
-        ("grad_clip", float, t.grad_clip, "clip the global gradient norm to this (0: no clipping)"),
-        ("eval_interval", int, t.eval_interval, "validate, sample and plot every N steps"),
-        ("eval_iters", int, t.eval_iters, "validation batches per evaluation (spread evenly over val.bin)"),
-        ("log_interval", int, t.log_interval, "a training line in metrics.jsonl every N steps"),
-        ("checkpoint_interval", int, None, "write RUN_DIR/checkpoints/step-N every N steps (default: --eval-interval)"),
-        ("keep_last", int, t.keep_last, "step checkpoints to keep"),
-        ("seed", int, t.seed, "random seed; the same seed gives the same run on CPU"),
-        ("device", str, t.device, "auto, cpu, cuda or cuda:N"),
-        ("dtype", str, t.dtype, "auto, float32, bfloat16 or float16 (CUDA only, with a GradScaler)"),
+        ("max_steps", integer(1), t.max_steps, "optimiser steps"),
+        ("batch_size", integer(1), t.batch_size, "sequences per micro-batch per process"),
+        ("grad_accum", integer(1), t.grad_accum, "micro-batches per optimiser step per process"),
+        ("lr", number(0, low_open=True), t.lr, "peak learning rate"),
+        ("min_lr", number(0), None, "learning-rate floor of the cosine decay (default: --lr / 10)"),
+        ("warmup_steps", integer(0), t.warmup_steps, "linear warmup steps"),
+        ("lr_decay_steps", integer(1), None, "step where the cosine reaches --min-lr (default: --max-steps)"),
+        ("weight_decay", number(0), t.weight_decay, "AdamW weight decay (matrices and embeddings only)"),
+        ("beta1", number(0, 1, high_open=True), t.beta1, "AdamW beta1"),
+        ("beta2", number(0, 1, high_open=True), t.beta2, "AdamW beta2"),
+        ("grad_clip", number(0), t.grad_clip, "clip the global gradient norm to this (0: no clipping)"),
+        ("eval_interval", integer(1), t.eval_interval, "validate, sample and plot every N steps"),
+        ("eval_iters", integer(1), t.eval_iters, "validation batches per evaluation (spread evenly over val.bin)"),
+        ("log_interval", integer(1), t.log_interval, "a training line in metrics.jsonl every N steps"),
+        ("checkpoint_interval", integer(1), None, "write RUN_DIR/checkpoints/step-N every N steps (default: --eval-interval)"),
+        ("keep_last", integer(1), t.keep_last, "step checkpoints to keep"),
+        ("seed", integer(0), t.seed, "random seed; the same seed gives the same run on CPU"),
+        ("device", device_name, t.device, "auto, cpu, cuda or cuda:N"),
+        ("dtype", choice("auto", *DTYPES), t.dtype, "auto, float32, bfloat16 or float16 (CUDA only, with a GradScaler)"),
         ("compile", parse_bool, t.compile, "torch.compile the model (true/false)"),
-        ("sample_tokens", int, 100, "tokens of the sample generated at each evaluation (0: none); sampled with "
-                                    f"temperature {SAMPLING_DEFAULTS['temperature']}, top-k {SAMPLING_DEFAULTS['top_k']}, "
-                                    f"top-p {SAMPLING_DEFAULTS['top_p']}, as gpt-generate"),
+        ("sample_tokens", integer(0), 100, "tokens of the sample generated at each evaluation (0: none); sampled with "
+                                           f"temperature {SAMPLING_DEFAULTS['temperature']}, top-k {SAMPLING_DEFAULTS['top_k']}, "
+                                           f"top-p {SAMPLING_DEFAULTS['top_p']}, as gpt-generate"),
         ("sample_prompt", str, "\n", "prompt of that sample"),
         ("progress", parse_bool, t.progress, "show a progress bar (true/false)"),
         ("threads", int, None, "CPU threads for PyTorch (default: PyTorch's choice, one per core); 1 is much faster on a machine busy with other work"),
@@ -109,11 +115,41 @@ def check_memory(prog: str, model_config, n_outputs: int, cfg: TrainConfig, leng
         print(f"{prog}: warning: {warning.render(lambda name: flag(name, flags))}", file=sys.stderr)
 
 
+def check_run_dir(out: Path, resume: bool, resume_flag: str) -> None:
+    """--out must be new, empty, or a run directory of ours: to resume, or to restart one that was
+    killed before its first checkpoint. Never the user's files, never a run that can be resumed."""
+    if resume:
+        return
+    try:
+        check_replaceable(out, RUN_STAMP)
+    except OutputError as e:
+        if not out.is_dir() or any(p.name != LOCK_FILE for p in out.iterdir()):  # a lock alone: killed at once
+            raise CLIError(f"--out {e}") from None
+    if holds_run(out):
+        raise CLIError(f"--out {out} already holds a run; continue it with {resume_flag} or choose another --out")
+
+
+def check_disk(prog: str, model, cfg: TrainConfig, out: Path) -> None:
+    """Warn on stderr, before training, when the checkpoints the run keeps will not fit on the disk:
+    --keep-last step checkpoints (weights and AdamW moments) plus one being written, best/ and final/."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    moments = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    need = (cfg.keep_last + 1) * (weights + moments) + 2 * weights
+    free = free_bytes(out)
+    if need > free:
+        print(f"{prog}: warning: the run's checkpoints need about {need / 1e6:,.0f} MB ({cfg.keep_last + 1} step checkpoints "
+              f"of {(weights + moments) / 1e6:,.0f} MB, best/ and final/) but {out} has {free / 1e6:,.0f} MB free; "
+              "lower --keep-last or free some space", file=sys.stderr)
+
+
 def run_training(trainer: Trainer, resume: bool, resume_command: str) -> TrainResult:
     """``trainer.fit``; a diverged run is an error with ExitCode.DIVERGED naming the last good
-    checkpoint. The main process prints the summary, and after an interruption how to resume."""
+    checkpoint, a full disk a user error saying how to resume. The main process prints the summary,
+    and after an interruption how to resume."""
     try:
         result = trainer.fit(resume=resume)
+    except NoSpaceError as e:
+        raise CLIError(f"{e}; free some space, then: {resume_command}") from None
     except TrainingDiverged as e:
         if not trainer.dist.is_main:  # every rank stops; the main one says why
             raise SystemExit(ExitCode.DIVERGED) from None

@@ -112,18 +112,12 @@ def _check_ids(tokenizers, text, keep):
         assert chunked == tok.encode_ordinary(text), (name, text, chosen)
 
 
+@pytest.mark.parametrize("newlines", [False, True], ids=["without-line-breaks", "with-line-breaks"])
 @settings(max_examples=150, deadline=None)
-@given(text=texts(newlines=False), data=st.data())
-def test_text_without_line_breaks_chunked_at_the_cuts_encodes_to_the_whole_texts_ids(tokenizers, text, data):
-    every_other = data.draw(st.integers(1, 3))
-    _check_ids(tokenizers, text, lambda i: True)
-    _check_ids(tokenizers, text, lambda i: i % every_other == 0)
-
-
-@settings(max_examples=150, deadline=None)
-@given(text=texts(newlines=True), data=st.data())
-def test_text_with_line_breaks_chunked_at_the_cuts_encodes_to_the_whole_texts_ids(tokenizers, text, data):
-    every_other = data.draw(st.integers(1, 3))
+@given(data=st.data())
+def test_text_chunked_at_the_cuts_encodes_to_the_whole_texts_ids(tokenizers, newlines, data):
+    text = data.draw(texts(newlines=newlines), "text")
+    every_other = data.draw(st.integers(1, 3), "every_other")
     _check_ids(tokenizers, text, lambda i: True)
     _check_ids(tokenizers, text, lambda i: i % every_other == 0)
 

@@ -1,0 +1,105 @@
+"""One writer per output: a lock file, created atomically (``O_CREAT | O_EXCL``), that names the
+process holding it. A second writer gets an OutputError naming the holder; a lock left by a process
+that no longer runs (killed, on this machine) is taken over, with a warning on the ``logging``
+logger of this module.
+
+    with OutputLock(run_dir / ".lock", f"run directory {run_dir}"):
+        ...  # write the run
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from .errors import OutputError
+
+log = logging.getLogger(__name__)
+
+
+def current_umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _holder() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200],
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+class OutputLock:
+    """The lock file ``path`` for the output ``what`` (a phrase for messages). Re-entrant in one process."""
+
+    def __init__(self, path: str | os.PathLike, what: str):
+        self.path, self.what = Path(path), what
+        self.held = False
+
+    def _read_holder(self) -> dict | None:
+        for _ in range(3):  # a lock being written right now reads empty for a moment
+            try:
+                holder = json.loads(self.path.read_text(encoding="utf-8"))
+                if isinstance(holder, dict) and isinstance(holder.get("pid"), int):
+                    return holder
+            except FileNotFoundError:
+                return None
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                pass
+            time.sleep(0.05)
+        return {}  # unreadable: left by a writer killed while writing it
+
+    def acquire(self) -> OutputLock:
+        if self.held:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~current_umask())
+            except FileExistsError:
+                holder = self._read_holder()
+                if holder is None:  # released meanwhile: try again
+                    continue
+                same_host = holder.get("host", socket.gethostname()) == socket.gethostname()
+                if holder and not (same_host and not process_alive(holder["pid"])):
+                    where = "" if same_host else f" on {holder.get('host')}"
+                    raise OutputError(self.path, f"{self.what} is in use by process {holder['pid']}{where} "
+                                                 f"({holder.get('command', '?')}, since {holder.get('started', '?')}); "
+                                                 "wait for it to finish or stop it") from None
+                self.path.unlink(missing_ok=True)
+                log.warning(f"{self.what}: took over the lock of process {holder.get('pid', '?')}, which is no longer running")
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(_holder(), f)
+            self.held = True
+            return self
+        raise OutputError(self.path, f"{self.what}: could not take its lock {self.path}; try again")
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            holder = self._read_holder()
+            if holder and holder.get("pid") == os.getpid():
+                self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,0 +1,34 @@
+"""Model arguments (gpt-generate --model, gpt-inspect DIR, gpt-finetune --model, gpt-convert SRC,
+gpt-train --init-from): a checkpoint directory, or a run directory standing for its model."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import kernels
+from gpt.run_state import resolve_model_dir
+from tools.cli import CLIError
+
+
+def model_argument(path: str | Path, prog: str) -> Path:
+    """``path`` resolved by gpt.run_state.resolve_model_dir; what was picked is said on stderr."""
+    directory, note = resolve_model_dir(path)
+    if note:
+        print(f"{prog}: note: {note}", file=sys.stderr)
+    return directory
+
+
+def check_kernels_backend(backend: str, device: str) -> None:
+    """A one-line error, before any work, when the kernels backend cannot run on ``device`` (e.g.
+    --backend triton, or KERNELS_BACKEND=triton, on a machine without CUDA)."""
+    try:
+        kernels.backend_for_device(backend, device.split(":")[0])
+    except (RuntimeError, ValueError) as e:
+        env = os.environ.get(kernels.ENV_VAR)
+        source = f"{kernels.ENV_VAR}={env}" if backend == "auto" and env else f"--backend {backend}"
+        if isinstance(e, ValueError):
+            raise CLIError(f"{source}: {e}") from None
+        raise CLIError(f"{source}: the Triton kernels need a CUDA GPU ({device} here), or TRITON_INTERPRET=1 to run "
+                       f"them on the CPU interpreter (slow, for tests); use --backend torch or auto") from None
