@@ -94,9 +94,10 @@ def documents(files: Sequence[str], builtin: str | None) -> list[Document]:
     """Every input as a document: each file, or each play of the built-in corpus."""
     docs: list[Document] = []
     for name in files:
-        p = check_text_file(name)  # a directory, a missing or an empty file: an error saying which
-        if not p.is_file():
+        p = Path(name)
+        if p.exists() and not p.is_dir() and not p.is_file():  # a device, a FIFO: no size to place the split by
             raise ValueError(f"{p}: not a regular file; pass a text file")
+        check_text_file(p)  # a directory, a missing or an empty file: an error saying which
         if not os.access(p, os.R_OK):
             raise ValueError(f"{p}: the file is not readable")
         docs.append(Document(str(p), p.stat().st_size, lambda p=p: file_blocks(p)))

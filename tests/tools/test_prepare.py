@@ -126,6 +126,7 @@ def test_bad_inputs_are_one_line_errors_that_touch_nothing(corpus, tmp_path, cap
         "no input": ["--tokenizer", tok, "-o", out],
         "missing.txt: no such file": [str(tmp_path / "missing.txt"), "--tokenizer", tok, "-o", out],
         "a_directory: is a directory": [str(tmp_path / "a_directory"), "--tokenizer", tok, "-o", out],
+        "/dev/null: not a regular file": ["/dev/null", "--tokenizer", tok, "-o", out],
         "empty.txt: the file is empty": [*corpus["files"], str(tmp_path / "empty.txt"), "--tokenizer", tok, "-o", out],
         "--tokenizer": [*corpus["files"], "--tokenizer", str(tmp_path / "none.json"), "-o", out],
         "latin1.txt: not UTF-8 at byte offset 3": [str(tmp_path / "latin1.txt"), "--tokenizer", tok, "-o", out],
@@ -308,3 +309,25 @@ def test_char_index_is_the_first_character_at_or_after_a_byte():
 
     assert [_char_index("aé中b", n) for n in range(8)] == [0, 1, 2, 2, 3, 3, 3, 4]
     assert [_char_index("abc", n) for n in range(4)] == [0, 1, 2, 3]
+
+
+@settings(max_examples=200, deadline=None)
+@given(parts=st.lists(st.one_of(st.text(max_size=5).map(str.encode), st.binary(max_size=3)), max_size=12),
+       size=st.integers(1, 9))
+def test_file_blocks_decode_like_bytes_decode_whatever_the_block_size(tmp_path_factory, parts, size):
+    """Blocks never split a character, and invalid UTF-8 (a stray byte, a character cut off by the end
+    of the file) is reported at the offset Python's own decoder gives."""
+    from tokenizers_bpe import InvalidTextError
+
+    data = b"".join(parts)
+    path = tmp_path_factory.mktemp("blocks") / "b.txt"
+    path.write_bytes(data)
+    try:
+        expected = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        with pytest.raises(InvalidTextError) as raised:
+            list(file_blocks(path, size=size))
+        assert (raised.value.source, raised.value.offset) == (str(path), e.start)
+    else:
+        blocks = list(file_blocks(path, size=size))
+        assert "".join(b for b, _ in blocks) == expected and all(n == len(b.encode()) for b, n in blocks)
