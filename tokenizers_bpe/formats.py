@@ -21,8 +21,9 @@ TOKENIZER_TYPES = {"bpe": BPETokenizer, "char": CharTokenizer}
 _REQUIRED = {"bpe": ("pattern", "vocab", "merges", "special_tokens"), "char": ("chars", "special_tokens")}
 
 # A .tiktoken file holds only ranks. The encodings tiktoken defines (tiktoken_ext.openai_public) for
-# the rank files it publishes, by file stem: (pattern, special tokens). p50k_base is left out: its
-# ranks skip id 50256 (its <|endoftext|>), and a BPETokenizer's ranks are 0..N-1 without gaps.
+# the rank files it publishes, by file stem: (pattern, special tokens). p50k_base is left out: tiktoken
+# defines it with 50281 ids of which <|endoftext|> = 50256 is special, so its 50280 ranks skip 50256,
+# and a BPETokenizer's ranks are 0..N-1 without gaps (loading one is an error that says so).
 TIKTOKEN_ENCODINGS: dict[str, tuple[str, dict[str, int]]] = {
     "gpt2": (GPT2_PATTERN, {ENDOFTEXT: 50256}),
     "r50k_base": (GPT2_PATTERN, {ENDOFTEXT: 50256}),

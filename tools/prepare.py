@@ -33,7 +33,7 @@ from tokenizers_bpe import TOKENIZER_FILE, BPETokenizer, InvalidTextError, Unkno
 from tokenizers_bpe.fileio import atomic_directory, atomic_write, check_text_file
 from tokenizers_bpe.patterns import CHUNK_CUT_LOOKAHEAD, chunk_cut_regex, chunk_cut_rule
 from tools.bpe_encode import add_tokenizer_arguments
-from tools.cli import ArgumentParser, CLIError, command, integer, number
+from tools.cli import ArgumentParser, CLIError, HelpFormatter, command, integer, number
 from tools.corpus import BUILTIN_CORPORA, plays
 from tools.outputs import check_output
 
@@ -276,7 +276,7 @@ def check_splits(planned: dict[str, int], train_bytes: int, total: int, val_frac
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="gpt-prepare", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="gpt-prepare", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("files", nargs="*", metavar="FILE", help="UTF-8 text files (each one a document)")
     p.add_argument("--builtin", choices=BUILTIN_CORPORA, help="use a built-in corpus (each play a document)")
     add_tokenizer_arguments(p, "--tokenizer", required=True)
