@@ -165,6 +165,8 @@ def run_training(trainer: Trainer, resume: bool, resume_command: str) -> TrainRe
         print(result.summary())
         if result.interrupted:
             print(f"resume with: {resume_command}")
+        elif result.tokens == 0:
+            print(f"to train further, raise --max-steps: {resume_command} --max-steps {2 * result.step}")
     return result
 
 
