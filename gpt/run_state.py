@@ -211,8 +211,11 @@ class TrainResult:
     checkpoint_dir: Path | None
 
     def summary(self) -> str:
-        lines = [f"{'interrupted' if self.interrupted else 'finished'} at step {self.step}: "
-                 f"{self.tokens:,} tokens in {self.wall_s:.0f}s ({self.tokens / max(self.wall_s, 1e-9):,.0f} tok/s)"]
+        if self.tokens == 0 and not self.interrupted:
+            lines = [f"nothing to train: the run was already at step {self.step}, its last step"]
+        else:
+            lines = [f"{'interrupted' if self.interrupted else 'finished'} at step {self.step}: "
+                     f"{self.tokens:,} tokens in {self.wall_s:.0f}s ({self.tokens / max(self.wall_s, 1e-9):,.0f} tok/s)"]
         if self.last_eval:
             lines.append("last eval: " + ", ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items() if k.startswith("val_") and isinstance(v, float)))
         if self.best:

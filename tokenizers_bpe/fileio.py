@@ -205,7 +205,19 @@ def atomic_directory(path: str | os.PathLike, stamp: Stamp | None = None) -> Ite
             raise
 
 
+def _honour_umask(directory: Path) -> None:
+    """Give everything in ``directory`` the permissions of a new file or directory: some writers
+    (safetensors, tempfile) create theirs 0600 / 0700, which would leak through the rename."""
+    umask = current_umask()
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
 def _replace_directory(path: Path, new: Path, stamp: Stamp | None) -> None:
+    _honour_umask(new)
     old = None
     if path.exists():
         if stamp is not None:

@@ -65,6 +65,21 @@ class OutputLock:
             time.sleep(0.05)
         return {}  # unreadable: left by a writer killed while writing it
 
+    def _refuse_if_held(self, holder: dict) -> None:
+        """An OutputError naming the holder, unless it is a process on this machine that no longer runs."""
+        same_host = holder.get("host", socket.gethostname()) == socket.gethostname()
+        if holder and not (same_host and not process_alive(holder["pid"])):
+            where = "" if same_host else f" on {holder.get('host')}"
+            raise OutputError(self.path, f"{self.what} is in use by process {holder['pid']}{where} "
+                                         f"({holder.get('command', '?')}, since {holder.get('started', '?')}); "
+                                         "wait for it to finish or stop it")
+
+    def check(self) -> None:
+        """Refuse now, without taking the lock, if another live process holds it."""
+        holder = self._read_holder()
+        if holder and not self.held:
+            self._refuse_if_held(holder)
+
     def acquire(self) -> OutputLock:
         if self.held:
             return self
@@ -76,12 +91,7 @@ class OutputLock:
                 holder = self._read_holder()
                 if holder is None:  # released meanwhile: try again
                     continue
-                same_host = holder.get("host", socket.gethostname()) == socket.gethostname()
-                if holder and not (same_host and not process_alive(holder["pid"])):
-                    where = "" if same_host else f" on {holder.get('host')}"
-                    raise OutputError(self.path, f"{self.what} is in use by process {holder['pid']}{where} "
-                                                 f"({holder.get('command', '?')}, since {holder.get('started', '?')}); "
-                                                 "wait for it to finish or stop it") from None
+                self._refuse_if_held(holder)
                 self.path.unlink(missing_ok=True)
                 log.warning(f"{self.what}: took over the lock of process {holder.get('pid', '?')}, which is no longer running")
                 continue

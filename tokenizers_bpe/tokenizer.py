@@ -31,6 +31,9 @@ TOKENIZER_STAMP = Stamp(FORMAT_NAME, "a tokenizer.json")
 FORMAT_VERSION = 1
 ENDOFTEXT = "<|endoftext|>"
 
+# Ids between the ordinary tokens and the special ones that no token uses (tiktoken's cl100k_base leaves
+# 16, o200k_base 19); a vocabulary with more is a mistake that would make every model of it bigger.
+MAX_UNUSED_IDS = 1024
 _NO_RANK = sys.maxsize
 _CACHE_LIMIT = 1 << 18  # pieces; cleared (not evicted one by one) when full: cheap and good enough
 _PARALLEL_MIN_CHARS = 1 << 20  # below this much text, starting worker processes costs more than it saves
@@ -55,6 +58,11 @@ class Tokenizer(abc.ABC):
         self._decoder = dict(token_bytes)
         self._decoder.update((i, t.encode("utf-8")) for t, i in self._special_tokens.items())
         self.n_vocab = max(self._decoder) + 1 if self._decoder else 0
+        unused = self.n_vocab - len(self._decoder)
+        if unused > MAX_UNUSED_IDS:
+            raise ValueError(f"the special token ids leave {unused} ids unused below {self.n_vocab - 1} (every model "
+                             f"of this tokenizer would have {self.n_vocab} rows); special tokens must follow the "
+                             f"{len(token_bytes)} ordinary tokens, with at most {MAX_UNUSED_IDS} ids unused")
         self._fingerprint: str | None = None
 
     # ----------------------------------------------------------------------------- special tokens

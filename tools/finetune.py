@@ -82,10 +82,13 @@ RUN_DEFINING = ("model", "train", "val", "test", "data", "val_fraction", "text_c
 
 
 def format_confusion(labels: list[str], confusion: list[list[int]]) -> str:
-    width = max(8, *(len(x) for x in labels)) + 1
-    lines = ["true \\ predicted".ljust(width) + "".join(x.rjust(width) for x in labels)]
+    """The confusion matrix as a table whose columns line up: rows are true labels, columns predicted."""
+    corner = "true \\ predicted"
+    first = max(len(corner), *(len(x) for x in labels)) + 2
+    width = max(6, *(len(x) for x in labels), *(len(str(v)) for row in confusion for v in row)) + 2
+    lines = [corner.ljust(first) + "".join(x.rjust(width) for x in labels)]
     for label, row in zip(labels, confusion):
-        lines.append(label.ljust(width) + "".join(str(v).rjust(width) for v in row))
+        lines.append(label.ljust(first) + "".join(str(v).rjust(width) for v in row))
     return "\n".join(lines)
 
 

@@ -144,6 +144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             pieces[sample].append(piece)
 
+    def header(sample: int) -> str:  # every sample gets one when there are several
+        return f"{'' if sample == 0 else chr(10)}{'-' * 20} sample {sample + 1} {'-' * 20}\n" if args.num_samples > 1 else ""
+
+    if stream_live:
+        sys.stdout.write(header(0))
     start = time.perf_counter()
     outputs = generate(
         model, ids, settings["max_new_tokens"], temperature=settings["temperature"], top_k=settings["top_k"],
@@ -153,8 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
     for sample in range(args.num_samples):
         tail = decoders[sample].decode(b"", final=True)
-        if args.num_samples > 1 and sample > 0:
-            sys.stdout.write(f"\n{'-' * 20} sample {sample + 1} {'-' * 20}\n")
+        if sample > 0 or not stream_live:
+            sys.stdout.write(header(sample))
         sys.stdout.write("".join(pieces[sample]) + tail)
     sys.stdout.write("\n")
     sys.stdout.flush()

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from gpt.config import POS_EMBEDDINGS, PRESETS
 from gpt.device import DTYPES
 from gpt.memory import check_micro_batch_fits
-from gpt.run_state import LOCK_FILE, RUN_STAMP, TrainResult, holds_run
+from gpt.run_state import LOCK_FILE, RUN_STAMP, RunDirectory, TrainResult, holds_run
 from gpt.sampling import SAMPLING_DEFAULTS
 from gpt.train_config import TrainConfig
 from gpt.trainer import Trainer, TrainingDiverged
@@ -118,6 +118,10 @@ def check_memory(prog: str, model_config, n_outputs: int, cfg: TrainConfig, leng
 def check_run_dir(out: Path, resume: bool, resume_flag: str) -> None:
     """--out must be new, empty, or a run directory of ours: to resume, or to restart one that was
     killed before its first checkpoint. Never the user's files, never a run that can be resumed."""
+    try:
+        RunDirectory(out).lock.check()
+    except OutputError as e:
+        raise CLIError(str(e)) from None
     if resume:
         return
     try:
@@ -161,6 +165,8 @@ def run_training(trainer: Trainer, resume: bool, resume_command: str) -> TrainRe
         print(result.summary())
         if result.interrupted:
             print(f"resume with: {resume_command}")
+        elif result.tokens == 0:
+            print(f"to train further, raise --max-steps: {resume_command} --max-steps {2 * result.step}")
     return result
 
 

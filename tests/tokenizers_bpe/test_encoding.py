@@ -200,3 +200,15 @@ def test_char_tokenizer_names_a_character_it_lacks():
     with pytest.raises(tokenizers_bpe.UnknownCharacterError, match=r"character 'z' \(U\+007A\) is not in this char-level vocabulary of 3"):
         tok.encode_ordinary("abz")
     assert issubclass(tokenizers_bpe.UnknownCharacterError, ValueError)
+
+
+def test_special_token_ids_far_past_the_vocabulary_are_refused(tmp_path):
+    # An id of 5000 in a 3-character vocabulary would give every model of it 5001 rows.
+    d = tokenizers_bpe.train_char(["abc"]).to_dict()
+    d["special_tokens"] = {"<|endoftext|>": 5000}
+    (tmp_path / "t.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="leave 4997 ids unused"):
+        tokenizers_bpe.load(tmp_path / "t.json")
+    d["special_tokens"] = {"<|endoftext|>": 20}  # a few unused ids, as tiktoken's own encodings have, are fine
+    (tmp_path / "t.json").write_text(json.dumps(d))
+    assert tokenizers_bpe.load(tmp_path / "t.json").n_vocab == 21

@@ -1,10 +1,18 @@
-"""tokenizers_bpe.fileio: atomic outputs that never delete what the user did not ask to replace."""
+"""tokenizers_bpe.fileio and .locks: atomic outputs that never delete what the user did not ask to replace, stamps,
+the leftovers of killed writers, permissions, a full disk, one writer per output."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
-from tokenizers_bpe.fileio import atomic_directory
+from tokenizers_bpe.errors import NoSpaceError, OutputError
+from tokenizers_bpe.fileio import Stamp, atomic_directory, atomic_write, check_replaceable, remove_stale_temporaries
+from tokenizers_bpe.locks import OutputLock
 
 
 def test_atomic_directory_replaces_a_previous_output_of_the_same_kind(tmp_path):
@@ -48,3 +56,88 @@ def test_a_failed_write_leaves_the_old_directory(tmp_path):
             (tmp / "a").write_text("half")
             raise RuntimeError("crash while writing")
     assert (out / "a").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# ---------------------------------------------------------------------------------------------- stamps, leftovers, locks
+
+STAMP = Stamp("test-output", "a test output", "stamp.json")
+
+
+def dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+def test_a_stamped_directory_is_replaced_only_by_its_own_kind(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stamp.json").write_text(json.dumps({"format": "another-kind"}))
+    with pytest.raises(OutputError, match="is not a test output this toolkit wrote"):
+        with atomic_directory(out, STAMP):
+            raise AssertionError("the check comes before any work")
+    (out / "stamp.json").write_text(json.dumps({"format": "test-output"}))
+    with atomic_directory(out, STAMP) as tmp:
+        (tmp / "stamp.json").write_text(json.dumps({"format": "test-output", "n": 2}))
+    assert json.loads((out / "stamp.json").read_text())["n"] == 2
+    check_replaceable(tmp_path / "new", STAMP)  # a new path, and an empty directory, are fine
+    (tmp_path / "empty").mkdir()
+    check_replaceable(tmp_path / "empty", STAMP)
+
+
+def test_a_file_output_refuses_a_file_that_is_not_its_kind(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_text("my notes")
+    with pytest.raises(OutputError, match="is not a test file this toolkit wrote"):
+        with atomic_write(path, stamp=Stamp("test-file", "a test file")):
+            pass
+    assert path.read_text() == "my notes"
+
+
+def test_the_leftovers_of_a_dead_writer_are_removed_and_a_set_aside_output_restored(tmp_path):
+    pid = dead_pid()
+    (tmp_path / f".data.{pid}.abc123.tmp").mkdir()
+    (tmp_path / f".tok.json.{pid}.xyz.tmp").write_text("half")
+    (tmp_path / f".model.old-{pid}").mkdir()  # killed between setting model/ aside and renaming the new one in
+    (tmp_path / f".live.{os.getpid()}.abc.tmp").mkdir()  # a live writer's: kept
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == sorted([f".data.{pid}.abc123.tmp", f".tok.json.{pid}.xyz.tmp"])
+    assert (tmp_path / "model").is_dir() and (tmp_path / f".live.{os.getpid()}.abc.tmp").is_dir()
+
+
+def test_outputs_get_the_permissions_of_new_files(tmp_path):
+    old = os.umask(0o027)
+    try:
+        with atomic_write(tmp_path / "a.txt") as f:
+            f.write("x")
+        with atomic_directory(tmp_path / "d") as tmp:
+            (tmp / "f").write_text("y")
+            os.chmod(tmp / "f", 0o600)  # as safetensors does
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o750 and (tmp_path / "d" / "f").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_full_disk_is_a_no_space_error(tmp_path, monkeypatch):
+    import errno
+
+    with pytest.raises(NoSpaceError, match="no space left on the device"):
+        with atomic_write(tmp_path / "a.txt") as f:
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_one_writer_per_lock_and_a_dead_holders_lock_is_taken_over(tmp_path, caplog):
+    lock_path = tmp_path / ".lock"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock_path.write_text(json.dumps({"pid": sleeper.pid, "host": os.uname().nodename, "command": "gpt-train x", "started": "now"}))
+        with pytest.raises(OutputError, match=f"run x is in use by process {sleeper.pid} \\(gpt-train x"):
+            OutputLock(lock_path, "run x").acquire()
+        assert json.loads(lock_path.read_text())["pid"] == sleeper.pid  # untouched
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with OutputLock(lock_path, "run x"):
+        assert json.loads(lock_path.read_text())["pid"] == os.getpid()
+    assert "took over the lock of process" in caplog.text and not lock_path.exists()

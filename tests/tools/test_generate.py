@@ -93,7 +93,7 @@ def test_num_samples_batch(ckpt, model, tok, capsys):
     rc, out, _ = run(capsys, "--model", ckpt, "Hello", "-n", 10, "--num-samples", 3, "--seed", 5, "--top-k", "none")
     assert rc == 0
     samples = generate(model, tok.encode_ordinary("Hello"), 10, num_samples=3, seed=5, temperature=0.8, top_p=0.95)
-    expected = tok.decode(samples[0])
+    expected = f"{'-' * 20} sample 1 {'-' * 20}\n" + tok.decode(samples[0])  # every sample has its header
     for i in (1, 2):
         expected += f"\n{'-' * 20} sample {i + 1} {'-' * 20}\n" + tok.decode(samples[i])
     assert out == expected + "\n"
@@ -244,3 +244,10 @@ def test_a_prompt_character_a_char_model_lacks(tmp_path, capsys):
     tok = CharTokenizer.from_texts(["abc "], special_tokens=["<|endoftext|>"])
     GPT(GPTConfig(vocab_size=tok.n_vocab, n_ctx=16, n_embd=16, n_layer=1, n_head=2)).save_pretrained(tmp_path / "char", tokenizer=tok)
     assert_one_line_error(*run(capsys, "--model", tmp_path / "char", "abz"), "the prompt:", "'z' (U+007A)", "tokenizer knows")
+
+
+def test_every_sample_has_a_header_when_there_are_several(ckpt, capsys):
+    for stream in ([], ["--no-stream"]):
+        rc, out, _ = run(capsys, "--model", ckpt, "Hello", "-n", 4, "--num-samples", 3, "--seed", 1, *stream)
+        assert rc == 0 and [out.count(f" sample {i} ") for i in (1, 2, 3)] == [1, 1, 1], out
+        assert out.startswith("-" * 20 + " sample 1 ")
