@@ -15,7 +15,7 @@ from .errors import SettingError
 from .fileio import recorded_version
 from .patterns import GPT2_PATTERN, GPT4_PATTERN, O200K_PATTERN
 from .rankfiles import looks_like_tiktoken, read_gpt2, read_text_file, read_tiktoken
-from .tokenizer import ENDOFTEXT, FORMAT_NAME, FORMAT_VERSION, TOKENIZER_FILE, BPETokenizer, Tokenizer
+from .tokenizer import ENDOFTEXT, FORMAT_NAME, FORMAT_VERSION, MAX_UNUSED_IDS, TOKENIZER_FILE, BPETokenizer, Tokenizer
 
 TOKENIZER_TYPES = {"bpe": BPETokenizer, "char": CharTokenizer}
 _REQUIRED = {"bpe": ("pattern", "vocab", "merges", "special_tokens"), "char": ("chars", "special_tokens")}
@@ -70,12 +70,14 @@ def load(path: str | os.PathLike) -> Tokenizer:
 def load_tiktoken(path, *, pattern: str = "gpt2", special_tokens: dict[str, int] | None = None) -> BPETokenizer:
     """A tokenizer from a ``.tiktoken`` rank file; the file holds only ranks, so the pattern
     (``"gpt2"``, ``"gpt4"`` or a regex) and the special tokens (name -> id) are given here."""
-    ranks = read_tiktoken(path)
+    return _from_ranks(path, read_tiktoken(path), pattern, special_tokens or {})
+
+
+def _from_ranks(path, ranks: dict[bytes, int], pattern: str, special_tokens: dict[str, int]) -> BPETokenizer:
     try:
-        return BPETokenizer(ranks, pattern, special_tokens or {}, name=Path(path).stem)
+        return BPETokenizer(ranks, pattern, special_tokens, name=Path(path).stem)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-
 
 
 def load_any(path: str | os.PathLike, *, pattern: str | None = None) -> Tokenizer:
@@ -92,8 +94,13 @@ def load_any(path: str | os.PathLike, *, pattern: str | None = None) -> Tokenize
                              f"or a data or checkpoint directory that holds a {TOKENIZER_FILE}")
         path = path / TOKENIZER_FILE
     if path.suffix == TIKTOKEN_SUFFIX or _sniff_tiktoken(path):
+        ranks = read_tiktoken(path)
         known_pattern, specials = TIKTOKEN_ENCODINGS.get(path.stem, (GPT2_PATTERN, {}))
-        return load_tiktoken(path, pattern=pattern or known_pattern, special_tokens=specials)
+        if specials and not len(ranks) <= min(specials.values()) <= len(ranks) + MAX_UNUSED_IDS:
+            raise ValueError(f"{path}: named like tiktoken's {path.stem} rank file, whose special tokens start at id "
+                             f"{min(specials.values())}, but it holds {len(ranks)} ranks, so it is another file; rename it "
+                             "to load it with the gpt2 pattern and no special tokens")
+        return _from_ranks(path, ranks, pattern or known_pattern, specials)
     if pattern is not None:
         raise SettingError("pattern", "{pattern} applies to a .tiktoken rank file only: a tokenizer.json records "
                                       "its own pattern")

@@ -80,15 +80,23 @@ def test_plain_load_of_a_rank_file_says_what_it_is_and_how_to_load_it(shared_fil
 
 
 def test_o200k_pattern_splits_like_tiktoken(play_text, tmp_path):
-    """Our regex engine reads o200k_base's pattern as tiktoken does: a tokenizer trained with it, saved
-    as o200k_base.tiktoken and loaded by name, encodes like tiktoken.Encoding with the same ranks."""
+    """Our regex engine reads o200k_base's pattern as tiktoken does: a tokenizer trained with it and
+    saved as a rank file encodes like tiktoken.Encoding with the same ranks and pattern."""
     import tiktoken
 
     small = tokenizers_bpe.train_from_iterator([play_text], 700, pattern=O200K_PATTERN, workers=1)
-    small.save_tiktoken(tmp_path / "o200k_base.tiktoken")
-    tok = tokenizers_bpe.load_any(tmp_path / "o200k_base.tiktoken")
-    assert tok.pattern == O200K_PATTERN and tok.special_tokens == {"<|endoftext|>": 199999, "<|endofprompt|>": 200018}
-    reference = tiktoken.Encoding("o200k-small", pat_str=O200K_PATTERN, mergeable_ranks=small.mergeable_ranks,
-                                  special_tokens=tok.special_tokens)
+    small.save_tiktoken(tmp_path / "small.tiktoken")
+    tok = tokenizers_bpe.load_any(tmp_path / "small.tiktoken", pattern=O200K_PATTERN)
+    assert tok.pattern == O200K_PATTERN and tok.special_tokens == {}
+    reference = tiktoken.Encoding("o200k-small", pat_str=O200K_PATTERN, mergeable_ranks=small.mergeable_ranks, special_tokens={})
     for text in [play_text[:20000], "Don'T CAN'T i'M x/y\n\n/ ABCdef", *generated_texts(30)]:
-        assert tok.encode(text, allowed_special="all") == reference.encode(text, allowed_special="all")
+        assert tok.encode_ordinary(text) == reference.encode_ordinary(text)
+
+
+def test_a_rank_file_named_like_a_known_one_must_fit_its_special_tokens(tmp_path, trained):
+    """A 1024-rank file called gpt2.tiktoken is not GPT-2's: tiktoken's <|endoftext|> = 50256 would leave
+    ~49,000 ids unused. Said so, naming the file, rather than loaded with GPT-2's special tokens."""
+    trained.save_tiktoken(tmp_path / "gpt2.tiktoken")
+    with pytest.raises(ValueError, match=r"gpt2\.tiktoken: named like tiktoken's gpt2 rank file, whose special tokens "
+                                         r"start at id 50256, but it holds 1023 ranks"):
+        tokenizers_bpe.load_any(tmp_path / "gpt2.tiktoken")
