@@ -1,7 +1,7 @@
 """Files in and out, for this package and the ones built on it (``gpt``, ``tools``).
 
 Out: a file or a directory appears complete, or not at all (and an existing one is only replaced
-once the new one is fully written). In: text is UTF-8, read in blocks that end at a newline, and
+once the new one is fully written). In: text is UTF-8, read in bounded blocks, and
 invalid bytes are an ``InvalidTextError`` naming the file and the byte offset (unless the caller
 asks for ``errors="replace"``); JSON files are parsed with errors that name them.
 """
@@ -272,34 +272,50 @@ def check_text_file(path: str | os.PathLike) -> Path:
     return path
 
 
-def read_text_blocks(path: str | os.PathLike, errors: str = "strict", progress=None) -> Iterator[str]:
-    """The file's text in blocks that end at a newline (never inside a UTF-8 character), read a
-    block at a time; ``progress.update(n)`` is called with the bytes read. Invalid UTF-8 is an
-    InvalidTextError with its byte offset in the file (``errors="replace"`` substitutes U+FFFD)."""
-    offset = 0
-    tail = b""
+def _complete_utf8(data: bytes) -> int:
+    """How many bytes of ``data`` end on a character boundary: all, less an unfinished UTF-8
+    sequence at the end (an invalid byte counts as finished, so decoding reports it)."""
+    for back in range(1, min(4, len(data)) + 1):
+        lead = data[-back]
+        if lead & 0xC0 != 0x80:  # ASCII or a lead byte: the sequence that starts here needs `size` bytes
+            size = 1 if lead < 0xC0 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+            return len(data) - back if size > back else len(data)
+    return len(data)
+
+
+def read_file_blocks(path: str | os.PathLike, errors: str = "strict", progress=None,
+                     size: int = READ_BYTES) -> Iterator[tuple[str, int]]:
+    """(text, bytes) of the file in blocks of about ``size`` bytes, cut anywhere but inside a character,
+    so a file that is one huge line is read in bounded memory; ``progress.update(n)`` is called with
+    the bytes read. Invalid UTF-8 is an InvalidTextError with its byte offset in the file
+    (``errors="replace"`` substitutes U+FFFD)."""
+    offset, tail = 0, b""
     with open(path, "rb") as f:
         while True:
-            block = f.read(READ_BYTES)
+            block = f.read(size)
             if progress is not None:
                 progress.update(len(block))
             data = tail + block
-            cut = data.rfind(b"\n") + 1 if block else len(data)
-            if cut == 0 and block:
-                tail = data
-                continue
-            body, tail = data[:cut], data[cut:]
+            n = _complete_utf8(data) if block else len(data)
+            body, tail = data[:n], data[n:]
             try:
-                yield body.decode("utf-8", errors=errors)
+                text = body.decode("utf-8", errors=errors)
             except UnicodeDecodeError as e:
                 raise InvalidTextError(str(path), offset + e.start, e.reason) from None
-            offset += len(body)
+            if body:
+                yield text, len(body)
+            offset += n
             if not block:
                 return
 
 
+def read_text_blocks(path: str | os.PathLike, errors: str = "strict", progress=None) -> Iterator[str]:
+    """The file's text, block by block (see read_file_blocks)."""
+    return (text for text, _ in read_file_blocks(path, errors, progress))
+
+
 def iter_file_texts(files: Sequence[str | os.PathLike], errors: str = "strict") -> Iterator[str]:
-    """The text of each file, block by block ending at a newline (see read_text_blocks)."""
+    """The text of each file, block by block (see read_file_blocks)."""
     check_errors_handler(errors)
     for p in files:
         yield from read_text_blocks(check_text_file(p), errors)

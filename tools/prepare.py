@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 import tokenizers_bpe
 from gpt.data import DATA_STAMP, META_FILE, SPLITS, DataMeta, SplitInfo, token_dtype
-from tokenizers_bpe import TOKENIZER_FILE, BPETokenizer, InvalidTextError, UnknownCharacterError
-from tokenizers_bpe.fileio import atomic_directory, atomic_write, check_text_file
+from tokenizers_bpe import TOKENIZER_FILE, BPETokenizer, UnknownCharacterError
+from tokenizers_bpe.fileio import atomic_directory, atomic_write, check_text_file, read_file_blocks
 from tokenizers_bpe.patterns import CHUNK_CUT_LOOKAHEAD, chunk_cut_regex, chunk_cut_rule
 from tools.bpe_encode import add_tokenizer_arguments
 from tools.cli import ArgumentParser, CLIError, HelpFormatter, command, integer, number
@@ -50,41 +50,8 @@ class Document:
     blocks: Callable[[], Iterator[tuple[str, int]]]  # reads the text lazily: (text, its UTF-8 size) blocks
 
 
-def _complete_utf8(data: bytes) -> int:
-    """How many bytes of ``data`` end on a character boundary: all, less an unfinished UTF-8
-    sequence at the end (an invalid byte counts as finished, so decoding reports it)."""
-    for back in range(1, min(4, len(data)) + 1):
-        lead = data[-back]
-        if lead & 0xC0 != 0x80:  # ASCII or a lead byte: the sequence that starts here needs `size` bytes
-            size = 1 if lead < 0xC0 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
-            return len(data) - back if size > back else len(data)
-    return len(data)
-
-
-def file_blocks(path: Path, size: int = READ_BYTES) -> Iterator[tuple[str, int]]:
-    """The file's text in blocks of about ``size`` bytes, cut anywhere but inside a character (so a
-    file that is one huge line is read in bounded memory, where tokenizers_bpe.fileio.read_text_blocks
-    waits for a newline). Invalid UTF-8 is an InvalidTextError with its byte offset in the file."""
-    offset, tail = 0, b""
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(size)
-            data = tail + block
-            n = _complete_utf8(data) if block else len(data)
-            body, tail = data[:n], data[n:]
-            try:
-                text = body.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise InvalidTextError(str(path), offset + e.start, e.reason) from None
-            if body:
-                yield text, len(body)
-            offset += n
-            if not block:
-                return
-
-
 def text_blocks(text: str, size: int = READ_BYTES) -> Iterator[tuple[str, int]]:
-    """A text already in memory, in blocks like file_blocks."""
+    """A text already in memory, in (text, bytes) blocks like tokenizers_bpe.fileio.read_file_blocks."""
     for start in range(0, len(text), size):
         block = text[start : start + size]
         yield block, len(block.encode("utf-8"))
@@ -100,7 +67,7 @@ def documents(files: Sequence[str], builtin: str | None) -> list[Document]:
         check_text_file(p)  # a directory, a missing or an empty file: an error saying which
         if not os.access(p, os.R_OK):
             raise ValueError(f"{p}: the file is not readable")
-        docs.append(Document(str(p), p.stat().st_size, lambda p=p: file_blocks(p)))
+        docs.append(Document(str(p), p.stat().st_size, lambda p=p: read_file_blocks(p)))
     if builtin:
         for play in plays():  # a play's text is made again when it is encoded: never the whole corpus at once
             size = len(play.text().encode("utf-8"))

@@ -86,7 +86,7 @@ def test_gpt_convert_refuses_a_folder_with_the_users_config_json(tmp_path, capsy
     before = snapshot(tmp_path)
     for command in ("hf-export", "merge-lora"):
         assert convert([command, str(tmp_path / "ckpt"), str(project)]) == ExitCode.USER_ERROR
-        assert "already exists and holds config.json, and is not" in one_line_error(capsys, f"gpt-convert")
+        assert "already exists and holds config.json, and is not" in one_line_error(capsys, "gpt-convert")
     assert convert(["hf-export", str(tmp_path / "ckpt"), str(tmp_path / "ckpt" / "..")]) == ExitCode.USER_ERROR
     assert "holds the input" in one_line_error(capsys, "gpt-convert")
     assert snapshot(tmp_path) == before

@@ -17,7 +17,8 @@ import tools.prepare as prepare_module
 from gpt.data import load_meta, open_split
 from tokenizers_bpe.patterns import chunk_cut_regex
 from tools.corpus import plays
-from tools.prepare import Document, chunks, file_blocks, text_blocks
+from tokenizers_bpe.fileio import read_file_blocks as file_blocks
+from tools.prepare import Document, chunks, text_blocks
 from tools.prepare import main as prepare_main
 
 

@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 import gpt.run_state
 from gpt.run_state import LOCK_FILE, checkpoint_dirs
