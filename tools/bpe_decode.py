@@ -7,8 +7,7 @@ import sys
 from typing import Sequence
 
 from tokenizers_bpe import load_any
-from tools.bpe_encode import add_tokenizer_arguments
-from tools.cli import ArgumentParser, CLIError, HelpFormatter, command, text_argument
+from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_tokenizer_arguments, command, text_argument
 
 PROG = "bpe-decode"
 

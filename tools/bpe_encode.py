@@ -2,38 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Sequence
 
-from tokenizers_bpe import TIKTOKEN_ENCODINGS, UnknownCharacterError, load_any
-from tokenizers_bpe.patterns import resolve_pattern
-from tools.cli import ArgumentParser, CLIError, HelpFormatter, command, text_argument
+from tokenizers_bpe import UnknownCharacterError, load_any
+from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_tokenizer_arguments, command, text_argument
 
 PROG = "bpe-encode"
-
-
-# The tokenizer options of every command that takes a tokenizer by path (here, bpe-decode, bpe-inspect,
-# gpt-prepare); tokenizers_bpe.load_any is the rule for what the path may be.
-def pattern_argument(text: str) -> str:
-    """An argparse type: 'gpt2', 'gpt4' or a regex that compiles and never matches the empty string."""
-    try:
-        resolve_pattern(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
-def add_tokenizer_arguments(p: argparse.ArgumentParser, *names: str, **kwargs) -> None:
-    """The tokenizer argument (``names``: a flag or a positional) and ``--pattern``."""
-    known = ", ".join(TIKTOKEN_ENCODINGS)
-    p.add_argument(*names, **kwargs, metavar="TOKENIZER",
-                   help=f"a tokenizer.json, a .tiktoken rank file (tiktoken's pattern and special tokens for {known}; "
-                        "other rank files: the gpt2 pattern and no special tokens), or a data or checkpoint directory "
-                        "(its tokenizer.json)")
-    p.add_argument("--pattern", type=pattern_argument, metavar="PATTERN",
-                   help="the pre-tokenization pattern of a .tiktoken rank file: gpt2, gpt4 or a regex "
-                        "(default: tiktoken's for a known file name, else gpt2)")
 
 
 def build_parser() -> ArgumentParser:

@@ -7,8 +7,7 @@ from typing import Sequence
 from tokenizers_bpe import BPETokenizer, Tokenizer, load_any
 from tokenizers_bpe.fileio import iter_file_texts
 from tokenizers_bpe.patterns import PATTERNS
-from tools.bpe_encode import add_tokenizer_arguments
-from tools.cli import ArgumentParser, CLIError, HelpFormatter, command
+from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_tokenizer_arguments, command
 from tools.corpus import plays
 
 PROG = "bpe-inspect"

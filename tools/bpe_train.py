@@ -14,7 +14,7 @@ from tokenizers_bpe.patterns import PATTERNS
 from tokenizers_bpe.tokenizer import TOKENIZER_STAMP
 from tokenizers_bpe.trainer import DEFAULT_MIN_FREQUENCY, DEFAULT_SPECIAL_TOKENS
 from tools.bpe_inspect import describe_sizes
-from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_seed_argument, command
+from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_seed_argument, command, pattern_argument
 from tools.corpus import BUILTIN_CORPORA, iter_builtin_texts
 from tools.outputs import check_output
 
@@ -35,7 +35,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--builtin", choices=BUILTIN_CORPORA, help="train on a built-in corpus (used when no FILE is given)")
     p.add_argument("--vocab-size", type=int, default=4096, help="total ids: 256 bytes + merges + special tokens")
     p.add_argument("-o", "--output", default=TOKENIZER_FILE, help="where to write the tokenizer")
-    p.add_argument("--pattern", default="gpt2", help=f"pre-tokenization regex: {' or '.join(PATTERNS)} (tiktoken's) or a regex")
+    p.add_argument("--pattern", default="gpt2", type=pattern_argument, help=f"pre-tokenization regex: {' or '.join(PATTERNS)} (tiktoken's) or a regex")
     p.add_argument("--special", action="append", metavar="TOKEN", help=f"a special token (repeatable; default {' '.join(DEFAULT_SPECIAL_TOKENS)})")
     p.add_argument("--no-special", action="store_true", help="no special tokens at all")
     p.add_argument("--min-frequency", type=int, default=DEFAULT_MIN_FREQUENCY, help="stop when the best pair occurs fewer times")

@@ -30,8 +30,10 @@ from typing import Callable, Mapping, Sequence
 
 from tqdm import tqdm
 
+from tokenizers_bpe import TIKTOKEN_ENCODINGS
 from tokenizers_bpe.errors import InvalidTextError, SettingError
 from tokenizers_bpe.fileio import decode_utf8
+from tokenizers_bpe.patterns import resolve_pattern
 
 
 class ExitCode(enum.IntEnum):
@@ -241,6 +243,32 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         if action.default is None or action.default is False:
             return action.help
         return super()._get_help_string(action)
+
+
+# ---------------------------------------------------------------------------------------------- tokenizers
+# The tokenizer options of every command that takes a tokenizer by path (bpe-encode, bpe-decode,
+# bpe-inspect, gpt-prepare); tokenizers_bpe.load_any is the rule for what the path may be.
+
+
+def pattern_argument(text: str) -> str:
+    """An argparse type: 'gpt2', 'gpt4' or a regex that compiles and never matches the empty string."""
+    try:
+        resolve_pattern(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def add_tokenizer_arguments(p: argparse.ArgumentParser, *names: str, **kwargs) -> None:
+    """The tokenizer argument (``names``: a flag or a positional) and ``--pattern``."""
+    known = ", ".join(TIKTOKEN_ENCODINGS)
+    p.add_argument(*names, **kwargs, metavar="TOKENIZER",
+                   help=f"a tokenizer.json, a .tiktoken rank file (tiktoken's pattern and special tokens for {known}; "
+                        "other rank files: the gpt2 pattern and no special tokens), or a data or checkpoint directory "
+                        "(its tokenizer.json)")
+    p.add_argument("--pattern", type=pattern_argument, metavar="PATTERN",
+                   help="the pre-tokenization pattern of a .tiktoken rank file: gpt2, gpt4 or a regex "
+                        "(default: tiktoken's for a known file name, else gpt2)")
 
 
 # ---------------------------------------------------------------------------------------------- text input

@@ -32,8 +32,7 @@ from gpt.data import DATA_STAMP, META_FILE, SPLITS, DataMeta, SplitInfo, token_d
 from tokenizers_bpe import TOKENIZER_FILE, BPETokenizer, UnknownCharacterError
 from tokenizers_bpe.fileio import atomic_directory, atomic_write, check_text_file, read_file_blocks
 from tokenizers_bpe.patterns import CHUNK_CUT_LOOKAHEAD, chunk_cut_regex, chunk_cut_rule
-from tools.bpe_encode import add_tokenizer_arguments
-from tools.cli import ArgumentParser, CLIError, HelpFormatter, command, integer, number
+from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_tokenizer_arguments, command, integer, number
 from tools.corpus import BUILTIN_CORPORA, plays
 from tools.outputs import check_output
 

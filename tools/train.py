@@ -39,8 +39,16 @@ from tokenizers_bpe.fileio import decode_utf8
 from tools.cli import ArgumentParser, CLIError, command, parse_bool
 from tools.models import check_kernels_backend, model_argument
 from tools.outputs import check_writable_dir
-from tools.training import (add_option, check_disk, check_memory, check_run_dir, exit_code, option_table, run_training,
-                            train_config)
+from tools.training import (
+    add_option,
+    check_disk,
+    check_memory,
+    check_run_dir,
+    exit_code,
+    option_table,
+    run_training,
+    train_config,
+)
 
 PROG = "gpt-train"
 
