@@ -206,11 +206,19 @@ def _progress_bar(total: int, unit: str, enabled: bool):
 
 
 # ------------------------------------------------------------------------------------ entry points
-def _check_vocab_size(vocab_size: int, special_tokens: Sequence[str]) -> None:
-    minimum = 256 + len(special_tokens)
-    if not isinstance(vocab_size, int) or vocab_size < minimum:
+def check_train_settings(vocab_size: int, special_tokens: Sequence[str], pattern: str = "gpt2",
+                         min_frequency: int = DEFAULT_MIN_FREQUENCY) -> None:
+    """A SettingError (or, for the pattern, a ValueError) for settings ``train`` would refuse, so that a
+    caller can check them before reading any text."""
+    minimum = 256 + len(dict.fromkeys(special_tokens))
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < minimum:
         raise SettingError("vocab_size", f"vocab size {vocab_size} is too small: the minimum is {minimum} "
                            f"(256 byte tokens + {len(special_tokens)} special tokens)")
+    if not isinstance(min_frequency, int) or isinstance(min_frequency, bool) or min_frequency < 1:
+        raise SettingError("min_frequency", f"{{min_frequency}} must be at least 1, got {min_frequency}")
+    if any(not isinstance(t, str) or not t for t in special_tokens):
+        raise SettingError("special", "{special} needs a non-empty token")
+    resolve_pattern(pattern)
 
 
 def _build(merges, pattern, special_tokens, vocab_size, min_frequency) -> BPETokenizer:
@@ -231,7 +239,7 @@ def _build(merges, pattern, special_tokens, vocab_size, min_frequency) -> BPETok
 
 def _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency, progress, workers) -> BPETokenizer:
     special_tokens = tuple(dict.fromkeys(special_tokens))
-    _check_vocab_size(vocab_size, special_tokens)
+    check_train_settings(vocab_size, special_tokens, pattern, min_frequency)
     counts = count_pieces(chunks, pattern, special_tokens, workers)
     if not counts:
         raise ValueError("the corpus is empty: no text to train on")

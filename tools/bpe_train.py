@@ -5,20 +5,22 @@ from __future__ import annotations
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from tokenizers_bpe import TOKENIZER_FILE, Tokenizer, train, train_char, train_from_iterator
-from tokenizers_bpe.fileio import iter_file_texts
+from tokenizers_bpe.fileio import check_text_file, iter_file_texts
 from tokenizers_bpe.patterns import PATTERNS
 from tokenizers_bpe.tokenizer import TOKENIZER_STAMP
-from tokenizers_bpe.trainer import DEFAULT_MIN_FREQUENCY, DEFAULT_SPECIAL_TOKENS
+from tokenizers_bpe.trainer import DEFAULT_MIN_FREQUENCY, DEFAULT_SPECIAL_TOKENS, check_train_settings
 from tools.bpe_inspect import describe_sizes
 from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_seed_argument, command, pattern_argument
 from tools.corpus import BUILTIN_CORPORA, iter_builtin_texts
 from tools.outputs import check_output
 
 PROG = "bpe-train"
+DEFAULT_VOCAB_SIZE = 4096
 EXAMPLES = """examples:
   bpe-train corpus.txt --vocab-size 4096 -o tokenizer.json
   bpe-train --builtin shakespeare --vocab-size 4096 -o tokenizer.json   (also: no FILE at all)
@@ -33,7 +35,7 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, formatter_class=HelpFormatter, description=__doc__.split(": ", 1)[1].strip(), epilog=EXAMPLES)
     p.add_argument("files", nargs="*", metavar="FILE", help="UTF-8 text files (default: the built-in corpus)")
     p.add_argument("--builtin", choices=BUILTIN_CORPORA, help="train on a built-in corpus (used when no FILE is given)")
-    p.add_argument("--vocab-size", type=int, default=4096, help="total ids: 256 bytes + merges + special tokens")
+    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="total ids: 256 bytes + merges + special tokens")
     p.add_argument("-o", "--output", default=TOKENIZER_FILE, help="where to write the tokenizer")
     p.add_argument("--pattern", default="gpt2", type=pattern_argument, help=f"pre-tokenization regex: {' or '.join(PATTERNS)} (tiktoken's) or a regex")
     p.add_argument("--special", action="append", metavar="TOKEN", help=f"a special token (repeatable; default {' '.join(DEFAULT_SPECIAL_TOKENS)})")
@@ -47,44 +49,80 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+@dataclass
+class TokenizerRecipe:
+    """What to train a tokenizer on and how: bpe-train's options (gpt-train FILE takes the same)."""
+
+    files: Sequence[str] = ()
+    builtin: str | None = None
+    vocab_size: int = DEFAULT_VOCAB_SIZE
+    pattern: str = "gpt2"
+    specials: tuple[str, ...] = DEFAULT_SPECIAL_TOKENS
+    min_frequency: int = DEFAULT_MIN_FREQUENCY
+    char: bool = False
+    errors: str = "strict"
+    workers: int | None = None
+
+    @property
+    def corpus(self) -> str | None:
+        """The built-in corpus trained on: --builtin, or the default one when no file is given."""
+        return self.builtin or (None if self.files else BUILTIN_CORPORA[0])
+
+    @property
+    def source(self) -> str:
+        return f"built-in corpus '{self.corpus}'" if self.corpus else ", ".join(map(str, self.files))
+
+    def check(self) -> None:
+        """Every check that needs no reading of the text: a one-line error naming the option."""
+        if self.files and self.builtin:
+            raise CLIError("give corpus files or --builtin, not both")
+        if self.workers is not None and self.workers < 1:
+            raise CLIError(f"--workers must be at least 1, got {self.workers}")
+        for name in self.files:
+            check_text_file(name)
+        check_train_settings(self.vocab_size if not self.char else 256 + len(self.specials), self.specials,
+                             self.pattern, self.min_frequency)
+
+    def train(self, progress: bool) -> tuple[Tokenizer, list[str]]:
+        """The tokenizer, and the warnings of training (e.g. a vocabulary the corpus cannot fill)."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            builtin = self.corpus
+            if self.char:
+                texts = iter_builtin_texts(builtin) if builtin else iter_file_texts(self.files, self.errors)
+                tok: Tokenizer = train_char(texts, special_tokens=self.specials)
+            else:
+                options = dict(pattern=self.pattern, special_tokens=self.specials, min_frequency=self.min_frequency,
+                               progress=progress, workers=self.workers)
+                if builtin:
+                    tok = train_from_iterator(iter_builtin_texts(builtin), self.vocab_size, **options)
+                else:
+                    tok = train(self.files, self.vocab_size, errors=self.errors, **options)
+        return tok, [str(w.message) for w in caught]
+
+
 @command(PROG, text_hint="fix the file or pass --errors replace to substitute U+FFFD")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.files and args.builtin:
-        raise CLIError("give corpus files or --builtin, not both")
     if args.no_special and args.special:
         raise CLIError("--no-special and --special contradict each other")
     if args.min_frequency < 1:
         raise CLIError(f"--min-frequency must be at least 1, got {args.min_frequency}")
-    if args.workers is not None and args.workers < 1:
-        raise CLIError(f"--workers must be at least 1, got {args.workers}")
     specials = () if args.no_special else tuple(args.special or DEFAULT_SPECIAL_TOKENS)
-    if "" in specials:
-        raise CLIError("--special needs a non-empty token")
+    recipe = TokenizerRecipe(args.files, args.builtin, args.vocab_size, args.pattern, specials, args.min_frequency, args.char,
+                             args.errors, args.workers)
+    recipe.check()
     if Path(args.output).is_dir():
         raise CLIError(f"-o {args.output}: is a directory; give a file name such as {Path(args.output) / TOKENIZER_FILE}")
     out = check_output(args.output, TOKENIZER_STAMP, "-o", inputs=args.files)
-    builtin = None if args.files else (args.builtin or BUILTIN_CORPORA[0])
-    source = f"built-in corpus '{builtin}'" if builtin else ", ".join(args.files)
 
     start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        if args.char:
-            texts = iter_builtin_texts(builtin) if builtin else iter_file_texts(args.files, args.errors)
-            tok: Tokenizer = train_char(texts, special_tokens=specials)
-        else:
-            options = dict(pattern=args.pattern, special_tokens=specials, min_frequency=args.min_frequency,
-                           progress=not args.quiet, workers=args.workers)
-            if builtin:
-                tok = train_from_iterator(iter_builtin_texts(builtin), args.vocab_size, **options)
-            else:
-                tok = train(args.files, args.vocab_size, errors=args.errors, **options)
-    for w in caught:
-        print(f"{PROG}: warning: {w.message}", file=sys.stderr)
+    tok, caught = recipe.train(progress=not args.quiet)
+    for message in caught:
+        print(f"{PROG}: warning: {message}", file=sys.stderr)
     tok.save(out)
     elapsed = time.perf_counter() - start
-    print(f"trained on {source} in {elapsed:.1f}s: {describe_sizes(tok)}")
+    print(f"trained on {recipe.source} in {elapsed:.1f}s: {describe_sizes(tok)}")
     print(f"saved {out} (fingerprint {tok.fingerprint()[:16]}); look inside with: bpe-inspect {out}")
     return 0
 
