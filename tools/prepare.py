@@ -86,9 +86,10 @@ class Chunk:
     source: str  # the document's name, for error messages
 
 
-def cut_regex(tokenizer) -> regex.Pattern:
-    """Where this tokenizer's input may be cut (tokenizers_bpe.patterns.chunk_cut_regex)."""
-    return chunk_cut_regex(tokenizer.pattern if isinstance(tokenizer, BPETokenizer) else None)
+def tokenizer_pattern(tokenizer) -> str | None:
+    """The pre-tokenization pattern of a tokenizer (None for a char-level one): where its input may be
+    cut (tokenizers_bpe.patterns.chunk_cut_regex)."""
+    return tokenizer.pattern if isinstance(tokenizer, BPETokenizer) else None
 
 
 def _char_index(text: str, nbytes: int) -> int:
@@ -162,19 +163,47 @@ def _encode(text: str) -> list[int]:
     return _worker_tokenizer.encode_ordinary(text)
 
 
-def prepare(docs: list[Document], tokenizer, tokenizer_path: str, out: Path, *, val_fraction: float,
-            append_eot: bool, workers: int, chunk_bytes: int, sources: list[dict], pattern: str | None = None,
-            planned: dict[str, int] | None = None, progress: bool = True) -> DataMeta:
-    """Encode ``docs`` into ``out`` (replaced atomically only once everything is written). ``planned``:
-    the bytes per split that plan_splits found (computed here when not given; an empty split is an
-    error before anything is written)."""
-    dtype = token_dtype(tokenizer.n_vocab)
+@dataclass
+class DataPlan:
+    """gpt-prepare's input, checked and measured before any encoding (``plan_data``)."""
+
+    docs: list[Document]
+    sources: list[dict]
+    val_fraction: float
+    chunk_bytes: int
+    planned: dict[str, int]  # the bytes each split will get
+
+    @property
+    def total(self) -> int:
+        return sum(d.bytes for d in self.docs)
+
+    @property
+    def train_bytes(self) -> int:
+        return train_split_bytes(self.total, self.val_fraction)
+
+
+def plan_data(files: Sequence[str], builtin: str | None, pattern: str | None, *, val_fraction: float, chunk_mb: float,
+              progress: bool = True) -> DataPlan:
+    """Every check of the input before any encoding: the files (readable, UTF-8), and a train/val cut
+    that leaves neither split empty for a tokenizer with ``pattern`` (None: char-level)."""
+    docs = documents(files, builtin)
+    sources = [{"path": str(Path(f).resolve()), "bytes": Path(f).stat().st_size} for f in files]
+    if builtin:
+        sources.append({"builtin": builtin, "bytes": sum(d.bytes for d in docs if d.name.startswith("builtin:"))})
+    chunk_bytes = max(1, int(chunk_mb * 2**20))
     total = sum(d.bytes for d in docs)
-    train_bytes = train_split_bytes(total, val_fraction)
-    cuts = cut_regex(tokenizer)
-    if planned is None:
-        planned = plan_splits(docs, train_bytes, chunk_bytes, cuts, progress)
-    check_splits(planned, train_bytes, total, val_fraction, tokenizer)
+    planned = plan_splits(docs, train_split_bytes(total, val_fraction), chunk_bytes, chunk_cut_regex(pattern), progress)
+    check_splits(planned, train_split_bytes(total, val_fraction), total, val_fraction, pattern)
+    return DataPlan(docs, sources, val_fraction, chunk_bytes, planned)
+
+
+def prepare(plan: DataPlan, tokenizer, tokenizer_path: str, out: Path, *, append_eot: bool, workers: int,
+            pattern: str | None = None, progress: bool = True) -> DataMeta:
+    """Encode the planned input into ``out`` (replaced atomically only once everything is written).
+    ``pattern``: the one load_any needs for a .tiktoken ``tokenizer_path``."""
+    dtype = token_dtype(tokenizer.n_vocab)
+    docs, total, train_bytes, chunk_bytes = plan.docs, plan.total, plan.train_bytes, plan.chunk_bytes
+    cuts = chunk_cut_regex(tokenizer_pattern(tokenizer))
     splits = {name: SplitInfo(file=f"{name}.bin") for name in SPLITS}
     eot = np.array([tokenizer.eot_token], dtype=dtype) if append_eot else None
     pool = Pool(workers, initializer=_init_worker, initargs=(tokenizer_path, pattern)) if workers > 1 else None
@@ -183,6 +212,7 @@ def prepare(docs: list[Document], tokenizer, tokenizer_path: str, out: Path, *, 
     try:
         with atomic_directory(out, DATA_STAMP) as tmp, tqdm(total=total, unit="B", unit_scale=True, desc="gpt-prepare", disable=not progress) as bar:
             files = {name: open(tmp / info.file, "wb") for name, info in splits.items()}
+            last_source = dict.fromkeys(SPLITS)
             try:
                 stream = chunks(docs, train_bytes, chunk_bytes, cuts)
                 # Bounded batches of chunks keep memory flat (Pool.imap would read the whole input ahead).
@@ -202,17 +232,18 @@ def prepare(docs: list[Document], tokenizer, tokenizer_path: str, out: Path, *, 
                         info = splits[c.split]
                         info.tokens += len(arr)
                         info.bytes += c.nbytes
-                        info.documents += c.doc_end
+                        info.documents += c.source != last_source[c.split]  # every document with text in the split
+                        last_source[c.split] = c.source
                         bar.update(c.nbytes)
             finally:
                 for f in files.values():
                     f.close()
-            if {name: info.bytes for name, info in splits.items()} != planned:
+            if {name: info.bytes for name, info in splits.items()} != plan.planned:
                 raise ValueError("the input changed while gpt-prepare read it (the splits differ from the first pass); "
                                  "run it again on files that stay as they are")
             meta = DataMeta(
                 tokenizer_fingerprint=tokenizer.fingerprint(), n_vocab=tokenizer.n_vocab, eot_token=tokenizer.eot_token,
-                dtype=dtype.name, append_eot=append_eot, val_fraction=val_fraction, splits=splits, sources=sources)
+                dtype=dtype.name, append_eot=append_eot, val_fraction=plan.val_fraction, splits=splits, sources=plan.sources)
             tokenizer.save(tmp / TOKENIZER_FILE)
             with atomic_write(tmp / META_FILE) as f:
                 json.dump(meta.to_dict(), f, indent=2)
@@ -229,11 +260,10 @@ def train_split_bytes(total: int, val_fraction: float) -> int:
     return max(1, round(total * (1 - val_fraction)))
 
 
-def check_splits(planned: dict[str, int], train_bytes: int, total: int, val_fraction: float, tokenizer) -> None:
+def check_splits(planned: dict[str, int], train_bytes: int, total: int, val_fraction: float, pattern: str | None) -> None:
     """A split that would be empty is a one-line error (before any encoding)."""
     for name, nbytes in planned.items():
         if nbytes == 0:
-            pattern = tokenizer.pattern if isinstance(tokenizer, BPETokenizer) else None
             raise ValueError(
                 f"the {name} split would be empty: the input ({total} bytes) has no place after byte {train_bytes} "
                 f"(the first {1 - val_fraction:.0%}, --val-fraction {val_fraction:g}) where it can be cut without "
@@ -268,17 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.append_eot and tokenizer.eot_token is None:
         raise CLIError(f"--append-eot: the tokenizer {args.tokenizer} has no <|endoftext|> token; drop --append-eot or retrain with it")
     out = check_output(args.out, DATA_STAMP, "--out", inputs=[*args.files, args.tokenizer])
-    docs = documents(args.files, args.builtin)
-    sources = [{"path": str(Path(f).resolve()), "bytes": Path(f).stat().st_size} for f in args.files]
-    if args.builtin:
-        sources.append({"builtin": args.builtin, "bytes": sum(d.bytes for d in docs if d.name.startswith("builtin:"))})
-    chunk_bytes = max(1, int(args.chunk_mb * 2**20))
-    total = sum(d.bytes for d in docs)
-    planned = plan_splits(docs, train_split_bytes(total, args.val_fraction), chunk_bytes, cut_regex(tokenizer), not args.quiet)
-    check_splits(planned, train_split_bytes(total, args.val_fraction), total, args.val_fraction, tokenizer)  # before any encoding
-    meta = prepare(docs, tokenizer, args.tokenizer, out, val_fraction=args.val_fraction, append_eot=args.append_eot,
-                   workers=args.workers, chunk_bytes=chunk_bytes, sources=sources, pattern=args.pattern,
-                   planned=planned, progress=not args.quiet)
+    plan = plan_data(args.files, args.builtin, tokenizer_pattern(tokenizer), val_fraction=args.val_fraction,
+                     chunk_mb=args.chunk_mb, progress=not args.quiet)
+    meta = prepare(plan, tokenizer, args.tokenizer, out, append_eot=args.append_eot, workers=args.workers,
+                   pattern=args.pattern, progress=not args.quiet)
     for name in SPLITS:
         s = meta.splits[name]
         print(f"{name}: {s.tokens:,} tokens ({s.bytes:,} bytes, {s.bytes / s.tokens:.2f} bytes/token)")
