@@ -245,6 +245,13 @@ class RunDirectory:
     def close(self) -> None:
         self.lock.release()
 
+    def __enter__(self) -> RunDirectory:
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def set_aside(self, checkpoint: Path, reason: str) -> None:
         """Rename a corrupt step checkpoint out of the way (kept, as ``step-NNNNNN.corrupt``)."""
         target = checkpoint.with_name(checkpoint.name + ".corrupt")

@@ -77,7 +77,7 @@ class OutputLock:
     def check(self) -> None:
         """Refuse now, without taking the lock, if another live process holds it."""
         holder = self._read_holder()
-        if holder and not self.held:
+        if holder and not self.held and holder.get("pid") != os.getpid():
             self._refuse_if_held(holder)
 
     def acquire(self) -> OutputLock:
@@ -91,6 +91,8 @@ class OutputLock:
                 holder = self._read_holder()
                 if holder is None:  # released meanwhile: try again
                     continue
+                if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+                    return self  # this process holds it already (through another OutputLock): it releases it
                 self._refuse_if_held(holder)
                 self.path.unlink(missing_ok=True)
                 log.warning(f"{self.what}: took over the lock of process {holder.get('pid', '?')}, which is no longer running")

@@ -31,14 +31,15 @@ from gpt.config import GPTConfig
 from gpt.data import RandomWindows, SlidingWindows, check_token_ids, load_meta, open_split
 from gpt.device import init_distributed, resolve_device
 from gpt.model import GPT
-from gpt.run_state import RUN_CONFIG_FILE
+from gpt.run_state import RUN_CONFIG_FILE, RunDirectory
 from gpt.sampling import SAMPLING_DEFAULTS, generate
 from gpt.trainer import Trainer
 from tokenizers_bpe import TOKENIZER_FILE
 from tokenizers_bpe.fileio import decode_utf8
 from tools.cli import ArgumentParser, CLIError, command, parse_bool
 from tools.models import check_kernels_backend, model_argument
-from tools.outputs import check_writable_dir
+from tools.outputs import check_not_an_input, check_writable_dir
+from tools.train_text import check_no_text_options, plan_text_stages, text_mode
 from tools.training import (
     add_option,
     check_disk,
@@ -93,7 +94,10 @@ def read_config_file(path: str | Path, flag: str = "--config") -> dict[str, Any]
             continue
         if name not in types:
             raise CLIError(f"{flag} {p}: unknown option {key!r}; see gpt-train --help")
-        if value is not None:
+        if value is not None and types[name] is list:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise CLIError(f"{flag} {p}: option {key!r} must be a list of strings, got {value!r}")
+        elif value is not None:
             if isinstance(value, (dict, list)) or (isinstance(value, bool) and types[name] is not parse_bool):
                 raise CLIError(f"{flag} {p}: option {key!r} got {value!r}, which is not a {types[name].__name__ if isinstance(types[name], type) else 'valid'} value")
             try:
@@ -134,9 +138,11 @@ def effective_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict | 
                     derived = saved["derived"]
                     used = derived.get("model", {}).get(name, derived.get(name))
                 raise CLIError(f"--{name.replace('_', '-')} cannot change when resuming (the run used {used!r})")
-    for name in ("data", "out"):
-        if not opts[name]:
-            raise CLIError(f"--{name} is required (or --resume RUN_DIR)")
+    if not (opts["data"] or opts["files"] or opts["builtin"]):
+        raise CLIError("nothing to train on: give text FILEs (a tokenizer and the data are made from them), --builtin shakespeare, "
+                       "or --data DATA_DIR (from gpt-prepare); or --resume RUN_DIR")
+    if not opts["out"]:
+        raise CLIError("--out RUN_DIR is required (or --resume RUN_DIR)")
     if opts["threads"] is not None and opts["threads"] < 1:
         raise CLIError(f"--threads must be at least 1, got {opts['threads']}")
     return opts, saved
@@ -182,14 +188,14 @@ def make_sampler(tokenizer, prompt: str, n_tokens: int, seed: int):
     return sample
 
 
-def check_data(data_dir: Path, opts: dict):
+def check_data(data_dir: Path, tokenizer_path: str | None):
     """(meta, tokenizer, train and val tokens) of the data directory, every file checked against
     meta.json, the token ids against the vocabulary included."""
     if data_dir.is_file():
         raise CLIError(f"--data {data_dir} is a file, not a data directory; make one from it with "
                        f"gpt-prepare {data_dir} --tokenizer TOKENIZER -o DATA_DIR (or train on it directly: gpt-train {data_dir} --out RUN_DIR)")
     meta = load_meta(data_dir)
-    tok_path = Path(opts["tokenizer"] or data_dir / TOKENIZER_FILE)
+    tok_path = Path(tokenizer_path or data_dir / TOKENIZER_FILE)
     if not tok_path.is_file():
         raise CLIError(f"tokenizer {tok_path} does not exist; pass --tokenizer (the one used by gpt-prepare)")
     tokenizer = tokenizers_bpe.load(tok_path)
@@ -202,12 +208,48 @@ def check_data(data_dir: Path, opts: dict):
     return meta, tokenizer, splits["train"], splits["val"]
 
 
+def check_model_options(opts: dict, vocab_size: int, cfg) -> None:
+    """Before the text stages: the model's shape options, the training window and the memory of a
+    micro-batch, checked with a vocabulary of ``vocab_size`` (the one asked of the tokenizer)."""
+    overrides = {k: opts[k] for k in MODEL_OPTIONS if opts[k] is not None}
+    config = GPTConfig.from_preset(opts["preset"], vocab_size=vocab_size, **overrides)
+    block_size = opts["block_size"] or config.n_ctx
+    if block_size > config.n_ctx:
+        raise CLIError(f"--block-size {block_size} is longer than the model's context n_ctx={config.n_ctx}; lower --block-size or raise --n-ctx")
+    check_memory(PROG, config, vocab_size, cfg, block_size)
+
+
 def run(opts: dict, resume: bool, saved: dict | None) -> int:
-    data_dir, out = Path(opts["data"]), Path(opts["out"])
+    out = Path(opts["out"])
     cfg = train_config(opts)  # every option is checked before the data is read or the model built
     check_kernels_backend(opts["backend"] or "auto", resolve_device(cfg.device))
+    check_not_an_input(out, opts["files"] or (), "--out")
     check_run_dir(out, resume, f"--resume {out}")
-    meta, tokenizer, train_tokens, val_tokens = check_data(data_dir, opts)
+    run_dir = RunDirectory(out)
+    try:
+        tokenizer_path = opts["tokenizer"]
+        if text_mode(opts):
+            stages = plan_text_stages(opts, out)
+            if not (resume and stages.done()):
+                if not opts["init_from"]:
+                    vocab = stages.recipe.vocab_size if stages.recipe else tokenizers_bpe.load_any(stages.tokenizer_path).n_vocab
+                    check_model_options(opts, vocab, cfg)
+                check_writable_dir(out, "--out")
+                run_dir.open()  # the run's lock from the first stage on, and its stamp
+                run_dir.write_config({**opts, "data": str(stages.data_dir), "derived": {}})
+                stages.run(PROG)
+            opts, tokenizer_path = {**opts, "data": str(stages.data_dir)}, None  # the data directory's copy
+        else:
+            check_no_text_options(opts)
+        return train(opts, resume, saved, cfg, tokenizer_path)
+    finally:
+        run_dir.close()
+
+
+def train(opts: dict, resume: bool, saved: dict | None, cfg, tokenizer_path: str | None) -> int:
+    """The training stage: on the data directory, with its tokenizer (or ``tokenizer_path``)."""
+    out, data_dir = Path(opts["out"]), Path(opts["data"])
+    meta, tokenizer, train_tokens, val_tokens = check_data(data_dir, tokenizer_path)
     if saved is not None and saved["derived"].get("tokenizer_fingerprint") not in (None, meta.tokenizer_fingerprint):
         raise CLIError(f"--resume {out}: the run was trained on data with another tokenizer than {data_dir}")
     model = build_model(opts, meta, tokenizer)

@@ -20,7 +20,8 @@ from gpt.trainer import Trainer, TrainingDiverged
 from kernels import BACKENDS
 from tokenizers_bpe.errors import NoSpaceError, OutputError, SettingError
 from tokenizers_bpe.fileio import check_replaceable, free_bytes
-from tools.cli import CLIError, ExitCode, choice, device_name, flag, integer, number, parse_bool
+from tools.cli import CLIError, ExitCode, choice, device_name, flag, integer, number, parse_bool, pattern_argument
+from tools.corpus import BUILTIN_CORPORA
 
 DEFAULT_PRESET = "shakespeare-cpu"
 
@@ -30,10 +31,20 @@ def option_table() -> list[tuple[str, Any, Any, str]]:
     takes the optimisation rows (TrainConfig's fields) with its own defaults."""
     t = TrainConfig()
     return [
-        # data and model
-        ("data", str, None, "data directory written by gpt-prepare (required for a new run)"),
-        ("out", str, None, "run directory for metrics, checkpoints, best/ and final/ (required for a new run)"),
-        ("tokenizer", str, None, "tokenizer.json to use instead of DATA/tokenizer.json (must be the same tokenizer)"),
+        # the text (FILEs or --builtin: a tokenizer is trained and the text prepared first, as bpe-train
+        # and gpt-prepare would) or the data (--data: a gpt-prepare data directory)
+        ("files", list, None, "text files to train on (FILE arguments)"),
+        ("builtin", choice(*BUILTIN_CORPORA), None, "train on a built-in corpus instead of FILEs (the same three stages)"),
+        ("data", str, None, "data directory written by gpt-prepare (instead of FILEs)"),
+        ("out", str, None, "run directory for the tokenizer and data (with FILEs), metrics, checkpoints, best/ and final/ (required for a new run)"),
+        ("tokenizer", str, None, "with FILEs: an existing tokenizer (tokenizer.json, .tiktoken, or a directory holding one) instead of "
+                                 "training one; with --data: tokenizer.json to use instead of DATA/tokenizer.json (the same tokenizer)"),
+        ("pattern", pattern_argument, None, "with FILEs: the tokenizer's pre-tokenization regex: gpt2 (default), gpt4 or a regex"),
+        ("special", list, None, "with FILEs: a special token of the tokenizer (repeatable; default <|endoftext|>)"),
+        ("char", parse_bool, None, "with FILEs: a character-level tokenizer instead of BPE"),
+        ("min_frequency", integer(1), None, "with FILEs: stop merging when the best pair occurs fewer times (default 1)"),
+        ("val_fraction", number(0, 1, low_open=True, high_open=True), None, "with FILEs: the share of the text (its end) held out for validation (default 0.1)"),
+        ("append_eot", parse_bool, None, "with FILEs: an <|endoftext|> token after every document"),
         ("preset", choice(*PRESETS), DEFAULT_PRESET, "model size (gpt.config.PRESETS); the shape options below override it"),
         ("init_from", str, None, "start from this checkpoint (or run) directory (fine-tune/continue pre-training) instead of a random model"),
         ("n_layer", integer(1), None, "transformer blocks"),
@@ -44,7 +55,8 @@ def option_table() -> list[tuple[str, Any, Any, str]]:
         ("bias", parse_bool, None, "biases in Linear and LayerNorm (true/false)"),
         ("pos_embedding", choice(*POS_EMBEDDINGS), None, "learned (GPT-2's, default; needed for hf-export) or rope (rotary: lower loss from scratch, see benches/README.md)"),
         ("backend", choice(*BACKENDS), None, "kernels backend: auto, triton or torch"),
-        ("vocab_size", integer(1), None, "model vocabulary (default: the tokenizer's n_vocab)"),
+        ("vocab_size", integer(1), None, "with FILEs: the tokenizer's vocabulary (default 4096, as bpe-train); with --data: "
+                                         "the model's, which must be the tokenizer's n_vocab (the default)"),
         ("block_size", integer(1), None, "training window in tokens (default: the model's n_ctx)"),
         ("eval_stride", integer(1), None, "stride of the validation sliding window (default: --block-size, no overlap)"),
         ("batch_tokens", integer(1), None, "target tokens per optimiser step; sets --grad-accum (rounded up)"),
@@ -79,9 +91,15 @@ def option_table() -> list[tuple[str, Any, Any, str]]:
 
 
 def add_option(parser, name: str, typ, default, help_text: str) -> None:
-    """One row of the option table as a flag; a boolean alone (--compile) means true, --compile false works too."""
-    flag_kwargs = dict(nargs="?", const=True, metavar="BOOL") if typ is parse_bool else {}
-    parser.add_argument(flag(name), dest=name, type=typ, default=default, help=help_text, **flag_kwargs)
+    """One row of the option table as a flag (a list-valued one as positional FILEs or a repeatable flag);
+    a boolean alone (--compile) means true, --compile false works too."""
+    if name == "files":
+        parser.add_argument("files", nargs="*", default=default, metavar="FILE", help=help_text)
+    elif typ is list:
+        parser.add_argument(flag(name), dest=name, action="append", default=default, metavar="TOKEN", help=help_text)
+    else:
+        flag_kwargs = dict(nargs="?", const=True, metavar="BOOL") if typ is parse_bool else {}
+        parser.add_argument(flag(name), dest=name, type=typ, default=default, help=help_text, **flag_kwargs)
 
 
 def add_train_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), helps: dict[str, str] | None = None,
