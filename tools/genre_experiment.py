@@ -222,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--per-genre-train", type=int, default=600, help="training passages per genre (balanced)")
     p.add_argument("--min-chars", type=int, default=200, help="passages are at least this long ...")
     p.add_argument("--max-chars", type=int, default=400, help="... and at most this long")
+    p.add_argument("--data-only", action="store_true", help="write WORK/{train,val,test}.csv (text,label) and stop")
     add_seed_argument(p)
     args = p.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
@@ -236,6 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, ex in examples.items():
         if not (work / f"{name}.csv").is_file():
             write_csv(work / f"{name}.csv", ex)
+    if args.data_only:
+        print(f"wrote {', '.join(str(work / f'{name}.csv') for name in examples)} "
+              f"({', '.join(f'{len(ex)} {name}' for name, ex in examples.items())} passages)")
+        return 0
     results: dict = {
         "plays": {s: [f"{p.genre}/{p.name}" for p in splits[s]] for s in ("train", "val", "test")},
         "pretrain_plays": len(splits["pretrain"]),
