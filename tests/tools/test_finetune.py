@@ -335,3 +335,14 @@ def test_invalid_utf8_in_any_data_file_names_the_file_and_the_byte(base, tmp_pat
 def test_gpt_classify_bad_model(base, tmp_path, capsys):
     rc, _, err = run(capsys, classify_main, ["--model", base, "some text"])
     assert rc == 2 and "classifier.json: file not found" in err and err.count("\n") == 1
+
+
+def test_the_confusion_matrix_columns_line_up():
+    from tools.finetune import format_confusion
+
+    table = format_confusion(["comedies", "histories", "tragedies"], [[100, 2, 3], [4, 1000, 6], [7, 8, 9]]).splitlines()
+    assert len({len(line) for line in table}) == 1  # every row as wide as the header
+    header = table[0]
+    for label in ("comedies", "histories", "tragedies"):
+        end = header.index(label) + len(label)
+        assert all(line[end - 1] != " " for line in table[1:]), (label, table)  # numbers end where their label ends

@@ -43,6 +43,8 @@ def test_one_command_from_text_to_a_model(corpus, tmp_path, capsys, monkeypatch)
     assert (tmp_path / "tok.json").read_bytes() == (run / "tokenizer.json").read_bytes() == (run / "data" / "tokenizer.json").read_bytes()
     for name in ("train.bin", "val.bin", "meta.json"):
         assert (tmp_path / "data" / name).read_bytes() == (run / "data" / name).read_bytes(), name
+    meta = json.loads((run / "data" / "meta.json").read_text())
+    assert meta["splits"]["train"]["documents"] == meta["splits"]["val"]["documents"] == 1  # one file, in both splits
     # --resume continues the run without making the tokenizer or the data again.
     stamps = {p: p.stat().st_mtime_ns for p in (run / "tokenizer.json", run / "data" / "train.bin")}
     capsys.readouterr()
@@ -50,6 +52,10 @@ def test_one_command_from_text_to_a_model(corpus, tmp_path, capsys, monkeypatch)
     out, err = capsys.readouterr()
     assert "1/3" not in err and "finished at step 30" in out
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    # Resuming a finished run says there is nothing to do, and how to train further.
+    assert train(["--resume", "runs/x"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to train: the run was already at step 30" in out and "--max-steps 60" in out and "0 tok/s" not in out
     # A second run on the same directory is the usual clear error.
     assert train(["corpus.txt", "--out", "runs/x", *QUICK]) == ExitCode.USER_ERROR
     assert "already holds a run; continue it with --resume" in capsys.readouterr().err
