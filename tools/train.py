@@ -1,5 +1,6 @@
-"""gpt-train: train a GPT on a gpt-prepare data directory (the loop is gpt.trainer.Trainer).
+"""gpt-train: train a GPT on text files or a gpt-prepare data directory (the loop is gpt.trainer.Trainer).
 
+    gpt-train corpus.txt more.txt --out runs/mine                   # tokenizer, data, model: one command
     gpt-train --data data/ --out runs/shakespeare
     gpt-train --resume runs/shakespeare --max-steps 4000           # continue, exactly
     gpt-train --config run.toml                                     # every option from a file
@@ -9,7 +10,9 @@ Every option can be set in a TOML (or JSON) file given with ``--config`` (keys a
 names, with ``-`` or ``_``); the command line wins over the file. The effective configuration is
 saved as ``RUN_DIR/run_config.json``, itself a valid ``--config``. ``--resume`` takes the saved
 configuration and lets you change the schedule and logging options (not the model or the data).
-The run directory layout is described in ``gpt.run_state``.
+Given text FILEs (or --builtin), a tokenizer is trained on them (RUN_DIR/tokenizer.json, as bpe-train
+would) and the text prepared (RUN_DIR/data/, as gpt-prepare would) before the training; the run
+directory layout is described in ``gpt.run_state``.
 """
 
 from __future__ import annotations
