@@ -142,3 +142,18 @@ def test_unknown_keys_in_generation_json_are_an_error(tiny_run, capsys):
     (tiny_run / "final" / "generation.json").write_text(json.dumps({"temperature": 0.5, "top_kk": 3}))
     assert generate(["--model", str(tiny_run / "final"), "abc", "-n", "3"]) == ExitCode.USER_ERROR
     assert "generation.json: unknown setting(s) top_kk" in one_line_error(capsys, "gpt-generate")
+
+
+def test_gpt_finetune_refuses_an_out_of_the_users_files_before_training(tiny_run, tmp_path, capsys):
+    from tools.finetune import main as finetune
+
+    records = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in ("ab", "cd", "ef", "gh")]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine")
+    before = snapshot(project)
+    argv = ["instruct", "--model", str(tiny_run), "--data", str(tmp_path / "data.json"), "--out", str(project), "--device", "cpu"]
+    assert finetune(argv) == ExitCode.USER_ERROR
+    assert "is not a run directory this toolkit wrote" in one_line_error(capsys, "gpt-finetune")
+    assert snapshot(project) == before
