@@ -23,6 +23,7 @@ Without a CUDA GPU it says so in one line and exits 0; usage errors are one line
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -227,12 +228,16 @@ def _run_child(cmd: list[str], timeout: float, log: Path) -> tuple[str, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        status = "interrupted"
         try:
             status = "ok" if proc.wait(timeout=timeout) == 0 else "failed"
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
             status = "timeout"
+        finally:  # on a timeout, and on Ctrl-C: a child in its own session would outlive us
+            if status in ("timeout", "interrupted"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     return status, log.read_text(errors="replace")[-2000:]
 
 

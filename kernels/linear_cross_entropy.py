@@ -14,7 +14,7 @@ so only one chunk of logits exists at a time; the backward scales the saved grad
 upstream gradient (a training loss has grad_output 1: nothing to do).
 
 Chunk rule: rows per chunk = ceil(N / ceil(V / C)), so a chunk's logits hold at most N * C + V
-elements, about the size of hidden itself (GPT-2: 66 chunks of 63 rows for N = 4096).
+elements, about the size of hidden itself (GPT-2, N = 4096: chunks of 63 rows).
 
 The per-chunk pass: on CUDA a Triton kernel, one program per row, walks the vocabulary in tiles of
 CUDA_BLOCK_V with an online log-sum-exp (running max and rescaled sum of exp, fp32), then
@@ -133,8 +133,7 @@ def _fused_forward(hidden, weight, targets, ignore_index, n_valid, rows_fn, need
         del logits  # before the next chunk's logits are allocated: at most one chunk alive
     if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
-    loss = loss_rows.sum() / n_valid if n_valid else loss_rows.sum() / 0.0  # nan, as PyTorch's empty mean
-    return loss, grad_hidden, grad_weight
+    return loss_rows.sum() / n_valid, grad_hidden, grad_weight  # 0 / 0 = nan, as PyTorch's empty mean
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
