@@ -180,8 +180,25 @@ def test_autocast_computes_in_the_autocast_dtype():
 
 
 @requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-def test_cuda_gpt2_shape_matches_pytorch(dtype):
-    # GPT-2's head over 2 x 1024 tokens with a quarter of the targets ignored, against PyTorch's
-    # unfused loss in float64.
-    check(*make_inputs((2, 1024), 768, 50257, dtype, device="cuda", ignore_every=4), "triton")
+def test_cuda_gpt2_shape_fp32_matches_pytorch():
+    # GPT-2's head over 2 x 1024 tokens with a quarter of the targets ignored, against float64.
+    check(*make_inputs((2, 1024), 768, 50257, torch.float32, device="cuda", ignore_every=4), "triton")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_gpt2_shape_16bit_error_at_most_twice_pytorchs(dtype):
+    # Over 50257 logits per row a fixed 16-bit tolerance is either loose or flaky, so (as the
+    # attention tests do) our error against float64 must be at most twice that of PyTorch's unfused
+    # loss in the same dtype (logits in 16-bit, softmax in fp32), plus a small floor.
+    hidden, weight, targets = make_inputs((2, 1024), 768, 50257, dtype, device="cuda", ignore_every=4)
+    exact = reference(hidden, weight, targets)
+    ours = [kernels.linear_cross_entropy(hidden, weight, targets, backend="triton")]
+    ours += torch.autograd.grad(ours[0], (hidden, weight))
+    pytorch = [F.cross_entropy(F.linear(hidden, weight).float(), targets)]
+    pytorch += torch.autograd.grad(pytorch[0], (hidden, weight))
+    for name, mine, theirs, want in zip(("loss", "grad_hidden", "grad_weight"), ours, pytorch, exact):
+        our_error = (mine.detach().cpu().double() - want.detach()).abs().max().item()
+        pytorch_error = (theirs.detach().cpu().double() - want.detach()).abs().max().item()
+        floor = 1e-6 * want.abs().max().item()
+        assert our_error <= 2 * pytorch_error + floor, f"{name}: error {our_error:.3g} vs PyTorch's {pytorch_error:.3g}"
