@@ -139,7 +139,7 @@ def _outputs(fn, inputs: list[torch.Tensor], mode: str) -> list[torch.Tensor]:
     out = fn(*inputs)
     if mode == "fwd":
         return [out.detach()]
-    grad_out = torch.ones_like(out) if out.dim() == 0 else torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out) if out.dim() else torch.ones_like(out)
     diff = [t for t in inputs if t.requires_grad]
     return [out.detach(), *torch.autograd.grad(out, diff, grad_out)]
 
@@ -252,7 +252,8 @@ def kernels_section(ctx: Context):
             for B, H, T, D in ctx.shape["attention"]:
                 qkv = [randn(B, H, T, D, dtype=dtype) for _ in range(3)]
                 flops = 4 * B * H * T * T * D / 2 * (1 if mode == "fwd" else 3.5)  # causal half, bwd 2.5x fwd
-                peers = {f"sdpa {b.split('_')[0].lower()}": _sdpa(b) for b in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")}
+                peers = {f"sdpa {b.split('_')[0].lower()}": _sdpa(b)
+                         for b in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")}
                 yield from _compare(ctx, "kernels", f"attention B{B} H{H} T{T} D{D} {name}",
                                     lambda q, k, v: kernels.causal_attention(q, k, v, backend=ctx.backend),
                                     peers, qkv, mode, flops=flops)
@@ -343,7 +344,8 @@ def train_section(ctx: Context):
             first_losses[impl] = step().item()  # also the warm-up: compiles, autotunes
             ms, peak = measure(step, ctx.device, seconds=steps * 0.1, max_calls=steps, min_calls=steps, warmed=True)
             tokens = B * T
-            flops_per_token = 6 * model.num_parameters(non_embedding=True) + 12 * model.config.n_layer * model.config.n_embd * T
+            config = model.config
+            flops_per_token = 6 * model.num_parameters(non_embedding=True) + 12 * config.n_layer * config.n_embd * T
             values = {"ms": ms, "tokens_per_s": tokens / ms * 1e3, "peak_mib": peak, "loss": first_losses[impl],
                       **_throughput(ctx, ms, flops=flops_per_token * tokens)}
             if "torch eager" in first_losses and impl != "torch eager":
@@ -351,7 +353,8 @@ def train_section(ctx: Context):
             del model, optimizer, forward
             return values
 
-        yield _guarded(ctx, "train", f"{ctx.shape['preset']} train step B{B} T{T} {_dtype_name(ctx.amp_dtype)} autocast", impl, body,
+        case = f"{ctx.shape['preset']} train step B{B} T{T} {_dtype_name(ctx.amp_dtype)} autocast"
+        yield _guarded(ctx, "train", case, impl, body,
                        seconds_needed=60 if compiled else 5)
         if ctx.device == "cuda":
             torch.cuda.empty_cache()

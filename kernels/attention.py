@@ -327,7 +327,7 @@ def _autotuned(kernel_fn, kernel: str):
 
 
 _KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
-# None on the interpreter (and without Triton, where the kernels never run).
+# Empty on the interpreter (fixed tiles there) and without Triton (where the kernels never run).
 _TUNED = {k: _autotuned(fn, k) for k, fn in _KERNELS.items()} if triton is not None and not INTERPRETER else {}
 
 

@@ -106,7 +106,8 @@ def test_random_sweep(seed, backend):
     g = torch.Generator().manual_seed(1000 + seed)
     N, C, V = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((1, 80), (1, 48), (2, 300)))
     dtype = (torch.float32, torch.float16)[seed % 2]
-    hidden, weight, targets = make_inputs((N,), C, V, dtype, seed=seed, ignore_every=int(torch.randint(0, 4, (1,), generator=g)))
+    ignore_every = int(torch.randint(0, 4, (1,), generator=g))
+    hidden, weight, targets = make_inputs((N,), C, V, dtype, seed=seed, ignore_every=ignore_every)
     check(hidden, weight, targets, backend)
 
 
