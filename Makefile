@@ -47,5 +47,13 @@ demo: $(VENV)/.installed
 		--max-steps $(DEMO_STEPS) --eval-interval 250 --seed 1337 $(DEMO_TRAIN_ARGS)
 	$(VENV)/bin/gpt-generate --model $(DEMO_DIR)/run/final "ROMEO:" -n 200 --seed 1
 
+# On a CUDA machine: every CUDA test, each kernel against its PyTorch peer, a 124M training step,
+# decoding and a one-process NCCL DDP step, in 8 minutes at most; installs nothing (the GPU machine's
+# python already has torch, triton and transformers). Without a CUDA GPU it says so and exits 0.
+GPU_CHECK_OUT ?= gpu-check-out
+.PHONY: gpu-check
+gpu-check:
+	PYTHONPATH=. $(PYTHON) -m benches.gpu_check --out $(GPU_CHECK_OUT)
+
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .benchmarks

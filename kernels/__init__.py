@@ -1,4 +1,5 @@
-"""Triton kernels with PyTorch fallbacks for GPT-2's hot paths: causal attention, LayerNorm, GELU.
+"""Triton kernels with PyTorch fallbacks for GPT-2's hot paths: causal attention, LayerNorm, GELU, and
+the output layer fused with its cross-entropy loss.
 
 Every op takes `backend="auto"|"triton"|"torch"`: "auto" runs Triton on CUDA tensors when Triton is
 importable, the PyTorch fallback otherwise; $KERNELS_BACKEND overrides "auto" globally (see dispatch).
@@ -8,5 +9,7 @@ from kernels.attention import causal_attention
 from kernels.dispatch import BACKENDS, ENV_VAR, backend_for_device, resolve_backend
 from kernels.gelu import GELU, gelu
 from kernels.layer_norm import LayerNorm, layer_norm
+from kernels.linear_cross_entropy import linear_cross_entropy
 
-__all__ = ["BACKENDS", "ENV_VAR", "backend_for_device", "GELU", "LayerNorm", "causal_attention", "gelu", "layer_norm", "resolve_backend"]
+__all__ = ["BACKENDS", "ENV_VAR", "GELU", "LayerNorm", "backend_for_device", "causal_attention", "gelu", "layer_norm",
+           "linear_cross_entropy", "resolve_backend"]

@@ -12,52 +12,106 @@ Backward: delta = rowsum(dO * O), then one pass per key tile summing dK and dV o
 that see it and one pass per query tile summing dQ; both recompute P = exp2(S - LSE) tile by tile.
 No T x T matrix exists anywhere, and without atomics the gradients are deterministic.
 Inputs are read in place through their strides (e.g. q, k, v as views of one qkv projection).
+
+Tiles: on CUDA the three main kernels are autotuned (`triton.autotune`) over a few candidate tiles
+each, pruned per launch to those that fit the GPU (see "tiles" below), so the first run on a new GPU
+picks its own. Tuning cost is bounded: a new key (kernel, head dim, dtype, Tq and Tk buckets) compiles
+the surviving candidates not compiled yet (at most 5 per kernel and dtype; about 1.3 s of CPU each on
+this project's CPU machine, then in Triton's disk cache) and times each for TUNE_WARMUP_MS +
+TUNE_REP_MS = 25 ms. A training run tunes each kernel once per dtype and head dim; decoding retunes the
+forward (3 candidates) each time the cache length passes a power of two. On the interpreter the tiles
+are fixed and small: autotuning is bypassed there.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import cdiv, jit, resolve_backend, tl
+from kernels.dispatch import INTERPRETER, cdiv, jit, resolve_backend, tl, triton
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2_E = 1.4426950408889634  # scores are kept in base 2: exp(x) = exp2(x * log2(e))
 
 
-# Tile sizes per kernel: (BLOCK_M query rows, BLOCK_N key rows, num_warps, num_stages), keyed on
-# 16-bit vs fp32 inputs and head dim <= 64 vs 128. The shapes follow Triton's fused-attention
-# tutorial (wide query tiles forward and for dQ, wide key tiles for dK/dV); warps and stages are
-# set so that every kernel compiles for sm_90 (H100) without register spills (checked with ptxas
-# on the PTX, no GPU needed); fp32 runs its dots in full precision on the FMA units, which costs
-# registers, hence the small tiles. Speeds have not been tuned on a GPU yet: re-measure with
-# benches/bench_attention.py and edit this table.
-_CUDA_TILES = {
-    (True, 64): {"fwd": (128, 64, 8, 3), "dkdv": (32, 128, 8, 4), "dq": (128, 32, 8, 4)},
-    (True, 128): {"fwd": (64, 64, 8, 2), "dkdv": (32, 64, 8, 2), "dq": (64, 32, 8, 2)},
-    (False, 64): {"fwd": (32, 32, 4, 2), "dkdv": (32, 32, 8, 2), "dq": (32, 32, 4, 2)},
-    (False, 128): {"fwd": (16, 32, 8, 1), "dkdv": (16, 32, 8, 1), "dq": (32, 32, 8, 2)},
+# ---------------------------------------------------------------------------------------------- tiles
+# Each kernel is autotuned on CUDA over a few candidate tiles (BLOCK_M query rows, BLOCK_N key rows,
+# num_warps, num_stages), pruned per launch to those that fit the device (see _fits) and timed once
+# per tuning key: head dim, dtype (and so PRECISION), and buckets of Tq and Tk (next power of two,
+# 16..16384), which separate short-query decoding (Tq <= 16) from full sequences, the causal offset
+# Tk - Tq, and long from short sequences. The candidates are the ones that compiled for sm_90 without
+# register spills (ptxas; see tests/kernels/test_cuda_compile.py), following the shapes of Triton's
+# fused-attention tutorial: wide query tiles forward and for dQ, wide key tiles for dK/dV; fp32 runs
+# its dots on the FMA units with every operand in registers, hence its small tiles.
+_CANDIDATES = {
+    ("fwd", 16): [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 2), (64, 64, 8, 2)],
+    ("fwd", 32): [(32, 64, 8, 2), (16, 64, 8, 2), (32, 16, 8, 2), (16, 16, 4, 2)],
+    # Decoding, a few queries against a long KV cache: 16-row query tiles waste less, wide key tiles
+    # make fewer steps through the cache.
+    ("decode", 16): [(16, 64, 4, 3), (16, 128, 4, 3), (16, 256, 8, 2)],
+    ("decode", 32): [(16, 64, 8, 2), (16, 16, 4, 2)],
+    ("dkdv", 16): [(32, 128, 8, 2), (64, 64, 8, 3), (32, 64, 4, 3), (32, 64, 8, 2), (64, 32, 8, 2)],
+    ("dkdv", 32): [(16, 32, 8, 2), (16, 32, 8, 1), (16, 16, 4, 2)],
+    ("dq", 16): [(128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3), (64, 32, 8, 2)],
+    ("dq", 32): [(32, 32, 8, 2), (32, 16, 8, 2), (16, 16, 4, 2)],
 }
-# Decoding (a few queries against a long KV cache): 16-row query tiles waste less of each tile, and
-# wider key tiles make fewer steps through the cache. 16-bit only; fp32 tiles are small already.
-_CUDA_DECODE_FWD = {64: (16, 128, 4, 3), 128: (16, 64, 4, 3)}
 DECODE_MAX_TQ = 16
-# On the CPU interpreter: 32 x 32 tiles, small enough that the tests' short sequences cross tile
-# edges and exercise the skipped, diagonal and full tiles.
-_INTERPRETER_TILES = {"fwd": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)}
+# Live values per thread (fp32 words) a tile may need, out of the 255 registers a thread can have:
+# the rest holds addresses, offsets and loop state. Calibrated with ptxas on sm_90 (see _footprint).
+REGISTER_BUDGET = 160
+H100_SHARED_MEMORY = 227 * 1024  # bytes per block, the limit the candidates are checked against
+# Autotuning times each candidate with Triton's do_bench for this long (ms): a few dozen launches.
+TUNE_WARMUP_MS, TUNE_REP_MS = 5, 20
+# On the CPU interpreter: fixed 32 x 32 tiles, small enough that the tests' short sequences cross
+# tile edges and exercise the skipped, diagonal and full tiles (autotuning would only cost time there).
+_INTERPRETER_TILES = (32, 32, 4, 1)
 
 
-def _tiles(head_dim: int, dtype: torch.dtype, device: torch.device, Tq: int) -> dict[str, tuple[int, int, int, int]]:
-    if device.type != "cuda":
-        return _INTERPRETER_TILES
-    size = 64 if head_dim <= 64 else 128
-    tiles = _CUDA_TILES[(dtype != torch.float32, size)]
-    if dtype != torch.float32 and Tq <= DECODE_MAX_TQ:
-        tiles = {**tiles, "fwd": _CUDA_DECODE_FWD[size]}
-    return tiles
+def _footprint(kernel: str, block_m: int, block_n: int, stages: int, head_dim: int, elem: int) -> tuple[int, int]:
+    """(fp32 words of live tiles, shared-memory bytes): an upper-bound model of one program.
+
+    Registers: the fp32 accumulators and score tiles, plus the loaded input tiles and the 16-bit
+    copy of P (elem bytes each, counted in 4-byte words). Shared memory: the tiles staged through it,
+    the streamed ones once per pipeline stage, one fp32 score tile for layout conversions, and the
+    fp32 LSE/delta rows of the backward.
+    """
+    m, n, d = block_m, block_n, head_dim
+    if kernel in ("fwd", "decode"):  # acc (m, d), scores (m, n); loads q (m, d), k and v (n, d)
+        words = m * d + m * n + (m * d + 2 * n * d + m * n) * elem / 4
+        shared = elem * d * (m + 2 * n * stages) + 4 * m * n
+    elif kernel == "dkdv":  # dk, dv (n, d), p/dp (n, m); loads k, v (n, d), streams q, dO (m, d)
+        words = 2 * n * d + 2 * n * m + (2 * n * d + 2 * m * d + n * m) * elem / 4
+        shared = elem * d * (2 * n + 2 * m * stages) + 4 * m * n + 8 * m * stages
+    else:  # dq: dq (m, d), p/dp (m, n); loads q, dO (m, d), streams k, v (n, d)
+        words = m * d + 2 * m * n + (2 * m * d + 2 * n * d + m * n) * elem / 4
+        shared = elem * d * (2 * m + 2 * n * stages) + 4 * m * n + 8 * m
+    return int(words), int(shared)
+
+
+def _fits(kernel: str, tile: tuple[int, int, int, int], head_dim: int, elem: int, max_shared: int) -> bool:
+    block_m, block_n, warps, stages = tile
+    words, shared = _footprint(kernel, block_m, block_n, stages, head_dim, elem)
+    return words / (32 * warps) <= REGISTER_BUDGET and shared <= max_shared
+
+
+def _tile_space(kernel: str, head_dim: int, dtype: torch.dtype, Tq: int = 1024,
+                max_shared: int = H100_SHARED_MEMORY) -> list[tuple[int, int, int, int]]:
+    """The candidate tiles of `kernel` ("fwd", "dkdv", "dq") that fit this head dim and dtype."""
+    name = "decode" if kernel == "fwd" and Tq <= DECODE_MAX_TQ else kernel
+    candidates = _CANDIDATES[(name, 32 if dtype == torch.float32 else 16)]
+    elem = torch.empty((), dtype=dtype).element_size()
+    # Never empty: the smallest candidate (listed last) always runs, if slowly, with head dim <= 128.
+    return [t for t in candidates if _fits(name, t, head_dim, elem, max_shared)] or candidates[-1:]
+
+
+def _tuning_buckets(Tq: int, Tk: int) -> tuple[int, int]:
+    """Tq and Tk rounded up to powers of two in 16..16384: the tuning key's sequence part. Always a
+    multiple of 16, so Triton specialises the (otherwise unused) kernel arguments only once."""
+    return tuple(min(max(1 << (t - 1).bit_length(), 16), 16384) for t in (Tq, Tk))
 
 
 @jit
@@ -84,7 +138,7 @@ def _attn_fwd_tile(acc, m_i, l_i, q, k_base, v_base, sk_t, sk_d, sv_t, sv_d, sta
 def _attn_fwd_kernel(Q, K, V, O, LSE,
                      sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d,
                      sv_b, sv_h, sv_t, sv_d, so_b, so_h, so_t, so_d,
-                     H, Tq, Tk, qk_scale,
+                     H, Tq, Tk, qk_scale, tq_bucket, tk_bucket,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      PRECISION: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
@@ -153,7 +207,7 @@ def _attn_bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sq_
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
                           sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
                           sdo_b, sdo_h, sdo_t, sdo_d, sdk_b, sdk_h, sdk_t, sdk_d,
-                          H, Tq, Tk, qk_scale, scale,
+                          H, Tq, Tk, qk_scale, scale, tq_bucket, tk_bucket,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           PRECISION: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
@@ -209,7 +263,7 @@ def _attn_bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, sk_t, sk_d, sv_t, s
 def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                         sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d,
                         sdo_b, sdo_h, sdo_t, sdo_d, sdq_b, sdq_h, sdq_t, sdq_d,
-                        H, Tq, Tk, qk_scale, scale,
+                        H, Tq, Tk, qk_scale, scale, tq_bucket, tk_bucket,
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         PRECISION: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
@@ -240,22 +294,67 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
              (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
+def _max_shared(device: torch.device) -> int:
+    """Shared memory a block may use on this GPU (bytes), as Triton checks it."""
+    return triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
+
+
+def _prune(kernel: str, configs, named_args, **kwargs):
+    """early_config_prune: the configs in _tile_space for this launch's head dim, dtype, Tq and GPU."""
+    q = named_args["Q"]
+    space = set(_tile_space(kernel, kwargs["HEAD_DIM"], q.dtype, named_args["Tq"], _max_shared(q.device)))
+    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in space]
+
+
+def _bench(kernel_call, quantiles):
+    import triton.testing
+
+    return triton.testing.do_bench(kernel_call, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, quantiles=quantiles)
+
+
+def _autotuned(kernel_fn, kernel: str):
+    """kernel_fn wrapped in triton.autotune over every candidate of `kernel` (pruned per launch).
+
+    Every program stores its outputs exactly once and reads nothing it writes, so timing a config
+    (which launches it many times on the real arguments) leaves correct results behind: no
+    reset_to_zero / restore_value needed."""
+    tiles = dict.fromkeys(t for (name, _), ts in _CANDIDATES.items() if name == kernel or
+                          (kernel == "fwd" and name == "decode") for t in ts)
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+    return triton.autotune(configs, key=["HEAD_DIM", "PRECISION", "tq_bucket", "tk_bucket"],
+                           prune_configs_by={"early_config_prune": functools.partial(_prune, kernel)},
+                           do_bench=_bench)(kernel_fn)
+
+
+_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+# Empty on the interpreter (fixed tiles there) and without Triton (where the kernels never run).
+_TUNED = {k: _autotuned(fn, k) for k, fn in _KERNELS.items()} if triton is not None and not INTERPRETER else {}
+
+
+def _launch(kernel: str, grid, *args, **constexprs) -> None:
+    """Launch one of _KERNELS: autotuned on CUDA, with the fixed interpreter tiles otherwise."""
+    if kernel in _TUNED:
+        _TUNED[kernel][grid](*args, **constexprs)
+        return
+    block_m, block_n, warps, stages = _INTERPRETER_TILES
+    _KERNELS[kernel][grid({"BLOCK_M": block_m, "BLOCK_N": block_n})](
+        *args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **constexprs)
+
+
 class _TritonCausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale):
         B, H, Tq, D = q.shape
         Tk = k.shape[2]
-        tiles = _tiles(D, q.dtype, q.device, Tq)
         precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 stays fp32 (no TF32 rounding)
         qk_scale = scale * LOG2_E
         o = torch.empty(B, H, Tq, D, dtype=q.dtype, device=q.device)
         lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
-        block_m, block_n, warps, stages = tiles["fwd"]
-        _attn_fwd_kernel[(cdiv(Tq, block_m), B * H)](
-            q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, Tq, Tk, qk_scale,
-            HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, num_warps=warps, num_stages=stages)
+        _launch("fwd", lambda meta: (cdiv(Tq, meta["BLOCK_M"]), B * H),
+                q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, Tq, Tk, qk_scale,
+                *_tuning_buckets(Tq, Tk), HEAD_DIM=D, PRECISION=precision)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale, ctx.tiles, ctx.precision = scale, tiles, precision
+        ctx.scale, ctx.precision = scale, precision
         return o
 
     @staticmethod
@@ -270,17 +369,13 @@ class _TritonCausalAttention(torch.autograd.Function):
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         common = dict(HEAD_DIM=D, PRECISION=ctx.precision)
-        qk_scale = ctx.scale * LOG2_E
-        block_m, block_n, warps, stages = ctx.tiles["dkdv"]
-        _attn_bwd_dkdv_kernel[(cdiv(Tk, block_n), B * H)](
-            q, k, v, do, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
-            H, Tq, Tk, qk_scale, ctx.scale, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-            num_stages=stages, **common)
-        block_m, block_n, warps, stages = ctx.tiles["dq"]
-        _attn_bwd_dq_kernel[(cdiv(Tq, block_m), B * H)](
-            q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-            H, Tq, Tk, qk_scale, ctx.scale, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-            num_stages=stages, **common)
+        qk_scale, buckets = ctx.scale * LOG2_E, _tuning_buckets(Tq, Tk)
+        _launch("dkdv", lambda meta: (cdiv(Tk, meta["BLOCK_N"]), B * H),
+                q, k, v, do, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
+                H, Tq, Tk, qk_scale, ctx.scale, *buckets, **common)
+        _launch("dq", lambda meta: (cdiv(Tq, meta["BLOCK_M"]), B * H),
+                q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+                H, Tq, Tk, qk_scale, ctx.scale, *buckets, **common)
         return dq, dk, dv, None
 
 

@@ -5,13 +5,21 @@ so shapes stay small; they still cross the 32-wide interpreter tiles (T = 1, 17,
 """
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 import kernels
+from kernels import attention
 from tests.conftest import requires_cuda
 from tests.kernels.conftest import BACKENDS, DEVICE, requires_triton
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # (atol, rtol) for outputs and gradients compared with the float64 reference.
 TOLERANCES = {torch.float32: (2e-5, 2e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 5e-2)}
@@ -158,3 +166,48 @@ def test_cuda_error_at_most_twice_pytorchs(shape, dtype):
         our_error = (mine.double() - want).abs().max().item()
         pytorch_error = (theirs.double() - want).abs().max().item()
         assert our_error <= 2 * pytorch_error + 1e-5, f"{name}: error {our_error:.3g} vs PyTorch's {pytorch_error:.3g}"
+
+
+# Every tile the autotuner can pick on a GPU, as (BLOCK_M, BLOCK_N): each must give the same results.
+CANDIDATE_TILES = sorted({tile[:2] for tiles in attention._CANDIDATES.values() for tile in tiles})
+
+
+@requires_triton
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the autotuner picks the tiles")
+@pytest.mark.parametrize("tile", CANDIDATE_TILES, ids=lambda t: "M{}N{}".format(*t))
+def test_every_candidate_tile_is_correct_on_the_interpreter(tile, monkeypatch):
+    # The interpreter runs whatever tile it is given: run every candidate through the three kernels
+    # (training, and decoding with a KV cache), with lengths that leave partial tiles.
+    monkeypatch.setattr(attention, "_INTERPRETER_TILES", (*tile, 4, 1))
+    check_against_reference(*make_qkv(1, 2, 150, 150, 16, torch.float32), "triton")
+    check_against_reference(*make_qkv(1, 1, 3, 150, 16, torch.float32), "triton")
+
+
+def test_autotuner_prunes_to_the_tile_space():
+    # Without the interpreter the kernels are wrapped in triton.autotune; its prune hook must keep
+    # exactly the tiles of _tile_space for the launch's head dim, dtype, Tq and GPU (here an H100's
+    # shared memory and a small one's, given as the device property Triton reports).
+    pytest.importorskip("triton")
+    script = textwrap.dedent("""
+        import torch
+        from kernels import attention
+        assert set(attention._TUNED) == {"fwd", "dkdv", "dq"}
+        for shared in (attention.H100_SHARED_MEMORY, 48 * 1024):
+            attention._max_shared = lambda device, shared=shared: shared
+            for kernel, tuned in attention._TUNED.items():
+                assert tuned.keys == ["HEAD_DIM", "PRECISION", "tq_bucket", "tk_bucket"]
+                for dtype, head_dim, Tq in [(torch.bfloat16, 64, 1024), (torch.float16, 128, 1), (torch.float32, 128, 7),
+                                            (torch.float32, 32, 4096)]:
+                    q = torch.empty(1, dtype=dtype)
+                    kept = attention._prune(kernel, tuned.configs, {"Q": q, "Tq": Tq}, HEAD_DIM=head_dim, PRECISION="x")
+                    tiles = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
+                    want = attention._tile_space(kernel, head_dim, dtype, Tq, shared)
+                    assert tiles == want and want, (kernel, dtype, head_dim, Tq, shared, tiles, want)
+                    assert all(attention._fits("decode" if kernel == "fwd" and Tq <= 16 else kernel, t, head_dim,
+                                               q.element_size(), shared) for t in tiles) or len(tiles) == 1
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
