@@ -28,11 +28,13 @@ def micro_batch_bytes(n_layer: int, n_embd: int, vocab_size: int, batch_size: in
     """A lower bound of the memory one language-model training micro-batch takes beyond the weights:
     per token, the windows (int64 inputs and targets), 14 x n_embd activations per layer kept for the
     backward pass (LayerNorm inputs and outputs, q/k/v, attention output, the 4x MLP before and after
-    GELU) and the fp32 logits with their log-softmax. A lower bound (autograd keeps a little more, and
-    the backward pass adds gradients), so it never refuses a batch that would fit."""
+    GELU) and the gradient of the final hidden state that the fused output layer + loss keeps
+    (kernels.linear_cross_entropy: no logits are kept), plus that op's fp32 gradient of the output
+    weight (vocab_size x n_embd, once per micro-batch). A lower bound (autograd keeps a little more,
+    and the backward pass adds gradients), so it never refuses a batch that would fit."""
     tokens = batch_size * block_size
     activation_size = 2 if dtype in (torch.bfloat16, torch.float16) else 4
-    return tokens * (16 + n_layer * 14 * n_embd * activation_size + 2 * vocab_size * 4)
+    return tokens * (16 + (n_layer * 14 + 1) * n_embd * activation_size) + vocab_size * n_embd * 4
 
 
 @dataclass(frozen=True)

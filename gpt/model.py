@@ -5,8 +5,8 @@ Read top to bottom: rotary embeddings -> attention -> MLP -> block -> GPT -> KV 
 Module names follow nanoGPT / Hugging Face (``transformer.h[i].attn.c_attn`` ...), so weights map
 one to one (HF's Conv1D stores the transpose of our ``nn.Linear`` weights).
 
-Every attention, LayerNorm and GELU call goes through ``kernels``; ``config.backend`` picks Triton or
-PyTorch for the whole model. The Triton attention kernel has no dropout, so dropout is applied to the
+Every attention, LayerNorm and GELU call, and the output layer with its loss in training, goes through
+``kernels``; ``config.backend`` picks Triton or PyTorch for the whole model. The Triton attention kernel has no dropout, so dropout is applied to the
 embeddings and to the output of each residual branch (attention ``c_proj`` and MLP ``c_proj``), never
 to attention probabilities.
 """
@@ -179,9 +179,16 @@ class GPT(PretrainedMixin, nn.Module):
             kv_cache.length += T
         return self.transformer.ln_f(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: "KVCache | None" = None):
-        """Return (logits (B, T, vocab) in fp32, mean cross-entropy over targets != -100 or None)."""
-        logits = self.lm_head(self.hidden_states(idx, kv_cache)).float()
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: "KVCache | None" = None,
+                *, return_logits: bool = False):
+        """Return (logits, loss). Without targets: (B, T, vocab) fp32 logits and None. With targets: the
+        mean cross-entropy over targets != -100, from kernels.linear_cross_entropy, which goes through
+        the tokens a chunk at a time so that the (B, T, vocab) logits never exist: logits is then None,
+        unless ``return_logits=True`` asks for them (and the loss is computed from them)."""
+        hidden = self.hidden_states(idx, kv_cache)
+        if targets is not None and not return_logits:
+            return None, kernels.linear_cross_entropy(hidden, self.lm_head.weight, targets, backend=self.config.backend)
+        logits = self.lm_head(hidden).float()
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)

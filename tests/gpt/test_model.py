@@ -109,11 +109,30 @@ def test_logits_fp32_and_loss_ignores_minus_100():
     idx = torch.randint(0, 300, (2, 10))
     targets = torch.randint(0, 300, (2, 10))
     targets[0, :4] = -100
-    logits, loss = model(idx, targets)
+    logits, loss = model(idx, targets, return_logits=True)
     assert logits.dtype == torch.float32 and logits.shape == (2, 10, 300)
     keep = targets != -100
     assert loss.item() == pytest.approx(F.cross_entropy(logits[keep], targets[keep]).item(), rel=1e-6)
     assert model(idx)[1] is None
+
+
+def test_training_loss_is_fused_and_equals_the_unfused_one():
+    # With targets and no logits asked for, the output layer and the loss are one chunked op
+    # (kernels.linear_cross_entropy): no (B, T, vocab) logits; values and gradients as unfused.
+    model = random_model(tiny())
+    idx = torch.randint(0, 300, (3, 17))
+    targets = torch.randint(0, 300, (3, 17))
+    targets[1, 3:9] = -100
+    logits, fused = model(idx, targets)
+    assert logits is None
+    fused.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    _, unfused = model(idx, targets, return_logits=True)
+    unfused.backward()
+    assert fused.item() == pytest.approx(unfused.item(), rel=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_hidden_states_feed_the_head():
