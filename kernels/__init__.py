@@ -8,6 +8,7 @@ importable, the PyTorch fallback otherwise; $KERNELS_BACKEND overrides "auto" gl
 from kernels.attention import causal_attention
 from kernels.dispatch import BACKENDS, ENV_VAR, backend_for_device, resolve_backend
 from kernels.gelu import GELU, gelu
+from kernels.int8_linear import int8_linear, quantize_int8
 from kernels.layer_norm import LayerNorm, layer_norm
 from kernels.linear_cross_entropy import linear_cross_entropy
 
