@@ -172,6 +172,34 @@ def test_quantized_linear_tracks_the_float_linear():
     assert error.max() > 0
 
 
+@pytest.mark.slow
+def test_compiled_cpu_path_streams_int8_weights():
+    """Compiled on the CPU (decoding rows), the fallback reads the int8 weights inside inductor's loop and
+    never makes a float copy of them; the LayerNorm before it stays a separate kernel (not recomputed per
+    weight row). Values as the eager path; rows above CPU_STREAM_MAX_ROWS take the dequantising path."""
+    from torch._inductor.utils import run_and_get_code
+
+    weight_int8, scale = quantized(96, 200, device="cpu")
+    bias = make_x((96,), torch.float32, device="cpu", seed=2)
+    ln_w, ln_b = make_x((200,), torch.float32, device="cpu", seed=3), make_x((200,), torch.float32, device="cpu", seed=4)
+
+    def layer(x):
+        h = torch.nn.functional.layer_norm(x, (200,), ln_w, ln_b)
+        return kernels.int8_linear(h, weight_int8, scale, bias, backend="torch")
+
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+    for rows in (1, int8_module.CPU_STREAM_MAX_ROWS, int8_module.CPU_STREAM_MAX_ROWS + 1):
+        x = make_x((rows, 200), torch.float32, device="cpu")
+        y, (code,) = run_and_get_code(compiled, x)
+        h = torch.nn.functional.layer_norm(x, (200,), ln_w, ln_b)
+        torch.testing.assert_close(y.double(), reference(h, weight_int8, scale, bias), **dict(zip(("atol", "rtol"), TOLERANCES[torch.float32])))
+        streams = rows <= int8_module.CPU_STREAM_MAX_ROWS
+        assert "const int8_t*" in code  # a generated C++ kernel reads the int8 weights, in both paths
+        assert ("kernels_int8_linear.materialize" in code) == streams
+        # ... but only the dequantising path writes them out as floats first
+        assert ("empty_strided_cpu((96, 200)" in code) != streams, f"{rows} rows, streaming {streams}"
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("M", [1, 8, 16, 17, 512])
