@@ -1,5 +1,6 @@
-"""Triton kernels with PyTorch fallbacks for GPT-2's hot paths: causal attention, LayerNorm, GELU, and
-the output layer fused with its cross-entropy loss.
+"""Triton kernels with PyTorch fallbacks for GPT-2's hot paths: causal attention, LayerNorm, GELU, the
+output layer fused with its cross-entropy loss, and the weight-only int8 linear layer of quantized
+generation.
 
 Every op takes `backend="auto"|"triton"|"torch"`: "auto" runs Triton on CUDA tensors when Triton is
 importable, the PyTorch fallback otherwise; $KERNELS_BACKEND overrides "auto" globally (see dispatch).
@@ -12,5 +13,5 @@ from kernels.int8_linear import int8_linear, quantize_int8
 from kernels.layer_norm import LayerNorm, layer_norm
 from kernels.linear_cross_entropy import linear_cross_entropy
 
-__all__ = ["BACKENDS", "ENV_VAR", "GELU", "LayerNorm", "backend_for_device", "causal_attention", "gelu", "layer_norm",
-           "linear_cross_entropy", "resolve_backend"]
+__all__ = ["BACKENDS", "ENV_VAR", "GELU", "LayerNorm", "backend_for_device", "causal_attention", "gelu", "int8_linear",
+           "layer_norm", "linear_cross_entropy", "quantize_int8", "resolve_backend"]

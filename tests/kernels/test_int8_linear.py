@@ -19,7 +19,8 @@ import torch
 import kernels
 from tests.conftest import requires_cuda
 from tests.kernels.conftest import BACKENDS, DEVICE
-from tests.kernels.test_cuda_compile import H100_SHARED_MEMORY, ROOT
+from kernels.attention import H100_SHARED_MEMORY
+from tests.conftest import ROOT
 
 # (atol, rtol) against float64. fp32: sums of up to ~10^3 products in fp32; 16-bit: the output's
 # rounding (and, on the fallback, the matmul result rounded to x's dtype before the scale).
