@@ -29,7 +29,7 @@ import tokenizers_bpe
 from gpt.config import GPTConfig
 from gpt.device import DTYPES, dtype_name
 from gpt.lora import LoRAConfig, adapter_shapes, apply_lora, check_unmerged, split_adapters
-from gpt.sampling import SAMPLING_DEFAULTS
+from gpt.token_choice import SAMPLING_DEFAULTS
 from tokenizers_bpe import TOKENIZER_FILE
 from tokenizers_bpe.errors import SettingError
 from tokenizers_bpe.fileio import Stamp, atomic_directory, format_stamp, recorded_version
@@ -61,6 +61,9 @@ def write_checkpoint(directory, model, tokenizer, generation: dict | None = None
     if tokenizer is None:
         raise CheckpointError("a checkpoint needs its tokenizer: pass tokenizer= or set model.tokenizer")
     check_vocab(tokenizer.n_vocab, config.vocab_size, "the tokenizer")
+    if getattr(model, "quantization", None) is not None:
+        raise CheckpointError("a quantized model cannot be saved (checkpoints hold float weights); "
+                              "save the model before gpt.quantize, and quantize it again after loading")
     if generation is not None and not isinstance(generation, dict):
         raise CheckpointError(f"generation defaults must be a dict, got {type(generation).__name__}")
     state = model.state_dict()

@@ -128,6 +128,14 @@ class LoRALinear(nn.Linear):
         return f"{super().extra_repr()}, rank={self.rank}, scaling={self.scaling:g}, merged={self.merged}"
 
 
+def merged_weight(linear: nn.Linear) -> torch.Tensor:
+    """The weight a linear layer applies: a LoRA layer's unmerged update folded in (added in fp32, as
+    ``to_linear``); any other layer's own weight."""
+    if isinstance(linear, LoRALinear) and not linear.merged:
+        return (linear.weight.float() + linear.delta_weight().float()).to(linear.weight.dtype)
+    return linear.weight
+
+
 def target_modules(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
     """Names of the linear layers (in ``model.transformer.h``) that ``targets`` selects."""
     suffixes = tuple(s for t in targets for s in TARGETS[t])

@@ -125,6 +125,7 @@ class GPT(PretrainedMixin, nn.Module):
             self.init_weights()
         self.tokenizer = None  # set by from_pretrained; saved by save_pretrained
         self.generation_config: dict[str, Any] = {}
+        self.quantization: dict[str, Any] | None = None  # set by gpt.quantize (a quantized model is not saved)
 
     def tie_weights(self) -> None:
         if self.config.tie_embeddings:

@@ -175,6 +175,12 @@ def _materialize_fake(x):
     return torch.empty_like(x)
 
 
+def materialize(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself, computed once: an identity torch.compile cannot see through. Put it between a
+    pointwise op and a compiled loop that reads its output many times (a mat-vec streaming weights)."""
+    return torch.ops.kernels_int8_linear.materialize(x)
+
+
 def _torch_int8_linear(x, weight_int8, scale, bias):
     rows = math.prod(x.shape[:-1])
     if torch.compiler.is_compiling() and not x.is_cuda and rows <= CPU_STREAM_MAX_ROWS:
@@ -182,7 +188,7 @@ def _torch_int8_linear(x, weight_int8, scale, bias):
         # int8 weights once and converts them in registers: 3.7x faster than fp32 addmm over 124M's
         # 49 decode mat-vecs. It reads the weights once per row of x, so only for a few rows (at 8
         # rows it ties with dequantise + F.linear, measured in research/FINDINGS.md).
-        x32 = torch.ops.kernels_int8_linear.materialize(x).float()
+        x32 = materialize(x).float()
         y = (x32[..., None, :] * weight_int8.float()).sum(-1) * scale
     else:
         # Dequantise to x's dtype (int8 -> bf16/fp16 is exact) and scale the result. This writes a

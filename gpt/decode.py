@@ -1,0 +1,337 @@
+"""The decoding fast path behind gpt.generate: weights laid out for inference, a static KV cache, and
+a one-token step that torch.compile can turn into a few loops that stream the weights.
+
+Decoding one token at batch 1 reads every weight once and does little else, so its speed is memory
+bandwidth over weight bytes (benches/README.md, Generation, has the measurements behind each choice):
+
+- **Inference weights** (``InferenceWeights``, built once per model and reused while its parameters
+  are unchanged; never part of the model's state dict, so checkpoints and training are untouched).
+  On the CPU the weights a step streams are copied, in the order it reads them, into one arena of
+  transparent huge pages (gpt.arena: one core reads ~30% faster from them), laid out for the kernel
+  that reads them: eager fp32 multiplies a row by an (in, out) copy with ``addmm`` (MKL reads it
+  at ~17 GB/s, against ~13 GB/s for ``F.linear`` on nn.Linear's (out, in)); the compiled step keeps
+  (out, in) and writes each mat-vec as ``(x[:, None, :] * W).sum(-1)``, which inductor turns into
+  one loop per output row over W read once (~20-26 GB/s). 16-bit weights keep (out, in) with
+  ``F.linear`` eagerly (faster than (in, out) in bf16). On CUDA the parameters are used as they are.
+  Int8 layers (gpt.quantize) go through ``kernels.int8_linear``. The copy costs one more copy of the
+  streamed weights in memory (495 MB for 124M in fp32).
+- **A static KV cache**: one (B, H, n_ctx, D) tensor per layer for keys and one for values, written
+  in place at each step's position. One tensor per layer, not one for all layers: compiled, writing
+  into a slice of a graph input made inductor copy the whole cache twice per step. The attention of a
+  step reads the first L positions (a view), so a cache sized for the whole context costs nothing per
+  step, and memory is only touched where it is written.
+- **The compiled step** (``compile=True``): the whole one-token forward is one graph; the current
+  length L is a dynamic size, so one compilation serves every position, prompt and call with the
+  same batch size and model shapes. Every input of a streamed mat-vec goes through an opaque identity
+  op (``kernels.materialize``), or inductor would inline the LayerNorm or GELU that produced it into
+  the mat-vec loop and recompute it once per weight row. The one-query attention is written out
+  (scores, softmax, weighted sum: fused by inductor); SDPA's call per layer cost 3-6 ms more per step.
+  The prefill (and the multi-token verification of speculative decoding) is compiled separately,
+  with dynamic shapes: one graph for every prompt length.
+- Eagerly the model's kernels are used (``kernels.layer_norm``, ``gelu``, ``causal_attention`` with
+  the model's backend), so a Triton model runs its Triton kernels.
+
+``Decoder`` holds one generate() call's state: the inference weights, the cache, and the tokens it
+holds (for the sliding window).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from gpt.arena import Arena
+from gpt.model import apply_rotary, rotary_cos_sin
+from gpt.lora import merged_weight
+from gpt.quantize import Int8Linear
+
+# Compiled on the CPU, a batch of up to this many rows streams the weights once per row (multiply +
+# sum); more rows use a matrix product, which reads them once for all rows (as kernels.int8_linear).
+STREAM_MAX_ROWS = kernels.CPU_STREAM_MAX_ROWS
+
+
+class Linear(NamedTuple):
+    weight: torch.Tensor  # (in, out) for the "transposed" layout, else (out, in); int8 when scale is set
+    scale: torch.Tensor | None  # int8 weights: (out,) fp32 per-channel scales
+    bias: torch.Tensor | None
+
+
+class Layer(NamedTuple):
+    ln_1: tuple[torch.Tensor, torch.Tensor | None]
+    c_attn: Linear
+    attn_proj: Linear
+    ln_2: tuple[torch.Tensor, torch.Tensor | None]
+    c_fc: Linear
+    mlp_proj: Linear
+
+
+class Spec(NamedTuple):
+    """What the step functions need to know besides tensors (constants to torch.compile)."""
+
+    n_head: int
+    eps: float
+    rope: bool
+    layout: str  # "transposed", "rows" or "linear": see the module docstring
+    backend: str  # the model's kernels backend, for eager steps
+    compiled: bool
+
+
+class InferenceWeights(NamedTuple):
+    spec: Spec
+    wte: torch.Tensor  # (V, C): the embedding lookup (one row per token)
+    wpe: torch.Tensor | None
+    layers: tuple[Layer, ...]
+    ln_f: tuple[torch.Tensor, torch.Tensor | None]
+    head: Linear
+
+
+def layout_for(device: torch.device, dtype: torch.dtype, compiled: bool) -> str:
+    if device.type != "cpu":
+        return "linear"
+    if compiled:
+        return "rows"
+    return "transposed" if dtype == torch.float32 else "linear"
+
+
+def _linear_of(module: nn.Module, layout: str) -> Linear:
+    if isinstance(module, Int8Linear):
+        return Linear(module.weight_int8.detach(), module.scale.detach(), module.bias)
+    weight = merged_weight(module).detach()
+    bias = None if module.bias is None else module.bias.detach()
+    return Linear(weight.t().contiguous() if layout == "transposed" else weight, None, bias)
+
+
+def _norm_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return module.weight.detach(), None if module.bias is None else module.bias.detach()
+
+
+def build_inference_weights(model: nn.Module, compiled: bool) -> tuple[InferenceWeights, Arena | None]:
+    """The weights of ``model`` (a gpt.GPT, maybe quantized or with LoRA adapters) laid out for
+    decoding, and the huge-page arena holding the streamed ones (on the CPU; else None)."""
+    config = model.config
+    wte = model.transformer.wte.weight.detach()
+    layout = layout_for(wte.device, wte.dtype, compiled)
+    spec = Spec(config.n_head, float(config.layer_norm_eps), config.pos_embedding == "rope", layout, config.backend, compiled)
+    layers = [Layer(_norm_of(b.ln_1), _linear_of(b.attn.c_attn, layout), _linear_of(b.attn.c_proj, layout),
+                    _norm_of(b.ln_2), _linear_of(b.mlp.c_fc, layout), _linear_of(b.mlp.c_proj, layout))
+              for b in model.transformer.h]
+    head = _linear_of(model.lm_head, layout)
+    arena = None
+    if wte.device.type == "cpu":
+        # The streamed matrices, in the order a step reads them, into one huge-page arena.
+        streamed = [lin for layer in layers for lin in (layer.c_attn, layer.attn_proj, layer.c_fc, layer.mlp_proj)] + [head]
+        arena, moved = Arena.holding([lin.weight for lin in streamed])
+        moved_linears = [lin._replace(weight=w) for lin, w in zip(streamed, moved)]
+        layers = [layer._replace(c_attn=moved_linears[4 * i], attn_proj=moved_linears[4 * i + 1], c_fc=moved_linears[4 * i + 2],
+                                 mlp_proj=moved_linears[4 * i + 3]) for i, layer in enumerate(layers)]
+        head = moved_linears[-1]
+    wpe = model.transformer.wpe.weight.detach() if "wpe" in model.transformer else None
+    return InferenceWeights(spec, wte, wpe, tuple(layers), _norm_of(model.transformer.ln_f), head), arena
+
+
+# The inference weights of a model in eval mode stay with it (weakly: they go when the model goes)
+# while its tensors are the same ones, unchanged: a cast, a load or an optimizer step changes the key.
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, InferenceWeights, Arena | None]]" = weakref.WeakKeyDictionary()
+
+
+def _tensors_key(model: nn.Module, compiled: bool) -> tuple:
+    tensors = [*model.parameters(), *model.buffers()]
+    return (compiled, *((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
+
+
+def inference_weights(model: nn.Module, compiled: bool) -> tuple[InferenceWeights, Arena | None]:
+    """``build_inference_weights``, cached with the model (generate() does not cache them for a model
+    that was in training mode: its weights change between calls, so it gets a copy freed after the call)."""
+    key = _tensors_key(model, compiled)
+    cached = _CACHE.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1:]
+    _CACHE.pop(model, None)  # free the stale copy before making the new one
+    built = build_inference_weights(model, compiled)
+    _CACHE[model] = (key, *built)
+    return built
+
+
+# ---------------------------------------------------------------------------------------------- the math
+
+
+def _norm(x: torch.Tensor, wb, spec: Spec) -> torch.Tensor:
+    if spec.compiled:
+        return F.layer_norm(x, (x.shape[-1],), wb[0], wb[1], spec.eps)
+    return kernels.layer_norm(x, wb[0], wb[1], spec.eps, backend=spec.backend)
+
+
+def _gelu(x: torch.Tensor, spec: Spec) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh") if spec.compiled else kernels.gelu(x, backend=spec.backend)
+
+
+def _matmul(x: torch.Tensor, lin: Linear, spec: Spec) -> torch.Tensor:
+    """x (..., in) -> (..., out) in x's dtype, for any number of rows."""
+    if lin.scale is not None:
+        return kernels.int8_linear(x, lin.weight, lin.scale, lin.bias, backend="torch" if spec.compiled else spec.backend)
+    if spec.layout == "transposed":
+        x2 = x.reshape(-1, x.shape[-1])
+        y = x2 @ lin.weight if lin.bias is None else torch.addmm(lin.bias, x2, lin.weight)
+        return y.view(*x.shape[:-1], y.shape[-1])
+    return F.linear(x, lin.weight, lin.bias)
+
+
+def _matvec(x: torch.Tensor, lin: Linear, spec: Spec) -> torch.Tensor:
+    """x (B, in) -> (B, out): a decoding step's product (see the module docstring for the layouts)."""
+    if spec.layout == "rows" and lin.scale is None and x.shape[0] <= STREAM_MAX_ROWS:
+        x32 = kernels.materialize(x).float()
+        y = (x32[:, None, :] * lin.weight.float()).sum(-1)
+        return (y if lin.bias is None else y + lin.bias.float()).to(x.dtype)
+    return _matmul(x, lin, spec)
+
+
+def _attend_one(q, keys, values, spec: Spec) -> torch.Tensor:
+    """One query per row against L cached positions: q (B, H, 1, D), keys/values (B, H, L, D)."""
+    if not spec.compiled:
+        return kernels.causal_attention(q, keys, values, backend=spec.backend)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = (q.float() * keys.float()).sum(-1) * scale  # (B, H, L)
+    p = torch.softmax(scores, dim=-1)
+    return (p[..., None] * values.float()).sum(-2, keepdim=True).to(q.dtype)  # (B, H, 1, D)
+
+
+def step_logits(w: InferenceWeights, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], token: torch.Tensor,
+                positions: torch.Tensor) -> torch.Tensor:
+    """One token per row: ``token`` (B,) at position L - 1, where ``positions`` is arange(L); its keys
+    and values are written to the cache; returns (B, V) fp32 logits."""
+    spec = w.spec
+    B, L = token.shape[0], positions.shape[0]
+    C = w.wte.shape[1]
+    H, D = spec.n_head, C // spec.n_head
+    pos = positions[L - 1:]  # (1,)
+    x = F.embedding(token, w.wte)
+    if w.wpe is not None:
+        x = x + F.embedding(pos, w.wpe)
+    rotary = rotary_cos_sin(pos, D) if spec.rope else None
+    for i, layer in enumerate(w.layers):
+        q, k, v = _matvec(_norm(x, layer.ln_1, spec), layer.c_attn, spec).view(B, 3, H, 1, D).unbind(1)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        k_cache[i].index_copy_(2, pos, k)
+        v_cache[i].index_copy_(2, pos, v)
+        y = _attend_one(q, k_cache[i][:, :, :L], v_cache[i][:, :, :L], spec)
+        x = x + _matvec(y.reshape(B, C), layer.attn_proj, spec)
+        x = x + _matvec(_gelu(_matvec(_norm(x, layer.ln_2, spec), layer.c_fc, spec), spec), layer.mlp_proj, spec)
+    return _matvec(_norm(x, w.ln_f, spec), w.head, spec).float()
+
+
+def forward_logits(w: InferenceWeights, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], tokens: torch.Tensor,
+                   start: int, all_positions: bool) -> torch.Tensor:
+    """``tokens`` (B, T) at positions start..start+T-1 (a prefill, or speculative decoding's
+    verification), attending to the cache before them; their keys and values are written to the
+    cache. Returns fp32 logits (B, T, V) for every position, or (B, V) for the last one only."""
+    spec = w.spec
+    B, T = tokens.shape
+    C = w.wte.shape[1]
+    H, D = spec.n_head, C // spec.n_head
+    positions = torch.arange(start, start + T, device=tokens.device)
+    x = F.embedding(tokens, w.wte)
+    if w.wpe is not None:
+        x = x + F.embedding(positions, w.wpe)
+    rotary = rotary_cos_sin(positions, D) if spec.rope else None
+    backend = "torch" if spec.compiled else spec.backend
+    for i, layer in enumerate(w.layers):
+        q, k, v = _matmul(_norm(x, layer.ln_1, spec), layer.c_attn, spec).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        k_cache[i].index_copy_(2, positions, k)
+        v_cache[i].index_copy_(2, positions, v)
+        y = kernels.causal_attention(q, k_cache[i][:, :, :start + T], v_cache[i][:, :, :start + T], backend=backend)
+        x = x + _matmul(y.transpose(1, 2).reshape(B, T, C), layer.attn_proj, spec)
+        x = x + _matmul(_gelu(_matmul(_norm(x, layer.ln_2, spec), layer.c_fc, spec), spec), layer.mlp_proj, spec)
+    if not all_positions:
+        x = x[:, -1]  # the output head on the last position only: no (B, T, vocab) logits for a prefill
+    return _matmul(_norm(x, w.ln_f, spec), w.head, spec).float()
+
+
+_compiled: dict[str, object] = {}
+
+
+def _compiled_fn(name: str):
+    """The compiled step / forward, made on first use (torch.compile caches graphs per code object,
+    so one wrapper serves every model; graphs are keyed by the shapes and the Spec)."""
+    if name not in _compiled:
+        if name == "step":
+            _compiled[name] = torch.compile(step_logits, fullgraph=True)
+        else:
+            _compiled[name] = torch.compile(forward_logits, dynamic=True)
+    return _compiled[name]
+
+
+# ---------------------------------------------------------------------------------------------- the decoder
+
+
+class Decoder:
+    """One generate() call's decoding state: the model's inference weights, a static KV cache for
+    ``batch_size`` rows of up to n_ctx positions, and the tokens it holds (``tokens[:, :length]``)."""
+
+    def __init__(self, model: nn.Module, batch_size: int, *, compile: bool = False, cache_weights: bool = True):
+        prepare = inference_weights if cache_weights else build_inference_weights
+        self.weights, self.arena = prepare(model, compile)
+        self.compile = compile
+        config = model.config
+        device, dtype = self.weights.wte.device, self.weights.wte.dtype
+        self.n_ctx = config.n_ctx
+        # torch.empty: the cache is only read where it was written, and untouched pages cost nothing.
+        shape = (batch_size, config.n_head, config.n_ctx, config.head_dim)
+        self.k_cache = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.v_cache = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.tokens = torch.zeros(batch_size, config.n_ctx, dtype=torch.long, device=device)
+        self.positions = torch.arange(config.n_ctx, device=device)
+        self.length = 0
+        self._step = _compiled_fn("step") if compile else step_logits
+        self._forward = _compiled_fn("forward") if compile else forward_logits
+
+    def room(self) -> int:
+        return self.n_ctx - self.length
+
+    def extend(self, tokens: torch.Tensor, *, all_positions: bool = False) -> torch.Tensor:
+        """Feed ``tokens`` (B, T) after the ``length`` cached ones: (B, V) logits of the last position,
+        or (B, T, V) for every position with ``all_positions``."""
+        T, start = tokens.shape[1], self.length
+        if T > self.room():
+            raise ValueError(f"decoder cache full: {start} cached + {T} new tokens exceed n_ctx={self.n_ctx}")
+        if T == 1 and start > 0:
+            logits = self.step(tokens[:, 0])
+            return logits[:, None] if all_positions else logits
+        # A one-token prompt runs eagerly: torch.compile always specialises sizes 0 and 1, so it would
+        # cost a graph (seconds of compiling) of its own for a single forward.
+        forward = self._forward if T > 1 else forward_logits
+        logits = forward(self.weights, self.k_cache, self.v_cache, tokens, start, all_positions)
+        self.tokens[:, start:start + T] = tokens
+        self.length = start + T
+        return logits
+
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Start over with ``tokens`` (B, T) in the cache: the logits (B, V) of the last position."""
+        self.length = 0
+        return self.extend(tokens)
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (B,): the logits (B, V) of its position."""
+        if self.length >= self.n_ctx:
+            raise ValueError(f"decoder cache full: {self.length} cached tokens, n_ctx={self.n_ctx}")
+        positions = self.positions[: self.length + 1]
+        if self.compile:
+            torch._dynamo.maybe_mark_dynamic(positions, 0)  # one graph for every length
+        logits = self._step(self.weights, self.k_cache, self.v_cache, token, positions)
+        self.tokens[:, self.length] = token
+        self.length += 1
+        return logits
+
+    def rewind(self, length: int) -> None:
+        """Forget every cached position from ``length`` on (speculative decoding's rejected tokens)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot rewind a decoder holding {self.length} tokens to {length}")
+        self.length = length
