@@ -227,15 +227,17 @@ def step_logits(w: InferenceWeights, k_cache: list[torch.Tensor], v_cache: list[
 
 
 def forward_logits(w: InferenceWeights, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], tokens: torch.Tensor,
-                   start: int, all_positions: bool) -> torch.Tensor:
-    """``tokens`` (B, T) at positions start..start+T-1 (a prefill, or speculative decoding's
-    verification), attending to the cache before them; their keys and values are written to the
-    cache. Returns fp32 logits (B, T, V) for every position, or (B, V) for the last one only."""
+                   key_positions: torch.Tensor, all_positions: bool) -> torch.Tensor:
+    """``tokens`` (B, T) at the last T of ``key_positions`` = arange(start + T) (a prefill, or
+    speculative decoding's verification), attending to the cache before them; their keys and values
+    are written to the cache. Returns fp32 logits (B, T, V) for every position, or (B, V) for the
+    last one only."""
     spec = w.spec
     B, T = tokens.shape
     C = w.wte.shape[1]
     H, D = spec.n_head, C // spec.n_head
-    positions = torch.arange(start, start + T, device=tokens.device)
+    start = key_positions.shape[0] - T
+    positions = key_positions[start:]
     x = F.embedding(tokens, w.wte)
     if w.wpe is not None:
         x = x + F.embedding(positions, w.wpe)
@@ -265,7 +267,7 @@ def _compiled_fn(name: str):
         if name == "step":
             _compiled[name] = torch.compile(step_logits, fullgraph=True)
         else:
-            _compiled[name] = torch.compile(forward_logits, dynamic=True)
+            _compiled[name] = torch.compile(forward_logits)
     return _compiled[name]
 
 
@@ -308,7 +310,11 @@ class Decoder:
         # A one-token prompt runs eagerly: torch.compile always specialises sizes 0 and 1, so it would
         # cost a graph (seconds of compiling) of its own for a single forward.
         forward = self._forward if T > 1 else forward_logits
-        logits = forward(self.weights, self.k_cache, self.v_cache, tokens, start, all_positions)
+        key_positions = self.positions[: start + T]
+        if self.compile:  # one graph for every length (the weights' shapes stay static)
+            torch._dynamo.maybe_mark_dynamic(tokens, 1)
+            torch._dynamo.maybe_mark_dynamic(key_positions, 0)
+        logits = forward(self.weights, self.k_cache, self.v_cache, tokens, key_positions, all_positions)
         self.tokens[:, start:start + T] = tokens
         self.length = start + T
         return logits

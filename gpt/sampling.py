@@ -167,7 +167,7 @@ def generate(
         m.eval()
     try:
         decoder = Decoder(model, num_samples, compile=compile, cache_weights=not modes[0])
-        window = torch.tensor(prompt, dtype=torch.long, device=device).expand(num_samples, -1)
+        window = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)
         x = rule.choose(_finite(decoder.prefill(window)), outputs.seen, generator)
         if outputs.add(x) or max_new_tokens == 1:
             return outputs.tokens

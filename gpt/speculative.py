@@ -117,7 +117,9 @@ def speculative_decode(target: Decoder, draft: Decoder, x: torch.Tensor, *, rule
         if target.room() == 0:  # the target alone would slide here: the same rebuild, one plain step
             window = torch.cat([target.tokens[:, : target.length], x[:, None]], dim=1)[:, -keep_target:]
             x = rule.choose(_finite(target.prefill(window)), outputs.seen, generator)
-            pending = torch.cat([pending, x[:, None]], dim=1)
+            # The draft starts over from what the target now sees: the closer their contexts, the more it gets accepted.
+            draft.rewind(0)
+            pending = torch.cat([window, x[:, None]], dim=1)
             remaining -= 1
             if outputs.add(x):
                 break
