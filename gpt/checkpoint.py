@@ -160,6 +160,16 @@ def read_meta(directory) -> dict[str, Any]:
     return {**meta, "model": config}
 
 
+def check_same_tokenizer(directory, other) -> None:
+    """CheckpointError unless the checkpoints ``directory`` and ``other`` record the same tokenizer
+    (its fingerprint in config.json; no weights are read): a draft model for speculative decoding
+    must share its target's."""
+    mine, theirs = read_meta(directory), read_meta(other)
+    if mine["tokenizer"]["fingerprint"] != theirs["tokenizer"]["fingerprint"]:
+        raise CheckpointError(f"{other}: its tokenizer (fingerprint {theirs['tokenizer']['fingerprint']}) is not the one of "
+                              f"{directory} ({mine['tokenizer']['fingerprint']}); a draft model must be trained with the same tokenizer")
+
+
 def check_weights(directory, meta: dict[str, Any], expected: dict[str, tuple[int, ...]]) -> None:
     """Every ``expected`` tensor (name -> shape, as ``state_dict_shapes``) present, none extra, right
     shape and the recorded dtype (read from the header only)."""

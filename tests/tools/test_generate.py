@@ -10,7 +10,9 @@ import sys
 import pytest
 import torch
 
+import tokenizers_bpe
 import tools.generate
+from gpt.model import GPT
 from gpt.prompt_template import format_instruction_prompt
 from gpt.sampling import generate
 from tools.generate import main
@@ -34,8 +36,6 @@ def ckpt(tok, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(ckpt):
-    from gpt.model import GPT
-
     return GPT.from_pretrained(ckpt)
 
 
@@ -251,3 +251,55 @@ def test_every_sample_has_a_header_when_there_are_several(ckpt, capsys):
         rc, out, _ = run(capsys, "--model", ckpt, "Hello", "-n", 4, "--num-samples", 3, "--seed", 1, *stream)
         assert rc == 0 and [out.count(f" sample {i} ") for i in (1, 2, 3)] == [1, 1, 1], out
         assert out.startswith("-" * 20 + " sample 1 ")
+
+
+# ---------------------------------------------------------------------------------------------- fast paths
+
+
+@pytest.fixture(scope="module")
+def pair(tok, tmp_path_factory):
+    """A target and a draft checkpoint with the same tokenizer (the shapes of tests/gpt's compiled
+    models, so that inductor's disk cache can serve their graphs)."""
+    root = tmp_path_factory.mktemp("pair")
+    make_tiny_model(tok, n_ctx=32).save_pretrained(root / "target")
+    make_tiny_model(tok, seed=3, n_ctx=32, n_layer=1).save_pretrained(root / "draft")
+    return root / "target", root / "draft"
+
+
+def test_compile_and_draft_give_the_same_greedy_text(pair, capsys, calls):
+    target, draft = pair
+    argv = ["--model", target, "To be or not", "-n", 40, "--temperature", 0]
+    rc, plain, _ = run(capsys, *argv)
+    assert rc == 0
+    rc, compiled, _ = run(capsys, *argv, "--compile")
+    assert rc == 0 and compiled == plain and calls[-1]["compile"] is True
+    rc, drafted, err = run(capsys, *argv, "--draft", draft, "--draft-tokens", 3)
+    assert rc == 0 and drafted == plain and calls[-1]["draft_tokens"] == 3
+    assert "drafted tokens accepted" in err
+
+
+def test_quantize_int8_compiles_on_cpu(pair, capsys, calls):
+    target, _ = pair
+    rc, out, err = run(capsys, "--model", target, "Hello", "-n", 10, "--temperature", 0, "--quantize", "int8")
+    assert rc == 0 and out.strip() and "compiles the decoding step" in err
+    assert calls[-1]["compile"] is True
+    assert run(capsys, "--model", target, "Hello", "-n", 4, "--quantize", "int8-blocks", "--compile")[0] == 0
+
+
+def test_fast_path_option_errors(pair, tmp_path, capsys):
+    target, draft = pair
+    assert_one_line_error(*run(capsys, "--model", target, "Hi", "--draft", tmp_path / "nope"), "--draft", "nope")
+    assert_one_line_error(*run(capsys, "--model", target, "Hi", "--draft-tokens", 2), "--draft-tokens", "--draft")
+    assert_one_line_error(*run(capsys, "--model", target, "Hi", "--draft", draft, "--draft-tokens", 0), "--draft-tokens")
+    assert_one_line_error(*run(capsys, "--model", target, "Hi", "--quantize", "int4"), "--quantize", "int4")
+
+
+def test_a_draft_with_another_tokenizer_is_refused_before_loading(pair, tmp_path, capsys, monkeypatch):
+    target, _ = pair
+    other = tokenizers_bpe.train_from_iterator(["abc def ghi " * 50], 280)
+    make_tiny_model(other, n_ctx=32).save_pretrained(tmp_path / "foreign")
+    loaded = []
+    real = GPT.from_pretrained.__func__
+    monkeypatch.setattr(GPT, "from_pretrained", classmethod(lambda cls, *a, **k: loaded.append(a) or real(cls, *a, **k)))
+    assert_one_line_error(*run(capsys, "--model", target, "Hi", "--draft", tmp_path / "foreign"), "tokenizer", "foreign")
+    assert loaded == []
