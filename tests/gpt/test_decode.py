@@ -49,6 +49,17 @@ def test_eager_decoder_logits_equal_the_forward(tok, overrides):
     torch.testing.assert_close(decoded_logits(model, idx, 8), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_decoder(tok, dtype):
+    """bf16 on a CPU decodes with oneDNN's prepacked weights (where available), fp16 with F.linear."""
+    model = make_tiny_model(tok, n_ctx=32).to(dtype)
+    idx = torch.randint(0, tok.n_vocab, (1, 16), generator=torch.Generator().manual_seed(0))
+    expected = forward_logits(model, idx)[:, 7:]
+    got = decoded_logits(model, idx, 8)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05 * float(expected.abs().max()))
+
+
 def test_extend_verifies_several_positions_and_rewind_forgets(tok):
     model = make_tiny_model(tok, n_ctx=32)
     idx = torch.randint(0, tok.n_vocab, (1, 12), generator=torch.Generator().manual_seed(1))
@@ -92,6 +103,8 @@ def test_inference_weights_are_cached_refreshed_and_not_saved(tok, tmp_path):
     model = make_tiny_model(tok, n_ctx=32)
     first, _ = inference_weights(model, False)
     assert inference_weights(model, False)[0] is first  # reused while nothing changed
+    assert inference_weights(model, True)[0].spec.layout == "rows"  # the compiled layout, held next to it
+    assert inference_weights(model, False)[0] is first
     state_before = set(model.state_dict())
     with torch.no_grad():
         model.transformer.h[0].mlp.c_fc.weight.mul_(2.0)  # an in-place change, as an optimizer step
