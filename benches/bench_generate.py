@@ -1,125 +1,344 @@
-"""Decoding speed of gpt.generate next to transformers' generate (with its KV cache), same weights, same run.
+"""Decoding speed of gpt.generate next to transformers' generate (with its KV cache), the same weights,
+in one run, with the memory bound measured in the same run.
 
-GPT-2 124M (random weights: speed does not depend on them), a 16-token prompt, 128 new tokens, greedy
-(so both do the same work per step and always run all 128 steps), batch 1 and batch 8, fp32 and bf16,
-on the CPU. The memory-bandwidth bound of batch-1 decoding is (bytes of weights read per token) /
-(memory bandwidth measured in the same run, by a large copy and by a read-only stream); our rows
-report how close they come. Run:  .venv/bin/python -m pytest benches/bench_generate.py
-(OMP_NUM_THREADS=1 in front measures one core, which is steadier on a shared machine).
+GPT-2 124M (random weights: speed does not depend on them; its tokenizer from ../shared/data), a
+16-token prompt, 128 new tokens, greedy (so every implementation runs all 128 steps), on the CPU:
+
+- ``test_decode[threads1-batch1]``: fp32, bf16 and int8 (gpt.quantize; ``int8`` with the output head
+  quantized, ``int8-blocks`` without), ours eager (the default) and compiled (``compile=True``), next
+  to transformers in fp32 and bf16; plus two memory probes: a sum over 1 GiB of fp32 (the issue's
+  measure of read bandwidth) and the same sum over 1 GiB in transparent huge pages (gpt.arena: the
+  memory our CPU weights live in, so the honest bound for them). The bound of a variant is
+  (bytes of weights it reads per token) / (the best bandwidth of the run).
+- ``threads1-batch8``, ``threads2-batch1``, ``threads2-batch8``: fp32 and bf16, ours eager and compiled
+  next to transformers (int8 at one thread only). Compiled code is specialised to the thread count
+  it was compiled for (inductor), so the two-thread cases compile again.
+- ``test_prefill``: a 512-token prompt to its first new token, fp32 and bf16, ours eager and compiled.
+- ``test_speculative``: a trained target and a trained draft (``GPT_BENCH_TARGET=DIR`` and
+  ``GPT_BENCH_DRAFT=DIR``, checkpoints or runs sharing one tokenizer; benches/README.md says how they
+  were trained; skipped without them), 200 new tokens, greedy and sampled (temperature 0.8, top-k
+  40): the target alone and with the draft, eager and compiled, next to transformers' generate
+  alone and with ``assistant_model`` (its assisted generation); acceptance rates and tokens/s.
+
+Method: one benchmark round runs every variant of a case once, in the same order (so load from other
+users of a shared machine hits them alike); figures are the best and the median round, with the
+spread (max / min) as the noise, and ratios are taken per round. At one thread the clock is this
+thread's CPU time (``time.thread_time``: it leaves out time the core was given to other processes)
+next to wall time; at two threads wall time only. Greedy outputs are checked against transformers'
+in the same dtype (identical, or the first differing position).
+
+    pytest benches/bench_generate.py -s                    # ~25 min on 2 cores, compiling included
+    GPT_BENCH_ROUNDS=3 pytest benches/bench_generate.py -s -k "threads1-batch1"
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import statistics
 import time
+from pathlib import Path
 
 import pytest
 import torch
+import torch._dynamo
 
+from gpt.arena import Arena, thp_mode
+from gpt.decode import inference_weights
 from gpt.model import GPT, GPTConfig
+from gpt.quantize import quantize
+from gpt.run_state import resolve_model_dir
 from gpt.sampling import generate
 from tools import convert
 
 transformers = pytest.importorskip("transformers")
 
-PROMPT_LEN, NEW_TOKENS, ROUNDS = 16, 128, 3
+PROMPT = list(range(1000, 1016))
+NEW_TOKENS = 128
+PREFILL_LEN = 512
+ROUNDS = int(os.environ.get("GPT_BENCH_ROUNDS", "5"))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-results: dict[tuple[str, str, int], float] = {}  # (impl, dtype, batch) -> tokens/s, read by later rows
+GIB = 2**30
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, shared_file):
-    """dtype -> (our 124M model, the transformers model with the same weights via gpt-convert hf-export)."""
+def export(tmp_path_factory, shared_file):
+    """Our 124M checkpoint and its transformers export (gpt-convert hf-export): the same weights."""
     import tokenizers_bpe
 
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("gpt2", backend="torch"))
     model.tokenizer = tokenizers_bpe.load_gpt2(shared_file("gpt2/encoder.json"), shared_file("gpt2/vocab.bpe"))
-    ckpt, hf_dir = tmp_path_factory.mktemp("bench") / "ckpt", tmp_path_factory.mktemp("bench") / "hf"
-    model.save_pretrained(ckpt)
-    assert convert.main(["hf-export", str(ckpt), str(hf_dir)]) == 0
+    root = tmp_path_factory.mktemp("bench")
+    model.save_pretrained(root / "ckpt")
+    assert convert.main(["hf-export", str(root / "ckpt"), str(root / "hf")]) == 0
+    return root / "ckpt", root / "hf"
 
-    @functools.cache
-    def load(dtype: str):
-        hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir, dtype=DTYPES[dtype]).eval()
-        hf.generation_config.eos_token_id = None  # always decode all NEW_TOKENS steps, like stop_tokens=()
-        hf.generation_config.pad_token_id = 0
-        return GPT.from_pretrained(ckpt, dtype=DTYPES[dtype]), hf
 
-    return load
+def load_hf(directory: Path, dtype: torch.dtype):
+    hf = transformers.GPT2LMHeadModel.from_pretrained(directory, dtype=dtype).eval()
+    hf.generation_config.eos_token_id = None  # always decode every step, like stop_tokens=()
+    hf.generation_config.pad_token_id = 0
+    return hf
 
 
 @pytest.fixture(scope="module")
-def bandwidth() -> dict[str, float]:
-    """Bytes per second through memory, best of 5 on a 512 MiB fp32 tensor: "copy" counts the bytes read
-    plus the bytes written by a copy (the issue's reference, STREAM's convention); "read" is a
-    read-only stream (a sum), the access pattern of reading weights."""
-    src = torch.randn(128 * 2**20)
-    dst = torch.empty_like(src)
-    nbytes = src.numel() * src.element_size()
+def models(export):
+    """name -> model, loaded once: ours in fp32/bf16/int8/int8-blocks, transformers in fp32/bf16."""
+    ckpt, hf_dir = export
 
-    def best(fn) -> float:
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
+    @functools.cache
+    def get(name: str):
+        if name.startswith("hf-"):
+            return load_hf(hf_dir, DTYPES[name[3:]])
+        if name.startswith("int8"):
+            return quantize(GPT.from_pretrained(ckpt), "int8", head=name == "int8")
+        return GPT.from_pretrained(ckpt, dtype=DTYPES[name])
 
-    return {"copy": 2 * nbytes / best(lambda: dst.copy_(src)), "read": nbytes / best(src.sum)}
+    return get
+
+
+def hf_run(hf, prompt, n, batch=1, **kwargs):
+    ids = torch.tensor([prompt] * batch)
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, **kwargs)
+    return out[:, len(prompt):].tolist()
 
 
 def weight_bytes_per_token(model: GPT) -> int:
-    """Every weight is read once per decoded token, except that the embeddings contribute one row each
-    (the tied wte matrix is read in full as the output head)."""
-    n = sum(p.numel() for p in model.parameters())
-    if "wpe" in model.transformer:
-        n -= model.transformer.wpe.weight.numel() - model.config.n_embd
-    if not model.config.tie_embeddings:
-        n -= model.transformer.wte.weight.numel() - model.config.n_embd
-    return n * next(model.parameters()).element_size()
+    """Bytes of weights one decoding step of a model with a tied head reads: every block weight once,
+    the output head in full, one row of each embedding (int8 layers: their int8 weights and fp32 scales)."""
+    n = sum(t.numel() * t.element_size() for name, t in [*model.named_parameters(), *model.named_buffers()]
+            if not name.startswith("transformer.wpe") and not (name.startswith("transformer.wte") and not model.config.tie_embeddings))
+    c = model.config
+    row = c.n_embd * model.transformer.wte.weight.element_size()
+    if model.quantization is not None and model.quantization["head"]:
+        n -= c.vocab_size * row - row  # the tied wte is only looked up: one row; the head is int8
+    return n + row  # wpe's row
 
 
-# transformers first in each (dtype, batch) pair, so that our row can report the ratio.
-CASES = [(impl, dtype, batch) for dtype in DTYPES for batch in (1, 8) for impl in ("transformers", "ours")]
+def bandwidth_probes() -> tuple[dict, Arena]:
+    """Two memory probes of 1 GiB of fp32, summed: in ordinary memory (the issue's bound) and in huge
+    pages (and the arena holding the latter, to report how much of it the kernel backs with them)."""
+    ordinary = torch.randn(GIB // 4)
+    arena, (huge,) = Arena.holding([ordinary])
+    return {"sum 1 GiB": ordinary.sum, "sum 1 GiB huge pages": huge.sum}, arena
 
 
-@pytest.mark.parametrize("impl, dtype, batch", CASES, ids=[f"{i}-{d}-batch{b}" for i, d, b in CASES])
-def test_decode_speed(benchmark, models, bandwidth, capsys, impl, dtype, batch):
-    ours, hf = models(dtype)
-    prompt = list(range(1000, 1000 + PROMPT_LEN))
-    if impl == "ours":
+def interleaved(benchmark, variants: dict, rounds: int, cpu_clock: bool) -> dict[str, dict[str, list[float]]]:
+    """One benchmark round runs every variant once; per variant the seconds of each round."""
+    times = {name: {"wall": [], "cpu": []} for name in variants}
 
-        def run(n=NEW_TOKENS):
-            return generate(ours, prompt, n, temperature=0, stop_tokens=(), num_samples=batch)
-    else:
-        ids = torch.tensor([prompt] * batch)
+    def round_():
+        for name, fn in variants.items():
+            c0, w0 = time.thread_time(), time.perf_counter()
+            fn()
+            times[name]["wall"].append(time.perf_counter() - w0)
+            times[name]["cpu"].append(time.thread_time() - c0)
 
-        def run(n=NEW_TOKENS):
-            with torch.inference_mode():
-                return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+    benchmark.pedantic(round_, rounds=rounds, iterations=1)
+    if not cpu_clock:
+        for t in times.values():
+            t["cpu"] = []
+    return times
 
-    run(4)  # warm-up: first-call allocations and dispatch
-    out = benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
-    n_new = sum(map(len, out)) if impl == "ours" else (out.shape[1] - PROMPT_LEN) * batch
-    assert n_new == NEW_TOKENS * batch
-    tokens_per_s = n_new / benchmark.stats.stats.mean
-    results[impl, dtype, batch] = tokens_per_s
-    info = {"tokens_per_s": round(tokens_per_s, 2), "threads": torch.get_num_threads()}
-    line = f"{impl} {dtype} batch {batch} ({torch.get_num_threads()} threads): {tokens_per_s:.1f} tokens/s"
-    if impl == "ours":
-        peer = results.get(("transformers", dtype, batch))
+
+def summary(times: list[float], work: float) -> dict:
+    """work / seconds: best, median, and the spread (max / min) as the noise."""
+    return {"best": work / min(times), "median": work / statistics.median(times), "spread": max(times) / min(times)}
+
+
+def per_round_ratio(a: list[float], b: list[float]) -> dict:
+    ratios = [y / x for x, y in zip(a, b)]  # b's time over a's: a's speed-up over b
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+
+
+DECODE_CASES = [(1, 1), (1, 8), (2, 1), (2, 8)]
+
+
+@pytest.mark.parametrize("threads, batch", DECODE_CASES, ids=[f"threads{t}-batch{b}" for t, b in DECODE_CASES])
+def test_decode(benchmark, models, capsys, threads, batch):
+    torch.set_num_threads(threads)
+    torch._dynamo.reset()  # compiled code is specialised to the thread count it was compiled for
+    try:
+        _decode_case(benchmark, models, capsys, threads, batch)
+    finally:
+        torch.set_num_threads(1)
+        torch._dynamo.reset()
+
+
+def _decode_case(benchmark, models, capsys, threads, batch):
+    ours = ["fp32", "bf16"] + (["int8", "int8-blocks"] if threads == 1 else [])
+    variants, checks, work = {}, {}, {}
+    for dtype in DTYPES:
+        peer = f"transformers {dtype}"
+        reference = hf_run(models(f"hf-{dtype}"), PROMPT, NEW_TOKENS, batch, do_sample=False)
+        variants[peer] = functools.partial(hf_run, models(f"hf-{dtype}"), PROMPT, NEW_TOKENS, batch, do_sample=False)
+        for name in [o for o in ours if (o == dtype) or (dtype == "fp32" and o.startswith("int8"))]:
+            for compiled in ((True,) if name.startswith("int8") else (False, True)):
+                label = f"ours {name}{' compiled' if compiled else ''}"
+                run = functools.partial(generate, models(name), PROMPT, NEW_TOKENS, temperature=0, stop_tokens=(),
+                                        num_samples=batch, compile=compiled)
+                start = time.perf_counter()
+                out = run()  # the first call compiles
+                checks[label] = {"first_call_s": time.perf_counter() - start, "identical_to_transformers": out == reference,
+                                 "first_difference": first_difference(out[0], reference[0]), "peer": peer}
+                variants[label] = run
+    probe_arena = None
+    if batch == 1:
+        probes, probe_arena = bandwidth_probes()
+        variants.update(probes)
+    times = interleaved(benchmark, variants, ROUNDS, cpu_clock=threads == 1)
+    clocks = ["cpu", "wall"] if threads == 1 else ["wall"]
+    best_bandwidth = {probe: GIB / min(times[probe][clocks[0]]) for probe in variants if probe.startswith("sum")}
+    lines = [f"decode 124M, batch {batch}, {threads} thread(s), {NEW_TOKENS} new tokens, {ROUNDS} rounds; "
+             f"THP {thp_mode()}; load {os.getloadavg()[0]:.1f}"]
+    huge = {"probe": probe_arena.huge_page_bytes() if probe_arena else None}
+    for name in ours:
+        for compiled in (False, True):
+            arena = inference_weights(models(name), compiled)[1] if (compiled or not name.startswith("int8")) else None
+            if arena is not None:
+                huge[f"{name}{' compiled' if compiled else ''}"] = (arena.huge_page_bytes(), arena.nbytes)
+    benchmark.extra_info["huge_page_bytes"] = huge
+    lines.append("  huge pages backing: " + ", ".join(
+        f"{k} {v / GIB:.2f} GiB" if not isinstance(v, tuple) else f"{k} weights {v[0] / 1e6:.0f} of {v[1] / 1e6:.0f} MB"
+        for k, v in huge.items() if v is not None))
+    for name, t in times.items():
+        if name.startswith("sum"):
+            lines.append(f"  {name:28s} {best_bandwidth[name] / 1e9:.1f} GB/s (best), median {GIB / statistics.median(t['wall']) / 1e9:.1f}")
+            benchmark.extra_info[name] = {"best_gb_s": best_bandwidth[name] / 1e9}
+            continue
+        info = {clock: summary(t[clock], NEW_TOKENS * batch) for clock in clocks}
+        info.update(checks.get(name, {}))
+        text = "  ".join(f"{clock} {s['best']:6.1f} tok/s (median {s['median']:.1f}, spread {s['spread']:.2f}x)" for clock, s in info.items() if clock in clocks)
+        peer = checks.get(name, {}).get("peer")
         if peer:
-            info["speedup_vs_transformers"] = round(tokens_per_s / peer, 3)
-            line += f", {tokens_per_s / peer:.2f}x transformers ({peer:.1f} tokens/s)"
-        if batch == 1:
-            weight_bytes = weight_bytes_per_token(ours)
-            line += f"; {weight_bytes / 1e6:.0f} MB of weights per token"
-            for kind, bytes_per_s in bandwidth.items():
-                bound = bytes_per_s / weight_bytes
-                info[f"{kind}_bandwidth_gb_s"] = round(bytes_per_s / 1e9, 2)
-                info[f"fraction_of_{kind}_bound"] = round(tokens_per_s / bound, 3)
-                line += f"; {kind} bound {bound:.1f} tokens/s ({bytes_per_s / 1e9:.1f} GB/s): {100 * tokens_per_s / bound:.0f}% of it"
-    benchmark.extra_info.update(info)
+            info["x_peer"] = {clock: per_round_ratio(t[clock], times[peer][clock]) for clock in clocks}
+            r = info["x_peer"][clocks[0]]
+            text += f"; x {peer} {r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]"
+            text += f"; identical {info['identical_to_transformers']}" + (
+                "" if info["identical_to_transformers"] else f" (from token {info['first_difference']})")
+            text += f"; first call {info['first_call_s']:.1f} s"
+        if batch == 1 and not name.startswith("transformers"):
+            wbytes = weight_bytes_per_token(models(name.split()[1]))
+            info["weight_mb_per_token"] = wbytes / 1e6
+            for probe, bw in best_bandwidth.items():
+                fraction = info[clocks[0]]["best"] * wbytes / bw
+                info[f"fraction_of_bound[{probe}]"] = fraction
+                text += f"; {100 * fraction:.0f}% of the {probe} bound ({bw / wbytes:.1f} tok/s)"
+        benchmark.extra_info[name] = info
+        lines.append(f"  {name:28s} {text}")
+    if threads == 1 and batch == 1:
+        base = times["transformers fp32"]["cpu"]
+        for name in ("ours fp32", "ours fp32 compiled", "ours bf16", "ours bf16 compiled", "ours int8 compiled", "ours int8-blocks compiled"):
+            r = per_round_ratio(times[name]["cpu"], base)
+            benchmark.extra_info[name]["x_transformers_fp32"] = r
+            lines.append(f"  {name} x transformers fp32 (cpu, per round): {r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]")
+        for name, over in (("ours int8 compiled", "ours fp32 compiled"), ("ours int8-blocks compiled", "ours fp32 compiled"),
+                           ("ours bf16", "ours fp32"), ("ours bf16 compiled", "ours fp32 compiled")):
+            r = per_round_ratio(times[name]["cpu"], times[over]["cpu"])
+            benchmark.extra_info[name][f"x_{over}"] = r
+            lines.append(f"  {name} x {over} (cpu, per round): {r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]")
     with capsys.disabled():
-        print(f"\n  {line}")
+        print("\n" + "\n".join(lines))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_prefill(benchmark, models, capsys, dtype):
+    """A 512-token prompt to its first new token (generate(..., 1)): ours eager and compiled, transformers."""
+    prompt = [(i * 7919) % 50000 for i in range(PREFILL_LEN)]
+    hf, ours = models(f"hf-{dtype}"), models(dtype)
+    reference = hf_run(hf, prompt, 1, do_sample=False)
+    variants = {f"transformers {dtype}": functools.partial(hf_run, hf, prompt, 1, do_sample=False)}
+    for compiled in (False, True):
+        run = functools.partial(generate, ours, prompt, 1, temperature=0, stop_tokens=(), compile=compiled)
+        assert run() == reference  # the first call compiles
+        variants[f"ours {dtype}{' compiled' if compiled else ''}"] = run
+    times = interleaved(benchmark, variants, ROUNDS, cpu_clock=True)
+    peer = times[f"transformers {dtype}"]["cpu"]
+    lines = [f"prefill {PREFILL_LEN} tokens to the first new one, {dtype}, 1 thread, {ROUNDS} rounds"]
+    for name, t in times.items():
+        info = {"cpu_ms_best": 1e3 * min(t["cpu"]), "cpu_ms_median": 1e3 * statistics.median(t["cpu"]),
+                "wall_ms_best": 1e3 * min(t["wall"]), "spread": max(t["cpu"]) / min(t["cpu"]),
+                "x_transformers": per_round_ratio(t["cpu"], peer)}
+        benchmark.extra_info[name] = info
+        r = info["x_transformers"]
+        lines.append(f"  {name:22s} cpu {info['cpu_ms_best']:7.1f} ms (median {info['cpu_ms_median']:.1f}, spread {info['spread']:.2f}x), "
+                     f"wall {info['wall_ms_best']:.1f} ms; x transformers {r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}]")
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------- speculative
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    dirs = [os.environ.get("GPT_BENCH_TARGET"), os.environ.get("GPT_BENCH_DRAFT")]
+    if None in dirs:
+        pytest.skip("set GPT_BENCH_TARGET and GPT_BENCH_DRAFT to a trained target and draft (benches/README.md, Generation)")
+    target_dir, draft_dir = (resolve_model_dir(d)[0] for d in dirs)
+    root = tmp_path_factory.mktemp("pair")
+    for name, d in (("target", target_dir), ("draft", draft_dir)):
+        assert convert.main(["hf-export", str(d), str(root / name)]) == 0
+    target, draft = GPT.from_pretrained(target_dir, backend="torch"), GPT.from_pretrained(draft_dir, backend="torch")
+    return target, draft, load_hf(root / "target", torch.float32), load_hf(root / "draft", torch.float32)
+
+
+SPECULATIVE_NEW_TOKENS, DRAFT_TOKENS = 200, 4
+SAMPLING = {"greedy": dict(temperature=0), "sampled": dict(temperature=0.8, top_k=40)}
+
+
+@pytest.mark.parametrize("mode", list(SAMPLING))
+def test_speculative(benchmark, pair, capsys, mode):
+    target, draft, hf_target, hf_draft = pair
+    tok = target.tokenizer
+    prompt = tok.encode_ordinary("ROMEO:\nWhat say you, my lord?")
+    n, settings = SPECULATIVE_NEW_TOKENS, SAMPLING[mode]
+    hf_settings = dict(do_sample=False) if mode == "greedy" else dict(do_sample=True, temperature=0.8, top_k=40)
+    variants, acceptance = {}, {}
+    variants["transformers alone"] = functools.partial(hf_run, hf_target, prompt, n, **hf_settings)
+    variants["transformers assisted"] = functools.partial(hf_run, hf_target, prompt, n, assistant_model=hf_draft, **hf_settings)
+    outputs = {}
+    for compiled in (False, True):
+        suffix = " compiled" if compiled else ""
+        for with_draft in (False, True):
+            label = f"ours {'+ draft' if with_draft else 'alone'}{suffix}"
+            stats: dict = {}
+            kwargs = dict(stop_tokens=(), seed=1, compile=compiled, **settings)
+            if with_draft:
+                kwargs.update(draft=draft, draft_tokens=DRAFT_TOKENS, stats=stats)
+            run = functools.partial(generate, target, prompt, n, **kwargs)
+            outputs[label] = run()
+            if with_draft:
+                acceptance[label] = stats
+            variants[label] = run
+    if mode == "greedy":
+        reference = variants["transformers alone"]()
+        identical = {label: out == reference for label, out in outputs.items()}
+        assert all(out == outputs["ours alone"] for out in outputs.values()), identical
+        benchmark.extra_info["identical_to_transformers"] = identical
+    times = interleaved(benchmark, variants, ROUNDS, cpu_clock=True)
+    lines = [f"speculative decoding, {mode}, {n} new tokens, draft_tokens {DRAFT_TOKENS}, 1 thread, {ROUNDS} rounds: "
+             f"target {target.num_parameters():,} parameters ({target.config.n_layer} layers x {target.config.n_embd}), "
+             f"draft {draft.num_parameters():,} ({draft.config.n_layer} x {draft.config.n_embd})"]
+    for name, t in times.items():
+        info = {clock: summary(t[clock], n) for clock in ("cpu", "wall")}
+        base = "ours alone" + (" compiled" if "compiled" in name else "") if name.startswith("ours") else "transformers alone"
+        info["x_alone"] = per_round_ratio(t["cpu"], times[base]["cpu"])
+        if name in acceptance:
+            s = acceptance[name]
+            info.update(acceptance_rate=s["accepted"] / max(1, s["drafted"]), tokens_per_round=n / max(1, s["rounds"]), **s)
+        benchmark.extra_info[name] = info
+        r = info["x_alone"]
+        lines.append(f"  {name:24s} cpu {info['cpu']['best']:7.1f} tok/s (median {info['cpu']['median']:.1f}, spread "
+                     f"{info['cpu']['spread']:.2f}x); x {base} {r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]"
+                     + (f"; accepted {100 * info['acceptance_rate']:.0f}% of drafted tokens, {info['tokens_per_round']:.2f} tokens per round"
+                        if name in acceptance else ""))
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
+
