@@ -6,7 +6,7 @@ for every model). Three cases, interleaved over the rounds:
 - ``fused``: ours, ``model(idx, targets)`` (the output layer and the loss in kernels.linear_cross_entropy,
   no (tokens x vocab) logits);
 - ``unfused``: ours with ``return_logits=True`` (logits, then F.cross_entropy: what the model did before);
-- ``transformers``: transformers.GPT2LMHeadModel with ``labels`` (the peer).
+- ``transformers``: transformers.GPT2LMHeadModel with ``labels`` (the peer), dropout off like ours.
 
 Peak memory is the process's peak resident set (VmHWM) after a warm-up step and a timed one: weights,
 gradients, activations and allocator slack, all of it, as `/usr/bin/time -v` would report. Targets
@@ -38,7 +38,9 @@ torch.manual_seed(0)
 idx = torch.randint(0, 50257, (batch, T + 1))  # T inputs and their T next tokens
 if case == "transformers":
     import transformers
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config()).train()
+    # No dropout, as ours (the gpt2 preset has none): dropout masks would be memory ours does not keep.
+    config = transformers.GPT2Config(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(config).train()
     step = lambda: model(idx[:, :T], labels=idx[:, :T]).loss.backward()  # it shifts the labels itself
 else:
     from gpt.config import GPTConfig

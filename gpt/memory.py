@@ -26,15 +26,15 @@ def available_memory_bytes() -> int | None:
 
 def micro_batch_bytes(n_layer: int, n_embd: int, vocab_size: int, batch_size: int, block_size: int, dtype: torch.dtype) -> int:
     """A lower bound of the memory one language-model training micro-batch takes beyond the weights:
-    per token, the windows (int64 inputs and targets), 14 x n_embd activations per layer kept for the
-    backward pass (LayerNorm inputs and outputs, q/k/v, attention output, the 4x MLP before and after
-    GELU) and the gradient of the final hidden state that the fused output layer + loss keeps
+    per token, the windows (int64 inputs and targets), 10 x n_embd activations per layer kept for the
+    backward pass (LayerNorm inputs and outputs, q/k/v, attention output, the 4x MLP input of the GELU:
+    kernels.gelu_linear recomputes the GELU's output) and the gradient of the final hidden state that the fused output layer + loss keeps
     (kernels.linear_cross_entropy: no logits are kept), plus that op's fp32 gradient of the output
     weight (vocab_size x n_embd, once per micro-batch). A lower bound (autograd keeps a little more,
     and the backward pass adds gradients), so it never refuses a batch that would fit."""
     tokens = batch_size * block_size
     activation_size = 2 if dtype in (torch.bfloat16, torch.float16) else 4
-    return tokens * (16 + (n_layer * 14 + 1) * n_embd * activation_size) + vocab_size * n_embd * 4
+    return tokens * (16 + (n_layer * 10 + 1) * n_embd * activation_size) + vocab_size * n_embd * 4
 
 
 @dataclass(frozen=True)

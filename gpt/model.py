@@ -81,7 +81,11 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)
+        if type(self.c_proj) is nn.Linear:  # (LoRA's layer adds its own term: its forward must run)
+            # the GELU's output is recomputed in the backward instead of kept: half the MLP's activations
+            return self.dropout(kernels.gelu_linear(h, self.c_proj.weight, self.c_proj.bias, backend=self.gelu.backend))
+        return self.dropout(self.c_proj(self.gelu(h)))
 
 
 class Block(nn.Module):

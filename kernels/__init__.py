@@ -8,10 +8,10 @@ importable, the PyTorch fallback otherwise; $KERNELS_BACKEND overrides "auto" gl
 
 from kernels.attention import causal_attention
 from kernels.dispatch import BACKENDS, ENV_VAR, backend_for_device, resolve_backend
-from kernels.gelu import GELU, gelu
+from kernels.gelu import GELU, gelu, gelu_linear
 from kernels.int8_linear import CPU_STREAM_MAX_ROWS, int8_linear, materialize, quantize_int8
 from kernels.layer_norm import LayerNorm, layer_norm
 from kernels.linear_cross_entropy import linear_cross_entropy
 
-__all__ = ["BACKENDS", "CPU_STREAM_MAX_ROWS", "ENV_VAR", "GELU", "LayerNorm", "backend_for_device", "causal_attention", "gelu", "int8_linear",
-           "layer_norm", "linear_cross_entropy", "materialize", "quantize_int8", "resolve_backend"]
+__all__ = ["BACKENDS", "CPU_STREAM_MAX_ROWS", "ENV_VAR", "GELU", "LayerNorm", "backend_for_device", "causal_attention", "gelu",
+           "gelu_linear", "int8_linear", "layer_norm", "linear_cross_entropy", "materialize", "quantize_int8", "resolve_backend"]

@@ -71,7 +71,9 @@ def flag(setting: str, flags: Mapping[str, str] | None = None) -> str:
 
 def error_message(e: BaseException, flags: Mapping[str, str] | None = None, text_hint: str = DEFAULT_TEXT_HINT) -> str:
     """The one line a command prints for exception ``e`` (after ``prog: error: ``)."""
-    if isinstance(e, SettingError):
+    if isinstance(e, CLIError):
+        msg = str(e)
+    elif isinstance(e, SettingError):
         msg = e.render(lambda name: flag(name, flags))
     elif isinstance(e, InvalidTextError):
         msg = f"{e}; {text_hint}"
@@ -133,18 +135,12 @@ def command(prog: str, *, flags: Mapping[str, str] | None = None, text_hint: str
                 except OSError:
                     pass
                 return ExitCode.OK
-            except CLIError as e:
-                if debug:
-                    raise
-                close_progress_bars()
-                print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-                return e.code
-            except USER_ERRORS as e:
+            except (CLIError, *USER_ERRORS) as e:
                 if debug:
                     raise
                 close_progress_bars()
                 print(f"{prog}: error: {error_message(e, flags, text_hint)}", file=sys.stderr)
-                return ExitCode.USER_ERROR
+                return e.code if isinstance(e, CLIError) else ExitCode.USER_ERROR
             finally:
                 for lg, level, propagate in saved:
                     lg.removeHandler(handler)

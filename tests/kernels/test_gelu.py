@@ -71,3 +71,54 @@ def test_cuda_matches_reference(shape, dtype):
     x = make_input(shape, dtype, device="cuda").detach().transpose(0, -1)
     torch.testing.assert_close(kernels.gelu(x, backend="triton"), reference_gelu(x).to(dtype),
                                atol=TOLERANCES[dtype][0], rtol=TOLERANCES[dtype][1])
+
+
+# ---------------------------------------------------------------------------------------------- gelu_linear
+
+
+def reference_gelu_linear(x, weight, bias):
+    return torch.nn.functional.linear(reference_gelu(x), weight.double(), None if bias is None else bias.double())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_gelu_linear_matches_reference_values_and_gradients(backend, with_bias):
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(3, 7, 40, generator=g) * 3).to(DEVICE).requires_grad_()
+    weight = (torch.randn(24, 40, generator=g) * 0.1).to(DEVICE).requires_grad_()
+    bias = (torch.randn(24, generator=g)).to(DEVICE).requires_grad_() if with_bias else None
+    y = kernels.gelu_linear(x, weight, bias, backend=backend)
+    grad_out = torch.randn(y.shape, generator=g).to(y)
+    inputs = [x, weight] + ([bias] if with_bias else [])
+    grads = torch.autograd.grad(y, inputs, grad_out)
+    refs = [t.detach().cpu().double().requires_grad_() for t in inputs]
+    expected = reference_gelu_linear(refs[0], refs[1], refs[2] if with_bias else None)
+    expected_grads = torch.autograd.grad(expected, refs, grad_out.cpu().double())
+    torch.testing.assert_close(y.detach().cpu().double(), expected, atol=1e-5, rtol=1e-5)
+    for name, got, want in zip(("dx", "dweight", "dbias"), grads, expected_grads):
+        torch.testing.assert_close(got.cpu().double(), want, atol=1e-4, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_gelu_linear_keeps_only_its_input_for_the_backward():
+    x = torch.randn(64, 96, requires_grad=True)
+    weight, bias = torch.randn(32, 96, requires_grad=True), torch.randn(32, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        kernels.gelu_linear(x, weight, bias, backend="torch")
+    assert saved == [x.shape, weight.shape]  # not the GELU's output (64 x 96 as well)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        torch.nn.functional.linear(kernels.gelu(x, backend="torch"), weight, bias)
+    assert len(saved) == 3  # unfused: x for the GELU, its output and the weight for the linear layer
+
+
+def test_gelu_linear_under_autocast_computes_in_the_autocast_dtype():
+    x = torch.randn(4, 16, requires_grad=True)
+    weight, bias = torch.randn(8, 16, requires_grad=True), torch.randn(8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = kernels.gelu_linear(x, weight, bias, backend="torch")
+        expected = torch.nn.functional.linear(kernels.gelu(x, backend="torch"), weight, bias)
+    assert y.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    y.float().sum().backward()
+    assert x.grad.dtype == weight.grad.dtype == torch.float32
