@@ -122,6 +122,7 @@ def _norm_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return module.weight.detach(), None if module.bias is None else module.bias.detach()
 
 
+@torch.inference_mode()  # inference tensors, however it is called: dynamo guards on the difference
 def build_inference_weights(model: nn.Module, compiled: bool) -> tuple[InferenceWeights, Arena | None]:
     """The weights of ``model`` (a gpt.GPT, maybe quantized or with LoRA adapters) laid out for
     decoding, and the huge-page arena holding the streamed ones (on the CPU; else None)."""
@@ -270,6 +271,10 @@ def forward_logits(w: InferenceWeights, k_cache: list[torch.Tensor], v_cache: li
     return _matmul(_norm(x, w.ln_f, spec), w.head, spec).float()
 
 
+# One graph per model shape, batch size, dtype and layout, all of them on these two functions: dynamo's
+# default of 8 graphs per function is too few for a process that decodes with several models (a draft
+# and its target, int8 and float); past the limit it would stop compiling them.
+RECOMPILE_LIMIT = 64
 _compiled: dict[str, object] = {}
 
 
@@ -277,10 +282,13 @@ def _compiled_fn(name: str):
     """The compiled step / forward, made on first use (torch.compile caches graphs per code object,
     so one wrapper serves every model; graphs are keyed by the shapes and the Spec)."""
     if name not in _compiled:
-        if name == "step":
-            _compiled[name] = torch.compile(step_logits, fullgraph=True)
-        else:
-            _compiled[name] = torch.compile(forward_logits)
+        fn = torch.compile(step_logits, fullgraph=True) if name == "step" else torch.compile(forward_logits)
+
+        def call(*args):
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                return fn(*args)
+
+        _compiled[name] = call
     return _compiled[name]
 
 
@@ -291,6 +299,7 @@ class Decoder:
     """One generate() call's decoding state: the model's inference weights, a static KV cache for
     ``batch_size`` rows of up to n_ctx positions, and the tokens it holds (``tokens[:, :length]``)."""
 
+    @torch.inference_mode()
     def __init__(self, model: nn.Module, batch_size: int, *, compile: bool = False, cache_weights: bool = True):
         prepare = inference_weights if cache_weights else build_inference_weights
         self.weights, self.arena = prepare(model, compile)
@@ -299,11 +308,13 @@ class Decoder:
         device, dtype = self.weights.wte.device, self.weights.wte.dtype
         self.n_ctx = config.n_ctx
         # torch.empty: the cache is only read where it was written, and untouched pages cost nothing.
-        shape = (batch_size, config.n_head, config.n_ctx, config.head_dim)
+        # One slot more than the context: compiled, a view of all n_ctx positions would be a graph of its
+        # own (a slice as long as its tensor is special to dynamo), compiled when the cache first fills.
+        shape = (batch_size, config.n_head, config.n_ctx + 1, config.head_dim)
         self.k_cache = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
         self.v_cache = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
         self.tokens = torch.zeros(batch_size, config.n_ctx, dtype=torch.long, device=device)
-        self.positions = torch.arange(config.n_ctx, device=device)
+        self.positions = torch.arange(config.n_ctx + 1, device=device)
         self.length = 0
         self._step = _compiled_fn("step") if compile else step_logits
         self._forward = _compiled_fn("forward") if compile else forward_logits
@@ -311,6 +322,7 @@ class Decoder:
     def room(self) -> int:
         return self.n_ctx - self.length
 
+    @torch.inference_mode()
     def extend(self, tokens: torch.Tensor, *, all_positions: bool = False) -> torch.Tensor:
         """Feed ``tokens`` (B, T) after the ``length`` cached ones: (B, V) logits of the last position,
         or (B, T, V) for every position with ``all_positions``."""
@@ -323,6 +335,9 @@ class Decoder:
         # A one-token prompt runs eagerly: torch.compile always specialises sizes 0 and 1, so it would
         # cost a graph (seconds of compiling) of its own for a single forward.
         forward = self._forward if T > 1 else forward_logits
+        # A window cut from a longer sequence, or a tensor made outside inference mode, would be a graph of
+        # its own (dynamo guards on strides and on autograd's dispatch keys).
+        tokens = torch.empty(tokens.shape, dtype=tokens.dtype, device=tokens.device).copy_(tokens)
         key_positions = self.positions[: start + T]
         if self.compile:  # one graph for every length (the weights' shapes stay static)
             torch._dynamo.maybe_mark_dynamic(tokens, 1)
@@ -337,10 +352,13 @@ class Decoder:
         self.length = 0
         return self.extend(tokens)
 
+    @torch.inference_mode()
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (B,): the logits (B, V) of its position."""
         if self.length >= self.n_ctx:
             raise ValueError(f"decoder cache full: {self.length} cached tokens, n_ctx={self.n_ctx}")
+        if not token.is_inference():
+            token = token.clone()
         positions = self.positions[: self.length + 1]
         if self.compile:
             torch._dynamo.maybe_mark_dynamic(positions, 0)  # one graph for every length

@@ -182,8 +182,11 @@ def test_compiled_greedy_equals_eager_transformers_and_slides(compiled_model, to
     prompt = tok.encode_ordinary("To be or not")
     ours, expected = hf_greedy(compiled_model, tmp_path, prompt, 25)  # within the window: transformers can follow
     assert generate(ours, prompt, 25, temperature=0, compile=True) == [expected]
-    # 60 new tokens slide the 32-token window twice; compiled, eager and recomputed from scratch agree
+    # 60 new tokens slide the 32-token window twice; compiled, eager and recomputed from scratch agree,
+    # and neither a full cache nor a rebuild compiles anything more
+    before = graphs()
     long = generate(compiled_model, prompt, 60, temperature=0, stop_tokens=(), compile=True)
+    assert graphs() == before
     assert long == generate(compiled_model, prompt, 60, temperature=0, stop_tokens=())
     assert long == [uncached_greedy(compiled_model, prompt, 60)]
 
