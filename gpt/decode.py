@@ -97,6 +97,7 @@ def _onednn_packing() -> bool:
 
 
 def layout_for(device: torch.device, dtype: torch.dtype, compiled: bool) -> str:
+    """The layout of a decoding step's weights (see the module docstring)."""
     if device.type != "cpu":
         return "linear"
     if compiled:
@@ -108,13 +109,25 @@ def layout_for(device: torch.device, dtype: torch.dtype, compiled: bool) -> str:
     return "packed" if dtype == torch.bfloat16 and _onednn_packing() else "linear"
 
 
+def verify_layout(device: torch.device, dtype: torch.dtype) -> str | None:
+    """The layout of the weights that check a draft's tokens (a few rows at once), or None for the
+    step's own. On a CPU MKL multiplies 2-16 rows by a weight it packs on every call at 5-7 GB/s,
+    less than half of what it reaches on one row; oneDNN's weights packed once for 16 rows take 5 rows
+    at ~11 GB/s. They are one more copy of the weights, made for speculative decoding only."""
+    return "verify" if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and _onednn_packing() else None
+
+
+PACKED_ROWS = {"packed": 1, "verify": 16}  # oneDNN's batch-size hint of each packed layout
+VERIFY_MAX_ROWS = 16  # more rows (a prefill) are a real matrix product: MKL on the plain weight
+
+
 def _linear_of(module: nn.Module, layout: str) -> Linear:
     if isinstance(module, Int8Linear):
         return Linear(module.weight_int8.detach(), module.scale.detach(), module.bias)
     weight = merged_weight(module).detach()
     bias = None if module.bias is None else module.bias.detach()
-    if layout == "packed":
-        return Linear(torch.ops.mkldnn._reorder_linear_weight(weight, 1), None, bias, weight)
+    if layout in PACKED_ROWS:
+        return Linear(torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_ROWS[layout]), None, bias, weight)
     return Linear(weight.t().contiguous() if layout == "transposed" else weight, None, bias)
 
 
@@ -123,19 +136,20 @@ def _norm_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 @torch.inference_mode()  # inference tensors, however it is called: dynamo guards on the difference
-def build_inference_weights(model: nn.Module, compiled: bool) -> tuple[InferenceWeights, Arena | None]:
+def build_inference_weights(model: nn.Module, compiled: bool, layout: str | None = None) -> tuple[InferenceWeights, Arena | None]:
     """The weights of ``model`` (a gpt.GPT, maybe quantized or with LoRA adapters) laid out for
-    decoding, and the huge-page arena holding the streamed ones (on the CPU; else None)."""
+    decoding (``layout``, by default the step's: ``layout_for``), and the huge-page arena holding the
+    streamed ones (on the CPU; else None)."""
     config = model.config
     wte = model.transformer.wte.weight.detach()
-    layout = layout_for(wte.device, wte.dtype, compiled)
+    layout = layout or layout_for(wte.device, wte.dtype, compiled)
     spec = Spec(config.n_head, float(config.layer_norm_eps), config.pos_embedding == "rope", layout, config.backend, compiled)
     layers = [Layer(_norm_of(b.ln_1), _linear_of(b.attn.c_attn, layout), _linear_of(b.attn.c_proj, layout),
                     _norm_of(b.ln_2), _linear_of(b.mlp.c_fc, layout), _linear_of(b.mlp.c_proj, layout))
               for b in model.transformer.h]
     head = _linear_of(model.lm_head, layout)
     arena = None
-    if wte.device.type == "cpu" and layout != "packed":  # oneDNN keeps packed weights in its own memory
+    if wte.device.type == "cpu" and layout not in PACKED_ROWS:  # oneDNN keeps packed weights in its own memory
         # The streamed matrices, in the order a step reads them, into one huge-page arena.
         streamed = [lin for layer in layers for lin in (layer.c_attn, layer.attn_proj, layer.c_fc, layer.mlp_proj)] + [head]
         arena, moved = Arena.holding([lin.weight for lin in streamed])
@@ -157,7 +171,7 @@ def _tensors_key(model: nn.Module) -> tuple:
     return tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in (*model.parameters(), *model.buffers()))
 
 
-def inference_weights(model: nn.Module, compiled: bool) -> tuple[InferenceWeights, Arena | None]:
+def inference_weights(model: nn.Module, compiled: bool, layout: str | None = None) -> tuple[InferenceWeights, Arena | None]:
     """``build_inference_weights``, cached with the model (generate() does not cache them for a model
     that was in training mode: its weights change between calls, so it gets a copy freed after the call)."""
     key = _tensors_key(model)
@@ -165,9 +179,9 @@ def inference_weights(model: nn.Module, compiled: bool) -> tuple[InferenceWeight
     if entry is None or entry["key"] != key:
         _CACHE.pop(model, None)  # free the stale copies before making new ones
         entry = _CACHE[model] = {"key": key}
-    if compiled not in entry:
-        entry[compiled] = build_inference_weights(model, compiled)
-    return entry[compiled]
+    if (compiled, layout) not in entry:
+        entry[compiled, layout] = build_inference_weights(model, compiled, layout)
+    return entry[compiled, layout]
 
 
 # ---------------------------------------------------------------------------------------------- the math
@@ -191,7 +205,11 @@ def _matmul(x: torch.Tensor, lin: Linear, spec: Spec) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         y = x2 @ lin.weight if lin.bias is None else torch.addmm(lin.bias, x2, lin.weight)
         return y.view(*x.shape[:-1], y.shape[-1])
-    return F.linear(x, lin.weight if lin.plain is None else lin.plain, lin.bias)
+    if lin.plain is not None:
+        if x.numel() <= VERIFY_MAX_ROWS * x.shape[-1]:
+            return torch.ops.mkldnn._linear_pointwise(x, lin.weight, lin.bias, "none", [], "")
+        return F.linear(x, lin.plain, lin.bias)
+    return F.linear(x, lin.weight, lin.bias)
 
 
 def _matvec(x: torch.Tensor, lin: Linear, spec: Spec) -> torch.Tensor:
@@ -200,8 +218,6 @@ def _matvec(x: torch.Tensor, lin: Linear, spec: Spec) -> torch.Tensor:
         x32 = kernels.materialize(x).float()
         y = (x32[:, None, :] * lin.weight.float()).sum(-1)
         return (y if lin.bias is None else y + lin.bias.float()).to(x.dtype)
-    if lin.plain is not None:
-        return torch.ops.mkldnn._linear_pointwise(x, lin.weight, lin.bias, "none", [], "")
     return _matmul(x, lin, spec)
 
 
@@ -301,9 +317,10 @@ class Decoder:
 
     @torch.inference_mode()
     def __init__(self, model: nn.Module, batch_size: int, *, compile: bool = False, cache_weights: bool = True):
-        prepare = inference_weights if cache_weights else build_inference_weights
-        self.weights, self.arena = prepare(model, compile)
-        self.compile = compile
+        self._prepare = inference_weights if cache_weights else build_inference_weights
+        self.weights, self.arena = self._prepare(model, compile)
+        self.model, self.compile = model, compile
+        self._verify_weights: InferenceWeights | None = None
         config = model.config
         device, dtype = self.weights.wte.device, self.weights.wte.dtype
         self.n_ctx = config.n_ctx
@@ -334,7 +351,9 @@ class Decoder:
             return logits[:, None] if all_positions else logits
         # A one-token prompt runs eagerly: torch.compile always specialises sizes 0 and 1, so it would
         # cost a graph (seconds of compiling) of its own for a single forward.
-        forward = self._forward if T > 1 else forward_logits
+        forward, weights = self._forward if T > 1 else forward_logits, self.weights
+        if all_positions and 1 < T <= VERIFY_MAX_ROWS and self.verify_weights() is not self.weights:
+            forward, weights = forward_logits, self.verify_weights()  # a speculative verification: eagerly, on its own weights
         # A window cut from a longer sequence, or a tensor made outside inference mode, would be a graph of
         # its own (dynamo guards on strides and on autograd's dispatch keys).
         tokens = torch.empty(tokens.shape, dtype=tokens.dtype, device=tokens.device).copy_(tokens)
@@ -342,10 +361,19 @@ class Decoder:
         if self.compile:  # one graph for every length (the weights' shapes stay static)
             torch._dynamo.maybe_mark_dynamic(tokens, 1)
             torch._dynamo.maybe_mark_dynamic(key_positions, 0)
-        logits = forward(self.weights, self.k_cache, self.v_cache, tokens, key_positions, all_positions)
+        logits = forward(weights, self.k_cache, self.v_cache, tokens, key_positions, all_positions)
         self.tokens[:, start:start + T] = tokens
         self.length = start + T
         return logits
+
+    def verify_weights(self) -> InferenceWeights:
+        """The weights that check a draft's tokens (``verify_layout``), made on first use."""
+        if self._verify_weights is None:
+            # int8 layers have no packed form: they keep the step's path (kernels.int8_linear)
+            quantized = getattr(self.model, "quantization", None) is not None
+            layout = None if quantized else verify_layout(self.weights.wte.device, self.weights.wte.dtype)
+            self._verify_weights = self._prepare(self.model, False, layout)[0] if layout else self.weights
+        return self._verify_weights
 
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
         """Start over with ``tokens`` (B, T) in the cache: the logits (B, V) of the last position."""

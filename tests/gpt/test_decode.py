@@ -65,6 +65,8 @@ def test_extend_verifies_several_positions_and_rewind_forgets(tok):
     idx = torch.randint(0, tok.n_vocab, (1, 12), generator=torch.Generator().manual_seed(1))
     expected = forward_logits(model, idx)
     decoder = Decoder(model, 1)
+    if torch.backends.mkldnn.is_available():  # a verification reads oneDNN's packed copy of the weights
+        assert decoder.verify_weights().spec.layout == "verify"
     with torch.inference_mode():
         decoder.prefill(idx[:, :5])
         torch.testing.assert_close(decoder.extend(idx[:, 5:9], all_positions=True), expected[:, 5:9], rtol=1e-4, atol=1e-4)
