@@ -4,18 +4,19 @@ a one-token step that torch.compile can turn into a few loops that stream the we
 Decoding one token at batch 1 reads every weight once and does little else, so its speed is memory
 bandwidth over weight bytes (benches/README.md, Generation, has the measurements behind each choice):
 
-- **Inference weights** (``InferenceWeights``, built once per model and reused while its parameters
-  are unchanged; never part of the model's state dict, so checkpoints and training are untouched).
-  On the CPU the weights a step streams are copied, in the order it reads them, into one arena of
-  transparent huge pages (gpt.arena: one core reads ~30% faster from them), laid out for the kernel
-  that reads them: eager fp32 multiplies a row by an (in, out) copy with ``addmm`` (MKL reads it
-  at ~17 GB/s, against ~13 GB/s for ``F.linear`` on nn.Linear's (out, in)); the compiled step keeps
-  (out, in) and writes each mat-vec as ``(x[:, None, :] * W).sum(-1)``, which inductor turns into
-  one loop per output row over W read once (~20-26 GB/s). 16-bit weights keep (out, in) with
-  ``F.linear`` eagerly (faster than (in, out) in bf16). On CUDA the parameters are used as they are.
-  Int8 layers (gpt.quantize) go through ``kernels.int8_linear``. The copy costs one more copy of the
-  streamed weights in memory (495 MB for 124M in fp32).
-- **A static KV cache**: one (B, H, n_ctx, D) tensor per layer for keys and one for values, written
+- **Inference weights** (``InferenceWeights``, built once per model and layout and reused while its
+  parameters are unchanged; never part of the model's state dict, so checkpoints and training are
+  untouched; one more copy of the weights in memory, 495 MB for 124M in fp32). On the CPU the weights
+  a step streams are copied, in the order it reads them, into one arena of transparent huge pages
+  (gpt.arena: one core reads ~30% faster from them), laid out for the kernel that reads them: eager
+  fp32 multiplies a row by an (in, out) copy with ``addmm`` (MKL streams it at ~15-18 GB/s, against
+  ~9-13 GB/s for ``F.linear`` on nn.Linear's (out, in)); the compiled step keeps (out, in) and writes
+  each mat-vec as ``(x[:, None, :] * W).sum(-1)``, which inductor turns into one loop per output row
+  over W read once (~20-26 GB/s). Eager bf16 uses oneDNN's prepacked weights (~1.4x ``F.linear``,
+  the same results; oneDNN keeps them in its own memory). Speculative decoding's verification of a
+  few tokens at once reads another oneDNN copy packed for 16 rows (``verify_layout``). On CUDA the
+  parameters are used as they are. Int8 layers (gpt.quantize) go through ``kernels.int8_linear``.
+- **A static KV cache**: one (B, H, n_ctx + 1, D) tensor per layer for keys and one for values, written
   in place at each step's position. One tensor per layer, not one for all layers: compiled, writing
   into a slice of a graph input made inductor copy the whole cache twice per step. The attention of a
   step reads the first L positions (a view), so a cache sized for the whole context costs nothing per
@@ -26,13 +27,15 @@ bandwidth over weight bytes (benches/README.md, Generation, has the measurements
   op (``kernels.materialize``), or inductor would inline the LayerNorm or GELU that produced it into
   the mat-vec loop and recompute it once per weight row. The one-query attention is written out
   (scores, softmax, weighted sum: fused by inductor); SDPA's call per layer cost 3-6 ms more per step.
-  The prefill (and the multi-token verification of speculative decoding) is compiled separately,
-  with dynamic shapes: one graph for every prompt length.
+  The prefill is compiled separately, dynamic in the prompt length: one graph for every prompt.
+  Compiled code is specialised to the thread count at its compilation (inductor), and inputs are
+  normalised (standard strides, inference tensors) so that no call recompiles by accident.
 - Eagerly the model's kernels are used (``kernels.layer_norm``, ``gelu``, ``causal_attention`` with
   the model's backend), so a Triton model runs its Triton kernels.
 
 ``Decoder`` holds one generate() call's state: the inference weights, the cache, and the tokens it
-holds (for the sliding window).
+holds (for the sliding window). No tensor grows or is re-allocated per token: the cache, the token
+buffer and the positions are allocated once per call, and a step allocates only its own outputs.
 """
 
 from __future__ import annotations

@@ -24,6 +24,13 @@ where it stopped there, its accepted draft token where it went further). Each ro
 still distributed as its own standard rule makes it, and the positions after m are discarded and
 drawn again in the next round, so the rule stays exact; a batch only accepts less per round.
 
+What it saves, on a CPU: a round costs K draft steps and one verification of K + 1 tokens. Eagerly
+the verification costs about one target step (it reads oneDNN's weights packed for a few rows,
+gpt.decode), so every accepted token is nearly free. Compiled, a target step streams its weights
+about twice as fast as any product of several rows runs on this CPU, so a verification costs ~2.5
+steps and a draft pays only when most of its tokens are accepted (benches/README.md, Generation,
+measures both on a trained pair).
+
 The context window is the target's own rule (gpt.sampling): a round never crosses the point where
 the target alone would slide its window (K shrinks near it) and slides there in the same way, so
 every token is conditioned on exactly the same tokens as without a draft. The draft has a window of

@@ -89,7 +89,8 @@ def build_parser() -> ArgumentParser:
                    "int8 also quantizes the output head (an int8 copy of the tied embedding), int8-blocks keeps it; "
                    "on a CPU this implies --compile")
     p.add_argument("--draft", metavar="DIR",
-                   help="speculative decoding with this smaller checkpoint (it must use the model's tokenizer)")
+                   help="speculative decoding with this smaller checkpoint (it must use the model's tokenizer; "
+                   "--quantize applies to --model only)")
     p.add_argument("--draft-tokens", type=integer(1, 64), default=None, metavar="K",
                    help=f"tokens the draft proposes per round (with --draft; default {DRAFT_TOKENS})")
     return p
@@ -160,7 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_same_tokenizer(model_dir, draft_dir)  # before loading any weights
     model = GPT.from_pretrained(model_dir, device=device, dtype=dtype)
     check_kernels_backend(model.config.backend, device)
-    draft = GPT.from_pretrained(draft_dir, device=device, dtype=dtype) if draft_dir is not None else None
+    draft = None
+    if draft_dir is not None:
+        draft = GPT.from_pretrained(draft_dir, device=device, dtype=dtype)
+        check_kernels_backend(draft.config.backend, device)
     settings = _sampling_settings(args, model.generation_config, model_dir)
     tok = model.tokenizer
     try:
