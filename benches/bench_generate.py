@@ -173,7 +173,7 @@ def test_decode(benchmark, models, capsys, threads, batch):
 
 def _decode_case(benchmark, models, capsys, threads, batch):
     ours = ["fp32", "bf16"] + (["int8", "int8-blocks"] if threads == 1 else [])
-    variants, checks, work = {}, {}, {}
+    variants, checks = {}, {}
     for dtype in DTYPES:
         peer = f"transformers {dtype}"
         reference = hf_run(models(f"hf-{dtype}"), PROMPT, NEW_TOKENS, batch, do_sample=False)

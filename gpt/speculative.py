@@ -40,8 +40,6 @@ accepted, never the output's distribution.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from gpt.decode import Decoder
