@@ -47,12 +47,16 @@ class Arena:
     """``nbytes`` of memory advised for huge pages; ``take(t)`` copies tensors into it, in order."""
 
     def __init__(self, nbytes: int):
-        # Over-allocate one huge page so that the first tensor can start on a 2 MiB boundary.
-        self._map = mmap.mmap(-1, max(1, nbytes) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        # Over-allocate one huge page so that the first tensor can start on a 2 MiB boundary, and one
+        # ordinary page at the end advised the other way: its flags differ from the next arena's, so
+        # the kernel cannot merge two arenas into one mapping (smaps, hence huge_page_bytes, is per mapping).
+        size = max(1, nbytes) + HUGE_PAGE + mmap.PAGESIZE
+        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.advised = False
         if hasattr(mmap, "MADV_HUGEPAGE") and thp_mode() in ("always", "madvise"):
             try:
                 self._map.madvise(mmap.MADV_HUGEPAGE)
+                self._map.madvise(mmap.MADV_NOHUGEPAGE, size - mmap.PAGESIZE, mmap.PAGESIZE)
                 self.advised = True
             except OSError:  # e.g. a kernel built without THP: ordinary pages, same tensors
                 pass
@@ -84,7 +88,8 @@ class Arena:
 
     def huge_page_bytes(self) -> int | None:
         """Bytes of the arena the kernel backs with huge pages now (AnonHugePages of its mapping in
-        /proc/self/smaps); None where that file cannot be read."""
+        /proc/self/smaps: the arena and at most one huge page of alignment); None where that file
+        cannot be read."""
         address = self._bytes.data_ptr()
         try:
             lines = Path("/proc/self/smaps").read_text().splitlines()

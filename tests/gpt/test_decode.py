@@ -134,6 +134,14 @@ def test_cpu_weights_live_in_huge_pages(tok):
     assert decoder.arena.huge_page_bytes() >= 2 * 2**20
 
 
+@pytest.mark.skipif(thp_mode() not in ("always", "madvise"), reason=f"transparent huge pages are {thp_mode()} here")
+def test_arena_reports_its_own_huge_pages_only():
+    """Arenas made one after another stay separate mappings, so each reports only its own huge pages."""
+    arenas = [Arena.holding([torch.ones(2**22)])[0] for _ in range(3)]  # 16 MiB each
+    for arena in arenas:
+        assert arena.huge_page_bytes() <= arena.nbytes + 2 * 2**20
+
+
 def test_arena_without_huge_pages(monkeypatch, tok):
     """Where madvise(MADV_HUGEPAGE) does not exist, the arena has ordinary pages and decoding is unchanged."""
     model = make_tiny_model(tok, n_ctx=32)
