@@ -50,14 +50,14 @@ class Arena:
         # Over-allocate one huge page so that the first tensor can start on a 2 MiB boundary, and one
         # ordinary page at the end advised the other way: its flags differ from the next arena's, so
         # the kernel cannot merge two arenas into one mapping (smaps, hence huge_page_bytes, is per mapping).
-        size = max(1, nbytes) + HUGE_PAGE + mmap.PAGESIZE
-        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        tail = -(-(max(1, nbytes) + HUGE_PAGE) // mmap.PAGESIZE) * mmap.PAGESIZE  # madvise takes whole pages
+        self._map = mmap.mmap(-1, tail + mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.advised = False
         if hasattr(mmap, "MADV_HUGEPAGE") and thp_mode() in ("always", "madvise"):
             try:
                 self._map.madvise(mmap.MADV_HUGEPAGE)
-                self._map.madvise(mmap.MADV_NOHUGEPAGE, size - mmap.PAGESIZE, mmap.PAGESIZE)
                 self.advised = True
+                self._map.madvise(mmap.MADV_NOHUGEPAGE, tail, mmap.PAGESIZE)
             except OSError:  # e.g. a kernel built without THP: ordinary pages, same tensors
                 pass
         raw = torch.frombuffer(self._map, dtype=torch.uint8)

@@ -137,7 +137,7 @@ def test_cpu_weights_live_in_huge_pages(tok):
 @pytest.mark.skipif(thp_mode() not in ("always", "madvise"), reason=f"transparent huge pages are {thp_mode()} here")
 def test_arena_reports_its_own_huge_pages_only():
     """Arenas made one after another stay separate mappings, so each reports only its own huge pages."""
-    arenas = [Arena.holding([torch.ones(2**22)])[0] for _ in range(3)]  # 16 MiB each
+    arenas = [Arena.holding([torch.ones(2**22 + 1000 * i)])[0] for i in range(3)]  # 16 MiB and a bit
     for arena in arenas:
         assert arena.huge_page_bytes() <= arena.nbytes + 2 * 2**20
 
