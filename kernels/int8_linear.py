@@ -160,7 +160,7 @@ def _triton_int8_linear(x2, weight_int8, scale, bias, out):
 
 # An identity that inductor cannot see through. Without it inductor inlines whatever pointwise op
 # produced x (a LayerNorm, typically) into the streaming loop below and recomputes it once per weight
-# row, which made a compiled decode step compute-bound (research/FINDINGS.md).
+# row, which made a compiled decode step compute-bound (measured while writing this).
 _LIB = torch.library.Library("kernels_int8_linear", "DEF")
 _LIB.define("materialize(Tensor x) -> Tensor")
 
@@ -187,7 +187,7 @@ def _torch_int8_linear(x, weight_int8, scale, bias):
         # Compiled on the CPU, multiply + sum becomes one inductor loop per output row that reads the
         # int8 weights once and converts them in registers: 3.7x faster than fp32 addmm over 124M's
         # 49 decode mat-vecs. It reads the weights once per row of x, so only for a few rows (at 8
-        # rows it ties with dequantise + F.linear, measured in research/FINDINGS.md).
+        # rows it tied with dequantise + F.linear when this was written; benches/README.md, Generation).
         x32 = materialize(x).float()
         y = (x32[..., None, :] * weight_int8.float()).sum(-1) * scale
     else:
