@@ -24,8 +24,8 @@ QUANTIZE_CHOICES = ("int8", "int8-blocks")
 DRAFT_TOKENS = 4
 DESCRIPTION = """\
 Generate text with a GPT checkpoint. The text is streamed to stdout as it is
-produced (the prompt is not repeated); speed and time to first token go to
-stderr. Sampling settings not given here come from the checkpoint's
+produced (the prompt is not repeated); speed, time to first token and the
+rate after the second token (once any compiling is done) go to stderr. Sampling settings not given here come from the checkpoint's
 generation.json when it has them, else from the defaults shown. A sample ends
 early at the end-of-text token.
 
@@ -181,11 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     stream_live = not args.no_stream
     decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(args.num_samples)]
     pieces: list[list[str]] = [[] for _ in range(args.num_samples)]
-    first_token_at: list[float] = []
+    token_times: list[tuple[int, float]] = []  # (sample, when) of every token
 
     def on_token(sample: int, token: int) -> None:
-        if not first_token_at:
-            first_token_at.append(time.perf_counter())
+        token_times.append((sample, time.perf_counter()))
         piece = decoders[sample].decode(tok.decode_single_token_bytes(token))
         if stream_live and sample == 0:
             sys.stdout.write(piece)
@@ -216,12 +215,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stdout.flush()
 
     n_tokens = sum(map(len, outputs))
-    ttft = (first_token_at[0] - start) if first_token_at else elapsed
+    ttft = (token_times[0][1] - start) if token_times else elapsed
+    # The rate after the first sample's second token: by then the prefill and the first decoding step
+    # (and their compiling) are done.
+    second = [when for sample, when in token_times if sample == 0][1:2]
+    later = [when for _, when in token_times if second and when > second[0]]
+    steady = f", then {len(later) / (later[-1] - second[0]):.1f} tokens/s" if len(later) > 1 else ""
     samples = f" over {args.num_samples} samples" if args.num_samples > 1 else ""
     drafted = (f", {stats['accepted']} of {stats['drafted']} drafted tokens accepted "
                f"({100 * stats['accepted'] / max(1, stats['drafted']):.0f}%)") if draft is not None and stats else ""
-    print(f"{PROG}: {n_tokens} tokens{samples} in {elapsed:.2f} s ({n_tokens / elapsed:.1f} tokens/s), "
-          f"time to first token {ttft * 1000:.0f} ms{drafted}", file=sys.stderr)
+    print(f"{PROG}: {n_tokens} token{'' if n_tokens == 1 else 's'}{samples} in {elapsed:.2f} s ({n_tokens / elapsed:.1f} tokens/s), "
+          f"time to first token {ttft * 1000:.0f} ms{steady}{drafted}", file=sys.stderr)
     return 0
 
 

@@ -4,6 +4,7 @@ generation.json, --instruct, special tokens, truncation, and one-line errors wit
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 
@@ -74,6 +75,7 @@ def test_greedy_output_is_the_api_output(ckpt, model, tok, capsys):
     (ids,) = generate(model, tok.encode_ordinary("To be or not"), 30, temperature=0)
     assert out == tok.decode(ids) + "\n"
     assert "tokens/s" in err and "time to first token" in err
+    assert re.search(r"then \d+\.\d tokens/s", err), err  # the rate once the first step is done
 
 
 def test_sampling_is_seeded_and_uses_the_settings(ckpt, model, tok, capsys, calls):
