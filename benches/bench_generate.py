@@ -27,7 +27,7 @@ thread's CPU time (``time.thread_time``: it leaves out time the core was given t
 next to wall time; at two threads wall time only. Greedy outputs are checked against transformers'
 in the same dtype (identical, or the first differing position).
 
-    pytest benches/bench_generate.py -s                    # ~25 min on 2 cores, compiling included
+    pytest benches/bench_generate.py -s                    # ~35 min on 2 cores, compiling included
     GPT_BENCH_ROUNDS=3 pytest benches/bench_generate.py -s -k "threads1-batch1"
 """
 
