@@ -6,6 +6,7 @@ import argparse
 import codecs
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -25,9 +26,10 @@ DRAFT_TOKENS = 4
 DESCRIPTION = """\
 Generate text with a GPT checkpoint. The text is streamed to stdout as it is
 produced (the prompt is not repeated); speed, time to first token and the
-rate after the second token (once any compiling is done) go to stderr. Sampling settings not given here come from the checkpoint's
-generation.json when it has them, else from the defaults shown. A sample ends
-early at the end-of-text token.
+rate after the second token (once any compiling is done) go to stderr.
+Sampling settings not given here come from the checkpoint's generation.json
+when it has them, else from the defaults shown. A sample ends early at the
+end-of-text token.
 
 Decoding uses a static KV cache and weights laid out for inference (on a
 CPU, one more copy of them, in huge pages). --compile compiles the decoding
@@ -216,11 +218,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     n_tokens = sum(map(len, outputs))
     ttft = (token_times[0][1] - start) if token_times else elapsed
-    # The rate after the first sample's second token: by then the prefill and the first decoding step
-    # (and their compiling) are done.
+    # The rate after the second token: by then the prefill and the first decoding step (and their
+    # compiling) are done. Every sample's tokens after its own second one were computed after the first
+    # sample's second token arrived.
+    later = sum(max(0, n - 2) for n in Counter(sample for sample, _ in token_times).values())
     second = [when for sample, when in token_times if sample == 0][1:2]
-    later = [when for _, when in token_times if second and when > second[0]]
-    steady = f", then {len(later) / (later[-1] - second[0]):.1f} tokens/s" if len(later) > 1 else ""
+    steady = (f", then {later / (token_times[-1][1] - second[0]):.1f} tokens/s"
+              if later and second and token_times[-1][1] > second[0] else "")
     samples = f" over {args.num_samples} samples" if args.num_samples > 1 else ""
     drafted = (f", {stats['accepted']} of {stats['drafted']} drafted tokens accepted "
                f"({100 * stats['accepted'] / max(1, stats['drafted']):.0f}%)") if draft is not None and stats else ""
