@@ -1,28 +1,36 @@
 # Two entry points, both idempotent and self-installing:  `make test`  and  `make demo`.
 # TORCH_SPEC is installed before anything that depends on torch, so pip never pulls a CUDA build
-# by accident; on a GPU machine override it, e.g. `make test TORCH_SPEC=torch`.
+# by accident; on a GPU machine override it, e.g. `make test TORCH_SPEC=torch LOCK=`.
+# Every other package is installed at the exact version of LOCK (requirements/dev.lock, written by
+# pip-compile from pyproject.toml: `make lock` refreshes it), so a new upstream release cannot break a
+# fresh clone; `make test-latest` runs the suite against the newest releases instead. LOCK= (empty)
+# installs without the pins.
 PYTHON     ?= python3
 VENV       ?= .venv
+LATEST_VENV ?= .venv-latest
 TORCH_SPEC ?= torch==2.13.0
+PIP_SPEC   ?= pip==26.3
+LOCK       ?= requirements/dev.lock
+PINS        = $(if $(LOCK),-c $(LOCK))
 PY          = $(VENV)/bin/python
 PYTEST_ARGS ?= -n 2
 DEMO_DIR   ?= demo-out
 DEMO_STEPS ?= 2000
 DEMO_TRAIN_ARGS ?=
 
-.PHONY: test demo bench install install-dev clean
+.PHONY: test test-latest lock demo bench install install-dev clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(PIP_SPEC)"
 
-$(VENV)/.installed: $(PY) pyproject.toml
+$(VENV)/.installed: $(PY) pyproject.toml $(LOCK)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q $(PINS) -e .
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q $(PINS) -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -32,6 +40,25 @@ install-dev: $(VENV)/.installed-dev
 test: $(VENV)/.installed-dev
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+# The suite against the newest release of every dependency (no pins; torch stays TORCH_SPEC), in a
+# venv of its own: tells early what the next `make lock` would break.
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST_VENV)/bin/python -m pip list --format freeze > $(LATEST_VENV)/versions.txt
+	$(LATEST_VENV)/bin/lint-imports
+	$(LATEST_VENV)/bin/python -m pytest $(PYTEST_ARGS) tests
+
+# Re-resolve the pins: the newest releases that pyproject.toml allows, against TORCH_SPEC (which
+# requirements/torch.txt records; torch itself stays out of the lock, installed first by TORCH_SPEC).
+lock: $(VENV)/.installed-dev
+	echo "$(TORCH_SPEC)" > requirements/torch.txt
+	$(VENV)/bin/pip-compile --quiet --upgrade --extra dev --strip-extras --no-emit-index-url --no-emit-find-links \
+		--unsafe-package torch --constraint requirements/torch.txt --output-file requirements/dev.lock pyproject.toml
 
 bench: $(VENV)/.installed-dev
 	$(PY) -m pytest benches
@@ -56,4 +83,4 @@ gpu-check:
 	PYTHONPATH=. $(PYTHON) -m benches.gpu_check --out $(GPU_CHECK_OUT)
 
 clean:
-	rm -rf $(DEMO_DIR) .pytest_cache .benchmarks
+	rm -rf $(DEMO_DIR) .pytest_cache .benchmarks $(LATEST_VENV)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import kernels
+import gpt2_kernels
 from benches.kernel_utils import make_call, run, table_fixture
 from tests.conftest import requires_cuda
 
@@ -41,9 +41,9 @@ def sdpa_flash(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-CUDA_IMPLS = {"triton": lambda q, k, v: kernels.causal_attention(q, k, v, backend="triton"),
+CUDA_IMPLS = {"triton": lambda q, k, v: gpt2_kernels.causal_attention(q, k, v, backend="triton"),
               "eager": eager_causal_attention, "builtin": sdpa_flash}
-CPU_IMPLS = {"fallback": lambda q, k, v: kernels.causal_attention(q, k, v, backend="torch"),
+CPU_IMPLS = {"fallback": lambda q, k, v: gpt2_kernels.causal_attention(q, k, v, backend="torch"),
              "eager": eager_causal_attention}
 
 

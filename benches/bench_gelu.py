@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import gpt2_kernels
 from benches.kernel_utils import make_call, run, table_fixture
 from tests.conftest import requires_cuda
 
@@ -26,9 +26,9 @@ def eager_gelu(x):
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
-CUDA_IMPLS = {"triton": lambda x: kernels.gelu(x, backend="triton"), "eager": eager_gelu,
+CUDA_IMPLS = {"triton": lambda x: gpt2_kernels.gelu(x, backend="triton"), "eager": eager_gelu,
               "builtin": lambda x: F.gelu(x, approximate="tanh")}
-CPU_IMPLS = {"fallback": lambda x: kernels.gelu(x, backend="torch"), "eager": eager_gelu}
+CPU_IMPLS = {"fallback": lambda x: gpt2_kernels.gelu(x, backend="torch"), "eager": eager_gelu}
 
 
 def bench(benchmark, table, impls, impl, shape, mode, dtype, device):

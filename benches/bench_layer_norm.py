@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import gpt2_kernels
 from benches.kernel_utils import make_call, run, table_fixture
 from tests.conftest import requires_cuda
 
@@ -28,9 +28,9 @@ def eager_layer_norm(x, weight, bias, eps=1e-5):
     return ((x32 - mean) * torch.rsqrt(var + eps) * weight + bias).to(x.dtype)
 
 
-CUDA_IMPLS = {"triton": lambda x, w, b: kernels.layer_norm(x, w, b, backend="triton"), "eager": eager_layer_norm,
+CUDA_IMPLS = {"triton": lambda x, w, b: gpt2_kernels.layer_norm(x, w, b, backend="triton"), "eager": eager_layer_norm,
               "builtin": lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b)}
-CPU_IMPLS = {"fallback": lambda x, w, b: kernels.layer_norm(x, w, b, backend="torch"), "eager": eager_layer_norm}
+CPU_IMPLS = {"fallback": lambda x, w, b: gpt2_kernels.layer_norm(x, w, b, backend="torch"), "eager": eager_layer_norm}
 
 
 def bench(benchmark, table, impls, impl, rows, N, mode, dtype, device):

@@ -1,4 +1,4 @@
-"""Fused linear + cross-entropy (kernels.linear_cross_entropy) vs F.cross_entropy(F.linear(...)).
+"""Fused linear + cross-entropy (gpt2_kernels.linear_cross_entropy) vs F.cross_entropy(F.linear(...)).
 
 GPT-2's output layer and loss: C=768 channels, V=50257 words. Timed forward only (`fwd`: the loss
 under torch.no_grad, as in evaluation) and forward+backward (`fwd+bwd`: the loss and the gradients
@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import gpt2_kernels
 from benches.kernel_utils import run, table_fixture
 from tests.conftest import requires_cuda
 
@@ -36,8 +36,8 @@ MODES = ["fwd", "fwd+bwd"]
 table = table_fixture("linear + cross-entropy: time per call, peak memory, speed-up over the unfused loss")
 
 IMPLS = {
-    "fused": lambda h, w, t: kernels.linear_cross_entropy(h, w, t, backend="torch"),
-    "triton": lambda h, w, t: kernels.linear_cross_entropy(h, w, t, backend="triton"),
+    "fused": lambda h, w, t: gpt2_kernels.linear_cross_entropy(h, w, t, backend="torch"),
+    "triton": lambda h, w, t: gpt2_kernels.linear_cross_entropy(h, w, t, backend="triton"),
     "unfused": lambda h, w, t: F.cross_entropy(F.linear(h, w).float(), t),
 }
 

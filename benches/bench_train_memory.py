@@ -3,7 +3,7 @@
 One step = forward + backward of a 4 x 1024-token batch in fp32 (no optimizer: its state is the same
 for every model). Three cases, interleaved over the rounds:
 
-- ``fused``: ours, ``model(idx, targets)`` (the output layer and the loss in kernels.linear_cross_entropy,
+- ``fused``: ours, ``model(idx, targets)`` (the output layer and the loss in gpt2_kernels.linear_cross_entropy,
   no (tokens x vocab) logits);
 - ``unfused``: ours with ``return_logits=True`` (logits, then F.cross_entropy: what the model did before);
 - ``transformers``: transformers.GPT2LMHeadModel with ``labels`` (the peer), dropout off like ours.

@@ -8,7 +8,7 @@ network): it installs nothing and fits in 8 minutes. Sections, in order, each in
 with its own time limit, so a crash, a CUDA error or a hang in one loses none of the others' rows:
 
     peaks    the machine, versions, and the peaks measured in this run (bf16 matmul TFLOP/s, copy GB/s)
-    tests    pytest on tests/kernels, tests/benches and every test file that uses the cuda marker
+    tests    pytest on tests/gpt2_kernels, tests/benches and every test file that uses the cuda marker
     kernels  each kernel vs its PyTorch peer, forward and forward+backward, bf16 and fp16, GPT-2 shapes
     train    a GPT-2 124M training step, bf16 autocast, backend triton vs torch, eager and compiled
     decode   gpt.generate tokens/s, batch 1, greedy
@@ -42,7 +42,7 @@ FORMAT_VERSION = 1
 # (section, seconds at most); the sum may exceed the budget: later sections get what is left.
 SECTION_BUDGETS = {"peaks": 30, "tests": 150, "kernels": 110, "train": 150, "decode": 35, "ddp": 30}
 MIN_SECTION_S = 10  # a section with less time left than this is recorded as skipped
-TEST_PATHS = ("tests/kernels", "tests/benches")
+TEST_PATHS = ("tests/gpt2_kernels", "tests/benches")
 CUDA_MARKERS = ("requires_cuda", "mark.cuda")  # test files using these run in the tests section too
 
 
@@ -175,7 +175,7 @@ def _cell(text: str) -> str:
 
 
 def cuda_test_files(root: Path = ROOT) -> list[str]:
-    """tests/kernels, tests/benches, and every other test file that mentions the cuda markers."""
+    """tests/gpt2_kernels, tests/benches, and every other test file that mentions the cuda markers."""
     extra = sorted(p.relative_to(root).as_posix() for p in (root / "tests").rglob("test_*.py")
                    if not p.relative_to(root).as_posix().startswith(TEST_PATHS)
                    and any(m in p.read_text(errors="replace") for m in CUDA_MARKERS))

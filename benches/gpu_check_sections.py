@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-import kernels
+import gpt2_kernels
 from benches.kernel_utils import make_call
 
 SHAPES = {
@@ -61,9 +61,9 @@ def make_context(device: str = "cuda", shapes: str = "gpt2", **fields) -> Contex
     """The context gpu_check runs a section in. On the CPU (the tests' seam): fp32, Triton under the
     interpreter when it is on (else the fallbacks), no torch.compile, and gloo instead of NCCL."""
     if device == "cpu":
-        from kernels.dispatch import INTERPRETER
+        from gpt2_kernels.dispatch import INTERPRETER
 
-        # fp16 autocast: the interpreter computes bf16 matmuls wrongly (see kernels.attention).
+        # fp16 autocast: the interpreter computes bf16 matmuls wrongly (see gpt2_kernels.attention).
         fields = dict(dtypes=(torch.float32,), amp_dtype=torch.float16, backend="triton" if INTERPRETER else "torch",
                       compile=False, ddp_backend="gloo", **fields)
     return Context(device=device, shapes=shapes, **fields)
@@ -255,19 +255,19 @@ def kernels_section(ctx: Context):
                 peers = {f"sdpa {b.split('_')[0].lower()}": _sdpa(b)
                          for b in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")}
                 yield from _compare(ctx, "kernels", f"attention B{B} H{H} T{T} D{D} {name}",
-                                    lambda q, k, v: kernels.causal_attention(q, k, v, backend=ctx.backend),
+                                    lambda q, k, v: gpt2_kernels.causal_attention(q, k, v, backend=ctx.backend),
                                     peers, qkv, mode, flops=flops)
                 del qkv
             rows, n = ctx.shape["layer_norm"]
             x, w, b = randn(rows, n, dtype=dtype), randn(n, dtype=dtype), randn(n, dtype=dtype)
             passes = 2 if mode == "fwd" else 5  # x in, y out; + x, dy in, dx out
             yield from _compare(ctx, "kernels", f"layer_norm {rows}x{n} {name}",
-                                lambda x, w, b: kernels.layer_norm(x, w, b, backend=ctx.backend),
+                                lambda x, w, b: gpt2_kernels.layer_norm(x, w, b, backend=ctx.backend),
                                 {"F.layer_norm": lambda x, w, b: F.layer_norm(x, (n,), w, b)}, [x, w, b], mode,
                                 bytes_moved=passes * x.numel() * x.element_size())
             x = randn(*ctx.shape["gelu"], dtype=dtype)
             yield from _compare(ctx, "kernels", f"gelu {'x'.join(map(str, x.shape))} {name}",
-                                lambda x: kernels.gelu(x, backend=ctx.backend),
+                                lambda x: gpt2_kernels.gelu(x, backend=ctx.backend),
                                 {"F.gelu tanh": lambda x: F.gelu(x, approximate="tanh")}, [x], mode,
                                 bytes_moved=passes * x.numel() * x.element_size())
             del x, w, b
@@ -275,7 +275,7 @@ def kernels_section(ctx: Context):
             inputs = [randn(N, C, dtype=dtype), randn(V, C, dtype=dtype) * 0.02,
                       torch.randint(0, V, (N,), device=ctx.device, generator=g)]
             yield from _compare(ctx, "kernels", f"linear_cross_entropy N{N} C{C} V{V} {name}",
-                                lambda h, w, t: kernels.linear_cross_entropy(h, w, t, backend=ctx.backend),
+                                lambda h, w, t: gpt2_kernels.linear_cross_entropy(h, w, t, backend=ctx.backend),
                                 {"F.cross_entropy(F.linear)": lambda h, w, t: F.cross_entropy(F.linear(h, w).float(), t)},
                                 inputs, mode, flops=2 * N * C * V * (1 if mode == "fwd" else 3))
             del inputs
@@ -283,19 +283,19 @@ def kernels_section(ctx: Context):
 
 
 def _int8_rows(ctx: Context, dtype: torch.dtype, randn):
-    """kernels.int8_linear (weight-only int8, issue 13) against F.linear on the dequantised weight,
-    where `kernels` has it: inference only, so forward only."""
-    if not (hasattr(kernels, "int8_linear") and hasattr(kernels, "quantize_int8")):
+    """gpt2_kernels.int8_linear (weight-only int8, issue 13) against F.linear on the dequantised weight,
+    where `gpt2_kernels` has it: inference only, so forward only."""
+    if not (hasattr(gpt2_kernels, "int8_linear") and hasattr(gpt2_kernels, "quantize_int8")):
         return
     for out_features, in_features in ctx.shape["int8"]:
-        w8, scale = kernels.quantize_int8(randn(out_features, in_features, dtype=torch.float32))
+        w8, scale = gpt2_kernels.quantize_int8(randn(out_features, in_features, dtype=torch.float32))
         w = (w8.float() * scale[:, None]).to(dtype)
         for rows in ctx.shape["int8_rows"]:
             x = randn(rows, in_features, dtype=dtype)
             weight_bytes = w8.numel() + 4 * scale.numel()
             moved = weight_bytes + (rows * (in_features + out_features)) * x.element_size()
             yield from _compare(ctx, "kernels", f"int8_linear {rows}x{in_features} -> {out_features} {_dtype_name(dtype)}",
-                                lambda x, w8=w8, scale=scale: kernels.int8_linear(x, w8, scale, backend=ctx.backend),
+                                lambda x, w8=w8, scale=scale: gpt2_kernels.int8_linear(x, w8, scale, backend=ctx.backend),
                                 {f"F.linear {_dtype_name(dtype)}": lambda x, w=w: F.linear(x, w)}, [x], "fwd",
                                 flops=2 * rows * in_features * out_features, bytes_moved=moved)
 

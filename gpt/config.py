@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from kernels import BACKENDS
+from gpt2_kernels import BACKENDS
 
 POS_EMBEDDINGS = ("learned", "rope")
 

@@ -15,7 +15,7 @@ bandwidth over weight bytes (benches/README.md, Generation, has the measurements
   over W read once (~20-26 GB/s). Eager bf16 uses oneDNN's prepacked weights (~1.4x ``F.linear``,
   the same results; oneDNN keeps them in its own memory). Speculative decoding's verification of a
   few tokens at once reads another oneDNN copy packed for 16 rows (``verify_layout``). On CUDA the
-  parameters are used as they are. Int8 layers (gpt.quantize) go through ``kernels.int8_linear``.
+  parameters are used as they are. Int8 layers (gpt.quantize) go through ``gpt2_kernels.int8_linear``.
 - **A static KV cache**: one (B, H, n_ctx + 1, D) tensor per layer for keys and one for values, written
   in place at each step's position. One tensor per layer, not one for all layers: compiled, writing
   into a slice of a graph input made inductor copy the whole cache twice per step. The attention of a
@@ -24,13 +24,13 @@ bandwidth over weight bytes (benches/README.md, Generation, has the measurements
 - **The compiled step** (``compile=True``): the whole one-token forward is one graph; the current
   length L is a dynamic size, so one compilation serves every position, prompt and call with the
   same batch size and model shapes. Every input of a streamed mat-vec goes through an opaque identity
-  op (``kernels.materialize``), or inductor would inline the LayerNorm or GELU that produced it into
+  op (``gpt2_kernels.materialize``), or inductor would inline the LayerNorm or GELU that produced it into
   the mat-vec loop and recompute it once per weight row. The one-query attention is written out
   (scores, softmax, weighted sum: fused by inductor); SDPA's call per layer cost 3-6 ms more per step.
   The prefill is compiled separately, dynamic in the prompt length: one graph for every prompt.
   Compiled code is specialised to the thread count at its compilation (inductor), and inputs are
   normalised (standard strides, inference tensors) so that no call recompiles by accident.
-- Eagerly the model's kernels are used (``kernels.layer_norm``, ``gelu``, ``causal_attention`` with
+- Eagerly the model's kernels are used (``gpt2_kernels.layer_norm``, ``gelu``, ``causal_attention`` with
   the model's backend), so a Triton model runs its Triton kernels.
 
 ``Decoder`` holds one generate() call's state: the inference weights, the cache, and the tokens it
@@ -48,15 +48,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import gpt2_kernels
 from gpt.arena import Arena
 from gpt.model import apply_rotary, rotary_cos_sin
 from gpt.lora import merged_weight
 from gpt.quantize import Int8Linear
 
 # Compiled on the CPU, a batch of up to this many rows streams the weights once per row (multiply +
-# sum); more rows use a matrix product, which reads them once for all rows (as kernels.int8_linear).
-STREAM_MAX_ROWS = kernels.CPU_STREAM_MAX_ROWS
+# sum); more rows use a matrix product, which reads them once for all rows (as gpt2_kernels.int8_linear).
+STREAM_MAX_ROWS = gpt2_kernels.CPU_STREAM_MAX_ROWS
 
 
 class Linear(NamedTuple):
@@ -193,17 +193,17 @@ def inference_weights(model: nn.Module, compiled: bool, layout: str | None = Non
 def _norm(x: torch.Tensor, wb, spec: Spec) -> torch.Tensor:
     if spec.compiled:
         return F.layer_norm(x, (x.shape[-1],), wb[0], wb[1], spec.eps)
-    return kernels.layer_norm(x, wb[0], wb[1], spec.eps, backend=spec.backend)
+    return gpt2_kernels.layer_norm(x, wb[0], wb[1], spec.eps, backend=spec.backend)
 
 
 def _gelu(x: torch.Tensor, spec: Spec) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh") if spec.compiled else kernels.gelu(x, backend=spec.backend)
+    return F.gelu(x, approximate="tanh") if spec.compiled else gpt2_kernels.gelu(x, backend=spec.backend)
 
 
 def _matmul(x: torch.Tensor, lin: Linear, spec: Spec) -> torch.Tensor:
     """x (..., in) -> (..., out) in x's dtype, for any number of rows."""
     if lin.scale is not None:
-        return kernels.int8_linear(x, lin.weight, lin.scale, lin.bias, backend="torch" if spec.compiled else spec.backend)
+        return gpt2_kernels.int8_linear(x, lin.weight, lin.scale, lin.bias, backend="torch" if spec.compiled else spec.backend)
     if spec.layout == "transposed":
         x2 = x.reshape(-1, x.shape[-1])
         y = x2 @ lin.weight if lin.bias is None else torch.addmm(lin.bias, x2, lin.weight)
@@ -218,7 +218,7 @@ def _matmul(x: torch.Tensor, lin: Linear, spec: Spec) -> torch.Tensor:
 def _matvec(x: torch.Tensor, lin: Linear, spec: Spec) -> torch.Tensor:
     """x (B, in) -> (B, out): a decoding step's product (see the module docstring for the layouts)."""
     if spec.layout == "rows" and lin.scale is None and x.shape[0] <= STREAM_MAX_ROWS:
-        x32 = kernels.materialize(x).float()
+        x32 = gpt2_kernels.materialize(x).float()
         y = (x32[:, None, :] * lin.weight.float()).sum(-1)
         return (y if lin.bias is None else y + lin.bias.float()).to(x.dtype)
     return _matmul(x, lin, spec)
@@ -227,7 +227,7 @@ def _matvec(x: torch.Tensor, lin: Linear, spec: Spec) -> torch.Tensor:
 def _attend_one(q, keys, values, spec: Spec) -> torch.Tensor:
     """One query per row against L cached positions: q (B, H, 1, D), keys/values (B, H, L, D)."""
     if not spec.compiled:
-        return kernels.causal_attention(q, keys, values, backend=spec.backend)
+        return gpt2_kernels.causal_attention(q, keys, values, backend=spec.backend)
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = (q.float() * keys.float()).sum(-1) * scale  # (B, H, L)
     p = torch.softmax(scores, dim=-1)
@@ -282,7 +282,7 @@ def forward_logits(w: InferenceWeights, k_cache: list[torch.Tensor], v_cache: li
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         k_cache[i].index_copy_(2, positions, k)
         v_cache[i].index_copy_(2, positions, v)
-        y = kernels.causal_attention(q, k_cache[i][:, :, :start + T], v_cache[i][:, :, :start + T], backend=backend)
+        y = gpt2_kernels.causal_attention(q, k_cache[i][:, :, :start + T], v_cache[i][:, :, :start + T], backend=backend)
         x = x + _matmul(y.transpose(1, 2).reshape(B, T, C), layer.attn_proj, spec)
         x = x + _matmul(_gelu(_matmul(_norm(x, layer.ln_2, spec), layer.c_fc, spec), spec), layer.mlp_proj, spec)
     if not all_positions:
@@ -372,7 +372,7 @@ class Decoder:
     def verify_weights(self) -> InferenceWeights:
         """The weights that check a draft's tokens (``verify_layout``), made on first use."""
         if self._verify_weights is None:
-            # int8 layers have no packed form: they keep the step's path (kernels.int8_linear)
+            # int8 layers have no packed form: they keep the step's path (gpt2_kernels.int8_linear)
             quantized = getattr(self.model, "quantization", None) is not None
             layout = None if quantized else verify_layout(self.weights.wte.device, self.weights.wte.dtype)
             self._verify_weights = self._prepare(self.model, False, layout)[0] if layout else self.weights

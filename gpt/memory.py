@@ -28,8 +28,8 @@ def micro_batch_bytes(n_layer: int, n_embd: int, vocab_size: int, batch_size: in
     """A lower bound of the memory one language-model training micro-batch takes beyond the weights:
     per token, the windows (int64 inputs and targets), 10 x n_embd activations per layer kept for the
     backward pass (LayerNorm inputs and outputs, q/k/v, attention output, the 4x MLP input of the GELU:
-    kernels.gelu_linear recomputes the GELU's output) and the gradient of the final hidden state that the fused output layer + loss keeps
-    (kernels.linear_cross_entropy: no logits are kept), plus that op's fp32 gradient of the output
+    gpt2_kernels.gelu_linear recomputes the GELU's output) and the gradient of the final hidden state that the fused output layer + loss keeps
+    (gpt2_kernels.linear_cross_entropy: no logits are kept), plus that op's fp32 gradient of the output
     weight (vocab_size x n_embd, once per micro-batch). A lower bound (autograd keeps a little more,
     and the backward pass adds gradients), so it never refuses a batch that would fit."""
     tokens = batch_size * block_size

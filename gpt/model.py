@@ -6,7 +6,7 @@ Module names follow nanoGPT / Hugging Face (``transformer.h[i].attn.c_attn`` ...
 one to one (HF's Conv1D stores the transpose of our ``nn.Linear`` weights).
 
 Every attention, LayerNorm and GELU call, and the output layer with its loss in training, goes through
-``kernels``; ``config.backend`` picks Triton or PyTorch for the whole model. The Triton attention kernel has no dropout, so dropout is applied to the
+``gpt2_kernels``; ``config.backend`` picks Triton or PyTorch for the whole model. The Triton attention kernel has no dropout, so dropout is applied to the
 embeddings and to the output of each residual branch (attention ``c_proj`` and MLP ``c_proj``), never
 to attention probabilities.
 """
@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import gpt2_kernels
 from gpt.checkpoint import PretrainedMixin
 from gpt.config import GPTConfig
 
@@ -67,7 +67,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if kv_cache is not None:
             k, v = kv_cache.append(layer, k, v)  # all positions so far: (B, H, cache.length + T, D)
-        y = kernels.causal_attention(q, k, v, backend=self.backend)
+        y = gpt2_kernels.causal_attention(q, k, v, backend=self.backend)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -76,7 +76,7 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = kernels.GELU(backend=config.backend)  # tanh approximation, as GPT-2
+        self.gelu = gpt2_kernels.GELU(backend=config.backend)  # tanh approximation, as GPT-2
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -84,7 +84,7 @@ class MLP(nn.Module):
         h = self.c_fc(x)
         if type(self.c_proj) is nn.Linear:  # (LoRA's layer adds its own term: its forward must run)
             # the GELU's output is recomputed in the backward instead of kept: half the MLP's activations
-            return self.dropout(kernels.gelu_linear(h, self.c_proj.weight, self.c_proj.bias, backend=self.gelu.backend))
+            return self.dropout(gpt2_kernels.gelu_linear(h, self.c_proj.weight, self.c_proj.bias, backend=self.gelu.backend))
         return self.dropout(self.c_proj(self.gelu(h)))
 
 
@@ -93,9 +93,9 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = kernels.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias, backend=config.backend)
+        self.ln_1 = gpt2_kernels.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias, backend=config.backend)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = kernels.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias, backend=config.backend)
+        self.ln_2 = gpt2_kernels.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias, backend=config.backend)
         self.mlp = MLP(config)
 
     def forward(self, x, rotary=None, kv_cache=None, layer: int = 0):
@@ -120,7 +120,7 @@ class GPT(PretrainedMixin, nn.Module):
                 **({"wpe": embedding(config.n_ctx, config.n_embd)} if config.pos_embedding == "learned" else {}),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=kernels.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias, backend=config.backend),
+                ln_f=gpt2_kernels.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias, backend=config.backend),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -141,9 +141,9 @@ class GPT(PretrainedMixin, nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if isinstance(module, kernels.LayerNorm):
+            if isinstance(module, gpt2_kernels.LayerNorm):
                 nn.init.ones_(module.weight)
-            if isinstance(module, (nn.Linear, kernels.LayerNorm)) and module.bias is not None:
+            if isinstance(module, (nn.Linear, gpt2_kernels.LayerNorm)) and module.bias is not None:
                 nn.init.zeros_(module.bias)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
@@ -187,12 +187,12 @@ class GPT(PretrainedMixin, nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: "KVCache | None" = None,
                 *, return_logits: bool = False):
         """Return (logits, loss). Without targets: (B, T, vocab) fp32 logits and None. With targets: the
-        mean cross-entropy over targets != -100, from kernels.linear_cross_entropy, which goes through
+        mean cross-entropy over targets != -100, from gpt2_kernels.linear_cross_entropy, which goes through
         the tokens a chunk at a time so that the (B, T, vocab) logits never exist: logits is then None,
         unless ``return_logits=True`` asks for them (and the loss is computed from them)."""
         hidden = self.hidden_states(idx, kv_cache)
         if targets is not None and not return_logits:
-            return None, kernels.linear_cross_entropy(hidden, self.lm_head.weight, targets, backend=self.config.backend)
+            return None, gpt2_kernels.linear_cross_entropy(hidden, self.lm_head.weight, targets, backend=self.config.backend)
         logits = self.lm_head(hidden).float()
         loss = None
         if targets is not None:

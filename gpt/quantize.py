@@ -2,7 +2,7 @@
 
 Every linear layer of the blocks (``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``)
 becomes an ``Int8Linear``: int8 weights with one fp32 scale per output channel (symmetric, absmax /
-127; ``kernels.quantize_int8``), computed by ``kernels.int8_linear``, so activations stay in the
+127; ``gpt2_kernels.quantize_int8``), computed by ``gpt2_kernels.int8_linear``, so activations stay in the
 model's dtype (fp32 or bf16) and the product is accumulated in fp32. Embeddings, LayerNorms and
 biases are left as they are.
 
@@ -16,7 +16,7 @@ logits' relative error (0.16% -> 0.37%) and leaves the validation perplexity wit
 either way.
 
 Why only for generation: decoding a token reads every weight once, so bytes per weight set the speed
-(on the CPU through the compiled streaming path of ``kernels.int8_linear``; see gpt.decode). Eager
+(on the CPU through the compiled streaming path of ``gpt2_kernels.int8_linear``; see gpt.decode). Eager
 int8 on a CPU dequantizes a full weight copy per call and is slower than fp32; gpt.generate therefore
 compiles the decoding step of an int8 model on a CPU by default.
 
@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-import kernels
+import gpt2_kernels
 from gpt.lora import merged_weight
 from tokenizers_bpe.errors import SettingError
 
@@ -57,11 +57,11 @@ class Int8Linear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, backend: str = "auto") -> "Int8Linear":
-        weight_int8, scale = kernels.quantize_int8(weight.detach())
+        weight_int8, scale = gpt2_kernels.quantize_int8(weight.detach())
         return cls(weight_int8, scale, None if bias is None else bias.detach().clone(), dtype=weight.dtype, backend=backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.int8_linear(x, self.weight_int8, self.scale, self.bias, backend=self.backend)
+        return gpt2_kernels.int8_linear(x, self.weight_int8, self.scale, self.bias, backend=self.backend)
 
     @property
     def weight(self) -> torch.Tensor:

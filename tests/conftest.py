@@ -1,7 +1,7 @@
 """Project-wide test set-up.
 
 - Triton kernels are decorated at import time, so the interpreter is chosen here, before any test
-  module imports `kernels`: without CUDA, TRITON_INTERPRET=1 runs the Triton code paths on the CPU.
+  module imports `gpt2_kernels`: without CUDA, TRITON_INTERPRET=1 runs the Triton code paths on the CPU.
 - `shared_data` gives the path of ../shared/data (or $GPT_TOOLKIT_SHARED_DATA). Where it is absent
   (a user's clone) the tests that need it skip with a reason; under CI=true they fail instead, so CI
   can never pass by skipping.

@@ -1,7 +1,7 @@
 """The package graph and the command layer, read from the code itself (docs/architecture.md):
 
-- `lint-imports` keeps the contracts in pyproject.toml (tools > gpt > kernels | tokenizers_bpe, no cycles);
-- library modules (kernels, tokenizers_bpe, gpt) hold no argparse, no sys.exit, no bare print, no import
+- `lint-imports` keeps the contracts in pyproject.toml (tools > gpt > gpt2_kernels | tokenizers_bpe, no cycles);
+- library modules (gpt2_kernels, tokenizers_bpe, gpt) hold no argparse, no sys.exit, no bare print, no import
   of the project inside a function, and none is over 500 lines;
 - every console script is a `main` in a module of tools/.
 """
@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-LIBRARIES = ("kernels", "tokenizers_bpe", "gpt")
+LIBRARIES = ("gpt2_kernels", "tokenizers_bpe", "gpt")
 PROJECT = (*LIBRARIES, "tools")
 MAX_LINES = 500
 

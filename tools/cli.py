@@ -55,7 +55,7 @@ class CLIError(Exception):
 
 
 USER_ERRORS = (ValueError, OSError)  # the libraries' typed errors are ValueErrors
-LIBRARY_LOGGERS = ("gpt", "tokenizers_bpe", "kernels")
+LIBRARY_LOGGERS = ("gpt", "tokenizers_bpe", "gpt2_kernels")
 DEFAULT_TEXT_HINT = "convert it to UTF-8"
 
 

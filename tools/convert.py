@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-import kernels
+import gpt2_kernels
 import tokenizers_bpe
 from gpt.checkpoint import CHECKPOINT_STAMP, check_vocab, write_checkpoint
 from gpt.classifier import CLASSIFIER_FILE, HEAD_FILE
@@ -86,7 +86,7 @@ def save_converted(out: Path, config: GPTConfig, state: dict, tokenizer, what: s
 
 def import_tensorflow():
     # TensorFlow and Triton both embed LLVM: loading TensorFlow's first makes `import triton` abort the
-    # process, while the other order works. This module imports kernels (hence triton) at the top.
+    # process, while the other order works. This module imports gpt2_kernels (hence triton) at the top.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter off stderr
     try:
         import tensorflow as tf
@@ -293,7 +293,7 @@ def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:
             continue
         state[name] = (tensor.t() if is_conv1d_weight(name) else tensor).detach().contiguous().cpu()
     for name, module in model.named_modules():
-        if name != "lm_head" and isinstance(module, (nn.Linear, kernels.LayerNorm)) and module.bias is None:
+        if name != "lm_head" and isinstance(module, (nn.Linear, gpt2_kernels.LayerNorm)) and module.bias is None:
             state[f"{name}.bias"] = torch.zeros(module.weight.shape[0], dtype=module.weight.dtype)
     return state
 

@@ -1,6 +1,6 @@
 """Genre classification of Shakespeare passages: a fine-tuned GPT against a bag-of-words baseline.
 
-    python -m tools.genre_experiment --work runs/genre
+    gpt-genre-experiment --work runs/genre
 
 The task: given a passage of dialogue (speaker names removed), say whether its play is a comedy, a
 history or a tragedy (the genre folders of the built-in corpus). The split is by play, so no play
@@ -207,9 +207,9 @@ VARIANTS = {
 }
 
 
-@command("genre-experiment")
+@command("gpt-genre-experiment")
 def main(argv: Sequence[str] | None = None) -> int:
-    p = ArgumentParser(prog="genre-experiment", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="gpt-genre-experiment", description=__doc__.split("\n\n")[0])
     p.add_argument("--work", required=True, type=Path, help="working directory (steps whose output exists are skipped)")
     p.add_argument("--variants", default="last-block,all,lora", help=f"fine-tuning variants, comma-separated from {', '.join(VARIANTS)}")
     p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary of the tokenizer trained on the pre-training plays")

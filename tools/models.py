@@ -3,11 +3,10 @@ gpt-train --init-from): a checkpoint directory, or a run directory standing for 
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
-import kernels
+import gpt2_kernels
 from gpt.run_state import resolve_model_dir
 from tools.cli import CLIError
 
@@ -22,12 +21,12 @@ def model_argument(path: str | Path, prog: str) -> Path:
 
 def check_kernels_backend(backend: str, device: str) -> None:
     """A one-line error, before any work, when the kernels backend cannot run on ``device`` (e.g.
-    --backend triton, or KERNELS_BACKEND=triton, on a machine without CUDA)."""
+    --backend triton, or GPT2_KERNELS_BACKEND=triton, on a machine without CUDA)."""
     try:
-        kernels.backend_for_device(backend, device.split(":")[0])
+        gpt2_kernels.backend_for_device(backend, device.split(":")[0])
     except (RuntimeError, ValueError) as e:
-        env = os.environ.get(kernels.ENV_VAR)
-        source = f"{kernels.ENV_VAR}={env}" if backend == "auto" and env else f"--backend {backend}"
+        override = gpt2_kernels.backend_override()
+        source = f"{override[0]}={override[1]}" if backend == "auto" and override else f"--backend {backend}"
         if isinstance(e, ValueError):
             raise CLIError(f"{source}: {e}") from None
         raise CLIError(f"{source}: the Triton kernels need a CUDA GPU ({device} here), or TRITON_INTERPRET=1 to run "

@@ -4,7 +4,7 @@
     gpt-train --data data/ --out runs/shakespeare
     gpt-train --resume runs/shakespeare --max-steps 4000           # continue, exactly
     gpt-train --config run.toml                                     # every option from a file
-    torchrun --nproc_per_node=4 -m tools.train --data data/ --out runs/big --preset gpt2
+    torchrun --nproc_per_node=4 --no-python gpt-train --data data/ --out runs/big --preset gpt2
 
 Every option can be set in a TOML (or JSON) file given with ``--config`` (keys as the long option
 names, with ``-`` or ``_``); the command line wins over the file. The effective configuration is

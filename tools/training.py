@@ -17,7 +17,7 @@ from gpt.run_state import LOCK_FILE, RUN_STAMP, RunDirectory, TrainResult, holds
 from gpt.sampling import SAMPLING_DEFAULTS
 from gpt.train_config import TrainConfig
 from gpt.trainer import Trainer, TrainingDiverged
-from kernels import BACKENDS
+from gpt2_kernels import BACKENDS
 from tokenizers_bpe.errors import NoSpaceError, OutputError, SettingError
 from tokenizers_bpe.fileio import check_replaceable, free_bytes
 from tools.cli import CLIError, ExitCode, choice, device_name, flag, integer, number, parse_bool, pattern_argument

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import gpt2_kernels
 from benches import gpu_check
 from benches.gpu_check_sections import SECTIONS, make_context, measure
 
@@ -112,11 +112,11 @@ def test_report_is_written_as_json_and_markdown(tmp_path):
 
 def test_cuda_test_files_adds_files_using_the_cuda_markers(tmp_path):
     for name, text in [("tests/gpt/test_a.py", "from tests.conftest import requires_cuda\n"),
-                       ("tests/gpt/test_b.py", "import torch\n"), ("tests/kernels/test_c.py", "requires_cuda\n"),
+                       ("tests/gpt/test_b.py", "import torch\n"), ("tests/gpt2_kernels/test_c.py", "requires_cuda\n"),
                        ("tests/tools/test_d.py", "@pytest.mark.cuda\n")]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    assert gpu_check.cuda_test_files(tmp_path) == ["tests/kernels", "tests/benches", "tests/gpt/test_a.py",
+    assert gpu_check.cuda_test_files(tmp_path) == ["tests/gpt2_kernels", "tests/benches", "tests/gpt/test_a.py",
                                                    "tests/tools/test_d.py"]
 
 
@@ -174,9 +174,9 @@ def run_section(name, **fields):
 
 def test_kernels_section_compares_every_kernel_with_its_peer(monkeypatch):
     # int8_linear is issue 13's kernel: stand its reference math in, so its rows' code path runs here.
-    monkeypatch.setattr(kernels, "quantize_int8", lambda w: ((w / 0.01).round().clamp(-127, 127).to(torch.int8),
+    monkeypatch.setattr(gpt2_kernels, "quantize_int8", lambda w: ((w / 0.01).round().clamp(-127, 127).to(torch.int8),
                                                              torch.full((w.shape[0],), 0.01)), raising=False)
-    monkeypatch.setattr(kernels, "int8_linear", lambda x, w8, scale, bias=None, *, backend="auto":
+    monkeypatch.setattr(gpt2_kernels, "int8_linear", lambda x, w8, scale, bias=None, *, backend="auto":
                         F.linear(x, (w8.float() * scale[:, None]).to(x.dtype), bias), raising=False)
     rows, _ = run_section("kernels", peaks={"bf16_matmul_tflops": 1.0, "copy_gbps": 10.0})
     cases = {(r["case"].split()[0], r["impl"], r.get("mode")) for r in rows if r["status"] == "ok"}

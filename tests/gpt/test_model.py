@@ -118,7 +118,7 @@ def test_logits_fp32_and_loss_ignores_minus_100():
 
 def test_training_loss_is_fused_and_equals_the_unfused_one():
     # With targets and no logits asked for, the output layer and the loss are one chunked op
-    # (kernels.linear_cross_entropy): no (B, T, vocab) logits; values and gradients as unfused.
+    # (gpt2_kernels.linear_cross_entropy): no (B, T, vocab) logits; values and gradients as unfused.
     model = random_model(tiny())
     idx = torch.randint(0, 300, (3, 17))
     targets = torch.randint(0, 300, (3, 17))

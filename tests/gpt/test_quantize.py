@@ -13,7 +13,7 @@ from gpt.checkpoint import CheckpointError
 from gpt.lora import LoRAConfig, apply_lora, lora_layers
 from gpt.quantize import Int8Linear, quantize
 from gpt.sampling import compiles_by_default, generate
-from kernels import quantize_int8
+from gpt2_kernels import quantize_int8
 from tests.gpt.test_sampling import make_tiny_model, small_tokenizer
 from tokenizers_bpe import SettingError
 

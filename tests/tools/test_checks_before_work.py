@@ -100,9 +100,9 @@ def test_resume_says_which_value_the_run_used(data_dir, tmp_path, capsys):
 
 
 def test_the_triton_backend_without_a_gpu_is_one_line_before_anything_is_written(data_dir, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "GPT2_KERNELS_BACKEND", "KERNELS_BACKEND")}
     env.update(PYTHONPATH=str(ROOT))
-    for extra, name in (({}, "--backend"), ({"KERNELS_BACKEND": "triton"}, "KERNELS_BACKEND=triton")):
+    for extra, name in (({}, "--backend"), ({"GPT2_KERNELS_BACKEND": "triton"}, "GPT2_KERNELS_BACKEND=triton")):
         argv = ["--data", str(data_dir), "--out", str(tmp_path / "run"), *TINY] + (["--backend", "triton"] if not extra else [])
         done = subprocess.run([sys.executable, "-m", "tools.train", *argv], env={**env, **extra}, capture_output=True, text=True,
                               timeout=300)

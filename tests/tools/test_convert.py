@@ -28,7 +28,7 @@ TEXT = "To be, or not to be, that is the question"
 
 @pytest.fixture(scope="module")
 def tf():
-    # Slow (seconds), so imported once. Triton is already loaded (gpt.model imports kernels at
+    # Slow (seconds), so imported once. Triton is already loaded (gpt.model imports gpt2_kernels at
     # collection): importing TensorFlow first would make a later `import triton` abort the process.
     import tensorflow
 

@@ -102,11 +102,18 @@ def _free_port() -> int:
 def test_ddp_two_gloo_processes_match_one_process_with_twice_the_accumulation(data_dir, tmp_path):
     common = ["--data", str(data_dir), "--max-steps", "6", "--eval-interval", "3", "--log-interval", "1", *TINY]
     assert train_main([*common, "--out", str(tmp_path / "one"), "--grad-accum", "4"]) == 0
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # As the README launches it: the installed command (--no-python), from a user's project whose own
+    # tools/ must not be imported in its place.
+    project = tmp_path / "project"
+    (project / "tools").mkdir(parents=True)
+    (project / "tools" / "__init__.py").write_text("raise ImportError('the project tools/ was imported')\n")
+    (project / "tools" / "train.py").write_text("raise ImportError('the project tools/train.py was imported')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", "--master_addr=127.0.0.1",
-         "-m", "tools.train", *common, "--out", str(tmp_path / "two"), "--grad-accum", "2"],
-        env=env, capture_output=True, text=True, timeout=300)
+         "--no-python", str(Path(sys.executable).parent / "gpt-train"), *common, "--out", str(tmp_path / "two"), "--grad-accum", "2"],
+        env=env, cwd=project, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert one.keys() == two.keys() and len(one) == 6

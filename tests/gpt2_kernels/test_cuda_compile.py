@@ -28,7 +28,7 @@ import contextlib, importlib, io, json, re, sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-attention, layer_norm, gelu, lce = (importlib.import_module(f"kernels.{m}")
+attention, layer_norm, gelu, lce = (importlib.import_module(f"gpt2_kernels.{m}")
                                     for m in ("attention", "layer_norm", "gelu", "linear_cross_entropy"))
 TENSOR_POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LOGITS"}  # the others end in _ptr
 FP32_POINTERS = {"LSE", "DELTA", "LOSS", "mean_ptr", "rstd_ptr", "dw_partial_ptr", "db_partial_ptr", "partial_ptr"}
@@ -86,7 +86,7 @@ print(json.dumps(results))
 
 def test_kernels_compile_for_h100(tmp_path):
     pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend is not installed")
-    from kernels import attention
+    from gpt2_kernels import attention
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real JIT functions
     # An empty cache, so that ptxas runs (and reports spills) for every kernel: from Triton's cache a

@@ -3,14 +3,17 @@
 - ``backend="auto"`` runs the Triton kernel when the tensor is on CUDA and Triton is importable,
   otherwise the PyTorch fallback.
 - ``"triton"`` / ``"torch"`` force one. ``"triton"`` on CPU tensors works only under the Triton
-  interpreter (``TRITON_INTERPRET=1`` set before ``kernels`` is imported) and raises otherwise.
-- The environment variable ``KERNELS_BACKEND`` (auto|torch|triton) overrides ``"auto"`` globally,
-  e.g. ``KERNELS_BACKEND=torch`` to rule the kernels out when debugging a model on a GPU.
+  interpreter (``TRITON_INTERPRET=1`` set before ``gpt2_kernels`` is imported) and raises otherwise.
+- The environment variable ``GPT2_KERNELS_BACKEND`` (auto|torch|triton) overrides ``"auto"`` globally,
+  e.g. ``GPT2_KERNELS_BACKEND=torch`` to rule the kernels out when debugging a model on a GPU. The
+  variable's earlier name, ``KERNELS_BACKEND``, is still read (a FutureWarning says to rename it) when the
+  new one is not set; it goes in the next minor release.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -31,7 +34,8 @@ except ImportError:  # Triton ships for Linux only: elsewhere only the PyTorch f
         return value
 
 
-ENV_VAR = "KERNELS_BACKEND"
+ENV_VAR = "GPT2_KERNELS_BACKEND"
+LEGACY_ENV_VAR = "KERNELS_BACKEND"  # deprecated: the package was called `kernels`, a name Hugging Face's uses
 BACKENDS = ("auto", "torch", "triton")
 
 # triton.jit picks compiled vs interpreted kernels when they are decorated (at import), so what
@@ -45,6 +49,18 @@ def _check_name(backend: str, where: str) -> str:
     return backend
 
 
+def backend_override() -> tuple[str, str] | None:
+    """``(variable, value)`` of the environment variable that overrides ``"auto"``, or None when neither
+    $GPT2_KERNELS_BACKEND nor the deprecated $KERNELS_BACKEND is set (the new name wins when both are)."""
+    for name in (ENV_VAR, LEGACY_ENV_VAR):
+        value = os.environ.get(name)
+        if value:
+            if name == LEGACY_ENV_VAR:
+                warnings.warn(f"${LEGACY_ENV_VAR} is deprecated; set ${ENV_VAR} instead", FutureWarning, stacklevel=3)
+            return name, value
+    return None
+
+
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """Return "triton" or "torch" for an op on tensor `x` given the requested backend."""
     return backend_for_device(backend, x.device.type)
@@ -55,8 +71,8 @@ def backend_for_device(backend: str, device_type: str) -> str:
     caller can check a backend before it has a tensor. ValueError for an unknown name, RuntimeError for
     a backend that cannot run there."""
     _check_name(backend, "backend")
-    if backend == "auto":
-        backend = _check_name(os.environ.get(ENV_VAR, "auto"), f"${ENV_VAR}")
+    if backend == "auto" and (override := backend_override()) is not None:
+        backend = _check_name(override[1], f"${override[0]}")
     if backend == "auto":
         return "triton" if device_type == "cuda" and triton is not None else "torch"
     if backend == "torch":
@@ -68,7 +84,7 @@ def backend_for_device(backend: str, device_type: str) -> str:
         return "triton"
     if not INTERPRETER:
         raise RuntimeError(f"backend='triton' got a tensor on {device_type}: Triton kernels need a CUDA "
-                           "tensor, or TRITON_INTERPRET=1 set before importing kernels to run them on the "
+                           "tensor, or TRITON_INTERPRET=1 set before importing gpt2_kernels to run them on the "
                            "CPU interpreter; use backend='torch' (or 'auto') for CPU tensors")
     return "triton"
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.dispatch import cdiv, jit, resolve_backend, tl, triton
+from gpt2_kernels.dispatch import cdiv, jit, resolve_backend, tl, triton
 
 MAX_N = 8192  # the row lives in one program's registers
 DWDB_BLOCK_N = 128  # columns per program in the partial-sum reduction

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.dispatch import cdiv, constexpr, jit, resolve_backend, tl
+from gpt2_kernels.dispatch import cdiv, constexpr, jit, resolve_backend, tl
 
 BLOCK_SIZE = 1024  # elements per program: 4 warps x 32 threads x 8 elements
 SQRT_2_OVER_PI = constexpr(math.sqrt(2.0 / math.pi))  # the constants of u (module docstring)

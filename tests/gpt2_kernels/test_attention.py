@@ -1,4 +1,4 @@
-"""kernels.causal_attention against a step-by-step float64 reference, on both backends.
+"""gpt2_kernels.causal_attention against a step-by-step float64 reference, on both backends.
 
 On CPU the Triton kernels run under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
 so shapes stay small; they still cross the 32-wide interpreter tiles (T = 1, 17, 64, 129).
@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from kernels import attention
+import gpt2_kernels
+from gpt2_kernels import attention
 from tests.conftest import requires_cuda
-from tests.kernels.conftest import BACKENDS, DEVICE, requires_triton
+from tests.gpt2_kernels.conftest import BACKENDS, DEVICE, requires_triton
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,7 +60,7 @@ def make_qkv(B, H, Tq, Tk, D, dtype, device=DEVICE, seed=0):
 
 
 def check_against_reference(q, k, v, backend, scale=None, grad_out=None):
-    out = kernels.causal_attention(q, k, v, scale=scale, backend=backend)
+    out = gpt2_kernels.causal_attention(q, k, v, scale=scale, backend=backend)
     assert out.shape == q.shape and out.dtype == q.dtype
     expected = reference_causal_attention(q.detach().cpu(), k.detach().cpu(), v.detach().cpu(), scale)
     if grad_out is None:
@@ -109,42 +109,42 @@ def test_triton_never_reads_keys_past_tk():
 def test_decode_step_equals_last_row_of_full_attention():
     # With a KV cache, the last query alone must see exactly what it saw in the full sequence.
     q, k, v = make_qkv(1, 2, 50, 50, 16, torch.float32)
-    full = kernels.causal_attention(q, k, v, backend="triton")
-    last = kernels.causal_attention(q[:, :, -1:], k, v, backend="triton")
+    full = gpt2_kernels.causal_attention(q, k, v, backend="triton")
+    last = gpt2_kernels.causal_attention(q[:, :, -1:], k, v, backend="triton")
     torch.testing.assert_close(last, full[:, :, -1:], atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("Tq,Tk", [(4, 4), (3, 6)])
 def test_gradcheck_fallback(Tq, Tk):
     q, k, v = make_qkv(1, 2, Tq, Tk, 4, torch.float64)
-    assert torch.autograd.gradcheck(lambda *t: kernels.causal_attention(*t, backend="torch"), (q, k, v), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda *t: gpt2_kernels.causal_attention(*t, backend="torch"), (q, k, v), fast_mode=True)
 
 
 def test_bad_inputs_raise_clear_errors():
     q = torch.randn(1, 2, 8, 16)
     with pytest.raises(ValueError, match="Tk >= Tq"):
-        kernels.causal_attention(q, q[:, :, :4], q[:, :, :4])
+        gpt2_kernels.causal_attention(q, q[:, :, :4], q[:, :, :4])
     with pytest.raises(ValueError, match="4-D"):
-        kernels.causal_attention(q[0], q[0], q[0])
+        gpt2_kernels.causal_attention(q[0], q[0], q[0])
     with pytest.raises(ValueError, match="k and v must be"):
-        kernels.causal_attention(q, q, q[:, :1])
+        gpt2_kernels.causal_attention(q, q, q[:, :1])
     with pytest.raises(ValueError, match="unknown kernels backend"):
-        kernels.causal_attention(q, q, q, backend="cuda")
+        gpt2_kernels.causal_attention(q, q, q, backend="cuda")
 
 
 @requires_triton
 def test_inputs_the_triton_kernel_cannot_take_raise_clear_errors():
     for x in (torch.randn(1, 1, 4, 48, device=DEVICE), torch.randn(1, 1, 4, 16, device=DEVICE, dtype=torch.float64)):
         with pytest.raises(ValueError, match="the Triton kernel needs head dim in"):
-            kernels.causal_attention(x, x, x, backend="triton")
+            gpt2_kernels.causal_attention(x, x, x, backend="triton")
     if DEVICE == "cpu":
         with pytest.raises(ValueError, match="interpreter computes bf16 matmuls wrongly"):
             x = torch.randn(1, 1, 4, 16, dtype=torch.bfloat16)
-            kernels.causal_attention(x, x, x, backend="triton")
+            gpt2_kernels.causal_attention(x, x, x, backend="triton")
 
 
 def output_and_grads(q, k, v, backend, grad_out):
-    out = kernels.causal_attention(q, k, v, backend=backend)
+    out = gpt2_kernels.causal_attention(q, k, v, backend=backend)
     return [out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out)]
 
 
@@ -190,7 +190,7 @@ def test_autotuner_prunes_to_the_tile_space():
     pytest.importorskip("triton")
     script = textwrap.dedent("""
         import torch
-        from kernels import attention
+        from gpt2_kernels import attention
         assert set(attention._TUNED) == {"fwd", "dkdv", "dq"}
         for shared in (attention.H100_SHARED_MEMORY, 48 * 1024):
             attention._max_shared = lambda device, shared=shared: shared

@@ -42,7 +42,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import cdiv, jit, resolve_backend, tl
+from gpt2_kernels.dispatch import cdiv, jit, resolve_backend, tl
 
 QMAX = 127  # symmetric int8: -128 is never used, so negating a weight never overflows
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -50,7 +50,7 @@ DECODE_MAX_M = 16  # up to this many rows: decoding tiles (tl.dot's smallest M i
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), keyed on decoding vs prefill and 16-bit vs fp32
 # activations. Set blind (no GPU has run them yet): each compiles for sm_90 without register spills
-# and within shared memory (tests/kernels/test_int8_linear.py checks both with ptxas); re-measure on
+# and within shared memory (tests/gpt2_kernels/test_int8_linear.py checks both with ptxas); re-measure on
 # a GPU. fp32 activations multiply on the FMA units in full precision, which costs registers: a
 # 64 x 64 x 32 fp32 tile spills with 4 warps and not with 8.
 _CUDA_TILES = {
@@ -161,7 +161,7 @@ def _triton_int8_linear(x2, weight_int8, scale, bias, out):
 # An identity that inductor cannot see through. Without it inductor inlines whatever pointwise op
 # produced x (a LayerNorm, typically) into the streaming loop below and recomputes it once per weight
 # row, which made a compiled decode step compute-bound (measured while writing this).
-_LIB = torch.library.Library("kernels_int8_linear", "DEF")
+_LIB = torch.library.Library("gpt2_kernels_int8_linear", "DEF")
 _LIB.define("materialize(Tensor x) -> Tensor")
 
 
@@ -170,7 +170,7 @@ def _materialize(x):
     return x.clone()
 
 
-@torch.library.register_fake("kernels_int8_linear::materialize")
+@torch.library.register_fake("gpt2_kernels_int8_linear::materialize")
 def _materialize_fake(x):
     return torch.empty_like(x)
 

@@ -1,18 +1,18 @@
-"""kernels.linear_cross_entropy against F.cross_entropy(F.linear(...)), on both backends.
+"""gpt2_kernels.linear_cross_entropy against F.cross_entropy(F.linear(...)), on both backends.
 
 On CPU the Triton kernel runs under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1) with
 32-wide vocabulary tiles, so vocabularies of 97 or 1000 words cross tile edges; token counts that
-are not a multiple of the chunk (see kernels.linear_cross_entropy.chunk_rows) leave a short last chunk.
+are not a multiple of the chunk (see gpt2_kernels.linear_cross_entropy.chunk_rows) leave a short last chunk.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.linear_cross_entropy import chunk_rows
+import gpt2_kernels
+from gpt2_kernels.linear_cross_entropy import chunk_rows
 from tests.conftest import requires_cuda
-from tests.kernels.conftest import BACKENDS, DEVICE
+from tests.gpt2_kernels.conftest import BACKENDS, DEVICE
 
 # Relative tolerance on the loss and (atol, rtol) on gradients scaled to their largest entry: fp32
 # is held to 1e-5 relative; 16-bit to what rounding the logits and gradients to 8 (bf16) or 11
@@ -42,7 +42,7 @@ def reference(hidden, weight, targets, ignore_index=-100):
 
 
 def check(hidden, weight, targets, backend, ignore_index=-100, grad_output=1.0):
-    loss = kernels.linear_cross_entropy(hidden, weight, targets, ignore_index=ignore_index, backend=backend)
+    loss = gpt2_kernels.linear_cross_entropy(hidden, weight, targets, ignore_index=ignore_index, backend=backend)
     assert loss.dtype == torch.float32 and loss.dim() == 0
     grads = torch.autograd.grad(loss * grad_output if grad_output != 1.0 else loss, (hidden, weight))
     want_loss, *want_grads = reference(hidden, weight, targets, ignore_index)
@@ -79,7 +79,7 @@ def test_ignored_targets_contribute_nothing(backend, ignore_index):
     targets[::3] = ignore_index
     check(hidden, weight, targets, backend, ignore_index=ignore_index)
     grad_hidden = torch.autograd.grad(
-        kernels.linear_cross_entropy(hidden, weight, targets, ignore_index=ignore_index, backend=backend), hidden)[0]
+        gpt2_kernels.linear_cross_entropy(hidden, weight, targets, ignore_index=ignore_index, backend=backend), hidden)[0]
     assert grad_hidden[::3].abs().max().item() == 0.0
 
 
@@ -87,7 +87,7 @@ def test_ignored_targets_contribute_nothing(backend, ignore_index):
 def test_all_ignored_is_nan_with_zero_gradients_like_pytorch(backend):
     hidden, weight, targets = make_inputs((6,), 8, 11, torch.float32)
     targets.fill_(-100)
-    loss = kernels.linear_cross_entropy(hidden, weight, targets, backend=backend)
+    loss = gpt2_kernels.linear_cross_entropy(hidden, weight, targets, backend=backend)
     assert torch.isnan(loss) and torch.isnan(F.cross_entropy(F.linear(hidden, weight), targets))
     for grad in torch.autograd.grad(loss, (hidden, weight)):
         assert grad.abs().max().item() == 0.0
@@ -115,11 +115,11 @@ def test_random_sweep(seed, backend):
 def test_only_the_gradients_asked_for(backend):
     hidden, weight, targets = make_inputs((9,), 8, 30, torch.float32)
     weight.requires_grad_(False)
-    loss = kernels.linear_cross_entropy(hidden, weight, targets, backend=backend)
+    loss = gpt2_kernels.linear_cross_entropy(hidden, weight, targets, backend=backend)
     (grad,) = torch.autograd.grad(loss, hidden)
     torch.testing.assert_close(grad.double().cpu(), reference(hidden, weight, targets)[1], rtol=1e-5, atol=1e-7)
     with torch.no_grad():  # no graph, the same loss
-        torch.testing.assert_close(kernels.linear_cross_entropy(hidden, weight, targets, backend=backend), loss.detach())
+        torch.testing.assert_close(gpt2_kernels.linear_cross_entropy(hidden, weight, targets, backend=backend), loss.detach())
 
 
 def test_chunks_hold_about_as_many_logits_as_hidden():
@@ -146,7 +146,7 @@ def test_the_full_logits_never_exist():
 
     hidden, weight, targets = make_inputs((N,), C, V, torch.float32, device="cpu")
     with Watch():
-        loss = kernels.linear_cross_entropy(hidden, weight, targets, backend="torch")
+        loss = gpt2_kernels.linear_cross_entropy(hidden, weight, targets, backend="torch")
         torch.autograd.grad(loss, (hidden, weight))
     assert max(largest) <= max(N * C + V, V * C) < N * V
 
@@ -154,25 +154,25 @@ def test_the_full_logits_never_exist():
 def test_bad_inputs_raise_clear_errors():
     hidden, weight, targets = make_inputs((5,), 8, 10, torch.float32, device="cpu")
     with pytest.raises(ValueError, match=r"target 10 at position 2 is outside \[0, 10\)"):
-        kernels.linear_cross_entropy(hidden, weight, torch.tensor([1, 2, 10, 3, 4]))
+        gpt2_kernels.linear_cross_entropy(hidden, weight, torch.tensor([1, 2, 10, 3, 4]))
     with pytest.raises(ValueError, match=r"target -3 at position 0"):
-        kernels.linear_cross_entropy(hidden, weight, torch.tensor([-3, 2, 1, 3, 4]))
+        gpt2_kernels.linear_cross_entropy(hidden, weight, torch.tensor([-3, 2, 1, 3, 4]))
     with pytest.raises(ValueError, match="same C"):
-        kernels.linear_cross_entropy(hidden, weight[:, :4], targets)
+        gpt2_kernels.linear_cross_entropy(hidden, weight[:, :4], targets)
     with pytest.raises(ValueError, match="leading shape"):
-        kernels.linear_cross_entropy(hidden, weight, targets[:4])
+        gpt2_kernels.linear_cross_entropy(hidden, weight, targets[:4])
     with pytest.raises(ValueError, match="share a floating dtype"):
-        kernels.linear_cross_entropy(hidden, weight.double(), targets)
+        gpt2_kernels.linear_cross_entropy(hidden, weight.double(), targets)
     with pytest.raises(ValueError, match="integer class indices"):
-        kernels.linear_cross_entropy(hidden, weight, targets.float())
+        gpt2_kernels.linear_cross_entropy(hidden, weight, targets.float())
     with pytest.raises(ValueError, match="unknown kernels backend"):
-        kernels.linear_cross_entropy(hidden, weight, targets, backend="cuda")
+        gpt2_kernels.linear_cross_entropy(hidden, weight, targets, backend="cuda")
 
 
 def test_autocast_computes_in_the_autocast_dtype():
     hidden, weight, targets = make_inputs((12,), 16, 40, torch.float32, device="cpu")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = kernels.linear_cross_entropy(hidden, weight, targets, backend="torch")
+        loss = gpt2_kernels.linear_cross_entropy(hidden, weight, targets, backend="torch")
         want = F.cross_entropy(F.linear(hidden, weight).float(), targets)
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, want, rtol=2e-2, atol=0)
@@ -194,7 +194,7 @@ def test_cuda_gpt2_shape_16bit_error_at_most_twice_pytorchs(dtype):
     # loss in the same dtype (logits in 16-bit, softmax in fp32), plus a small floor.
     hidden, weight, targets = make_inputs((2, 1024), 768, 50257, dtype, device="cuda", ignore_every=4)
     exact = reference(hidden, weight, targets)
-    ours = [kernels.linear_cross_entropy(hidden, weight, targets, backend="triton")]
+    ours = [gpt2_kernels.linear_cross_entropy(hidden, weight, targets, backend="triton")]
     ours += torch.autograd.grad(ours[0], (hidden, weight))
     pytorch = [F.cross_entropy(F.linear(hidden, weight).float(), targets)]
     pytorch += torch.autograd.grad(pytorch[0], (hidden, weight))

@@ -31,7 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import INTERPRETER, cdiv, jit, resolve_backend, tl, triton
+from gpt2_kernels.dispatch import INTERPRETER, cdiv, jit, resolve_backend, tl, triton
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -44,7 +44,7 @@ LOG2_E = 1.4426950408889634  # scores are kept in base 2: exp(x) = exp2(x * log2
 # per tuning key: head dim, dtype (and so PRECISION), and buckets of Tq and Tk (next power of two,
 # 16..16384), which separate short-query decoding (Tq <= 16) from full sequences, the causal offset
 # Tk - Tq, and long from short sequences. The candidates are the ones that compiled for sm_90 without
-# register spills (ptxas; see tests/kernels/test_cuda_compile.py), following the shapes of Triton's
+# register spills (ptxas; see tests/gpt2_kernels/test_cuda_compile.py), following the shapes of Triton's
 # fused-attention tutorial: wide query tiles forward and for dQ, wide key tiles for dK/dV; fp32 runs
 # its dots on the FMA units with every operand in registers, hence its small tiles.
 _CANDIDATES = {

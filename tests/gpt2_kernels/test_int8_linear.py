@@ -1,4 +1,4 @@
-"""kernels.int8_linear and quantize_int8 against float64 references, on both backends, and the sm_90
+"""gpt2_kernels.int8_linear and quantize_int8 against float64 references, on both backends, and the sm_90
 compile check of the int8 kernels.
 
 On the CPU the Triton kernels run under the interpreter with 16/32-wide tiles, so the odd shapes
@@ -16,10 +16,10 @@ import sys
 import pytest
 import torch
 
-import kernels
+import gpt2_kernels
 from tests.conftest import requires_cuda
-from tests.kernels.conftest import BACKENDS, DEVICE
-from kernels.attention import H100_SHARED_MEMORY
+from tests.gpt2_kernels.conftest import BACKENDS, DEVICE
+from gpt2_kernels.attention import H100_SHARED_MEMORY
 from tests.conftest import ROOT
 
 # (atol, rtol) against float64. fp32: sums of up to ~10^3 products in fp32; 16-bit: the output's
@@ -27,7 +27,7 @@ from tests.conftest import ROOT
 TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 2e-2)}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
-int8_module = importlib.import_module("kernels.int8_linear")  # `kernels.int8_linear` is the function
+int8_module = importlib.import_module("gpt2_kernels.int8_linear")  # `gpt2_kernels.int8_linear` is the function
 BF16_INTERPRETER = "Triton 3.9's interpreter computes bf16 tl.dot wrongly; bf16 is tested on the fallback and on CUDA"
 
 # (M rows, K inputs, N outputs): M = 1, 3, 17, 128 (decoding and prefill tiles), K and N off the tiles.
@@ -36,7 +36,7 @@ SHAPES = [(1, 100, 77), (3, 64, 33), (17, 129, 70), (128, 50, 65), (1, 20, 5)]
 
 def quantized(N, K, seed=0, device=DEVICE):
     w = torch.randn(N, K, generator=torch.Generator().manual_seed(seed))
-    weight_int8, scale = kernels.quantize_int8(w)
+    weight_int8, scale = gpt2_kernels.quantize_int8(w)
     return weight_int8.to(device), scale.to(device)
 
 
@@ -48,7 +48,7 @@ def reference(x, weight_int8, scale, bias=None):
 
 
 def check(x, weight_int8, scale, bias, backend):
-    y = kernels.int8_linear(x, weight_int8, scale, bias, backend=backend)
+    y = gpt2_kernels.int8_linear(x, weight_int8, scale, bias, backend=backend)
     assert y.shape == (*x.shape[:-1], weight_int8.shape[0]) and y.dtype == x.dtype and y.device == x.device
     atol, rtol = TOLERANCES[x.dtype]
     torch.testing.assert_close(y.cpu().double(), reference(x, weight_int8, scale, bias), atol=atol, rtol=rtol)
@@ -90,10 +90,10 @@ def test_batch_dims_and_strides(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_rows_and_empty_reduction(backend):
     weight_int8, scale = quantized(9, 33)
-    assert kernels.int8_linear(make_x((0, 33), torch.float32), weight_int8, scale, backend=backend).shape == (0, 9)
+    assert gpt2_kernels.int8_linear(make_x((0, 33), torch.float32), weight_int8, scale, backend=backend).shape == (0, 9)
     empty_w = torch.zeros(9, 0, dtype=torch.int8, device=DEVICE)
     bias = make_x((9,), torch.float32, seed=2)
-    y = kernels.int8_linear(make_x((2, 0), torch.float32), empty_w, scale, bias, backend=backend)
+    y = gpt2_kernels.int8_linear(make_x((2, 0), torch.float32), empty_w, scale, bias, backend=backend)
     torch.testing.assert_close(y, bias.expand(2, 9))
 
 
@@ -114,7 +114,7 @@ def test_quantize_round_trip_bound(dtype):
     w = (torch.randn(64, 300, generator=torch.Generator().manual_seed(3)) * torch.logspace(-3, 1, 64)[:, None])
     w[5] = 0.0  # an all-zero row
     w = w.to(dtype)
-    weight_int8, scale = kernels.quantize_int8(w)
+    weight_int8, scale = gpt2_kernels.quantize_int8(w)
     assert weight_int8.dtype == torch.int8 and weight_int8.shape == w.shape
     assert scale.dtype == torch.float32 and scale.shape == (64,)
     w64 = w.double()
@@ -130,26 +130,26 @@ def test_quantize_round_trip_bound(dtype):
 
 def test_quantize_rejects_bad_weights():
     with pytest.raises(ValueError, match="inf or NaN"):
-        kernels.quantize_int8(torch.tensor([[1.0, float("nan")]]))
+        gpt2_kernels.quantize_int8(torch.tensor([[1.0, float("nan")]]))
     with pytest.raises(ValueError, match="2-D"):
-        kernels.quantize_int8(torch.ones(3))
+        gpt2_kernels.quantize_int8(torch.ones(3))
     with pytest.raises(ValueError, match="float"):
-        kernels.quantize_int8(torch.ones(2, 2, dtype=torch.int32))
+        gpt2_kernels.quantize_int8(torch.ones(2, 2, dtype=torch.int32))
 
 
 def test_rejects_bad_inputs():
     weight_int8, scale = quantized(8, 16, device="cpu")
     x = torch.randn(2, 16)
     with pytest.raises(ValueError, match="scale must be \\(8,\\) float32"):
-        kernels.int8_linear(x, weight_int8, scale.bfloat16())
+        gpt2_kernels.int8_linear(x, weight_int8, scale.bfloat16())
     with pytest.raises(ValueError, match="int8 tensor"):
-        kernels.int8_linear(x, weight_int8.float(), scale)
+        gpt2_kernels.int8_linear(x, weight_int8.float(), scale)
     with pytest.raises(ValueError, match="x must be \\(..., 16\\)"):
-        kernels.int8_linear(torch.randn(2, 15), weight_int8, scale)
+        gpt2_kernels.int8_linear(torch.randn(2, 15), weight_int8, scale)
     with pytest.raises(ValueError, match="x must be"):
-        kernels.int8_linear(x.double(), weight_int8, scale)
+        gpt2_kernels.int8_linear(x.double(), weight_int8, scale)
     with pytest.raises(ValueError, match="bias must be"):
-        kernels.int8_linear(x, weight_int8, scale, torch.zeros(7))
+        gpt2_kernels.int8_linear(x, weight_int8, scale, torch.zeros(7))
 
 
 def test_bf16_on_the_interpreter_is_refused():
@@ -158,7 +158,7 @@ def test_bf16_on_the_interpreter_is_refused():
     pytest.importorskip("triton")
     weight_int8, scale = quantized(8, 16)
     with pytest.raises(ValueError, match="interpreter"):
-        kernels.int8_linear(torch.randn(2, 16, dtype=torch.bfloat16), weight_int8, scale, backend="triton")
+        gpt2_kernels.int8_linear(torch.randn(2, 16, dtype=torch.bfloat16), weight_int8, scale, backend="triton")
 
 
 def test_quantized_linear_tracks_the_float_linear():
@@ -166,8 +166,8 @@ def test_quantized_linear_tracks_the_float_linear():
     bound of the module docstring (scale / 2 * sum |x| per output)."""
     w = torch.randn(96, 200, generator=torch.Generator().manual_seed(4)) * 0.02
     x = make_x((4, 200), torch.float32, device="cpu")
-    weight_int8, scale = kernels.quantize_int8(w)
-    error = (kernels.int8_linear(x, weight_int8, scale, backend="torch").double() - (x.double() @ w.double().T)).abs()
+    weight_int8, scale = gpt2_kernels.quantize_int8(w)
+    error = (gpt2_kernels.int8_linear(x, weight_int8, scale, backend="torch").double() - (x.double() @ w.double().T)).abs()
     bound = x.double().abs().sum(dim=1, keepdim=True) * scale.double()[None, :] / 2
     assert (error <= bound * 1.001 + 1e-6).all()
     assert error.max() > 0
@@ -186,7 +186,7 @@ def test_compiled_cpu_path_streams_int8_weights():
 
     def layer(x):
         h = torch.nn.functional.layer_norm(x, (200,), ln_w, ln_b)
-        return kernels.int8_linear(h, weight_int8, scale, bias, backend="torch")
+        return gpt2_kernels.int8_linear(h, weight_int8, scale, bias, backend="torch")
 
     compiled = torch.compile(layer, fullgraph=True, dynamic=False)
     for rows in (1, int8_module.CPU_STREAM_MAX_ROWS, int8_module.CPU_STREAM_MAX_ROWS + 1):
@@ -196,7 +196,7 @@ def test_compiled_cpu_path_streams_int8_weights():
         torch.testing.assert_close(y.double(), reference(h, weight_int8, scale, bias), **dict(zip(("atol", "rtol"), TOLERANCES[torch.float32])))
         streams = rows <= int8_module.CPU_STREAM_MAX_ROWS
         assert "const int8_t*" in code  # a generated C++ kernel reads the int8 weights, in both paths
-        assert ("kernels_int8_linear.materialize" in code) == streams
+        assert ("gpt2_kernels_int8_linear.materialize" in code) == streams
         # ... but only the dequantising path writes them out as floats first
         assert ("empty_strided_cpu((96, 200)" in code) != streams, f"{rows} rows, streaming {streams}"
 
@@ -209,7 +209,7 @@ def test_cuda_gpt2_shapes(K, N, M, dtype):
     weight_int8, scale = quantized(N, K, device="cuda")
     bias = make_x((N,), dtype, device="cuda", seed=2)
     x = make_x((M, K), dtype, device="cuda")
-    y = kernels.int8_linear(x, weight_int8, scale, bias, backend="triton")
+    y = gpt2_kernels.int8_linear(x, weight_int8, scale, bias, backend="triton")
     # relative to the output's scale: 16-bit activations round x and y, fp32 only sums in another order
     expected = reference(x, weight_int8, scale, bias)
     atol = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 2e-1}[dtype]
@@ -221,7 +221,7 @@ import importlib, json, re, subprocess, tempfile, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
-m = importlib.import_module("kernels.int8_linear")
+m = importlib.import_module("gpt2_kernels.int8_linear")
 
 TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 POINTERS = ("x_ptr", "w_ptr", "scale_ptr", "bias_ptr", "out_ptr", "partial_ptr")

@@ -1,11 +1,11 @@
-"""kernels.layer_norm / LayerNorm against a step-by-step float64 reference, on both backends."""
+"""gpt2_kernels.layer_norm / LayerNorm against a step-by-step float64 reference, on both backends."""
 
 import pytest
 import torch
 
-import kernels
+import gpt2_kernels
 from tests.conftest import requires_cuda
-from tests.kernels.conftest import BACKENDS, DEVICE, requires_triton
+from tests.gpt2_kernels.conftest import BACKENDS, DEVICE, requires_triton
 
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (5e-3, 5e-3), torch.bfloat16: (3e-2, 3e-2)}
 
@@ -37,7 +37,7 @@ def make_inputs(shape, dtype, has_weight, has_bias, device=DEVICE, seed=0):
 
 
 def check_against_reference(x, weight, bias, backend, eps=1e-5):
-    y = kernels.layer_norm(x, weight, bias, eps, backend=backend)
+    y = gpt2_kernels.layer_norm(x, weight, bias, eps, backend=backend)
     assert y.shape == x.shape and y.dtype == x.dtype
     params = [t for t in (x, weight, bias) if t is not None]
     grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
@@ -76,30 +76,30 @@ def test_non_contiguous_input(backend):
 @pytest.mark.parametrize("affine", [(True, True), (False, False)], ids=["weight+bias", "none"])
 def test_gradcheck_fallback(affine):
     inputs = make_inputs((3, 6), torch.float64, *affine)
-    assert torch.autograd.gradcheck(lambda x, w, b: kernels.layer_norm(x, w, b, backend="torch"), inputs)
+    assert torch.autograd.gradcheck(lambda x, w, b: gpt2_kernels.layer_norm(x, w, b, backend="torch"), inputs)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_module(backend):
-    ln = kernels.LayerNorm(16, eps=1e-6, bias=False, backend=backend).to(DEVICE)
+    ln = gpt2_kernels.LayerNorm(16, eps=1e-6, bias=False, backend=backend).to(DEVICE)
     assert ln.bias is None and ln.weight.shape == (16,) and list(ln.state_dict()) == ["weight"]
     with torch.no_grad():
         ln.weight.uniform_()
     x = torch.randn(2, 3, 16, device=DEVICE)
     torch.testing.assert_close(ln(x), reference_layer_norm(x, ln.weight, None, 1e-6).float())
-    assert set(kernels.LayerNorm(8).state_dict()) == {"weight", "bias"}
+    assert set(gpt2_kernels.LayerNorm(8).state_dict()) == {"weight", "bias"}
 
 
 def test_bad_inputs_raise_clear_errors():
     x = torch.randn(2, 8)
     with pytest.raises(ValueError, match=r"weight has shape \(7,\), expected \(8,\)"):
-        kernels.layer_norm(x, torch.ones(7), None)
+        gpt2_kernels.layer_norm(x, torch.ones(7), None)
 
 
 @requires_triton
 def test_rows_too_long_for_the_triton_kernel_raise_a_clear_error():
     with pytest.raises(ValueError, match="rows of 1..8192"):
-        kernels.layer_norm(torch.randn(1, 8193, device=DEVICE), None, None, backend="triton")
+        gpt2_kernels.layer_norm(torch.randn(1, 8193, device=DEVICE), None, None, backend="triton")
 
 
 @requires_cuda

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import cdiv, jit, resolve_backend, tl
+from gpt2_kernels.dispatch import cdiv, jit, resolve_backend, tl
 
 CUDA_BLOCK_V, CUDA_NUM_WARPS = 4096, 8  # one vocabulary tile: 16 elements per thread
 # On the interpreter: tiles small enough that the tests' small vocabularies cross tile edges.

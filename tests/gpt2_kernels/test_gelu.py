@@ -1,13 +1,13 @@
-"""kernels.gelu / GELU against the tanh formula written out in float64, on both backends."""
+"""gpt2_kernels.gelu / GELU against the tanh formula written out in float64, on both backends."""
 
 import math
 
 import pytest
 import torch
 
-import kernels
+import gpt2_kernels
 from tests.conftest import requires_cuda
-from tests.kernels.conftest import BACKENDS, DEVICE
+from tests.gpt2_kernels.conftest import BACKENDS, DEVICE
 
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1e-2, 1e-2)}
 
@@ -19,7 +19,7 @@ def reference_gelu(x):
 
 
 def check_against_reference(x, backend):
-    y = kernels.gelu(x, backend=backend)
+    y = gpt2_kernels.gelu(x, backend=backend)
     assert y.shape == x.shape and y.dtype == x.dtype
     grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
     (dx,) = torch.autograd.grad(y, x, grad_out)
@@ -54,13 +54,13 @@ def test_non_contiguous_and_extreme_inputs(backend):
 
 
 def test_gradcheck_fallback():
-    assert torch.autograd.gradcheck(lambda x: kernels.gelu(x, backend="torch"), make_input((4, 5), torch.float64))
+    assert torch.autograd.gradcheck(lambda x: gpt2_kernels.gelu(x, backend="torch"), make_input((4, 5), torch.float64))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_module(backend):
     x = make_input((2, 9), torch.float32).detach()
-    torch.testing.assert_close(kernels.GELU(backend=backend)(x), reference_gelu(x).float())
+    torch.testing.assert_close(gpt2_kernels.GELU(backend=backend)(x), reference_gelu(x).float())
 
 
 @requires_cuda
@@ -69,7 +69,7 @@ def test_module(backend):
 def test_cuda_matches_reference(shape, dtype):
     check_against_reference(make_input(shape, dtype, device="cuda"), "triton")
     x = make_input(shape, dtype, device="cuda").detach().transpose(0, -1)
-    torch.testing.assert_close(kernels.gelu(x, backend="triton"), reference_gelu(x).to(dtype),
+    torch.testing.assert_close(gpt2_kernels.gelu(x, backend="triton"), reference_gelu(x).to(dtype),
                                atol=TOLERANCES[dtype][0], rtol=TOLERANCES[dtype][1])
 
 
@@ -87,7 +87,7 @@ def test_gelu_linear_matches_reference_values_and_gradients(backend, with_bias):
     x = (torch.randn(3, 7, 40, generator=g) * 3).to(DEVICE).requires_grad_()
     weight = (torch.randn(24, 40, generator=g) * 0.1).to(DEVICE).requires_grad_()
     bias = (torch.randn(24, generator=g)).to(DEVICE).requires_grad_() if with_bias else None
-    y = kernels.gelu_linear(x, weight, bias, backend=backend)
+    y = gpt2_kernels.gelu_linear(x, weight, bias, backend=backend)
     grad_out = torch.randn(y.shape, generator=g).to(y)
     inputs = [x, weight] + ([bias] if with_bias else [])
     grads = torch.autograd.grad(y, inputs, grad_out)
@@ -104,11 +104,11 @@ def test_gelu_linear_keeps_only_its_input_for_the_backward():
     weight, bias = torch.randn(32, 96, requires_grad=True), torch.randn(32, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-        kernels.gelu_linear(x, weight, bias, backend="torch")
+        gpt2_kernels.gelu_linear(x, weight, bias, backend="torch")
     assert saved == [x.shape, weight.shape]  # not the GELU's output (64 x 96 as well)
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-        torch.nn.functional.linear(kernels.gelu(x, backend="torch"), weight, bias)
+        torch.nn.functional.linear(gpt2_kernels.gelu(x, backend="torch"), weight, bias)
     assert len(saved) == 3  # unfused: x for the GELU, its output and the weight for the linear layer
 
 
@@ -116,8 +116,8 @@ def test_gelu_linear_under_autocast_computes_in_the_autocast_dtype():
     x = torch.randn(4, 16, requires_grad=True)
     weight, bias = torch.randn(8, 16, requires_grad=True), torch.randn(8, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = kernels.gelu_linear(x, weight, bias, backend="torch")
-        expected = torch.nn.functional.linear(kernels.gelu(x, backend="torch"), weight, bias)
+        y = gpt2_kernels.gelu_linear(x, weight, bias, backend="torch")
+        expected = torch.nn.functional.linear(gpt2_kernels.gelu(x, backend="torch"), weight, bias)
     assert y.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), expected.float(), atol=2e-2, rtol=2e-2)
     y.float().sum().backward()

@@ -1,0 +1,20 @@
+"""Triton kernels with PyTorch fallbacks for GPT-2's hot paths: causal attention, LayerNorm, GELU, the
+output layer fused with its cross-entropy loss, and the weight-only int8 linear layer of quantized
+generation.
+
+Every op takes `backend="auto"|"triton"|"torch"`: "auto" runs Triton on CUDA tensors when Triton is
+importable, the PyTorch fallback otherwise; $GPT2_KERNELS_BACKEND overrides "auto" globally (see dispatch).
+
+The import name is `gpt2_kernels`, not plain `kernels`, which is Hugging Face's hub-kernels package (a
+dependency of transformers since 5.25): two packages of one import name cannot live in one environment.
+"""
+
+from gpt2_kernels.attention import causal_attention
+from gpt2_kernels.dispatch import BACKENDS, ENV_VAR, backend_for_device, backend_override, resolve_backend
+from gpt2_kernels.gelu import GELU, gelu, gelu_linear
+from gpt2_kernels.int8_linear import CPU_STREAM_MAX_ROWS, int8_linear, materialize, quantize_int8
+from gpt2_kernels.layer_norm import LayerNorm, layer_norm
+from gpt2_kernels.linear_cross_entropy import linear_cross_entropy
+
+__all__ = ["BACKENDS", "CPU_STREAM_MAX_ROWS", "ENV_VAR", "GELU", "LayerNorm", "backend_for_device", "backend_override", "causal_attention", "gelu",
+           "gelu_linear", "int8_linear", "layer_norm", "linear_cross_entropy", "materialize", "quantize_int8", "resolve_backend"]
