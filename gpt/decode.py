@@ -95,8 +95,12 @@ class InferenceWeights(NamedTuple):
     head: Linear
 
 
-def _onednn_packing() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+def _onednn_packing(dtype: torch.dtype) -> bool:
+    """oneDNN can prepack weights of ``dtype`` on this CPU (bf16 needs AVX-512 or AVX-NE-CONVERT: on a
+    CPU with AVX2 alone the reorder raises)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    return dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def layout_for(device: torch.device, dtype: torch.dtype, compiled: bool) -> str:
@@ -109,7 +113,7 @@ def layout_for(device: torch.device, dtype: torch.dtype, compiled: bool) -> str:
         return "transposed"
     # bf16 eagerly: oneDNN's prepacked weights stream at ~1.4x F.linear's speed (the inductor's own
     # choice for frozen bf16 linears), with the same results as F.linear.
-    return "packed" if dtype == torch.bfloat16 and _onednn_packing() else "linear"
+    return "packed" if dtype == torch.bfloat16 and _onednn_packing(dtype) else "linear"
 
 
 def verify_layout(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -117,7 +121,7 @@ def verify_layout(device: torch.device, dtype: torch.dtype) -> str | None:
     step's own. On a CPU MKL multiplies 2-16 rows by a weight it packs on every call at 5-7 GB/s,
     less than half of what it reaches on one row; oneDNN's weights packed once for 16 rows take 5 rows
     at ~11 GB/s. They are one more copy of the weights, made for speculative decoding only."""
-    return "verify" if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and _onednn_packing() else None
+    return "verify" if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and _onednn_packing(dtype) else None
 
 
 PACKED_ROWS = {"packed": 1, "verify": 16}  # oneDNN's batch-size hint of each packed layout

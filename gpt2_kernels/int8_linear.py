@@ -178,7 +178,7 @@ def _materialize_fake(x):
 def materialize(x: torch.Tensor) -> torch.Tensor:
     """``x`` itself, computed once: an identity torch.compile cannot see through. Put it between a
     pointwise op and a compiled loop that reads its output many times (a mat-vec streaming weights)."""
-    return torch.ops.kernels_int8_linear.materialize(x)
+    return torch.ops.gpt2_kernels_int8_linear.materialize(x)
 
 
 def _torch_int8_linear(x, weight_int8, scale, bias):

@@ -66,6 +66,7 @@ _CHUNK_CUTS = {
 _LINE_START_CUT = r"(?<=\S\n)(?=\S)"
 _ANY_CUT = r"(?s)(?<=.)(?=.)"
 CHUNK_CUT_LOOKAHEAD = 2  # characters after a cut that decide it: a search of a growing text re-checks these
+CHUNK_CUT_LOOKBEHIND = 3  # characters before a cut that decide it: a search must see these too
 
 
 def resolve_pattern(pattern: str) -> str:
@@ -150,7 +151,8 @@ def chunk_cut_regex(pattern: str | None) -> regex.Pattern:
     """Zero-width matches where text may be cut into chunks that, encoded one by one, give exactly
     the tokens of the whole text under ``pattern`` (a regex string; None: no pre-tokenizer, as for a
     char-level tokenizer). A match needs the characters around it to be present: searching a text
-    that is still growing, re-check the last ``CHUNK_CUT_LOOKAHEAD`` characters once more arrive."""
+    that is still growing, re-check the last ``CHUNK_CUT_LOOKAHEAD`` characters once more arrive, and
+    searching the rest of a text, keep the ``CHUNK_CUT_LOOKBEHIND`` characters before it in view."""
     return regex.compile(_ANY_CUT if pattern is None else _CHUNK_CUTS.get(pattern, _LINE_START_CUT))
 
 

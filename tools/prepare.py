@@ -31,7 +31,7 @@ import tokenizers_bpe
 from gpt.data import DATA_STAMP, META_FILE, SPLITS, DataMeta, SplitInfo, token_dtype
 from tokenizers_bpe import TOKENIZER_FILE, BPETokenizer, UnknownCharacterError
 from tokenizers_bpe.fileio import atomic_directory, atomic_write, check_text_file, read_file_blocks
-from tokenizers_bpe.patterns import CHUNK_CUT_LOOKAHEAD, chunk_cut_regex, chunk_cut_rule
+from tokenizers_bpe.patterns import CHUNK_CUT_LOOKAHEAD, CHUNK_CUT_LOOKBEHIND, chunk_cut_regex, chunk_cut_rule
 from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_tokenizer_arguments, command, integer, number
 from tools.corpus import BUILTIN_CORPORA, plays
 from tools.outputs import check_output
@@ -109,6 +109,7 @@ def chunks(docs: Iterable[Document], train_bytes: int, chunk_bytes: int, cuts: r
     split, done = "train", 0
     for doc in docs:
         pending, pending_bytes = "", 0  # read, not yet yielded; starts at a cut
+        before = ""  # the characters just before `pending`: a cut's look-behind reaches into them
         search_from = None  # where to go on looking for the next cut; None: from the goal
         for text, nbytes in doc.blocks():
             pending += text
@@ -119,14 +120,16 @@ def chunks(docs: Iterable[Document], train_bytes: int, chunk_bytes: int, cuts: r
                     break
                 if search_from is None:
                     search_from = _char_index(pending, goal)
-                m = cuts.search(pending, search_from)
+                m = cuts.search(before + pending, len(before) + search_from)
                 if m is None:  # read on; the last characters may yet turn out to be a cut
                     search_from = max(search_from, len(pending) - CHUNK_CUT_LOOKAHEAD)
                     break
-                text_out = pending[: m.start()]
+                cut = m.start() - len(before)
+                text_out = pending[:cut]
                 n = len(text_out.encode("utf-8"))
                 yield Chunk(split, text_out, n, False, doc.name)
-                pending, pending_bytes, done, search_from = pending[m.start() :], pending_bytes - n, done + n, None
+                before = (before + text_out)[-CHUNK_CUT_LOOKBEHIND:]
+                pending, pending_bytes, done, search_from = pending[cut:], pending_bytes - n, done + n, None
                 if split == "train" and done >= train_bytes:
                     split = "val"
         yield Chunk(split, pending, pending_bytes, True, doc.name)

@@ -55,6 +55,7 @@ def user_errors(tmp_path, base) -> dict[str, list[str]]:
         "gpt-inspect": [missing],
         "gpt-finetune": ["instruct", "--model", str(base / "ckpt"), "--data", missing, "--out", str(tmp_path / "ft")],
         "gpt-classify": ["--model", missing, "some text"],
+        "gpt-genre-experiment": ["--work", str(tmp_path / "work"), "--variants", "missing"],
     }
 
 
