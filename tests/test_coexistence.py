@@ -13,9 +13,11 @@ from __future__ import annotations
 import importlib.metadata as metadata
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -60,13 +62,13 @@ def users_project(tmp_path) -> Path:
 
 def test_every_import_name_we_install_is_provided_by_our_distribution_alone():
     names = our_import_names()
-    assert names == {"tokenizers_bpe", "gpt2_kernels", "gpt", "tools"}, names
     installed = metadata.distribution(DISTRIBUTION).read_text("top_level.txt")
     assert installed is not None and set(installed.split()) == names, installed
     owners = metadata.packages_distributions()
     for name in sorted(names):
         others = set(owners.get(name, [])) - {DISTRIBUTION}
         assert not others, f"import name {name!r} is also installed by {sorted(others)}"
+    assert names == {"tokenizers_bpe", "gpt2_kernels", "gpt", "tools"}, names  # what the README promises
 
 
 def test_the_pinned_environment_has_transformers_with_hub_kernels():
@@ -115,3 +117,28 @@ def test_every_command_starts_from_any_directory(users_project):
         for (name, cwd), done in zip(cases, pool.map(run, cases)):
             assert done.returncode == 0, f"{name} --help in {cwd}: {done.stderr[-2000:]}"
             assert "usage:" in done.stdout, (name, done.stdout[:200])
+
+
+def test_our_wheel_installs_no_file_of_another_distribution(tmp_path):
+    """What `pip install .` writes (the wheel's RECORD) against every file the other installed
+    distributions own, transformers' and hub-kernels' included; and the environment is consistent."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE", *sorted(our_import_names())):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        copy(ROOT / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if (ROOT / name).is_dir() else {}))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                            str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("gpt2_toolkit-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        record = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/RECORD"))).decode()
+    ours = {line.rsplit(",", 2)[0] for line in record.splitlines() if line}
+    assert {p.split("/")[0] for p in ours if not p.split("/")[0].endswith(".dist-info")} == our_import_names()
+    for dist in metadata.distributions():
+        if dist.metadata["Name"] == DISTRIBUTION:
+            continue
+        shared = ours & {str(f) for f in dist.files or ()}
+        assert not shared, f"{dist.metadata['Name']} owns {sorted(shared)[:5]}"
+    check = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stdout + check.stderr
