@@ -2,7 +2,8 @@
 ``tokenizers.Tokenizer.from_file`` and transformers' fast tokenizers read), giving the same ids.
 
 Byte-level BPE becomes HF's ``BPE`` model behind a pre-tokenizer that splits with *our* pattern
-(``Split``, rewritten for HF's regex engine by ``onig_pattern``) and then maps bytes to GPT-2's
+(``Split``, rewritten for HF's regex engine by ``onig_pattern``; the matches are kept and any text
+between them dropped, as ``findall`` does here) and then maps bytes to GPT-2's
 printable characters (``ByteLevel`` with ``use_regex=false``, so GPT-2's own split is not applied
 on top). Two settings make HF's merge loop compute tiktoken's result:
 
@@ -98,7 +99,8 @@ def _bpe_json(tok: BPETokenizer) -> dict:
     return {
         "normalizer": None,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+            # the matches are the pieces and text between them is dropped: findall's (and tiktoken's) split
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Removed", "invert": True},
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
         ]},
         "post_processor": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
