@@ -6,15 +6,17 @@
                      Every kind trained here: byte-level BPE with the gpt2, gpt4 or a custom pattern
                      (rewritten for HF's regex engine; a construct without a known exact equivalent
                      is refused), and char-level (a WordLevel model over single characters).
-  --format tiktoken  OUT (a .tiktoken rank file) and OUT.json beside it with what tiktoken.Encoding
-                     needs besides the ranks, under its argument names:
-                       import json, tiktoken
-                       from tiktoken.load import load_tiktoken_bpe
+  --format tiktoken  OUT (a .tiktoken rank file: base64 token, space, rank per line) and OUT.json
+                     beside it with what tiktoken.Encoding needs besides the ranks, under its
+                     argument names:
+                       import base64, json, tiktoken
                        spec = json.load(open("OUT.json"))
-                       enc = tiktoken.Encoding(name=spec["name"], pat_str=spec["pat_str"],
-                                               mergeable_ranks=load_tiktoken_bpe("OUT"),
-                                               special_tokens=spec["special_tokens"])
-                     (byte-level BPE only)
+                       ranks = {base64.b64decode(t): int(r) for t, r in map(str.split, open("OUT"))}
+                       enc = tiktoken.Encoding(spec["name"], pat_str=spec["pat_str"],
+                                               mergeable_ranks=ranks, special_tokens=spec["special_tokens"])
+                     (tiktoken.load.load_tiktoken_bpe reads the file too, but caches it by its path
+                     in a temporary directory: a file re-exported to the same path is then read
+                     stale). Byte-level BPE only.
   --format gpt2      OUT/encoder.json + OUT/vocab.bpe, GPT-2's own files (readers apply GPT-2's
                      pattern, so only a tokenizer with that pattern is exact; others are refused)
 
