@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import regex
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -256,18 +255,3 @@ def test_hf_export_refuses_an_inexact_tokenizer_and_writes_nothing(tmp_path, cap
     err = capsys.readouterr().err
     assert "cannot be exported to Hugging Face tokenizers exactly" in err and err.count("\n") == 1
     assert not (tmp_path / "hf").exists()
-
-
-def test_onig_rewrite_keeps_pieces_on_random_text():
-    """The rewritten pattern splits as Python's regex does, in HF's engine (constructs that differ)."""
-    from tokenizers_bpe.onig_pattern import onig_pattern
-
-    pattern = r"\p{N}{1,3}+|\w+$|[^\s\w]{2}+|\s++$|\s+(?!\S)|\s|\S"
-    split = tokenizers.pre_tokenizers.Split(tokenizers.Regex(onig_pattern(pattern)), "removed", invert=True)
-
-    @settings(max_examples=300, deadline=None)
-    @given(st.text(alphabet=st.sampled_from("ab1234 \n\t\u0085\x1c!?.é٣"), max_size=30))
-    def check(text):
-        assert [p for p, _ in split.pre_tokenize_str(text)] == regex.findall(pattern, text)
-
-    check()
