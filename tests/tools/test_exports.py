@@ -235,7 +235,12 @@ def test_pipeline_generates_our_greedy_tokens(models, kind, capsys):
     prompt_ids = model.tokenizer.encode(prompt)
     expected = list(prompt_ids) + list(generate(model, prompt_ids, 24, temperature=0.0)[0])
     capsys.readouterr()
-    assert gpt_generate(["--model", str(ckpt), prompt, "-n", "24", "--temperature", "0", "--no-stream", "--threads", "1"]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert gpt_generate(["--model", str(ckpt), prompt, "-n", "24", "--temperature", "0", "--no-stream", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     cli_text = capsys.readouterr().out
     assert cli_text.rstrip("\n") == model.tokenizer.decode(expected[len(prompt_ids):]).rstrip("\n")
 
