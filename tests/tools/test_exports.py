@@ -248,6 +248,8 @@ def test_pipeline_generates_our_greedy_tokens(models, kind, capsys):
     hf_ids = pipe.model.generate(torch.tensor([pipe.tokenizer.encode(prompt)]), max_new_tokens=24, do_sample=False,
                                  pad_token_id=model.tokenizer.eot_token)[0].tolist()
     assert pipe.tokenizer.encode(prompt) == prompt_ids
+    sample = MULTILINGUAL if kind != "char" else "".join(c for c in MULTILINGUAL if c in model.tokenizer.chars)
+    assert pipe.tokenizer.encode(sample) == ours(model.tokenizer, sample)  # the export's own tokenizer files
     assert hf_ids == expected
     result = pipe(prompt, max_new_tokens=24, do_sample=False, return_full_text=False)
     assert isinstance(result[0]["generated_text"], str)
