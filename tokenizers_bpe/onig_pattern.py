@@ -25,7 +25,7 @@ import sys
 import regex
 
 # Escapes that match the same single character in both engines.
-_LITERAL_ESCAPES = set("tnrfve0\\.^$|?*+()[]{}-/ '\"#&~!%,:;<=>@`_")
+_LITERAL_ESCAPES = set("tnrfv\\.^$|?*+()[]{}-/ '\"#&~!%,:;<=>@`_")
 _CLASS_ESCAPES = set("sSdDwWpP")  # a class of characters: expanded to explicit ranges
 _SURROGATES = range(0xD800, 0xE000)  # never in a Rust string: HF never sees them
 
@@ -74,11 +74,14 @@ def _read_class_escape(pattern: str, i: int) -> tuple[str, int]:
     return pattern[i : i + 2], i + 2
 
 
-def _escape(pattern: str, i: int, in_class: bool) -> tuple[str, int]:
-    """The Oniguruma text for the escape at ``pattern[i]`` and the index after it."""
+def _escape(pattern: str, i: int, in_class: bool, folding: bool) -> tuple[str, int]:
+    """The Oniguruma text for the escape at ``pattern[i]`` and the index after it (``folding``: inside
+    a case-insensitive group, where the engines may fold a class's members differently)."""
     if i + 1 >= len(pattern):
         raise UnsupportedPatternError(pattern, "\\", i)
     letter = pattern[i + 1]
+    if letter in _CLASS_ESCAPES and folding:
+        raise UnsupportedPatternError(pattern, "(?i:" + _read_class_escape(pattern, i)[0], i)
     if letter in _CLASS_ESCAPES:
         escape, end = _read_class_escape(pattern, i)
         try:
@@ -102,7 +105,7 @@ def _escape(pattern: str, i: int, in_class: bool) -> tuple[str, int]:
     raise UnsupportedPatternError(pattern, pattern[i : i + 2], i)
 
 
-def _class(pattern: str, i: int) -> tuple[str, int]:
+def _class(pattern: str, i: int, folding: bool) -> tuple[str, int]:
     """The character class starting at ``pattern[i]`` (``[``), rewritten, and the index after it."""
     out = ["["]
     j = i + 1
@@ -116,7 +119,7 @@ def _class(pattern: str, i: int) -> tuple[str, int]:
             out.append("]")
             return "".join(out), j + 1
         if c == "\\":
-            text, j = _escape(pattern, j, in_class=True)
+            text, j = _escape(pattern, j, in_class=True, folding=folding)
             out.append(text)
         elif c == "[" or pattern.startswith(("&&", "--", "||", "~~"), j):
             raise UnsupportedPatternError(pattern, pattern[j : j + 2], j)  # nesting, set operations
@@ -131,6 +134,7 @@ def _class(pattern: str, i: int) -> tuple[str, int]:
 
 
 _GROUP_OPENERS = ("(?:", "(?=", "(?!", "(?<=", "(?<!", "(?>", "(?i:")
+_FOLDING = "(?i:"
 
 
 def onig_pattern(pattern: str) -> str:
@@ -138,16 +142,20 @@ def onig_pattern(pattern: str) -> str:
     UnsupportedPatternError."""
     out: list[str] = []
     groups: list[int] = []  # indexes in ``out`` of open groups
+
+    def folding(open_groups: list[int]) -> bool:
+        return any(out[g] == _FOLDING for g in open_groups)
+
     last_atom = -1  # index in ``out`` where the last atom began (for X{n,m}+); -1: none
     i = 0
     while i < len(pattern):
         c = pattern[i]
         if c == "\\":
-            text, i = _escape(pattern, i, in_class=False)
+            text, i = _escape(pattern, i, in_class=False, folding=folding(groups))
             last_atom = len(out)
             out.append(text)
         elif c == "[":
-            text, i = _class(pattern, i)
+            text, i = _class(pattern, i, folding=folding(groups))
             last_atom = len(out)
             out.append(text)
         elif c == "(":

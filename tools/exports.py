@@ -54,7 +54,11 @@ def hf_tokenizer_content(tok: Tokenizer) -> dict:
         import tokenizers
     except ImportError:
         return content
-    hf = tokenizers.Tokenizer.from_str(json.dumps(content))
+    try:
+        hf = tokenizers.Tokenizer.from_str(json.dumps(content))
+    except Exception as e:  # HF's own error type for a pattern its engine rejects (e.g. a variable-length look-behind)
+        raise CLIError(f"{tokenizer_kind(tok)} cannot be exported to Hugging Face tokenizers: HF tokenizers cannot read "
+                       f"it ({e})") from None
     text = PROBE_TEXT + "".join(tok.special_tokens) + PROBE_TEXT
     if isinstance(tok, BPETokenizer):
         probe = text
