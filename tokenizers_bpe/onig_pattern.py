@@ -38,7 +38,7 @@ class UnsupportedPatternError(ValueError):
         self.pattern, self.construct, self.position = pattern, construct, position
 
     def __str__(self) -> str:
-        return (f"the pattern's {self.construct!r} (at character {self.position}) has no known exact equivalent in "
+        return (f"the pattern's '{self.construct}' (at character {self.position}) has no known exact equivalent in "
                 "Oniguruma, the regex engine of Hugging Face tokenizers and llama.cpp's converters")
 
 
