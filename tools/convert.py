@@ -385,7 +385,8 @@ def merge_checkpoint(src: Path, out: Path) -> None:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="gpt-convert", description="Convert GPT-2 weights between OpenAI's, Hugging Face's and this toolkit's formats.")
+    parser = ArgumentParser(prog="gpt-convert", description="Convert GPT-2 weights between OpenAI's, Hugging Face's and this toolkit's formats, "
+                                                                 "and export them to llama.cpp (GGUF).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=ArgumentParser)
 
     p = commands.add_parser("openai", help="import OpenAI's TensorFlow GPT-2 checkpoint (needs tensorflow)",
@@ -403,7 +404,12 @@ def build_parser() -> ArgumentParser:
     p.set_defaults(run=lambda a: hf_import(a.src, a.out, a.tokenizer))
 
     p = commands.add_parser("hf-export", help="export a checkpoint as a Hugging Face GPT-2 directory",
-                            description="Export a checkpoint so that transformers.GPT2LMHeadModel.from_pretrained(OUT) loads it.")
+                            description="Export a checkpoint so that transformers.GPT2LMHeadModel.from_pretrained(OUT) loads it, with "
+                                        "Hugging Face tokenizer files that give the tokenizer's ids (tokenizer.json, "
+                                        "tokenizer_config.json, special_tokens_map.json; GPT-2's vocab.json + merges.txt "
+                                        "where those are exact): AutoTokenizer, pipeline('text-generation') and "
+                                        "tokenizers.Tokenizer.from_file work for every kind of tokenizer trained here. "
+                                        "config.json carries n_ctx too, for llama.cpp's convert_hf_to_gguf.py.")
     p.add_argument("src", type=Path, metavar="SRC", help="checkpoint directory (config.json, model.safetensors, tokenizer.json)")
     p.add_argument("out", type=Path, metavar="OUT", help="directory to write")
     p.set_defaults(run=lambda a: hf_export(a.src, a.out))
@@ -417,7 +423,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("src", type=Path, metavar="RUN_OR_MODEL", help="checkpoint directory, or a run directory (its final checkpoint)")
     p.add_argument("out", type=Path, metavar="OUT.gguf", help="GGUF file to write")
     p.add_argument("--dtype", choices=GGUF_DTYPES, default="f16",
-                   help="weights type: f32, f16 (default) or q8_0 (8-bit blocks of 32; rows not a multiple of 32 "
+                   help="weights type: f32, f16 or q8_0 (8-bit blocks of 32; rows not a multiple of 32 "
                         "stay f16); LayerNorms, biases and the position embedding stay f32, as llama.cpp's converter writes them")
     p.set_defaults(run=lambda a: gguf_export(a.src, a.out, a.dtype))
 
