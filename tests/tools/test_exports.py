@@ -22,7 +22,7 @@ from tools.generate import main as gpt_generate
 tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
 
-SPECIALS = ["<|endoftext|>", "<|user|>", "<|assistant|>"]
+SPECIALS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|ünïcode ✓|>"]
 CUSTOM_PATTERN = r"""'(?:s|t|ll)|\p{Lu}?\p{Ll}+|\p{L}+|\d{1,2}+|[^\s\p{L}\d]++|\s+$|\s+(?!\S)|\s"""
 # Scripts, emoji (with joiners and skin tones), code, digits, CRLF, whitespace at the end, the
 # whitespace characters the regex engines disagree on (U+0085, U+001C..U+001F).
@@ -99,7 +99,9 @@ def test_hf_ids_equal_ours_on_random_unicode(exports, kind, parts):
     hf = hf_tokenizer(directory)
     text = "".join(parts)
     text = text.encode("utf-8", "replace").decode("utf-8")  # no lone surrogates: HF takes only valid strings
-    assert hf.encode(text).ids == ours(tok, text)
+    ids = hf.encode(text).ids
+    assert ids == ours(tok, text)
+    assert hf.decode(ids, skip_special_tokens=False) == tok.decode(ids) == text
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -107,7 +109,9 @@ def test_hf_ids_equal_ours_on_random_unicode(exports, kind, parts):
 def test_hf_char_ids_equal_ours_on_random_text(exports, data):
     tok, directory = exports["char"]
     text = data.draw(st.lists(st.one_of(st.text(alphabet=st.sampled_from(tok.chars)), st.just(SPECIALS[0]))).map("".join))
-    assert hf_tokenizer(directory).encode(text).ids == ours(tok, text)
+    ids = hf_tokenizer(directory).encode(text).ids
+    assert ids == ours(tok, text)
+    assert hf_tokenizer(directory).decode(ids, skip_special_tokens=False) == text
 
 
 _HF_CACHE: dict = {}
