@@ -60,7 +60,7 @@ def test_import_contracts_are_kept():
 
 def test_every_console_script_is_a_tools_command():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
-    assert len(scripts) == 12
+    assert len(scripts) == 13
     for name, target in scripts.items():
         module, _, function = target.partition(":")
         assert module.startswith("tools.") and function == "main", f"{name} = {target}"

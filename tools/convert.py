@@ -1,10 +1,12 @@
 """gpt-convert: bring GPT-2 weights in from OpenAI's TensorFlow release or a Hugging Face directory,
-and export ours to Hugging Face.
+and export ours to Hugging Face and llama.cpp.
 
     gpt-convert openai    SRC OUT   OpenAI's model.ckpt.* + hparams.json + encoder.json + vocab.bpe
     gpt-convert hf-import SRC OUT   transformers GPT-2 dir: config.json + model.safetensors (or
                                     pytorch_model.bin, loaded without running pickle code)
-    gpt-convert hf-export SRC OUT   our checkpoint -> dir that GPT2LMHeadModel.from_pretrained loads
+    gpt-convert hf-export SRC OUT   our checkpoint -> dir that GPT2LMHeadModel.from_pretrained loads, with
+                                    HF tokenizer files giving our ids (tools/exports.py)
+    gpt-convert gguf SRC OUT.gguf   our checkpoint -> a GGUF file llama.cpp runs (gpt.gguf_export)
     gpt-convert merge-lora SRC OUT  fold a checkpoint's LoRA adapters (gpt-finetune --lora-rank) into its
                                     base weights: an ordinary checkpoint with the same outputs
 
@@ -37,12 +39,14 @@ from gpt.checkpoint import CHECKPOINT_STAMP, check_vocab, write_checkpoint
 from gpt.classifier import CLASSIFIER_FILE, HEAD_FILE
 from gpt.config import GPTConfig
 from gpt.device import dtype_name
+from gpt.gguf_export import GGUF_DTYPES
 from gpt.lora import merge_lora
 from gpt.model import GPT
 from tokenizers_bpe.fileio import Stamp, atomic_directory, format_stamp, read_json
 from tools.cli import ArgumentParser, CLIError, command
 from tools.models import model_argument
-from tools.outputs import check_output
+from tools.exports import check_gguf_output, gguf_exportable, hf_tokenizer_content, write_gguf_atomically, write_hf_tokenizer
+from tools.outputs import check_not_an_input, check_output, check_writable_dir
 
 HF_CONFIG_FILE = "config.json"  # transformers' own, not our checkpoint's (gpt.checkpoint.CONFIG_FILE)
 HF_EXPORT_FILE = "gpt2_toolkit_export.json"  # our stamp in an export (transformers ignores the file)
@@ -203,6 +207,7 @@ def config_to_hf(config: GPTConfig, dtype: torch.dtype, eot_token: int | None) -
         "model_type": "gpt2",
         "vocab_size": config.vocab_size,
         "n_positions": config.n_ctx,
+        "n_ctx": config.n_ctx,  # read by llama.cpp's convert_hf_to_gguf.py
         "n_embd": config.n_embd,
         "n_layer": config.n_layer,
         "n_head": config.n_head,
@@ -329,21 +334,35 @@ def hf_import(src: Path, out: Path, tokenizer_file: Path | None = None) -> GPT:
     return save_converted(out, config, state, tokenizer, str(src))
 
 
-def hf_export(src: Path, out: Path) -> None:
+def load_for_export(src: Path, target: str) -> GPT:
     model = GPT.from_pretrained(src)
     if getattr(model, "lora_config", None) is not None:
         merge_lora(model)  # GPT-2 has no adapters: export the weights with them folded in
+    if model.config.pos_embedding != "learned":
+        raise CLIError(f"{src}: {target} has learned position embeddings; a '{model.config.pos_embedding}' model cannot be exported as GPT-2")
+    return model
+
+
+def hf_export(src: Path, out: Path) -> None:
+    """OUT: transformers' config.json + model.safetensors, and HF tokenizer files that give our ids
+    (tokenizer.json always; GPT-2's vocab.json + merges.txt where they are exact)."""
+    model = load_for_export(src, "Hugging Face GPT-2")
     config, tokenizer = model.config, model.tokenizer
-    if config.pos_embedding != "learned":
-        raise CLIError(f"{src}: Hugging Face GPT-2 has learned position embeddings; a '{config.pos_embedding}' model cannot be exported as GPT-2")
+    tokenizer_json = hf_tokenizer_content(tokenizer)  # refused here, before anything is written
     dtype = model.transformer.wte.weight.dtype
     with atomic_directory(out, HF_EXPORT_STAMP) as tmp:
         (tmp / HF_EXPORT_FILE).write_text(json.dumps({**format_stamp(HF_EXPORT_STAMP.format, 1), "source": str(src)}, indent=2) + "\n",
                                           encoding="utf-8")
         (tmp / HF_CONFIG_FILE).write_text(json.dumps(config_to_hf(config, dtype, tokenizer.eot_token), indent=2) + "\n", encoding="utf-8")
         save_file(state_dict_to_hf(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer.is_gpt2_compatible():
-            tokenizer.save_gpt2(tmp / "vocab.json", tmp / "merges.txt")
+        write_hf_tokenizer(tokenizer, tmp, tokenizer_json, config.n_ctx)
+
+
+def gguf_export(src: Path, out: Path, dtype: str) -> None:
+    """OUT: one GGUF file for llama.cpp (gpt2 architecture, our vocabulary and merges)."""
+    model = load_for_export(src, "llama.cpp's gpt2 architecture")
+    gguf_exportable(model, src)
+    write_gguf_atomically(model, out, dtype)
 
 
 def merge_checkpoint(src: Path, out: Path) -> None:
@@ -366,7 +385,8 @@ def merge_checkpoint(src: Path, out: Path) -> None:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="gpt-convert", description="Convert GPT-2 weights between OpenAI's, Hugging Face's and this toolkit's formats.")
+    parser = ArgumentParser(prog="gpt-convert", description="Convert GPT-2 weights between OpenAI's, Hugging Face's and this toolkit's formats, "
+                                                                 "and export them to llama.cpp (GGUF).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=ArgumentParser)
 
     p = commands.add_parser("openai", help="import OpenAI's TensorFlow GPT-2 checkpoint (needs tensorflow)",
@@ -384,10 +404,28 @@ def build_parser() -> ArgumentParser:
     p.set_defaults(run=lambda a: hf_import(a.src, a.out, a.tokenizer))
 
     p = commands.add_parser("hf-export", help="export a checkpoint as a Hugging Face GPT-2 directory",
-                            description="Export a checkpoint so that transformers.GPT2LMHeadModel.from_pretrained(OUT) loads it.")
+                            description="Export a checkpoint so that transformers.GPT2LMHeadModel.from_pretrained(OUT) loads it, with "
+                                        "Hugging Face tokenizer files that give the tokenizer's ids (tokenizer.json, "
+                                        "tokenizer_config.json, special_tokens_map.json; GPT-2's vocab.json + merges.txt "
+                                        "where those are exact): AutoTokenizer, pipeline('text-generation') and "
+                                        "tokenizers.Tokenizer.from_file work for every kind of tokenizer trained here. "
+                                        "config.json carries n_ctx too, for llama.cpp's convert_hf_to_gguf.py.")
     p.add_argument("src", type=Path, metavar="SRC", help="checkpoint directory (config.json, model.safetensors, tokenizer.json)")
     p.add_argument("out", type=Path, metavar="OUT", help="directory to write")
     p.set_defaults(run=lambda a: hf_export(a.src, a.out))
+
+    p = commands.add_parser("gguf", help="export a checkpoint as a GGUF file for llama.cpp",
+                            description="Export a checkpoint as one GGUF file that llama.cpp runs (architecture gpt2; the "
+                                        "tokenizer as a GPT-2 byte-level BPE vocabulary with its merges). Only a tokenizer "
+                                        "with GPT-2's pattern can be exported: llama.cpp has no pre-tokenizer equal to "
+                                        "GPT-4's or a custom pattern, nor a char-level vocabulary (those are refused). Run it "
+                                        "with: llama-cli -m OUT.gguf -p 'ROMEO:' -n 100 --temp 0")
+    p.add_argument("src", type=Path, metavar="RUN_OR_MODEL", help="checkpoint directory, or a run directory (its final checkpoint)")
+    p.add_argument("out", type=Path, metavar="OUT.gguf", help="GGUF file to write")
+    p.add_argument("--dtype", choices=GGUF_DTYPES, default="f16",
+                   help="weights type: f32, f16 or q8_0 (8-bit blocks of 32; rows not a multiple of 32 "
+                        "stay f16); LayerNorms, biases and the position embedding stay f32, as llama.cpp's converter writes them")
+    p.set_defaults(run=lambda a: gguf_export(a.src, a.out, a.dtype))
 
     p = commands.add_parser("merge-lora", help="merge a checkpoint's LoRA adapters into its base weights",
                             description="Fold LoRA adapters (adapters.safetensors, from gpt-finetune --lora-rank) into the base weights; "
@@ -401,10 +439,15 @@ def build_parser() -> ArgumentParser:
 @command("gpt-convert")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("hf-export", "merge-lora"):
+    if args.command in ("hf-export", "merge-lora", "gguf"):
         args.src = model_argument(args.src, f"gpt-convert {args.command}")
     inputs = [args.src, getattr(args, "tokenizer", None)]
-    check_output(args.out, HF_EXPORT_STAMP if args.command == "hf-export" else CHECKPOINT_STAMP, "OUT", inputs=inputs)
+    if args.command == "gguf":
+        check_not_an_input(args.out, inputs, "OUT")
+        check_gguf_output(args.out)
+        check_writable_dir(args.out.parent if str(args.out.parent) else Path("."), "OUT", keep=False)
+    else:
+        check_output(args.out, HF_EXPORT_STAMP if args.command == "hf-export" else CHECKPOINT_STAMP, "OUT", inputs=inputs)
     args.run(args)
     print(f"gpt-convert {args.command}: wrote {args.out}")
     return 0

@@ -10,6 +10,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from gpt.device import DTYPES, resolve_device, resolve_inference_dtype
 from gpt.model import GPT
 from gpt.prompt_template import format_instruction_prompt
@@ -78,6 +80,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
     p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                    help="weights dtype; auto: bfloat16 on a GPU that supports it, else float32")
+    p.add_argument("--threads", type=integer(1), default=None, metavar="N",
+                   help="CPU threads for PyTorch (default: PyTorch's choice, one per core); 1 is much faster on a machine busy with other work")
     p.add_argument("--allow-special", action="store_true",
                    help="encode special-token text in the prompt (e.g. <|endoftext|>) as the special token, not as ordinary text")
     p.add_argument("--instruct", metavar="TEXT",
@@ -159,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise CLIError("--draft-tokens goes with --draft")
     device = resolve_device(args.device)
     dtype = resolve_inference_dtype(args.dtype, device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if draft_dir is not None:
         check_same_tokenizer(model_dir, draft_dir)  # before loading any weights
     model = GPT.from_pretrained(model_dir, device=device, dtype=dtype)

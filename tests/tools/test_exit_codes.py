@@ -48,6 +48,7 @@ def user_errors(tmp_path, base) -> dict[str, list[str]]:
         "bpe-encode": ["--tokenizer", missing, "hello"],
         "bpe-decode": ["--tokenizer", missing, "[1, 2]"],
         "bpe-inspect": [missing],
+        "bpe-export": [missing, "--format", "hf", "-o", str(tmp_path / "hf")],
         "gpt-prepare": [missing, "--tokenizer", missing, "-o", str(tmp_path / "data")],
         "gpt-train": ["--data", missing, "--out", str(tmp_path / "run")],
         "gpt-generate": ["--model", missing, "Hello"],
