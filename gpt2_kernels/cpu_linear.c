@@ -1,13 +1,14 @@
 /* Few-row linear layers for CPU decoding (AVX2 + FMA), built and loaded by gpt2_kernels/cpu_linear.py.
 
-   y[m, n] = scale[n] * sum_k x[m, k] * w[n, k] + bias[n]     (scale NULL: 1; bias NULL: 0)
+   y[m, n] = scale[n] * sum_k x[m, k] * w[n, k] + bias[n]     (bias NULL: 0)
 
-   x (M, K) fp32 rows with stride ldx, w (N, K) int8 or fp32, y (M, N) fp32. Decoding a token reads
-   every weight once, so the loop is built to stream w: a tile of NB weight rows times MB rows of x
-   walks the whole reduction, each weight vector converted to fp32 once (int8: sign-extend, convert;
-   exact) and multiplied into the MB rows' accumulators, so a batch of rows reads the weights once.
+   x (M, K) fp32 rows with stride ldx, w (N, K) int8, y (M, N) fp32. Decoding a token reads every
+   weight once, so the loop is built to stream w: a tile of NB weight rows times MB rows of x walks
+   the whole reduction, each weight vector converted to fp32 once (sign-extend, convert: exact) and
+   multiplied into the MB rows' accumulators, so a batch of rows reads the weights once.
    NB * MB is 6-8 independent FMA chains, enough to cover the FMA latency. The sum over k is in fp32
    (8 lanes, then the lanes added), the scale applied once per output (it is constant along k).
+   Each step also prefetches the next tile (see the tile's loop).
    Threads split the output rows (OpenMP, static: each thread streams one contiguous part). */
 
 #include <immintrin.h>
@@ -23,7 +24,6 @@ static inline float hsum(__m256 v) {
 static inline __m256 load8_i8(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
-static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
 
 /* One tile: NB weight rows from w (row stride K) times MB rows of x, the whole reduction; out[j][i]
    = the raw sum of weight row j times x row i. NB and MB are constants in each instantiation, so the
@@ -57,7 +57,6 @@ static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
             }                                                                                          \
     }
 
-typedef float f32;
 typedef int8_t i8;
 
 #define DEFINE_TILES(T)                                                                                 \
@@ -71,7 +70,6 @@ typedef int8_t i8;
     DEFINE_TILE(T, 1, 4)
 
 DEFINE_TILES(i8)
-DEFINE_TILES(f32)
 
 /* Computes and writes the outputs of weight rows n..n+NB-1 for x rows m0..m0+MB-1. */
 #define CALL(T, NB, MB, n)                                                                              \
@@ -81,7 +79,7 @@ DEFINE_TILES(f32)
         for (int j = 0; j < NB; j++)                                                                   \
             for (int i = 0; i < MB; i++) {                                                             \
                 float v = out[j][i];                                                                   \
-                if (scale) v *= scale[(n) + j];                                                        \
+                v *= scale[(n) + j];                                                                   \
                 if (bias) v += bias[(n) + j];                                                          \
                 y[((m0) + i) * ldy + (n) + j] = v;                                                     \
             }                                                                                          \
@@ -113,7 +111,6 @@ DEFINE_TILES(f32)
     }
 
 DEFINE_BLOCK(i8)
-DEFINE_BLOCK(f32)
 
 #define DEFINE_LINEAR(T)                                                                                \
     void linear_##T(const float *x, int64_t ldx, int64_t M, const T *w, int64_t N, int64_t K,         \
@@ -129,4 +126,3 @@ DEFINE_BLOCK(f32)
     }
 
 DEFINE_LINEAR(i8)
-DEFINE_LINEAR(f32)
