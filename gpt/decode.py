@@ -15,7 +15,8 @@ bandwidth over weight bytes (benches/README.md, Generation, has the measurements
   over W read once (~20-26 GB/s). Eager bf16 uses oneDNN's prepacked weights (~1.4x ``F.linear``,
   the same results; oneDNN keeps them in its own memory). Speculative decoding's verification of a
   few tokens at once reads another oneDNN copy packed for 16 rows (``verify_layout``). On CUDA the
-  parameters are used as they are. Int8 layers (gpt.quantize) go through ``gpt2_kernels.int8_linear``.
+  parameters are used as they are. Int8 layers (gpt.quantize) go through ``gpt2_kernels.int8_linear``
+  (on a CPU, eagerly, its C kernel: the int8 weights streamed once per step for all rows).
 - **A static KV cache**: one (B, H, n_ctx + 1, D) tensor per layer for keys and one for values, written
   in place at each step's position. One tensor per layer, not one for all layers: compiled, writing
   into a slice of a graph input made inductor copy the whole cache twice per step. The attention of a

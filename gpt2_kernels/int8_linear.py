@@ -22,10 +22,14 @@ bounded by reading the weights, and one program per output tile would leave most
 partial sums and a second kernel adds them in a fixed order (deterministic, no atomics), applies
 scale and bias, and casts.
 
-PyTorch (CPUs, and backend="torch"): eager, F.linear on the weight dequantised to x's dtype (a full
-copy per call, so slower than fp32 on a CPU). Under torch.compile on the CPU with at most
+PyTorch (CPUs, and backend="torch"): eagerly on a CPU, up to ``cpu_linear.MAX_ROWS`` rows (decoding,
+speculative verification) go through ``gpt2_kernels.cpu_linear``, a C kernel (AVX2) that streams the
+int8 weights once for all rows and converts them in registers, with no compiling: the fast CPU
+decoding path. More rows (a prefill), or where that kernel cannot run: F.linear on the weight
+dequantised to x's dtype (a full copy per call; for a real matrix product MKL's GEMM on it is the
+fastest way, for a few rows it is slower than fp32). Under torch.compile on the CPU with at most
 CPU_STREAM_MAX_ROWS rows, the product is written as multiply + sum, which inductor turns into one
-loop that streams the int8 weights and converts them in registers: the fast CPU decoding path.
+loop that streams the int8 weights.
 
 ``quantize_int8(weight)`` makes (weight_int8, scale): scale = absmax of the row / 127, values
 rounded to nearest (ties to even). Each weight's error |w - q * scale| is at most half a step,
