@@ -33,9 +33,16 @@ in the same dtype (identical, or the first differing position).
 
 from __future__ import annotations
 
+import argparse
 import functools
+import json
 import os
+import re
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -172,14 +179,15 @@ def test_decode(benchmark, models, capsys, threads, batch):
 
 
 def _decode_case(benchmark, models, capsys, threads, batch):
-    ours = ["fp32", "bf16"] + (["int8", "int8-blocks"] if threads == 1 else [])
+    ours = ["fp32", "bf16", "int8"] + (["int8-blocks"] if threads == 1 else [])
     variants, checks = {}, {}
     for dtype in DTYPES:
         peer = f"transformers {dtype}"
         reference = hf_run(models(f"hf-{dtype}"), PROMPT, NEW_TOKENS, batch, do_sample=False)
         variants[peer] = functools.partial(hf_run, models(f"hf-{dtype}"), PROMPT, NEW_TOKENS, batch, do_sample=False)
         for name in [o for o in ours if (o == dtype) or (dtype == "fp32" and o.startswith("int8"))]:
-            for compiled in ((True,) if name.startswith("int8") else (False, True)):
+            # int8 runs eagerly (the C kernel); compiled once more at one thread and one row, as before it
+            for compiled in ((False,) + ((True,) if (threads, batch) == (1, 1) else ()) if name.startswith("int8") else (False, True)):
                 label = f"ours {name}{' compiled' if compiled else ''}"
                 run = functools.partial(generate, models(name), PROMPT, NEW_TOKENS, temperature=0, stop_tokens=(),
                                         num_samples=batch, compile=compiled)
@@ -200,7 +208,7 @@ def _decode_case(benchmark, models, capsys, threads, batch):
     huge = {"probe": probe_arena.huge_page_bytes() if probe_arena else None}
     for name in ours:
         for compiled in (False, True):
-            arena = inference_weights(models(name), compiled)[1] if (compiled or not name.startswith("int8")) else None
+            arena = inference_weights(models(name), compiled)[1] if f"ours {name}{' compiled' if compiled else ''}" in variants else None
             if arena is not None:
                 huge[f"{name}{' compiled' if compiled else ''}"] = (arena.huge_page_bytes(), arena.nbytes)
     benchmark.extra_info["huge_page_bytes"] = huge
@@ -234,15 +242,19 @@ def _decode_case(benchmark, models, capsys, threads, batch):
         lines.append(f"  {name:28s} {text}")
     if threads == 1 and batch == 1:
         base = times["transformers fp32"]["cpu"]
-        for name in ("ours fp32", "ours fp32 compiled", "ours bf16", "ours bf16 compiled", "ours int8 compiled", "ours int8-blocks compiled"):
+        for name in ("ours fp32", "ours fp32 compiled", "ours bf16", "ours bf16 compiled", "ours int8", "ours int8 compiled",
+                     "ours int8-blocks", "ours int8-blocks compiled"):
             r = per_round_ratio(times[name]["cpu"], base)
             benchmark.extra_info[name]["x_transformers_fp32"] = r
             lines.append(f"  {name} x transformers fp32 (cpu, per round): {r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]")
-        for name, over in (("ours int8 compiled", "ours fp32 compiled"), ("ours int8-blocks compiled", "ours fp32 compiled"),
-                           ("ours bf16", "ours fp32"), ("ours bf16 compiled", "ours fp32 compiled")):
-            r = per_round_ratio(times[name]["cpu"], times[over]["cpu"])
-            benchmark.extra_info[name][f"x_{over}"] = r
-            lines.append(f"  {name} x {over} (cpu, per round): {r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]")
+    pairs = [("ours int8", "ours fp32"), ("ours int8", "ours fp32 compiled")]
+    if threads == 1 and batch == 1:
+        pairs += [("ours int8", "ours int8 compiled"), ("ours int8-blocks", "ours fp32"), ("ours bf16", "ours fp32"),
+                  ("ours bf16 compiled", "ours fp32 compiled")]
+    for name, over in pairs:
+        r = per_round_ratio(times[name][clocks[0]], times[over][clocks[0]])
+        benchmark.extra_info[name][f"x_{over}"] = r
+        lines.append(f"  {name} x {over} ({clocks[0]}, per round): {r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]")
     with capsys.disabled():
         print("\n" + "\n".join(lines))
 
@@ -269,6 +281,137 @@ def test_prefill(benchmark, models, capsys, dtype):
         r = info["x_transformers"]
         lines.append(f"  {name:22s} cpu {info['cpu_ms_best']:7.1f} ms (median {info['cpu_ms_median']:.1f}, spread {info['spread']:.2f}x), "
                      f"wall {info['wall_ms_best']:.1f} ms; x transformers {r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}]")
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------- llama.cpp
+
+
+def llama_bench_ggufs(ckpt: Path, root: Path) -> dict[str, Path]:
+    """The GGUF files llama.cpp runs, by our name of the precision: $GPT_BENCH_GGUF_F32 / _Q8_0, else
+    written by our own export (``gpt-convert gguf``) where this checkout has it."""
+    files = {name: Path(os.environ[env]) for name, env in (("fp32", "GPT_BENCH_GGUF_F32"), ("int8", "GPT_BENCH_GGUF_Q8_0"))
+             if os.environ.get(env)}
+    commands = next(a.choices for a in convert.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    if len(files) < 2 and "gguf" in commands:
+        for name, kind in (("fp32", "f32"), ("int8", "q8_0")):
+            if name not in files:
+                out = root / f"model-{kind}.gguf"
+                assert convert.main(["gguf", str(ckpt), str(out), "--dtype", kind]) == 0
+                files[name] = out
+    return files
+
+
+def llama_bench(binary: str, gguf: Path, threads: int) -> float:
+    """llama.cpp's generation speed, tokens/s, for one run of NEW_TOKENS tokens (no prompt: -p 0)."""
+    result = subprocess.run([binary, "-m", str(gguf), "-t", str(threads), "-p", "0", "-n", str(NEW_TOKENS), "-r", "1",
+                             "-o", "json"], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout)[0]["avg_ts"]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_llama_cpp(benchmark, models, export, tmp_path, capsys, threads):
+    """Batch 1, greedy, NEW_TOKENS tokens: ours fp32 (eager and compiled) and int8 (eager) next to llama.cpp's
+    F32 and Q8_0 of the same weights (``llama-bench -p 0 -n 128``), alternating, wall time on both
+    sides (llama-bench reports wall-clock tokens/s; ours includes its 16-token prefill)."""
+    binary = shutil.which("llama-bench")
+    if binary is None:
+        pytest.skip("no llama-bench on PATH: build llama.cpp (cmake -DGGML_NATIVE=ON; target llama-bench) to compare")
+    ggufs = llama_bench_ggufs(export[0], tmp_path)
+    if len(ggufs) < 2:
+        pytest.skip("no GGUF of the bench model: set GPT_BENCH_GGUF_F32 and GPT_BENCH_GGUF_Q8_0 (or use a checkout "
+                    "with gpt-convert gguf)")
+    torch.set_num_threads(threads)
+    torch._dynamo.reset()
+    try:
+        ours = {"ours fp32": ("fp32", False), "ours fp32 compiled": ("fp32", True), "ours int8": ("int8", False)}
+        speeds: dict[str, list[float]] = {name: [] for name in (*ours, "llama.cpp F32", "llama.cpp Q8_0")}
+        runs = {name: functools.partial(generate, models(m), PROMPT, NEW_TOKENS, temperature=0, stop_tokens=(), compile=c)
+                for name, (m, c) in ours.items()}
+        for run in runs.values():
+            run()  # compiles where it compiles
+
+        def round_():
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                speeds[name].append(NEW_TOKENS / (time.perf_counter() - start))
+            speeds["llama.cpp F32"].append(llama_bench(binary, ggufs["fp32"], threads))
+            speeds["llama.cpp Q8_0"].append(llama_bench(binary, ggufs["int8"], threads))
+
+        benchmark.pedantic(round_, rounds=ROUNDS, iterations=1)
+    finally:
+        torch.set_num_threads(1)
+        torch._dynamo.reset()
+    lines = [f"llama.cpp peer: batch 1, {threads} thread(s), {NEW_TOKENS} new tokens, {ROUNDS} rounds, wall time; "
+             f"load {os.getloadavg()[0]:.1f}; {binary}"]
+    for name, v in speeds.items():
+        benchmark.extra_info[name] = {"best_tok_s": max(v), "median_tok_s": statistics.median(v)}
+        lines.append(f"  {name:20s} {max(v):6.1f} tok/s (median {statistics.median(v):.1f})")
+    for name, peer in (("ours int8", "llama.cpp Q8_0"), ("ours fp32", "llama.cpp F32"), ("ours fp32 compiled", "llama.cpp F32")):
+        ratios = [a / b for a, b in zip(speeds[name], speeds[peer])]
+        benchmark.extra_info[name][f"x_{peer}"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+        lines.append(f"  {name} x {peer} (per round): {statistics.median(ratios):.2f} [{min(ratios):.2f}, {max(ratios):.2f}]")
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------- time to first token
+
+TTFT_MODES = {  # name -> (gpt-generate options, caches: "cold" empty, "warm" left by the previous mode)
+    "fp32 eager": ([], "cold"),
+    "int8 (kernel built)": (["--quantize", "int8"], "cold"),
+    "int8 (kernel cached)": (["--quantize", "int8"], "warm"),
+    "fp32 --compile, first run": (["--compile"], "cold"),
+    "fp32 --compile, second run": (["--compile"], "warm"),
+}
+
+
+def gpt_generate_timed(ckpt: Path, options: list[str], env: dict) -> dict:
+    """One gpt-generate process: its reported time to first token and generation time, and the process's
+    wall time (imports and loading included)."""
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "tools.generate", "--model", str(ckpt), "--temperature", "0",
+                             "-n", str(NEW_TOKENS), "--seed", "1", "Once upon a time", *options],
+                            capture_output=True, text=True, env=env, check=True)
+    wall = time.perf_counter() - start
+    match = re.search(r"tokens in ([\d.]+) s .*time to first token (\d+) ms", result.stderr)
+    assert match, result.stderr
+    return {"ttft_s": int(match[2]) / 1e3, "generate_s": float(match[1]), "process_s": wall,
+            "announced_compiling": "compiling the decoding step" in result.stderr}
+
+
+def test_time_to_first_token(benchmark, export, tmp_path, capsys):
+    """What a user waits for: each mode as a new gpt-generate process (one thread), with empty caches
+    ("cold": no inductor cache, no built int8 kernel, no compile cache beside the model) or with what the
+    mode before it left ("warm"). Rounds alternate the modes; each round starts cold."""
+    ckpt = tmp_path / "model"
+    shutil.copytree(export[0], ckpt)  # its .compile-cache/ is written beside this copy
+    results: dict[str, list[dict]] = {name: [] for name in TTFT_MODES}
+    rounds = min(ROUNDS, 3)  # a cold compile costs about a minute per round
+
+    def round_():
+        caches = tempfile.mkdtemp(dir=tmp_path)
+        shutil.rmtree(ckpt.parent / f"{ckpt.name}.compile-cache", ignore_errors=True)
+        env = dict(os.environ, OMP_NUM_THREADS="1", TORCHINDUCTOR_CACHE_DIR=f"{caches}/inductor", GPT2_KERNELS_CACHE=f"{caches}/kernels")
+        for name, (options, _) in TTFT_MODES.items():
+            results[name].append(gpt_generate_timed(ckpt, options, env))
+
+    benchmark.pedantic(round_, rounds=rounds, iterations=1)
+    lines = [f"time to first token, {NEW_TOKENS} new tokens, 1 thread, new process per run, {rounds} rounds; load {os.getloadavg()[0]:.1f}"]
+    for name, runs in results.items():
+        info = {key: {"best": min(r[key] for r in runs), "median": statistics.median(r[key] for r in runs)}
+                for key in ("ttft_s", "generate_s", "process_s")}
+        info["announced_compiling"] = [r["announced_compiling"] for r in runs]
+        benchmark.extra_info[name] = info
+        lines.append(f"  {name:28s} first token {info['ttft_s']['best']:5.2f} s (median {info['ttft_s']['median']:.2f}); "
+                     f"{NEW_TOKENS} tokens {info['generate_s']['best']:5.2f} s (median {info['generate_s']['median']:.2f}); "
+                     f"process {info['process_s']['best']:5.2f} s" + ("; compiling announced" if all(info["announced_compiling"]) else ""))
+    ratios = [f["generate_s"] / i["generate_s"] for f, i in zip(results["fp32 eager"], results["int8 (kernel built)"])]
+    benchmark.extra_info["int8 first run x fp32 eager, end to end"] = ratios
+    lines.append(f"  end to end, {NEW_TOKENS} tokens, int8 first run x fp32 eager (per round): {statistics.median(ratios):.2f} "
+                 f"[{min(ratios):.2f}, {max(ratios):.2f}]")
     with capsys.disabled():
         print("\n" + "\n".join(lines))
 

@@ -15,7 +15,8 @@ bandwidth over weight bytes (benches/README.md, Generation, has the measurements
   over W read once (~20-26 GB/s). Eager bf16 uses oneDNN's prepacked weights (~1.4x ``F.linear``,
   the same results; oneDNN keeps them in its own memory). Speculative decoding's verification of a
   few tokens at once reads another oneDNN copy packed for 16 rows (``verify_layout``). On CUDA the
-  parameters are used as they are. Int8 layers (gpt.quantize) go through ``gpt2_kernels.int8_linear``.
+  parameters are used as they are. Int8 layers (gpt.quantize) go through ``gpt2_kernels.int8_linear``
+  (on a CPU, eagerly, its C kernel: the int8 weights streamed once per step for all rows).
 - **A static KV cache**: one (B, H, n_ctx + 1, D) tensor per layer for keys and one for values, written
   in place at each step's position. One tensor per layer, not one for all layers: compiled, writing
   into a slice of a graph input made inductor copy the whole cache twice per step. The attention of a
@@ -49,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import gpt2_kernels
+from gpt2_kernels import cpu_linear
 from gpt.arena import Arena
 from gpt.model import apply_rotary, rotary_cos_sin
 from gpt.lora import merged_weight
@@ -84,6 +86,7 @@ class Spec(NamedTuple):
     layout: str  # "transposed", "rows" or "linear": see the module docstring
     backend: str  # the model's kernels backend, for eager steps
     compiled: bool
+    int8_kernel: bool = False  # eager on a CPU where gpt2_kernels.cpu_linear runs: int8 layers call it directly
 
 
 class InferenceWeights(NamedTuple):
@@ -130,7 +133,7 @@ VERIFY_MAX_ROWS = 16  # more rows (a prefill) are a real matrix product: MKL on 
 
 def _linear_of(module: nn.Module, layout: str) -> Linear:
     if isinstance(module, Int8Linear):
-        return Linear(module.weight_int8.detach(), module.scale.detach(), module.bias)
+        return Linear(module.weight_int8.detach().contiguous(), module.scale.detach().contiguous(), module.bias)
     weight = merged_weight(module).detach()
     bias = None if module.bias is None else module.bias.detach()
     if layout in PACKED_ROWS:
@@ -150,7 +153,10 @@ def build_inference_weights(model: nn.Module, compiled: bool, layout: str | None
     config = model.config
     wte = model.transformer.wte.weight.detach()
     layout = layout or layout_for(wte.device, wte.dtype, compiled)
-    spec = Spec(config.n_head, float(config.layer_norm_eps), config.pos_embedding == "rope", layout, config.backend, compiled)
+    int8_kernel = (not compiled and wte.device.type == "cpu" and getattr(model, "quantization", None) is not None
+                   and gpt2_kernels.resolve_backend(config.backend, wte) == "torch" and cpu_linear.available())
+    spec = Spec(config.n_head, float(config.layer_norm_eps), config.pos_embedding == "rope", layout, config.backend, compiled,
+                int8_kernel)
     layers = [Layer(_norm_of(b.ln_1), _linear_of(b.attn.c_attn, layout), _linear_of(b.attn.c_proj, layout),
                     _norm_of(b.ln_2), _linear_of(b.mlp.c_fc, layout), _linear_of(b.mlp.c_proj, layout))
               for b in model.transformer.h]
@@ -207,6 +213,13 @@ def _gelu(x: torch.Tensor, spec: Spec) -> torch.Tensor:
 def _matmul(x: torch.Tensor, lin: Linear, spec: Spec) -> torch.Tensor:
     """x (..., in) -> (..., out) in x's dtype, for any number of rows."""
     if lin.scale is not None:
+        if (spec.int8_kernel and x.dtype == torch.float32 and x.numel() <= cpu_linear.MAX_ROWS * x.shape[-1]
+                and (lin.bias is None or lin.bias.dtype == torch.float32)):
+            # int8_linear's own path, without its per-call checks (~25 us each, 49 calls a step): these
+            # weights were made for it (contiguous int8, fp32 scales)
+            x2 = x.reshape(-1, x.shape[-1])
+            y = cpu_linear.linear(x2 if x2.stride(-1) == 1 else x2.contiguous(), lin.weight, lin.scale, lin.bias)
+            return y.view(*x.shape[:-1], y.shape[-1])
         return gpt2_kernels.int8_linear(x, lin.weight, lin.scale, lin.bias, backend="torch" if spec.compiled else spec.backend)
     if spec.layout == "transposed":
         x2 = x.reshape(-1, x.shape[-1])

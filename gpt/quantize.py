@@ -15,10 +15,12 @@ decides most of the speed-up; on the demo model (``make demo``) quantizing the h
 logits' relative error (0.16% -> 0.37%) and leaves the validation perplexity within 0.01% of fp32
 either way.
 
-Why only for generation: decoding a token reads every weight once, so bytes per weight set the speed
-(on the CPU through the compiled streaming path of ``gpt2_kernels.int8_linear``; see gpt.decode). Eager
-int8 on a CPU dequantizes a full weight copy per call and is slower than fp32; gpt.generate therefore
-compiles the decoding step of an int8 model on a CPU by default.
+Why only for generation: decoding a token reads every weight once, so bytes per weight set the speed.
+On a CPU ``gpt2_kernels.int8_linear`` runs a few rows eagerly through a small C kernel
+(``gpt2_kernels.cpu_linear``) that streams the int8 weights once for all rows: no compiling, 2-3x
+fp32's decoding speed. Where that kernel cannot run (no C compiler, no AVX2) eager int8 dequantizes
+a full weight copy per call and is slower than fp32, so gpt.generate compiles the decoding step of
+an int8 model there by default (``gpt.sampling.compiles_by_default``).
 
 A quantized model is changed in place and cannot be saved (the checkpoint format holds float
 weights): quantize after loading. ``model.to(dtype)`` afterwards casts activations' parameters but

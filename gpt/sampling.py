@@ -11,7 +11,7 @@ first call (once per process and model shape; inductor's disk cache makes later 
 then about 1.5x the eager speed on a CPU (benches/README.md, Generation). It pays off when more tokens
 are generated than a compilation costs: for GPT-2 124M on a 2-core CPU, roughly from a few hundred
 tokens on, or when the process generates many times. ``compile=None`` (the default) compiles only a
-model quantized to int8 on a CPU (gpt.quantize), whose eager path is slower than fp32.
+model quantized to int8 on a CPU without gpt2_kernels' C kernel (``compiles_by_default``).
 
 ``draft=`` turns on speculative decoding (gpt.speculative): a small model sharing the tokenizer
 proposes ``draft_tokens`` tokens per round and the model checks them in one pass. The output has the
@@ -38,6 +38,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+import gpt2_kernels
 from gpt.decode import Decoder
 from gpt.speculative import check_draft, speculative_decode
 from gpt.token_choice import (  # noqa: F401  (re-exported: the rules are part of this module's interface)
@@ -85,9 +86,12 @@ def _finite(logits: torch.Tensor) -> torch.Tensor:
 
 
 def compiles_by_default(model) -> bool:
-    """What ``compile=None`` means: compile only an int8 model on a CPU (eager int8 dequantizes a
-    weight copy per call there and is slower than fp32; compiled it streams the int8 weights)."""
-    return getattr(model, "quantization", None) is not None and next(model.parameters()).device.type == "cpu"
+    """What ``compile=None`` means: compile only an int8 model on a CPU where gpt2_kernels' C kernel
+    cannot run (no C compiler, no AVX2): eager int8 then dequantizes a weight copy per call and is
+    slower than fp32, while compiled it streams the int8 weights. With the kernel eager int8 is the
+    fastest path and needs no compiling."""
+    quantized = getattr(model, "quantization", None) is not None
+    return quantized and next(model.parameters()).device.type == "cpu" and not gpt2_kernels.cpu_linear_available()
 
 
 @torch.inference_mode()
@@ -117,7 +121,7 @@ def generate(
     - ``stream(sample_index, token_id)`` is called for each token as soon as it is chosen, in order,
       for exactly the tokens that end up in the returned lists.
     - ``compile``: torch.compile the decoding step and the prefill; None: only for an int8 model on
-      a CPU (``compiles_by_default``).
+      a CPU without the C kernel (``compiles_by_default``).
     - ``draft``: a smaller GPT with the same tokenizer for speculative decoding, proposing
       ``draft_tokens`` tokens per round; ``stats`` (a dict), when given, receives its ``rounds``,
       ``drafted`` and ``accepted`` token counts.

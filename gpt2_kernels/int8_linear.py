@@ -22,10 +22,14 @@ bounded by reading the weights, and one program per output tile would leave most
 partial sums and a second kernel adds them in a fixed order (deterministic, no atomics), applies
 scale and bias, and casts.
 
-PyTorch (CPUs, and backend="torch"): eager, F.linear on the weight dequantised to x's dtype (a full
-copy per call, so slower than fp32 on a CPU). Under torch.compile on the CPU with at most
+PyTorch (CPUs, and backend="torch"): eagerly on a CPU, up to ``cpu_linear.MAX_ROWS`` rows (decoding,
+speculative verification) go through ``gpt2_kernels.cpu_linear``, a C kernel (AVX2) that streams the
+int8 weights once for all rows and converts them in registers, with no compiling: the fast CPU
+decoding path. More rows (a prefill), or where that kernel cannot run: F.linear on the weight
+dequantised to x's dtype (a full copy per call; for a real matrix product MKL's GEMM on it is the
+fastest way, for a few rows it is slower than fp32). Under torch.compile on the CPU with at most
 CPU_STREAM_MAX_ROWS rows, the product is written as multiply + sum, which inductor turns into one
-loop that streams the int8 weights and converts them in registers: the fast CPU decoding path.
+loop that streams the int8 weights.
 
 ``quantize_int8(weight)`` makes (weight_int8, scale): scale = absmax of the row / 127, values
 rounded to nearest (ties to even). Each weight's error |w - q * scale| is at most half a step,
@@ -42,6 +46,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from gpt2_kernels import cpu_linear
 from gpt2_kernels.dispatch import cdiv, jit, resolve_backend, tl
 
 QMAX = 127  # symmetric int8: -128 is never used, so negating a weight never overflows
@@ -185,14 +190,23 @@ def _torch_int8_linear(x, weight_int8, scale, bias):
     rows = math.prod(x.shape[:-1])
     if torch.compiler.is_compiling() and not x.is_cuda and rows <= CPU_STREAM_MAX_ROWS:
         # Compiled on the CPU, multiply + sum becomes one inductor loop per output row that reads the
-        # int8 weights once and converts them in registers: 3.7x faster than fp32 addmm over 124M's
-        # 49 decode mat-vecs. It reads the weights once per row of x, so only for a few rows (at 8
-        # rows it tied with dequantise + F.linear when this was written; benches/README.md, Generation).
+        # int8 weights once and converts them in registers. It reads the weights once per row of x, so
+        # only for a few rows.
         x32 = materialize(x).float()
         y = (x32[..., None, :] * weight_int8.float()).sum(-1) * scale
+    elif (not torch.compiler.is_compiling() and x.device.type == "cpu" and rows <= cpu_linear.MAX_ROWS
+          and cpu_linear.available()):
+        # Eagerly on the CPU, few rows (decoding): the C kernel streams the int8 weights once for all rows.
+        x2 = x.reshape(rows, x.shape[-1]).float()
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        y = cpu_linear.linear(x2, weight_int8.contiguous(), scale.contiguous(),
+                              None if bias is None else bias.float().contiguous())
+        return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
     else:
         # Dequantise to x's dtype (int8 -> bf16/fp16 is exact) and scale the result. This writes a
-        # full copy of the weight per call: on the CPU it is slower than fp32 (see above for speed).
+        # full copy of the weight per call: for a real matrix product (a prefill) MKL's GEMM on it is
+        # still the fastest way; for a few rows it is slower than fp32.
         y = F.linear(x, weight_int8.to(x.dtype)) * scale
     if bias is not None:
         y = y + bias

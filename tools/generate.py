@@ -12,11 +12,13 @@ from typing import Sequence
 
 import torch
 
+from gpt import compile_cache
 from gpt.device import DTYPES, resolve_device, resolve_inference_dtype
 from gpt.model import GPT
 from gpt.prompt_template import format_instruction_prompt
 from gpt.checkpoint import check_same_tokenizer
 from gpt.quantize import quantize
+from gpt2_kernels import cpu_linear_unavailable_reason
 from gpt.sampling import SAMPLING_DEFAULTS, check_count, check_sampling_settings, compiles_by_default, generate
 from tokenizers_bpe import UnknownCharacterError
 from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_seed_argument, command, integer, number, or_none, text_argument
@@ -27,29 +29,38 @@ QUANTIZE_CHOICES = ("int8", "int8-blocks")
 DRAFT_TOKENS = 4
 DESCRIPTION = """\
 Generate text with a GPT checkpoint. The text is streamed to stdout as it is
-produced (the prompt is not repeated); speed, time to first token and the
-rate after the second token (once any compiling is done) go to stderr.
+produced (the prompt is not repeated); speed, time to first token (from the
+loaded checkpoint: quantizing and compiling included) and the rate after the
+second token (once any compiling is done) go to stderr.
 Sampling settings not given here come from the checkpoint's generation.json
 when it has them, else from the defaults shown. A sample ends early at the
 end-of-text token.
 
 Decoding uses a static KV cache and weights laid out for inference (on a
-CPU, one more copy of them, in huge pages). --compile compiles the decoding
-step and the prompt's prefill (torch.compile): the first run costs tens of
-seconds of compiling (less once inductor's disk cache holds the graphs), then
-decoding runs ~1.5x faster on a CPU, so it pays off for long outputs (GPT-2
-124M on a 2-core CPU: from roughly a thousand tokens on a cold cache, a few
-hundred on a warm one). --quantize int8 stores the weights in int8 (1.4-1.9x
-faster again on a CPU, where it implies --compile). --draft DIR adds
-speculative decoding with a small model trained with the same tokenizer:
-the same output distribution (greedy: the same text), fewer steps of the
-large model.
+CPU, one more copy of them, in huge pages). What each mode costs (GPT-2
+124M, one thread of a 2-core CPU; benches/README.md, Generation):
+  default (eager)  no wait: the first token in about a second.
+  --quantize int8  int8 weights, run eagerly by a small C kernel (AVX2; built
+                   once per machine with the C compiler, about a second,
+                   then cached): no compiling, ~2x the fp32 speed on a CPU
+                   at batch 1 and 8. int8-blocks keeps the output head in
+                   full precision.
+  --compile        torch.compile of the decoding step and the prefill: the
+                   first run for a model, dtype, batch and thread count
+                   compiles for about a minute (a progress line says so),
+                   later runs reuse it from DIR.compile-cache/ beside the
+                   checkpoint (seconds of tracing remain). fp32 then decodes
+                   ~1.5x faster than eagerly on an AVX-512 CPU (slower on
+                   one with AVX2 only). Pays off for long outputs there.
+--draft DIR adds speculative decoding with a small model trained with the
+same tokenizer: the same output distribution (greedy: the same text), fewer
+steps of the large model.
 
 examples:
   gpt-generate --model run/final 'ROMEO:' -n 100 --seed 1
   echo 'Once upon a time' | gpt-generate --model gpt2 - --temperature 0
   gpt-generate --model sft --instruct 'Convert 45 kilometers to meters.'
-  gpt-generate --model gpt2 'The meaning of life is' -n 1000 --compile --quantize int8
+  gpt-generate --model gpt2 'The meaning of life is' -n 1000 --quantize int8
   gpt-generate --model big/final --draft small/final 'ROMEO:' -n 300
 """
 
@@ -88,12 +99,12 @@ def build_parser() -> ArgumentParser:
                    help="an instruction: wrap it in the instruction template (gpt.prompt_template) and print only the response")
     p.add_argument("--input", metavar="TEXT", default="", help="the instruction's input (with --instruct)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decoding step and the prefill: seconds to minutes once, then faster decoding "
-                   "(see above for when it pays off)")
+                   help="torch.compile the decoding step and the prefill: about a minute on a first run, "
+                   "reused from DIR.compile-cache/ beside the checkpoint after that (see above for what it costs)")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
                    help="weight-only int8 (per-output-channel scales; embeddings and LayerNorms stay as they are): "
                    "int8 also quantizes the output head (an int8 copy of the tied embedding), int8-blocks keeps it; "
-                   "on a CPU this implies --compile")
+                   "on a CPU it runs eagerly through a C kernel built once (it compiles only where that kernel cannot run)")
     p.add_argument("--draft", metavar="DIR",
                    help="speculative decoding with this smaller checkpoint (it must use the model's tokenizer; "
                    "--quantize applies to --model only)")
@@ -179,12 +190,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         ids = _encode_prompt(tok, text, args.allow_special, model.config.n_ctx)
     except UnknownCharacterError as e:
         raise CLIError(f"the prompt: {e}; use only text the model's tokenizer knows") from None
+    # The time to first token counts from here: quantizing, building the int8 kernel on a first run,
+    # loading compiled code and compiling are part of the wait (loading the checkpoint is not).
+    start = time.perf_counter()
     if args.quantize is not None:
         quantize(model, "int8", head=args.quantize == "int8")
     compile = args.compile or (args.quantize is not None and compiles_by_default(model))
     if compile and not args.compile:
-        print(f"{PROG}: note: --quantize on a CPU compiles the decoding step (eager int8 is slower than float32 there); "
-              "the first run spends a while compiling", file=sys.stderr)
+        print(f"{PROG}: note: the int8 CPU kernel cannot run here ({cpu_linear_unavailable_reason()}), so --quantize "
+              "compiles the decoding step instead (eager int8 dequantizes and is slower than float32)", file=sys.stderr)
+    cache_file = None
+    if compile:
+        cache_file = compile_cache.cache_file(model_dir, device=device, dtype=dtype, quantize=args.quantize,
+                                              batch_size=args.num_samples, draft_dir=draft_dir)
+        if not compile_cache.load(cache_file):
+            print(f"{PROG}: compiling the decoding step and the prefill (the first run of this model, dtype, batch and "
+                  f"thread count on this machine: about a minute; kept in {cache_file.parent} for the next runs) ...",
+                  file=sys.stderr, flush=True)
+        else:
+            cache_file = None  # loaded: nothing new to save
 
     stream_live = not args.no_stream
     decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(args.num_samples)]
@@ -205,7 +229,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if stream_live:
         sys.stdout.write(header(0))
-    start = time.perf_counter()
     stats: dict = {}
     outputs = generate(
         model, ids, settings["max_new_tokens"], temperature=settings["temperature"], top_k=settings["top_k"],
@@ -214,6 +237,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         stats=stats,
     )
     elapsed = time.perf_counter() - start
+    if cache_file is not None:
+        try:
+            compile_cache.save(cache_file)
+        except OSError as e:
+            print(f"{PROG}: note: could not keep the compiled code in {cache_file.parent} ({e.strerror or e}); "
+                  "the next run compiles again", file=sys.stderr)
     for sample in range(args.num_samples):
         tail = decoders[sample].decode(b"", final=True)
         if sample > 0 or not stream_live:

@@ -1,6 +1,7 @@
 """gpt.quantize: which layers become int8 (embeddings and LayerNorms untouched, the head optional), the
 int8 layer's arithmetic, logits close to fp32, dtype casts that keep the scales in fp32, a quantized
-model refused by save_pretrained, and int8 decoding eager and compiled (the default on a CPU)."""
+model refused by save_pretrained, and int8 decoding eager (the default where the CPU kernel runs),
+dequantising and compiled."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from gpt.checkpoint import CheckpointError
 from gpt.lora import LoRAConfig, apply_lora, lora_layers
 from gpt.quantize import Int8Linear, quantize
 from gpt.sampling import compiles_by_default, generate
-from gpt2_kernels import quantize_int8
+import gpt2_kernels
+from gpt2_kernels import cpu_linear, quantize_int8
 from tests.gpt.test_sampling import make_tiny_model, small_tokenizer
 from tokenizers_bpe import SettingError
 
@@ -134,11 +136,17 @@ def test_refusals(model, tmp_path):
         quantize(copy.deepcopy(model), "int4")
 
 
-def test_int8_decoding_compiles_by_default_on_cpu(model):
+def test_int8_decoding_is_eager_by_default_where_the_cpu_kernel_runs(model, monkeypatch):
+    """With gpt2_kernels' C kernel, eager int8 is the fast CPU path and nothing is compiled by default;
+    without it (no compiler, no AVX2) int8 on a CPU compiles, and both give the same greedy text."""
     q = quantize(copy.deepcopy(model), "int8")
-    assert compiles_by_default(q) and not compiles_by_default(model)
+    assert compiles_by_default(q) == (not gpt2_kernels.cpu_linear_available()) and not compiles_by_default(model)
     prompt = [5, 6, 7, 8]
     eager = generate(q, prompt, 30, temperature=0, stop_tokens=(), compile=False)
-    assert generate(q, prompt, 30, temperature=0, stop_tokens=()) == eager  # compiled: the streaming path
+    assert generate(q, prompt, 30, temperature=0, stop_tokens=(), compile=True) == eager  # the streaming path
+    monkeypatch.setattr(gpt2_kernels, "cpu_linear_available", lambda: False)
+    monkeypatch.setattr(cpu_linear, "available", lambda: False)  # what int8_linear asks
+    assert compiles_by_default(q)
+    assert generate(q, prompt, 30, temperature=0, stop_tokens=(), compile=False) == eager  # dequantising
     fp32 = generate(model, prompt, 30, temperature=0, stop_tokens=())
     assert sum(a == b for a, b in zip(eager[0], fp32[0])) >= 10  # close to the fp32 model's choices

@@ -1,5 +1,6 @@
-"""gpt2_kernels.int8_linear and quantize_int8 against float64 references, on both backends, and the sm_90
-compile check of the int8 kernels.
+"""gpt2_kernels.int8_linear and quantize_int8 against float64 references, on both backends, the CPU C
+kernel (gpt2_kernels.cpu_linear: shapes, threads, its build cache, the fallback without it), and the
+sm_90 compile check of the int8 kernels.
 
 On the CPU the Triton kernels run under the interpreter with 16/32-wide tiles, so the odd shapes
 below cross every tile edge and M <= 16 goes through the split-K partial sums. Triton 3.9's
@@ -171,6 +172,86 @@ def test_quantized_linear_tracks_the_float_linear():
     bound = x.double().abs().sum(dim=1, keepdim=True) * scale.double()[None, :] / 2
     assert (error <= bound * 1.001 + 1e-6).all()
     assert error.max() > 0
+
+
+# ---------------------------------------------------------------------------------------------- the CPU kernel
+
+cpu_linear = importlib.import_module("gpt2_kernels.cpu_linear")
+
+
+@pytest.fixture
+def fresh_kernel(monkeypatch, tmp_path):
+    """cpu_linear loaded again from scratch into an empty cache directory (it loads once per process)."""
+    cpu_linear._load.cache_clear()
+    monkeypatch.setenv(cpu_linear.CACHE_ENV, str(tmp_path))
+    yield tmp_path
+    cpu_linear._load.cache_clear()
+
+
+def require_cpu_kernel():
+    if not cpu_linear.available():
+        pytest.skip(f"the CPU kernel cannot run here: {cpu_linear.unavailable_reason()}")
+
+
+@pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7, 8, 9, cpu_linear.MAX_ROWS])
+def test_cpu_kernel_matches_reference(M, has_bias):
+    """Every row-block shape of cpu_linear.c (1, 2, 3-4 rows per tile, the rest) and odd sizes: K = 100 has a
+    4-element tail after 8-wide vectors, N = 37 a partial block of weight rows. Two threads give the same
+    bits as one (each output is summed by one thread in the same order)."""
+    require_cpu_kernel()
+    weight_int8, scale = quantized(37, 100, device="cpu")
+    bias = make_x((37,), torch.float32, device="cpu", seed=2) if has_bias else None
+    x = make_x((M, 100), torch.float32, device="cpu")
+    y = cpu_linear.linear(x, weight_int8, scale, bias)
+    atol, rtol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(y.double(), reference(x, weight_int8, scale, bias), atol=atol, rtol=rtol)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.equal(cpu_linear.linear(x, weight_int8, scale, bias), y)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cpu_kernel_is_the_eager_path_for_few_rows(monkeypatch):
+    """int8_linear on the CPU: up to MAX_ROWS rows through the kernel (any activation dtype), more rows
+    dequantise; without the kernel every size falls back, with the same values."""
+    require_cpu_kernel()
+    calls = []
+    kernel = cpu_linear.linear
+    monkeypatch.setattr(cpu_linear, "linear", lambda *a: calls.append(a[0].shape[0]) or kernel(*a))
+    weight_int8, scale = quantized(33, 64, device="cpu")
+    bias = make_x((33,), torch.float32, device="cpu", seed=2)
+    for rows in (1, 8, cpu_linear.MAX_ROWS + 1):
+        for dtype in DTYPES:
+            check(make_x((rows, 64), dtype, device="cpu"), weight_int8, scale, bias.to(dtype), "torch")
+    assert calls == [1] * 3 + [8] * 3
+    x = make_x((2, 4, 64), torch.float32, device="cpu")
+    y = gpt2_kernels.int8_linear(x, weight_int8, scale, bias, backend="torch")
+    monkeypatch.setattr(cpu_linear, "available", lambda: False)
+    torch.testing.assert_close(gpt2_kernels.int8_linear(x, weight_int8, scale, bias, backend="torch"), y, atol=1e-5, rtol=1e-5)
+    assert calls[-1] == 8
+
+
+def test_cpu_kernel_is_built_once_into_its_cache(fresh_kernel):
+    require_cpu_kernel()
+    (library,) = fresh_kernel.glob("cpu_linear-*.so")  # built atomically: no temporary file is left
+    assert list(fresh_kernel.iterdir()) == [library]
+    built = library.stat().st_mtime_ns
+    cpu_linear._load.cache_clear()  # as a new process would: the library is found, not rebuilt
+    assert cpu_linear.available() and library.stat().st_mtime_ns == built
+
+
+def test_cpu_kernel_without_a_compiler_falls_back(fresh_kernel, monkeypatch):
+    monkeypatch.setenv("CC", str(fresh_kernel / "no-such-cc"))
+    monkeypatch.setenv("PATH", str(fresh_kernel))
+    assert not cpu_linear.available()
+    assert "compiler" in cpu_linear.unavailable_reason() or "AVX2" in cpu_linear.unavailable_reason()
+    weight_int8, scale = quantized(9, 16, device="cpu")
+    check(make_x((2, 16), torch.float32, device="cpu"), weight_int8, scale, None, "torch")
+    with pytest.raises(RuntimeError, match="unavailable"):
+        cpu_linear.linear(make_x((2, 16), torch.float32, device="cpu"), weight_int8, scale, None)
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ generation.json, --instruct, special tokens, truncation, and one-line errors wit
 from __future__ import annotations
 
 import io
+import os
 import re
 import subprocess
 import sys
@@ -11,8 +12,10 @@ import sys
 import pytest
 import torch
 
+import gpt2_kernels
 import tokenizers_bpe
 import tools.generate
+from gpt import compile_cache
 from gpt.model import GPT
 from gpt.prompt_template import format_instruction_prompt
 from gpt.sampling import generate
@@ -274,18 +277,31 @@ def test_compile_and_draft_give_the_same_greedy_text(pair, capsys, calls):
     argv = ["--model", target, "To be or not", "-n", 40, "--temperature", 0]
     rc, plain, _ = run(capsys, *argv)
     assert rc == 0
-    rc, compiled, _ = run(capsys, *argv, "--compile")
+    rc, compiled, err = run(capsys, *argv, "--compile")
     assert rc == 0 and compiled == plain and calls[-1]["compile"] is True
+    # the first compiling run says so, and keeps its compiled code beside the checkpoint (not in it) ...
+    assert "compiling the decoding step" in err
+    key = dict(device="cpu", dtype=torch.float32, quantize=None, batch_size=1)
+    cache = compile_cache.cache_file(target, **key)
+    assert cache.parent == target.parent / f"{target.name}{compile_cache.SUFFIX}"
+    assert cache.read_bytes().startswith(compile_cache.MAGIC) and not any("cache" in p.name for p in target.iterdir())
+    # ... which the next run loads (no compiling announced), and which new weights do not match
+    rc, again, err = run(capsys, *argv, "--compile")
+    assert rc == 0 and again == plain and "compiling" not in err
+    os.utime(target / "model.safetensors", ns=(0, 0))
+    assert compile_cache.cache_file(target, **key) != cache
     rc, drafted, err = run(capsys, *argv, "--draft", draft, "--draft-tokens", 3)
     assert rc == 0 and drafted == plain and calls[-1]["draft_tokens"] == 3
     assert "drafted tokens accepted" in err
 
 
-def test_quantize_int8_compiles_on_cpu(pair, capsys, calls):
+def test_quantize_int8_runs_eagerly_on_cpu(pair, capsys, calls):
+    """With the C kernel int8 needs no compiling; without it (no compiler) it compiles, with a note."""
     target, _ = pair
     rc, out, err = run(capsys, "--model", target, "Hello", "-n", 10, "--temperature", 0, "--quantize", "int8")
-    assert rc == 0 and out.strip() and "compiles the decoding step" in err
-    assert calls[-1]["compile"] is True
+    assert rc == 0 and out.strip()
+    assert calls[-1]["compile"] is (not gpt2_kernels.cpu_linear_available())
+    assert ("cannot run here" in err) is (not gpt2_kernels.cpu_linear_available())
     assert run(capsys, "--model", target, "Hello", "-n", 4, "--quantize", "int8-blocks", "--compile")[0] == 0
 
 
