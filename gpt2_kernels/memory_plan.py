@@ -5,10 +5,11 @@ Both savings cost time, so they are taken only where there is memory worth savin
 
 - ``loss_chunk_rows``: how many tokens (rows) ``linear_cross_entropy`` puts through the output layer at
   a time. All of them (one chunk: the plain computation, the logits whole) when the tokens fit in one
-  efficient chunk; otherwise chunks of ``LOSS_CHUNK_ROWS[device]`` rows, the fewest rows for which each
-  chunk's matmuls stay efficient and the per-chunk addition to the weight gradient is amortised, so
-  chunking costs no measurable time; smaller chunks (down to ``memory_saving_rows``) only where one
-  such chunk of logits would take more than ``MAX_CHUNK_SHARE`` of the memory available.
+  efficient chunk; otherwise equal chunks of at most ``LOSS_CHUNK_ROWS[device]`` rows (and more than
+  half that), about the fewest rows for which each chunk's matmuls stay efficient and the per-chunk
+  addition to the weight gradient is amortised, so chunking costs no measurable time; smaller chunks
+  (down to ``memory_saving_rows``) only where one such chunk of logits would take more than
+  ``MAX_CHUNK_SHARE`` of the memory available.
 - ``recompute_gelu``: ``gelu_linear`` keeps only its input and recomputes the GELU in the backward
   when one layer's GELU output is at least ``GELU_RECOMPUTE_MIN_BYTES``; below, it keeps the output
   (one kernel less in the backward).
@@ -41,7 +42,7 @@ SAVE_MEMORY_ENV_VAR = "GPT2_KERNELS_SAVE_MEMORY"
 # memory-first rule) took 1.15x the unfused time, 504 rows 0.96x (docs/architecture.md). CUDA: a
 # chunk's matmuls (6 N C V FLOPs) outweigh re-reading the fp32 weight-gradient accumulator (8 V C
 # bytes) about 20 to 1 at 4096 rows on an H100 in bf16.
-LOSS_CHUNK_ROWS = {"cpu": 1024, "cuda": 4096}
+LOSS_CHUNK_ROWS = {"cpu": 512, "cuda": 4096}
 # GELU outputs smaller than this per layer are kept (GPT-2 124M: below 1024 tokens in fp32).
 GELU_RECOMPUTE_MIN_BYTES = 12 * 2**20
 # Where memory is short: the most of the available memory one chunk of logits may take before the
@@ -103,7 +104,8 @@ def loss_chunk_rows(n_tokens: int, n_channels: int, vocab_size: int, dtype: torc
     row_bytes = vocab_size * max(torch.finfo(dtype).bits // 8, 4)
     if available_bytes is not None:
         rows = min(rows, int(available_bytes * MAX_CHUNK_SHARE) // row_bytes)
-    return max(1, min(n_tokens, max(rows, floor)))
+    rows = max(rows, floor)
+    return cdiv(n_tokens, cdiv(n_tokens, rows)) if n_tokens > 0 else 1  # equal chunks: no thin last one
 
 
 def recompute_gelu(n_elements: int, dtype: torch.dtype, *, save_memory: str = "auto") -> bool:

@@ -149,27 +149,38 @@ def test_memory_saving_chunks_hold_about_as_many_logits_as_hidden():
 GPT2 = dict(n_channels=768, vocab_size=50257)
 
 
-def test_the_rule_takes_one_chunk_up_to_the_efficient_size_then_chunks_of_it():
+def chunks(n_tokens, rows):
+    return -(-n_tokens // rows)
+
+
+def test_the_rule_takes_one_chunk_up_to_the_efficient_size_then_equal_chunks_of_at_most_it():
     cpu_rows, cuda_rows = memory_plan.LOSS_CHUNK_ROWS["cpu"], memory_plan.LOSS_CHUNK_ROWS["cuda"]
-    for n_tokens in (1, 128, 512, cpu_rows - 1, cpu_rows):  # 1x128, 2x256 and the threshold: one chunk
+    for n_tokens in (1, 128, 500, cpu_rows - 1, cpu_rows):  # 1x128 and the threshold: one chunk
         assert loss_chunk_rows(n_tokens, **GPT2, dtype=torch.float32, device="cpu") == n_tokens
-    for n_tokens in (cpu_rows + 1, 2048, 4096, 65536):  # past it: efficient chunks, never thinner
-        assert loss_chunk_rows(n_tokens, **GPT2, dtype=torch.float32, device="cpu") == cpu_rows
+    for n_tokens in (cpu_rows + 1, 576, 1024, 2048, 4096, 4097):  # past it: equal efficient chunks
+        rows = loss_chunk_rows(n_tokens, **GPT2, dtype=torch.float32, device="cpu")
+        assert cpu_rows // 2 < rows <= cpu_rows and chunks(n_tokens, rows) == chunks(n_tokens, cpu_rows)
+        assert rows * chunks(n_tokens, rows) - n_tokens < chunks(n_tokens, rows)  # the last chunk is not thin
+    assert loss_chunk_rows(4096, **GPT2, dtype=torch.float32, device="cpu") == cpu_rows  # 4x1024: 4096 / cpu_rows chunks
+    # Never more chunks than the memory-saving rule makes (ceil(V / C)), however many tokens.
+    assert loss_chunk_rows(65536, **GPT2, dtype=torch.float32, device="cpu") == memory_saving_rows(65536, **GPT2)
     assert loss_chunk_rows(cuda_rows, **GPT2, dtype=torch.bfloat16, device="cuda") == cuda_rows
-    assert loss_chunk_rows(cuda_rows + 1, **GPT2, dtype=torch.bfloat16, device=torch.device("cuda", 0)) == cuda_rows
+    assert loss_chunk_rows(2 * cuda_rows, **GPT2, dtype=torch.bfloat16, device=torch.device("cuda", 0)) == cuda_rows
     assert loss_chunk_rows(4096, **GPT2, dtype=torch.float32, device="cpu", save_memory="never") == 4096
+    assert loss_chunk_rows(0, **GPT2, dtype=torch.float32, device="cpu") == 1
 
 
 def test_the_rule_shrinks_chunks_only_where_memory_is_short():
     rows = memory_plan.LOSS_CHUNK_ROWS["cpu"]
     chunk_bytes = rows * GPT2["vocab_size"] * 4
     plenty = int(chunk_bytes / memory_plan.MAX_CHUNK_SHARE)
-    assert loss_chunk_rows(4096, **GPT2, dtype=torch.float32, device="cpu", available_bytes=plenty) == rows
-    # One byte short of room for the efficient chunk: one row less; bf16 logits count as fp32 (the
-    # CPU fallback works in fp32), so they need the same room.
+    assert loss_chunk_rows(rows * 8, **GPT2, dtype=torch.float32, device="cpu", available_bytes=plenty) == rows
+    # One byte short of room for the efficient chunk: chunks of one row less at most; bf16 logits
+    # count as fp32 (the CPU fallback works in fp32), so they need the same room.
     for dtype in (torch.float32, torch.bfloat16):
-        assert loss_chunk_rows(4096, **GPT2, dtype=dtype, device="cpu", available_bytes=plenty - 8) == rows - 1
-    assert loss_chunk_rows(512, **GPT2, dtype=torch.float32, device="cpu", available_bytes=plenty // 4) == rows // 4
+        got = loss_chunk_rows(rows * 8, **GPT2, dtype=dtype, device="cpu", available_bytes=plenty - 8)
+        assert got < rows and chunks(rows * 8, got) == chunks(rows * 8, rows - 1)
+    assert loss_chunk_rows(rows, **GPT2, dtype=torch.float32, device="cpu", available_bytes=plenty // 4) == rows // 4
     # Never below the memory-saving chunks, however little memory is left.
     assert loss_chunk_rows(4096, **GPT2, dtype=torch.float32, device="cpu", available_bytes=1) == 63
 
@@ -190,13 +201,13 @@ def test_save_memory_names_and_the_environment_override(monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("n_tokens", [16, 17, 32, 33], ids=lambda n: f"N{n}")
-def test_values_and_gradients_at_the_threshold(monkeypatch, n_tokens, dtype, backend):
-    # The efficient chunk shrunk to 16 rows: 16 tokens are one chunk (the plain path), 17 two (16 + 1),
-    # 32 two full ones, 33 three; in 16-bit the chunks add up in a fp32 accumulator.
+@pytest.mark.parametrize("n_tokens, rows", [(16, 16), (17, 9), (32, 16), (33, 11)], ids=lambda n: str(n))
+def test_values_and_gradients_at_the_threshold(monkeypatch, n_tokens, rows, dtype, backend):
+    # The efficient chunk shrunk to 16 rows: 16 tokens are one chunk (the plain path), 17 two (9 + 8),
+    # 32 two of 16, 33 three of 11; in 16-bit the chunks add up in a fp32 accumulator.
     monkeypatch.setitem(memory_plan.LOSS_CHUNK_ROWS, "cpu" if DEVICE == "cpu" else "cuda", 16)
     hidden, weight, targets = make_inputs((n_tokens,), 24, 300, dtype, ignore_every=7)
-    assert loss_chunk_rows(n_tokens, 24, 300, dtype, DEVICE) == min(n_tokens, 16)
+    assert loss_chunk_rows(n_tokens, 24, 300, dtype, DEVICE) == rows
     check(hidden, weight, targets, backend)
 
 
@@ -222,8 +233,8 @@ def test_the_full_logits_never_exist_when_saving_memory():
     assert max(largest) <= max(N * C + V, V * C) < N * V
 
 
-@pytest.mark.parametrize("n_tokens, chunks", [(16, [16]), (17, [16, 1]), (40, [16, 16, 8])])
-def test_the_op_takes_the_rules_chunks(monkeypatch, n_tokens, chunks):
+@pytest.mark.parametrize("n_tokens, sizes", [(16, [16]), (17, [9, 8]), (40, [14, 14, 12])])
+def test_the_op_takes_the_rules_chunks(monkeypatch, n_tokens, sizes):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     V = 50
@@ -240,7 +251,7 @@ def test_the_op_takes_the_rules_chunks(monkeypatch, n_tokens, chunks):
     hidden, weight, targets = make_inputs((n_tokens,), 8, V, torch.float32, device="cpu")
     with Watch():
         loss = gpt2_kernels.linear_cross_entropy(hidden, weight, targets, backend="torch")
-    assert logits_rows == chunks
+    assert logits_rows == sizes
     check(hidden, weight, targets, "torch")  # and the same values as one chunk
     assert loss.item() == pytest.approx(gpt2_kernels.linear_cross_entropy(hidden, weight, targets, save_memory="never").item(),
                                         rel=1e-6)
