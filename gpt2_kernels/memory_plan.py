@@ -38,7 +38,7 @@ SAVE_MEMORY = ("auto", "always", "never")
 SAVE_MEMORY_ENV_VAR = "GPT2_KERNELS_SAVE_MEMORY"
 
 # Rows (tokens) per loss chunk below which chunking costs time. CPU: GPT-2's head (C=768, V=50257),
-# fp32, forward + backward of the loss alone, one and two threads: chunks of 63 rows (the old
+# fp32, forward + backward of the loss alone, one thread: chunks of 63 rows (the old
 # memory-first rule) took 1.15x the unfused time, 504 rows 0.96x (docs/architecture.md). CUDA: a
 # chunk's matmuls (6 N C V FLOPs) outweigh re-reading the fp32 weight-gradient accumulator (8 V C
 # bytes) about 20 to 1 at 4096 rows on an H100 in bf16.
