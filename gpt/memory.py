@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from gpt.device import resolve_device, resolve_dtype
+from gpt2_kernels.memory_plan import recompute_gelu
 from tokenizers_bpe.errors import SettingError
 
 
@@ -27,14 +28,17 @@ def available_memory_bytes() -> int | None:
 def micro_batch_bytes(n_layer: int, n_embd: int, vocab_size: int, batch_size: int, block_size: int, dtype: torch.dtype) -> int:
     """A lower bound of the memory one language-model training micro-batch takes beyond the weights:
     per token, the windows (int64 inputs and targets), 10 x n_embd activations per layer kept for the
-    backward pass (LayerNorm inputs and outputs, q/k/v, attention output, the 4x MLP input of the GELU:
-    gpt2_kernels.gelu_linear recomputes the GELU's output) and the gradient of the final hidden state that the fused output layer + loss keeps
-    (gpt2_kernels.linear_cross_entropy: no logits are kept), plus that op's fp32 gradient of the output
-    weight (vocab_size x n_embd, once per micro-batch). A lower bound (autograd keeps a little more,
-    and the backward pass adds gradients), so it never refuses a batch that would fit."""
+    backward pass (LayerNorm inputs and outputs, q/k/v, attention output, the 4x MLP input of the GELU),
+    4 x n_embd more where gpt2_kernels.gelu_linear keeps the GELU's output rather than recomputing it
+    (gpt2_kernels.memory_plan.recompute_gelu: small batches), and the gradient of the final hidden
+    state that the fused output layer + loss keeps (gpt2_kernels.linear_cross_entropy: no logits are
+    kept), plus that op's gradient of the output weight (vocab_size x n_embd, once per micro-batch).
+    A lower bound (autograd keeps a little more, and the backward pass adds gradients), so it never
+    refuses a batch that would fit."""
     tokens = batch_size * block_size
     activation_size = 2 if dtype in (torch.bfloat16, torch.float16) else 4
-    return tokens * (16 + (n_layer * 10 + 1) * n_embd * activation_size) + vocab_size * n_embd * 4
+    per_layer = 10 if recompute_gelu(tokens * 4 * n_embd, dtype) else 14
+    return tokens * (16 + (n_layer * per_layer + 1) * n_embd * activation_size) + vocab_size * n_embd * activation_size
 
 
 @dataclass(frozen=True)

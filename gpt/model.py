@@ -83,7 +83,8 @@ class MLP(nn.Module):
     def forward(self, x):
         h = self.c_fc(x)
         if type(self.c_proj) is nn.Linear:  # (LoRA's layer adds its own term: its forward must run)
-            # the GELU's output is recomputed in the backward instead of kept: half the MLP's activations
+            # where it is large, the GELU's output is recomputed in the backward instead of kept: half
+            # the MLP's activations (gpt2_kernels.memory_plan decides)
             return self.dropout(gpt2_kernels.gelu_linear(h, self.c_proj.weight, self.c_proj.bias, backend=self.gelu.backend))
         return self.dropout(self.c_proj(self.gelu(h)))
 
@@ -188,8 +189,9 @@ class GPT(PretrainedMixin, nn.Module):
                 *, return_logits: bool = False):
         """Return (logits, loss). Without targets: (B, T, vocab) fp32 logits and None. With targets: the
         mean cross-entropy over targets != -100, from gpt2_kernels.linear_cross_entropy, which goes through
-        the tokens a chunk at a time so that the (B, T, vocab) logits never exist: logits is then None,
-        unless ``return_logits=True`` asks for them (and the loss is computed from them)."""
+        the tokens a chunk at a time where the (B, T, vocab) logits would be large (gpt2_kernels.memory_plan;
+        $GPT2_KERNELS_SAVE_MEMORY=always|never forces either path) and never returns them: logits is then
+        None, unless ``return_logits=True`` asks for them (and the loss is computed from them)."""
         hidden = self.hidden_states(idx, kv_cache)
         if targets is not None and not return_logits:
             return None, gpt2_kernels.linear_cross_entropy(hidden, self.lm_head.weight, targets, backend=self.config.backend)

@@ -5,8 +5,11 @@ gelu'(x) = 0.5 (1 + tanh(u)) + 0.5 x (1 - tanh(u)^2) sqrt(2/pi) (1 + 3 * 0.04471
 
 Elementwise over the flattened (contiguous) tensor; math in fp32 whatever the storage dtype.
 The backward recomputes tanh from x instead of saving the output: one saved tensor, not two.
-``gelu_linear`` takes that further for an MLP: the linear layer after the GELU gets its input
-recomputed in the backward instead of saved.
+``gelu_linear`` takes that further for an MLP: the linear layer after the GELU can get its input
+recomputed in the backward instead of saved. That costs a GELU forward per layer in the backward
+(on a CPU 3-6% of an MLP's forward and backward, one thread) and saves one N x 4C activation per layer; it is
+done where that activation is large (gpt2_kernels.memory_plan.recompute_gelu: one layer's GELU
+output of at least 12 MiB, GPT-2 124M in fp32 from 1024 tokens on), not where there is nothing to save.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt2_kernels.dispatch import cdiv, constexpr, jit, resolve_backend, tl
+from gpt2_kernels.memory_plan import recompute_gelu
 
 BLOCK_SIZE = 1024  # elements per program: 4 warps x 32 threads x 8 elements
 SQRT_2_OVER_PI = constexpr(math.sqrt(2.0 / math.pi))  # the constants of u (module docstring)
@@ -112,11 +116,15 @@ class _GELULinear(torch.autograd.Function):
 
 
 def gelu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                backend: str = "auto") -> torch.Tensor:
-    """``F.linear(gelu(x), weight, bias)`` (an MLP's activation and output layer), differentiable,
-    saving for the backward pass only ``x`` (not the GELU's output: recomputed there). In a GPT-2 MLP
-    that halves the activation memory the two layers keep. Under autocast it computes as the two ops
-    would: the GELU in x's dtype, the linear layer in the autocast dtype."""
+                backend: str = "auto", save_memory: str = "auto") -> torch.Tensor:
+    """``F.linear(gelu(x), weight, bias)`` (an MLP's activation and output layer), differentiable.
+    Where gpt2_kernels.memory_plan says the memory is worth saving (``save_memory`` "auto": a large
+    GELU output; "always"; "never"; $GPT2_KERNELS_SAVE_MEMORY overrides "auto"), it saves for the
+    backward only ``x``, recomputing the GELU's output there: in a GPT-2 MLP that halves the activation
+    memory the two layers keep. Under autocast it computes as the two ops would: the GELU in x's
+    dtype, the linear layer in the autocast dtype."""
+    if not recompute_gelu(x.numel(), x.dtype, save_memory=save_memory):
+        return F.linear(gelu(x, backend=backend), weight, bias)
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)  # differentiable casts

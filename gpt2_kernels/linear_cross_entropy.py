@@ -1,25 +1,34 @@
-"""Fused linear + cross-entropy: mean cross-entropy of hidden @ weight.T, without the full logits.
+"""Fused linear + cross-entropy: mean cross-entropy of hidden @ weight.T, a chunk of tokens at a time.
 
 The unfused `F.cross_entropy(F.linear(hidden, weight), targets)` holds N x V logits, and as many
-again for their gradient (GPT-2, 4096 tokens x 50257 words in fp32: 0.8 GB each), while hidden is
-only N x C. Here the tokens are processed a chunk of rows at a time, and each chunk is finished in
-the forward pass (Liger-Kernel's FusedLinearCrossEntropy does the same):
+again for their log-softmax and their gradient (GPT-2, 4096 tokens x 50257 words in fp32: 0.8 GB
+each), while hidden is only N x C. Here the tokens go through a chunk of rows at a time, and each
+chunk is finished in the forward pass (Liger-Kernel's FusedLinearCrossEntropy does the same):
 
     logits = hidden[rows] @ weight.T                        torch matmul (cuBLAS / the CPU BLAS)
     loss[rows], logits <- dlogits = (softmax - onehot) / n  one pass over the chunk, in place
     grad_hidden[rows] = dlogits @ weight                    torch matmul
-    grad_weight += dlogits.T @ hidden[rows]                 torch matmul, fp32 accumulator
+    grad_weight (+)= dlogits.T @ hidden[rows]               torch matmul; the first chunk writes it
 
 so only one chunk of logits exists at a time; the backward scales the saved gradients by the
 upstream gradient (a training loss has grad_output 1: nothing to do).
 
-Chunk rule: rows per chunk = ceil(N / ceil(V / C)), so a chunk's logits hold at most N * C + V
-elements, about the size of hidden itself (GPT-2, N = 4096: chunks of 63 rows).
+How many rows a chunk holds is gpt2_kernels.memory_plan's rule (``loss_chunk_rows``): all of them
+(one chunk, the plain computation, with no more memory than the logits themselves) where the logits
+are small enough that chunking would save nothing worth its time; otherwise chunks large enough
+that each matmul stays efficient and the weight gradient is added to only a few times (CPU, GPT-2's
+head: chunks of 1024 rows; 63-row chunks took 1.15x the unfused time). ``save_memory="always"``
+forces the smallest chunks (logits about the size of hidden), ``"never"`` one chunk.
+
+With several chunks the weight gradient is accumulated in fp32 (in 16-bit every chunk's addition
+would round the sum) inside the matmul itself (addmm, beta 1: no temporary, no separate pass; on a
+CPU in 16-bit, which has no fp32-output 16-bit matmul, the chunk's product is added in place). With
+one chunk it is one matmul in the weight's dtype, as the unfused backward computes it.
 
 The per-chunk pass: on CUDA a Triton kernel, one program per row, walks the vocabulary in tiles of
 CUDA_BLOCK_V with an online log-sum-exp (running max and rescaled sum of exp, fp32), then
 walks it again writing the gradient over the logits. The PyTorch fallback computes the same with
-torch ops on the chunk (in place in fp32), so CPU users get the same memory saving.
+torch ops on the chunk, in place in fp32 (no temporary the size of the chunk when it is fp32).
 
 Semantics match `F.cross_entropy(..., ignore_index=ignore_index, reduction="mean")`: the loss is the
 mean over targets != ignore_index; ignored rows contribute 0 and get zero gradient; with every target
@@ -32,7 +41,8 @@ from __future__ import annotations
 
 import torch
 
-from gpt2_kernels.dispatch import cdiv, jit, resolve_backend, tl
+from gpt2_kernels.dispatch import jit, resolve_backend, tl
+from gpt2_kernels.memory_plan import available_memory_bytes, loss_chunk_rows
 
 CUDA_BLOCK_V, CUDA_NUM_WARPS = 4096, 8  # one vocabulary tile: 16 elements per thread
 # On the interpreter: tiles small enough that the tests' small vocabularies cross tile edges.
@@ -82,46 +92,53 @@ def _triton_rows(logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor
 
 def _torch_rows(logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor, ignore_index: int,
                 grad_scale: float, write_grad: bool) -> None:
-    """The kernel's contract in torch ops: fp32 math, in place on fp32 logits (a fp32 copy otherwise)."""
+    """The kernel's contract in torch ops: fp32 math, in place on fp32 logits (a fp32 copy otherwise).
+    The logits are the caller's scratch chunk, so the softmax is built in them: no chunk-sized temporary."""
     x = logits.float()  # the same tensor when logits are fp32
     valid = targets != ignore_index
     safe_targets = torch.where(valid, targets, 0)[:, None]
-    lse = torch.logsumexp(x, dim=1, keepdim=True)
-    loss.copy_(torch.where(valid, lse[:, 0] - x.gather(1, safe_targets)[:, 0], 0.0))
+    row_max = x.amax(dim=1, keepdim=True)
+    target_logit = x.gather(1, safe_targets)
+    sum_exp = x.sub_(row_max).exp_().sum(dim=1, keepdim=True)  # x <- exp(x - max): no overflow
+    loss.copy_(torch.where(valid, (row_max + sum_exp.log() - target_logit)[:, 0], 0.0))
     if write_grad:
-        grad = x.sub_(lse).exp_()
-        grad.scatter_add_(1, safe_targets, torch.full_like(lse, -1.0))
-        grad.mul_(torch.where(valid, grad_scale, 0.0)[:, None])
-        if grad is not logits:
-            logits.copy_(grad)
+        x.mul_(torch.where(valid[:, None], grad_scale / sum_exp, 0.0))  # softmax * scale
+        x.scatter_add_(1, safe_targets, torch.where(valid, -grad_scale, 0.0)[:, None])  # - onehot * scale
+        if x is not logits:
+            logits.copy_(x)
 
 
-def chunk_rows(n_tokens: int, n_channels: int, vocab_size: int) -> int:
-    """Rows per chunk: ceil(N / ceil(V / C)), so a chunk's logits are about the size of hidden."""
-    return max(1, cdiv(n_tokens, cdiv(vocab_size, n_channels)))
-
-
-def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b without a full-size temporary where the BLAS can add in fp32 itself."""
-    if acc.dtype == a.dtype:
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """acc = a @ b (first) or acc += a @ b, acc in fp32 or a's dtype, with no acc-sized temporary
+    where the BLAS can write fp32 itself (see the module docstring)."""
+    if acc.dtype == a.dtype and first:
+        torch.mm(a, b, out=acc)
+    elif acc.dtype == a.dtype:
         acc.addmm_(a, b)
     elif acc.is_cuda:  # cuBLAS multiplies 16-bit inputs into a fp32 output (torch >= 2.8)
+        if first:
+            acc.zero_()
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    elif first:
+        acc.copy_(a @ b)
     else:
-        acc += (a @ b).float()
+        acc.add_(a @ b)
 
 
-def _fused_forward(hidden, weight, targets, ignore_index, n_valid, rows_fn, need_hidden_grad, need_weight_grad):
-    """Loss (fp32 scalar) and, as asked, grad_hidden (N, C) and grad_weight (V, C) for grad_output 1."""
+def _fused_forward(hidden, weight, targets, ignore_index, n_valid, rows_fn, step, need_hidden_grad, need_weight_grad):
+    """Loss (fp32 scalar) and, as asked, grad_hidden (N, C) and grad_weight (V, C) for grad_output 1,
+    ``step`` rows at a time."""
     N, C = hidden.shape
     V = weight.shape[0]
     write_grad = need_hidden_grad or need_weight_grad
     grad_scale = 1.0 / n_valid if n_valid else 0.0  # every row is ignored when n_valid is 0
     loss_rows = torch.empty(N, dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
-    # fp32 accumulator across chunks: in 16-bit every chunk's addition would round the sum.
-    grad_weight = torch.zeros(V, C, dtype=torch.float32, device=weight.device) if need_weight_grad else None
-    step = chunk_rows(N, C, V)
+    grad_weight = None
+    if need_weight_grad:
+        # Several chunks add up in fp32: in 16-bit every chunk's addition would round the sum.
+        acc_dtype = weight.dtype if step >= N else torch.float32
+        grad_weight = (torch.empty if N else torch.zeros)(V, C, dtype=acc_dtype, device=weight.device)
     for start in range(0, N, step):
         rows = slice(start, min(start + step, N))
         logits = hidden[rows] @ weight.T
@@ -129,7 +146,7 @@ def _fused_forward(hidden, weight, targets, ignore_index, n_valid, rows_fn, need
         if need_hidden_grad:
             torch.mm(logits, weight, out=grad_hidden[rows])
         if need_weight_grad:
-            _accumulate_mm(grad_weight, logits.T, hidden[rows])
+            _add_product(grad_weight, logits.T, hidden[rows], first=start == 0)
         del logits  # before the next chunk's logits are allocated: at most one chunk alive
     if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
@@ -138,8 +155,8 @@ def _fused_forward(hidden, weight, targets, ignore_index, n_valid, rows_fn, need
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, n_valid, rows_fn):
-        loss, grad_hidden, grad_weight = _fused_forward(hidden, weight, targets, ignore_index, n_valid, rows_fn,
+    def forward(ctx, hidden, weight, targets, ignore_index, n_valid, rows_fn, step):
+        loss, grad_hidden, grad_weight = _fused_forward(hidden, weight, targets, ignore_index, n_valid, rows_fn, step,
                                                         ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         # Saved (not kept as attributes) so autograd frees them right after the backward unless the
         # graph is retained, and can hand them on without a copy when grad_output is 1.
@@ -154,7 +171,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if not bool(grad_output == 1):
             grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype) if grad_hidden is not None else None
             grad_weight = grad_weight * grad_output.to(grad_weight.dtype) if grad_weight is not None else None
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> None:
@@ -187,10 +204,11 @@ def _count_valid(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> i
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                         ignore_index: int = -100, backend: str = "auto") -> torch.Tensor:
+                         ignore_index: int = -100, backend: str = "auto", save_memory: str = "auto") -> torch.Tensor:
     """F.cross_entropy(F.linear(hidden, weight), targets, ignore_index=ignore_index) as a fp32 scalar,
     computed chunk by chunk (see the module docstring); hidden (..., C), weight (V, C), targets (...).
-    Differentiable with respect to hidden and weight."""
+    Differentiable with respect to hidden and weight. ``save_memory`` ("auto", "always", "never";
+    $GPT2_KERNELS_SAVE_MEMORY overrides "auto") picks the chunks: gpt2_kernels.memory_plan."""
     if torch.is_autocast_enabled(hidden.device.type):  # what F.linear would compute in
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
@@ -201,9 +219,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          "use backend='torch'")
     hidden2 = hidden.reshape(-1, hidden.shape[-1])
     targets1 = targets.reshape(-1).long().contiguous()
-    n_valid = _count_valid(targets1, weight.shape[0], ignore_index)
+    (N, C), V = hidden2.shape, weight.shape[0]
+    step = loss_chunk_rows(N, C, V, hidden.dtype, hidden.device, save_memory=save_memory,
+                           available_bytes=available_memory_bytes(hidden.device))
+    n_valid = _count_valid(targets1, V, ignore_index)
     with torch.autocast(hidden.device.type, enabled=False):  # the chunk matmuls stay in the inputs' dtype
         if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-            return _LinearCrossEntropy.apply(hidden2, weight, targets1, ignore_index, n_valid, rows_fn)
+            return _LinearCrossEntropy.apply(hidden2, weight, targets1, ignore_index, n_valid, rows_fn, step)
         # No graph to build (inference, evaluation): the loss alone, no gradient work.
-        return _fused_forward(hidden2, weight, targets1, ignore_index, n_valid, rows_fn, False, False)[0]
+        return _fused_forward(hidden2, weight, targets1, ignore_index, n_valid, rows_fn, step, False, False)[0]

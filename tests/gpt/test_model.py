@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from gpt.config import PRESETS, GPTConfig
 from gpt.model import GPT, KVCache
+from gpt2_kernels import memory_plan
 from tools.convert import to_transformers
 
 
@@ -116,9 +117,19 @@ def test_logits_fp32_and_loss_ignores_minus_100():
     assert model(idx)[1] is None
 
 
-def test_training_loss_is_fused_and_equals_the_unfused_one():
-    # With targets and no logits asked for, the output layer and the loss are one chunked op
-    # (gpt2_kernels.linear_cross_entropy): no (B, T, vocab) logits; values and gradients as unfused.
+@pytest.mark.parametrize("save_memory", ["auto", "always", "never", "thresholds"])
+def test_training_loss_is_fused_and_equals_the_unfused_one(monkeypatch, save_memory):
+    # With targets and no logits asked for, the output layer and the loss are one op
+    # (gpt2_kernels.linear_cross_entropy) that never returns the (B, T, vocab) logits; values and
+    # gradients as unfused on every path gpt2_kernels.memory_plan can pick: forced by
+    # $GPT2_KERNELS_SAVE_MEMORY, and "auto" with the thresholds shrunk so that this batch of 51 tokens
+    # is past both (loss chunks of at most 16 rows: 4 of 13; the GELU recomputed).
+    monkeypatch.delenv(memory_plan.SAVE_MEMORY_ENV_VAR, raising=False)
+    if save_memory == "thresholds":
+        monkeypatch.setitem(memory_plan.LOSS_CHUNK_ROWS, "cpu", 16)
+        monkeypatch.setattr(memory_plan, "GELU_RECOMPUTE_MIN_BYTES", 51 * 256 * 4)
+    elif save_memory != "auto":
+        monkeypatch.setenv(memory_plan.SAVE_MEMORY_ENV_VAR, save_memory)
     model = random_model(tiny())
     idx = torch.randint(0, 300, (3, 17))
     targets = torch.randint(0, 300, (3, 17))
@@ -128,6 +139,7 @@ def test_training_loss_is_fused_and_equals_the_unfused_one():
     fused.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
+    monkeypatch.delenv(memory_plan.SAVE_MEMORY_ENV_VAR, raising=False)
     _, unfused = model(idx, targets, return_logits=True)
     unfused.backward()
     assert fused.item() == pytest.approx(unfused.item(), rel=1e-5)
