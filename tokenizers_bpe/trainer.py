@@ -6,11 +6,10 @@
    only at line ends between two non-space characters (patterns.safe_cut_regex), which gives
    exactly the pieces of one scan for the gpt2/gpt4 patterns; a custom pattern should not match
    across such a newline. Each file, and each text given to train_from_iterator, is a document.
-2. Merge: keep the count of every adjacent token pair (weighted by piece frequency), an index
-   from each pair to the pieces containing it, and a max-heap of (count, pair). After a merge only
-   the pieces containing the merged pair are rewritten and only the counts of pairs next to it
-   change. Counts only ever drop for existing pairs, so stale heap entries are fixed lazily: a
-   popped entry whose count is out of date is pushed back with the current count.
+2. Merge (merging.py): the distinct pieces laid out in one flat array of ids with a linked list
+   over it, the count of every adjacent token pair (weighted by piece frequency), an index from each
+   pair to the slots where it occurs, and a max-heap of (count, pair). A merge touches only its own
+   occurrences and the counts of the pairs next to them.
 
 Tie-break rule (documented, and what makes training deterministic): the pair with the highest
 count wins; among equal counts the pair with the smallest left token id wins, then the smallest
@@ -23,20 +22,19 @@ occurs fewer than ``min_frequency`` times.
 
 from __future__ import annotations
 
-import heapq
 import os
 import warnings
-from collections import Counter, defaultdict, deque
+from collections import Counter, deque
 from typing import Iterable, Iterator, Sequence
 
 from .char import CharTokenizer
 from .errors import SettingError
+from .merging import DEFAULT_MIN_FREQUENCY, learn_merges
 from .fileio import READ_BYTES, check_errors_handler, check_text_file, read_text_blocks
 from .patterns import piece_splitter, resolve_pattern, safe_cut_regex, split_on_specials
 from .tokenizer import BPETokenizer
 
 DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>",)
-DEFAULT_MIN_FREQUENCY = 1
 _PARALLEL_MIN_BYTES = 4 << 20  # smaller corpora are pre-tokenized in-process: a pool costs more than it saves
 
 
@@ -93,110 +91,6 @@ def count_pieces(chunks: Iterable[str], pattern: str, special_tokens: Sequence[s
     return counts
 
 
-# ------------------------------------------------------------------------------------ merging
-def learn_merges(
-    piece_counts: dict[bytes, int],
-    n_merges: int,
-    *,
-    min_frequency: int = DEFAULT_MIN_FREQUENCY,
-    progress: bool = False,
-) -> list[tuple[int, int]]:
-    """Up to ``n_merges`` merges (left id, right id) learned from pieces (bytes -> count).
-    Merge n creates token 256+n. See the module docstring for the algorithm and the tie-break."""
-    M = 256 + n_merges  # pair key = left * M + right: an int whose order is (left, right)'s
-    words: list[list[int]] = []
-    freqs: list[int] = []
-    for piece, f in piece_counts.items():
-        if len(piece) > 1:  # a single byte has no pair and never changes
-            words.append(list(piece))
-            freqs.append(f)
-    pair_counts: defaultdict[int, int] = defaultdict(int)
-    where: defaultdict[int, set] = defaultdict(set)
-    for w, word in enumerate(words):
-        f = freqs[w]
-        for a, b in zip(word, word[1:]):
-            key = a * M + b
-            pair_counts[key] += f
-            where[key].add(w)
-    heap = [(-c, key) for key, c in pair_counts.items()]
-    heapq.heapify(heap)
-
-    vocab = [bytes([i]) for i in range(256)]
-    known = set(vocab)
-    merges: list[tuple[int, int]] = []
-    bar = _progress_bar(n_merges, "merges", progress)
-    heappop, heappush = heapq.heappop, heapq.heappush
-    while len(merges) < n_merges and heap:
-        neg, key = heappop(heap)
-        count = pair_counts[key]
-        if count != -neg:  # stale: the count dropped since this entry was pushed
-            if count > 0:
-                heappush(heap, (-count, key))
-            continue
-        if count < min_frequency:
-            break
-        a, b = divmod(key, M)
-        new_bytes = vocab[a] + vocab[b]
-        if new_bytes in known:  # same bytes as an existing token: skip this pair for good
-            del pair_counts[key]
-            continue
-        X = len(vocab)
-        vocab.append(new_bytes)
-        known.add(new_bytes)
-        merges.append((a, b))
-        if bar is not None and not len(merges) & 63:
-            bar.update(64)
-
-        fresh: defaultdict[int, int] = defaultdict(int)  # counts of the new pairs (all contain X)
-        for w in where.pop(key):
-            word = words[w]
-            occurrences = word.count(a)  # no occurrence: a stale index entry (the word changed)
-            if not occurrences:
-                continue
-            n = len(word)
-            f = freqs[w]
-            new: list[int] = []
-            i = 0  # word[:i] is done (copied into new or merged)
-            pos = 0  # where to look for the next a
-            for _ in range(occurrences):
-                j = word.index(a, pos)
-                pos = j + 1
-                if j + 1 >= n:
-                    break
-                if j < i or word[j + 1] != b:  # j < i: this a was the b of the previous merge (a == b)
-                    continue
-                if j > i:
-                    new += word[i:j]
-                if new:
-                    left = new[-1]
-                    if left != X:  # (left, a) is gone; if left is X, the previous merge removed (b, a)
-                        pair_counts[left * M + a] -= f
-                    k = left * M + X
-                    fresh[k] += f
-                    where[k].add(w)
-                if j + 2 < n:
-                    right = word[j + 2]
-                    pair_counts[b * M + right] -= f
-                    if not (right == a and j + 3 < n and word[j + 3] == b):  # else (X, X) is added next
-                        k = X * M + right
-                        fresh[k] += f
-                        where[k].add(w)
-                new.append(X)
-                i = j + 2
-            if i:  # at least one merge
-                if i < n:
-                    new += word[i:]
-                words[w] = new
-        del pair_counts[key]
-        pair_counts.update(fresh)  # new pairs only ever grow during their own merge: push them once, final
-        for k, c in fresh.items():
-            heappush(heap, (-c, k))
-    if bar is not None:
-        bar.update(len(merges) - bar.n)
-        bar.close()
-    return merges
-
-
 def _progress_bar(total: int, unit: str, enabled: bool):
     if not enabled:
         return None
@@ -237,17 +131,22 @@ def _build(merges, pattern, special_tokens, vocab_size, min_frequency) -> BPETok
     return tok
 
 
+def _drain_encoded(counts: dict[str, int]) -> Iterator[tuple[bytes, int]]:
+    """(UTF-8 bytes, count) of each piece, emptying ``counts`` as it goes (its strings are freed while
+    the flat arrays of the merge phase are built; the order of the pieces changes no merge)."""
+    while counts:
+        piece, n = counts.popitem()
+        yield piece.encode("utf-8"), n
+
+
 def _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency, progress, workers) -> BPETokenizer:
     special_tokens = tuple(dict.fromkeys(special_tokens))
     check_train_settings(vocab_size, special_tokens, pattern, min_frequency)
     counts = count_pieces(chunks, pattern, special_tokens, workers)
     if not counts:
         raise ValueError("the corpus is empty: no text to train on")
-    piece_counts: Counter = Counter()
-    for piece, n in counts.items():
-        piece_counts[piece.encode("utf-8")] += n
     n_merges = vocab_size - 256 - len(special_tokens)
-    merges = learn_merges(piece_counts, n_merges, min_frequency=min_frequency, progress=progress)
+    merges = learn_merges(_drain_encoded(counts), n_merges, min_frequency=min_frequency, progress=progress)
     return _build(merges, pattern, special_tokens, vocab_size, min_frequency)
 
 
