@@ -24,29 +24,61 @@ from typing import Iterable
 import numpy as np
 
 DEFAULT_MIN_FREQUENCY = 1
+BYTES_PER_SLOT = 48  # peak memory of the merge phase per byte of the distinct pieces (arrays, index, pairs)
+_INDEX_BLOCK = 1 << 20  # slots indexed per numpy sort
+
+
+class MemoryBudgetError(MemoryError):
+    """The merge phase would need more memory than the budget allows."""
+
+    def __init__(self, needed: int, budget: int):
+        self.needed, self.budget = needed, budget
+        super().__init__(f"the merge phase needs about {needed / 1e6:.0f} MB for the distinct pieces of this corpus, "
+                         f"more than the {budget / 1e6:.0f} MB left of the memory budget")
 
 
 def _flat_pieces(piece_counts: Iterable[tuple[bytes, int]]):
-    """(ids, counts per slot, starts of each piece's slots) for the pieces longer than one byte (a
-    single byte has no pair and never changes)."""
-    pieces, counts = [], []
+    """(ids as int32, piece lengths, piece counts) of the pieces longer than one byte (a single byte
+    has no pair and never changes), gathered without a Python object per piece."""
+    buf, lengths, counts = bytearray(), array("q"), array("q")
     for piece, n in piece_counts:
         if len(piece) > 1:
-            pieces.append(piece)
+            buf += piece
+            lengths.append(len(piece))
             counts.append(n)
-    lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
-    ids = np.frombuffer(b"".join(pieces), dtype=np.uint8).astype(np.int32)
-    del pieces
-    freq = np.repeat(np.asarray(counts, dtype=np.int64), lengths)
-    starts = np.zeros(len(lengths), dtype=np.int64)
-    np.cumsum(lengths[:-1], out=starts[1:])
-    return ids, freq, starts, lengths
+    ids = np.frombuffer(buf, dtype=np.uint8).astype(np.int32)
+    del buf
+    return ids, np.frombuffer(lengths, dtype=np.int64), np.frombuffer(counts, dtype=np.int64)
 
 
-def _int32_array(a: np.ndarray) -> array:
-    out = array("i")
-    out.frombytes(np.ascontiguousarray(a, dtype=np.int32).tobytes())
+def _to_array(a: np.ndarray, typecode: str = "i") -> array:
+    out = array(typecode)
+    out.frombytes(np.ascontiguousarray(a, dtype=np.dtype(typecode)).tobytes())
     return out
+
+
+def _index_pairs(ids: np.ndarray, last: np.ndarray, freq: np.ndarray, M: int):
+    """The count of each adjacent pair (key left * M + right) and the ascending slots where it starts,
+    built a block of slots at a time so that the sort's temporaries stay small."""
+    pair_counts: dict[int, int] = {}
+    where: defaultdict[int, array] = defaultdict(lambda: array("i"))
+    n = len(ids)
+    key_type = np.int32 if M * M < 2**31 else np.int64
+    for lo in range(0, n - 1, _INDEX_BLOCK):
+        hi = min(lo + _INDEX_BLOCK, n - 1)
+        slots = lo + np.flatnonzero(~last[lo:hi])
+        keys = ids[slots].astype(key_type) * M + ids[slots + 1]
+        order = np.argsort(keys, kind="stable")  # stable: each pair's slots stay ascending
+        keys, slots = keys[order], slots[order].astype(np.int32)
+        del order
+        bounds = np.flatnonzero(np.diff(keys)) + 1
+        starts = np.concatenate(([0], bounds))
+        totals = np.add.reduceat(freq[slots], starts).tolist() if len(keys) else []
+        get = pair_counts.get
+        for key, total, group in zip(keys[starts].tolist(), totals, np.split(slots, bounds)):
+            pair_counts[key] = get(key, 0) + total
+            where[key].frombytes(group.tobytes())
+    return pair_counts, where
 
 
 def learn_merges(
@@ -55,40 +87,36 @@ def learn_merges(
     *,
     min_frequency: int = DEFAULT_MIN_FREQUENCY,
     progress: bool = False,
+    max_bytes: int | None = None,
 ) -> list[tuple[int, int]]:
     """Up to ``n_merges`` merges (left id, right id) learned from pieces (bytes -> count, or (bytes,
     count) pairs with each piece once). Merge n creates token 256+n. See the module docstring for the
-    algorithm and trainer.py's for the tie-break."""
+    algorithm and trainer.py's for the tie-break. ``max_bytes``: a MemoryBudgetError, before the
+    arrays are built, if they would need more (an estimate of BYTES_PER_SLOT per byte of the pieces)."""
     M = 256 + n_merges  # pair key = left * M + right: an int whose order is (left, right)'s
     items = piece_counts.items() if isinstance(piece_counts, dict) else piece_counts
-    ids_np, freq_np, starts, lengths = _flat_pieces(items)
+    ids_np, lengths, counts = _flat_pieces(items)
     n = len(ids_np)
     if n >= 2**31 - 1:
         raise ValueError(f"the distinct pieces hold {n} bytes; at most 2**31 - 2 are supported")
+    if max_bytes is not None and n * BYTES_PER_SLOT > max_bytes:
+        raise MemoryBudgetError(n * BYTES_PER_SLOT, max_bytes)
+    ends = np.cumsum(lengths) - 1
     last = np.zeros(n, dtype=bool)  # the last slot of each piece
-    last[starts + lengths - 1] = True
-    nxt_np = np.arange(1, n + 1, dtype=np.int64)
-    nxt_np[last] = -1
-    prv_np = np.arange(-1, n - 1, dtype=np.int64)
-    prv_np[starts] = -1
-
-    pair_counts: dict[int, int] = {}
-    where: defaultdict[int, array] = defaultdict(lambda: array("i"))
-    if n:
-        slots = np.flatnonzero(~last)
-        keys = ids_np[slots].astype(np.int64) * M + ids_np[slots + 1]
-        order = np.argsort(keys, kind="stable")  # stable: each pair's slots stay in ascending order
-        keys, slots = keys[order], slots[order]
-        bounds = np.flatnonzero(np.diff(keys)) + 1
-        group_starts = np.concatenate(([0], bounds))
-        totals = np.add.reduceat(freq_np[slots], group_starts) if len(keys) else np.zeros(0, np.int64)
-        for key, total, group in zip(keys[group_starts].tolist(), totals.tolist(), np.split(slots, bounds)):
-            pair_counts[key] = total
-            where[key] = _int32_array(group)
-        del keys, order, slots, bounds, group_starts, totals
-    ids, nxt, prv = _int32_array(ids_np), _int32_array(nxt_np), _int32_array(prv_np)
-    freq = array("q", freq_np.tobytes())
-    del ids_np, nxt_np, prv_np, freq_np, starts, lengths, last
+    last[ends] = True
+    freq_type = "i" if not len(counts) or counts.max() < 2**31 else "q"
+    freq_np = np.repeat(counts, lengths).astype(np.dtype(freq_type))
+    del counts
+    pair_counts, where = _index_pairs(ids_np, last, freq_np, M)
+    nxt_np = np.arange(1, n + 1, dtype=np.int32)
+    nxt_np[ends] = -1
+    ids, nxt = _to_array(ids_np), _to_array(nxt_np)
+    del nxt_np
+    prv_np = np.arange(-1, n - 1, dtype=np.int32)
+    prv_np[ends[:-1] + 1] = -1
+    prv = _to_array(prv_np)
+    freq = _to_array(freq_np, freq_type)
+    del ids_np, prv_np, freq_np, lengths, last, ends
 
     heap = [(-c, key) for key, c in pair_counts.items()]
     heapq.heapify(heap)
@@ -99,7 +127,7 @@ def learn_merges(
     heappop, heappush = heapq.heappop, heapq.heappush
     while len(merges) < n_merges and heap:
         neg, key = heappop(heap)
-        count = pair_counts[key]
+        count = pair_counts.get(key, 0)
         if count != -neg:  # stale: the count dropped since this entry was pushed
             if count > 0:
                 heappush(heap, (-count, key))
@@ -134,14 +162,30 @@ def learn_merges(
             if left_slot >= 0:
                 left = ids[left_slot]
                 if left != X:  # (left, a) is gone; if left is X, the previous merge removed (b, a)
-                    pair_counts[left * M + a] -= f
+                    k = left * M + a
+                    c = pair_counts[k] - f
+                    if c:
+                        pair_counts[k] = c
+                    elif k != key:  # a pair no longer anywhere: forget it (its heap entries go stale)
+                        del pair_counts[k]
+                        where.pop(k, None)
+                    else:
+                        pair_counts[k] = 0
                 k = left * M + X
                 fresh[k] += f
                 fresh_at[k].append(left_slot)
             r = nxt[q]
             if r >= 0:
                 right = ids[r]
-                pair_counts[b * M + right] -= f
+                k = b * M + right
+                c = pair_counts[k] - f
+                if c:
+                    pair_counts[k] = c
+                elif k != key:
+                    del pair_counts[k]
+                    where.pop(k, None)
+                else:
+                    pair_counts[k] = 0
                 r2 = nxt[r]
                 if not (right == a and r2 >= 0 and ids[r2] == b):  # else (X, X) is added next
                     k = X * M + right

@@ -29,9 +29,11 @@ from typing import Iterable, Iterator, Sequence
 
 from .char import CharTokenizer
 from .errors import SettingError
-from .merging import DEFAULT_MIN_FREQUENCY, learn_merges
+from .membudget import plan_memory, release_free_memory
+from .merging import DEFAULT_MIN_FREQUENCY, MemoryBudgetError, learn_merges
 from .fileio import READ_BYTES, check_errors_handler, check_text_file, read_text_blocks
 from .patterns import piece_splitter, resolve_pattern, safe_cut_regex, split_on_specials
+from .spill import PieceSpill
 from .tokenizer import BPETokenizer
 
 DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>",)
@@ -68,15 +70,24 @@ def _count_chunk(text: str, pattern: str, special_tokens: Sequence[str]) -> Coun
     return counts
 
 
-def count_pieces(chunks: Iterable[str], pattern: str, special_tokens: Sequence[str] = (), workers: int | None = None) -> Counter:
+def count_pieces(chunks: Iterable[str], pattern: str, special_tokens: Sequence[str] = (), workers: int | None = None,
+                 spill: PieceSpill | None = None) -> Counter:
     """How often each piece occurs in ``chunks`` (cut at safe points). ``workers`` processes
-    (default: all cores) pre-tokenize; at most two chunks per worker are in flight at once."""
+    (default: all cores) pre-tokenize; at most two chunks per worker are in flight at once (one with a
+    ``spill``, which takes the counts whenever they outgrow its budget: then the returned Counter holds
+    only the counts since its last run)."""
     workers = workers or os.cpu_count() or 1
     chunks = iter(chunks)
     counts: Counter = Counter()
+
+    def add(chunk_counts: Counter) -> None:
+        counts.update(chunk_counts)
+        if spill is not None and spill.over_budget(counts):
+            spill.write_run(counts)
+
     if workers <= 1:
         for chunk in chunks:
-            counts.update(_count_chunk(chunk, pattern, special_tokens))
+            add(_count_chunk(chunk, pattern, special_tokens))
         return counts
     import multiprocessing
 
@@ -84,10 +95,10 @@ def count_pieces(chunks: Iterable[str], pattern: str, special_tokens: Sequence[s
         in_flight: deque = deque()
         for chunk in chunks:
             in_flight.append(pool.apply_async(_count_chunk, (chunk, pattern, tuple(special_tokens))))
-            if len(in_flight) >= 2 * workers:
-                counts.update(in_flight.popleft().get())
+            if len(in_flight) >= (1 if spill is not None else 2) * workers:
+                add(in_flight.popleft().get())
         while in_flight:
-            counts.update(in_flight.popleft().get())
+            add(in_flight.popleft().get())
     return counts
 
 
@@ -101,7 +112,7 @@ def _progress_bar(total: int, unit: str, enabled: bool):
 
 # ------------------------------------------------------------------------------------ entry points
 def check_train_settings(vocab_size: int, special_tokens: Sequence[str], pattern: str = "gpt2",
-                         min_frequency: int = DEFAULT_MIN_FREQUENCY) -> None:
+                         min_frequency: int = DEFAULT_MIN_FREQUENCY, max_memory: int | None = None) -> None:
     """A SettingError (or, for the pattern, a ValueError) for settings ``train`` would refuse, so that a
     caller can check them before reading any text."""
     minimum = 256 + len(dict.fromkeys(special_tokens))
@@ -112,6 +123,8 @@ def check_train_settings(vocab_size: int, special_tokens: Sequence[str], pattern
         raise SettingError("min_frequency", f"{{min_frequency}} must be at least 1, got {min_frequency}")
     if any(not isinstance(t, str) or not t for t in special_tokens):
         raise SettingError("special", "{special} needs a non-empty token")
+    if max_memory is not None and (not isinstance(max_memory, int) or isinstance(max_memory, bool) or max_memory <= 0):
+        raise SettingError("max_memory", f"{{max_memory}} must be a positive number of bytes, got {max_memory!r}")
     resolve_pattern(pattern)
 
 
@@ -139,14 +152,29 @@ def _drain_encoded(counts: dict[str, int]) -> Iterator[tuple[bytes, int]]:
         yield piece.encode("utf-8"), n
 
 
-def _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency, progress, workers) -> BPETokenizer:
+def _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency, progress, workers,
+                     max_memory=None, spill_dir=None) -> BPETokenizer:
     special_tokens = tuple(dict.fromkeys(special_tokens))
-    check_train_settings(vocab_size, special_tokens, pattern, min_frequency)
-    counts = count_pieces(chunks, pattern, special_tokens, workers)
-    if not counts:
-        raise ValueError("the corpus is empty: no text to train on")
+    check_train_settings(vocab_size, special_tokens, pattern, min_frequency, max_memory)
     n_merges = vocab_size - 256 - len(special_tokens)
-    merges = learn_merges(_drain_encoded(counts), n_merges, min_frequency=min_frequency, progress=progress)
+    if max_memory is None:
+        counts = count_pieces(chunks, pattern, special_tokens, workers)
+        if not counts:
+            raise ValueError("the corpus is empty: no text to train on")
+        merges = learn_merges(_drain_encoded(counts), n_merges, min_frequency=min_frequency, progress=progress)
+        return _build(merges, pattern, special_tokens, vocab_size, min_frequency)
+    budget = plan_memory(max_memory, workers or os.cpu_count() or 1)
+    with PieceSpill(budget.counts, spill_dir) as spill:
+        counts = count_pieces(chunks, pattern, special_tokens, budget.workers, spill)
+        if not counts and not spill.runs:
+            raise ValueError("the corpus is empty: no text to train on")
+        items = spill.merged(counts, progress) if spill.runs else _drain_encoded(counts)
+        release_free_memory()
+        try:
+            merges = learn_merges(items, n_merges, min_frequency=min_frequency, progress=progress, max_bytes=budget.merges)
+        except MemoryBudgetError as e:
+            raise SettingError("max_memory", f"{{max_memory}} {max_memory / 1e6:.0f} MB is too small: {e}; "
+                               f"give at least {(e.needed + max_memory - budget.merges) / 1e6:.0f} MB") from None
     return _build(merges, pattern, special_tokens, vocab_size, min_frequency)
 
 
@@ -159,9 +187,12 @@ def train_from_iterator(
     min_frequency: int = DEFAULT_MIN_FREQUENCY,
     progress: bool = False,
     workers: int | None = None,
+    max_memory: int | None = None,
+    spill_dir: str | os.PathLike | None = None,
 ) -> BPETokenizer:
     """Train a byte-level BPE tokenizer on ``texts`` (each one a document). ``vocab_size`` counts
-    the 256 bytes, the merges and the special tokens (which get the last ids)."""
+    the 256 bytes, the merges and the special tokens (which get the last ids). ``max_memory``: a
+    budget in bytes for this process and its workers, see ``train``."""
     if isinstance(texts, str):
         texts = [texts]
     if progress:
@@ -170,7 +201,8 @@ def train_from_iterator(
         texts = tqdm(texts, desc="bpe: reading", unit=" texts", leave=False)
     pattern = resolve_pattern(pattern)
     chunks = (c for text in texts for c in _safe_chunks([text], pattern))
-    return _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency, progress, workers)
+    return _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency, progress, workers,
+                            max_memory, spill_dir)
 
 
 def train(
@@ -183,9 +215,14 @@ def train(
     errors: str = "strict",
     progress: bool = True,
     workers: int | None = None,
+    max_memory: int | None = None,
+    spill_dir: str | os.PathLike | None = None,
 ) -> BPETokenizer:
     """Train on text files (UTF-8; ``errors="replace"`` substitutes invalid bytes), read in blocks.
-    ``workers``: pre-tokenization processes; default all cores, or 1 for corpora under 4 MB."""
+    ``workers``: pre-tokenization processes; default all cores, or 1 for corpora under 4 MB.
+    ``max_memory``: a budget in bytes for the resident memory of this process and its workers; piece
+    counts that outgrow it are spilled to disk under ``spill_dir`` (default $TMPDIR) and merged at the
+    end (spill.py says how much disk that takes), for exactly the tokenizer of an unbounded run."""
     if isinstance(files, (str, os.PathLike)):
         files = [files]
     if not files:
@@ -203,7 +240,8 @@ def train(
     pattern = resolve_pattern(pattern)
     chunks = (c for p in paths for c in _safe_chunks(read_text_blocks(p, errors, bar), pattern))
     try:
-        return _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency, progress, workers)
+        return _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency, progress, workers,
+                                max_memory, spill_dir)
     finally:
         if bar is not None:
             bar.close()
