@@ -29,7 +29,7 @@ from typing import Iterable, Iterator, Sequence
 
 from .char import CharTokenizer
 from .errors import SettingError
-from .membudget import plan_memory, release_free_memory
+from .membudget import MemoryPlan, plan_memory, release_free_memory
 from .merging import DEFAULT_MIN_FREQUENCY, MemoryBudgetError, learn_merges
 from .fileio import READ_BYTES, check_errors_handler, check_text_file, read_text_blocks
 from .patterns import piece_splitter, resolve_pattern, safe_cut_regex, split_on_specials
@@ -152,10 +152,15 @@ def _drain_encoded(counts: dict[str, int]) -> Iterator[tuple[bytes, int]]:
         yield piece.encode("utf-8"), n
 
 
-def _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency, progress, workers,
-                     max_memory=None, spill_dir=None) -> BPETokenizer:
-    special_tokens = tuple(dict.fromkeys(special_tokens))
+def _plan(vocab_size, pattern, special_tokens, min_frequency, workers, max_memory) -> MemoryPlan | None:
+    """Every setting checked (the budget too) before any text is read or any progress bar shown."""
     check_train_settings(vocab_size, special_tokens, pattern, min_frequency, max_memory)
+    return None if max_memory is None else plan_memory(max_memory, workers or os.cpu_count() or 1)
+
+
+def _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency, progress, workers,
+                     max_memory=None, spill_dir=None, budget=None) -> BPETokenizer:
+    special_tokens = tuple(dict.fromkeys(special_tokens))
     n_merges = vocab_size - 256 - len(special_tokens)
     if max_memory is None:
         counts = count_pieces(chunks, pattern, special_tokens, workers)
@@ -163,7 +168,6 @@ def _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency,
             raise ValueError("the corpus is empty: no text to train on")
         merges = learn_merges(_drain_encoded(counts), n_merges, min_frequency=min_frequency, progress=progress)
         return _build(merges, pattern, special_tokens, vocab_size, min_frequency)
-    budget = plan_memory(max_memory, workers or os.cpu_count() or 1)
     with PieceSpill(budget.counts, spill_dir) as spill:
         counts = count_pieces(chunks, pattern, special_tokens, budget.workers, spill)
         if not counts and not spill.runs:
@@ -195,6 +199,7 @@ def train_from_iterator(
     budget in bytes for this process and its workers, see ``train``."""
     if isinstance(texts, str):
         texts = [texts]
+    budget = _plan(vocab_size, pattern, special_tokens, min_frequency, workers, max_memory)
     if progress:
         from tqdm import tqdm
 
@@ -202,7 +207,7 @@ def train_from_iterator(
     pattern = resolve_pattern(pattern)
     chunks = (c for text in texts for c in _safe_chunks([text], pattern))
     return _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency, progress, workers,
-                            max_memory, spill_dir)
+                            max_memory, spill_dir, budget)
 
 
 def train(
@@ -232,6 +237,7 @@ def train(
     total_bytes = sum(p.stat().st_size for p in paths)
     if workers is None and total_bytes < _PARALLEL_MIN_BYTES:
         workers = 1
+    budget = _plan(vocab_size, pattern, special_tokens, min_frequency, workers, max_memory)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -241,7 +247,7 @@ def train(
     chunks = (c for p in paths for c in _safe_chunks(read_text_blocks(p, errors, bar), pattern))
     try:
         return _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency, progress, workers,
-                                max_memory, spill_dir)
+                                max_memory, spill_dir, budget)
     finally:
         if bar is not None:
             bar.close()
