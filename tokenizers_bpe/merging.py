@@ -19,9 +19,10 @@ from __future__ import annotations
 import heapq
 from array import array
 from collections import defaultdict
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 DEFAULT_MIN_FREQUENCY = 1
 BYTES_PER_SLOT = 48  # peak memory of the merge phase per byte of the distinct pieces (arrays, index, pairs)
@@ -40,6 +41,8 @@ class MemoryBudgetError(MemoryError):
 def _flat_pieces(piece_counts: Iterable[tuple[bytes, int]]):
     """(ids as int32, piece lengths, piece counts) of the pieces longer than one byte (a single byte
     has no pair and never changes), gathered without a Python object per piece."""
+    import numpy as np  # here, not at the top: forked counting workers then never map numpy (14 MB each)
+
     buf, lengths, counts = bytearray(), array("q"), array("q")
     for piece, n in piece_counts:
         if len(piece) > 1:
@@ -52,6 +55,8 @@ def _flat_pieces(piece_counts: Iterable[tuple[bytes, int]]):
 
 
 def _to_array(a: np.ndarray, typecode: str = "i") -> array:
+    import numpy as np
+
     out = array(typecode)
     out.frombytes(np.ascontiguousarray(a, dtype=np.dtype(typecode)).tobytes())
     return out
@@ -60,6 +65,8 @@ def _to_array(a: np.ndarray, typecode: str = "i") -> array:
 def _index_pairs(ids: np.ndarray, last: np.ndarray, freq: np.ndarray, M: int):
     """The count of each adjacent pair (key left * M + right) and the ascending slots where it starts,
     built a block of slots at a time so that the sort's temporaries stay small."""
+    import numpy as np
+
     pair_counts: dict[int, int] = {}
     where: defaultdict[int, array] = defaultdict(lambda: array("i"))
     n = len(ids)
@@ -93,6 +100,8 @@ def learn_merges(
     count) pairs with each piece once). Merge n creates token 256+n. See the module docstring for the
     algorithm and trainer.py's for the tie-break. ``max_bytes``: a MemoryBudgetError, before the
     arrays are built, if they would need more (an estimate of BYTES_PER_SLOT per byte of the pieces)."""
+    import numpy as np
+
     M = 256 + n_merges  # pair key = left * M + right: an int whose order is (left, right)'s
     items = piece_counts.items() if isinstance(piece_counts, dict) else piece_counts
     ids_np, lengths, counts = _flat_pieces(items)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from tokenizers_bpe import TOKENIZER_FILE, Tokenizer, train, train_char, train_from_iterator
+from tokenizers_bpe import TOKENIZER_FILE, Tokenizer, load, train, train_char, train_from_iterator
+from tokenizers_bpe.membudget import current_rss
 from tokenizers_bpe.fileio import check_text_file, iter_file_texts
 from tokenizers_bpe.patterns import PATTERNS
 from tokenizers_bpe.tokenizer import TOKENIZER_STAMP
@@ -111,6 +114,8 @@ class TokenizerRecipe:
 
     def train(self, progress: bool) -> tuple[Tokenizer, list[str]]:
         """The tokenizer, and the warnings of training (e.g. a vocabulary the corpus cannot fill)."""
+        if self.max_memory is not None and current_rss() > self.max_memory // 4:
+            return self._train_in_fresh_process(progress), []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             builtin = self.corpus
@@ -125,6 +130,23 @@ class TokenizerRecipe:
                 else:
                     tok = train(self.files, self.vocab_size, errors=self.errors, **options)
         return tok, [str(w.message) for w in caught]
+
+    def _train_in_fresh_process(self, progress: bool) -> Tokenizer:
+        """bpe-train in a fresh interpreter: a budget bounds the training's processes, and this one (gpt-train,
+        which holds torch) alone may take more than that. Its warnings and bars go to stderr as they come."""
+        args = [*self.files] if self.files else ["--builtin", self.corpus]
+        args += ["--vocab-size", str(self.vocab_size), "--pattern", self.pattern, "--min-frequency", str(self.min_frequency),
+                 "--errors", self.errors, "--max-memory", str(self.max_memory)]
+        args += [f"--special={t}" for t in self.specials] or ["--no-special"]
+        args += ([] if self.workers is None else ["--workers", str(self.workers)]) + ([] if progress else ["--quiet"])
+        with tempfile.TemporaryDirectory(prefix="bpe-train-") as tmp:
+            out = Path(tmp) / TOKENIZER_FILE
+            done = subprocess.run([sys.executable, "-m", "tools.bpe_train", *args, "-o", str(out)], stdout=subprocess.DEVNULL)
+            if done.returncode == 130:
+                raise KeyboardInterrupt
+            if done.returncode:
+                raise CLIError(f"training the tokenizer failed (bpe-train exit {done.returncode}, its message above)")
+            return load(out)
 
 
 @command(PROG, text_hint="fix the file or pass --errors replace to substitute U+FFFD")
