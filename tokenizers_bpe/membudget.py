@@ -10,7 +10,6 @@ runs after the workers are gone and gets the budget less the interpreter.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import resource
 from dataclasses import dataclass
@@ -57,10 +56,9 @@ def plan_memory(max_memory: int, workers: int) -> MemoryPlan:
 
 def release_free_memory() -> None:
     """Hand memory freed by the counting phase back to the system (glibc keeps it otherwise), so that
-    the merge phase's arrays do not come on top of it."""
-    name = ctypes.util.find_library("c")
+    the merge phase's arrays do not come on top of it. (The C library is looked up among the symbols
+    already loaded: ctypes.util.find_library would fork a helper the size of this process.)"""
     try:
-        libc = ctypes.CDLL(name)
-        libc.malloc_trim(0)
+        ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError, TypeError):
         pass

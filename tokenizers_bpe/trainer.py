@@ -23,6 +23,7 @@ occurs fewer than ``min_frequency`` times.
 from __future__ import annotations
 
 import os
+import signal
 import warnings
 from collections import Counter, deque
 from typing import Iterable, Iterator, Sequence
@@ -70,6 +71,13 @@ def _count_chunk(text: str, pattern: str, special_tokens: Sequence[str]) -> Coun
     return counts
 
 
+def _init_worker() -> None:
+    """Workers leave Ctrl-C to the parent (which stops the pool) and die quietly when the pool ends them
+    (not through a SIGTERM handler inherited from the parent, such as the spill's)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def count_pieces(chunks: Iterable[str], pattern: str, special_tokens: Sequence[str] = (), workers: int | None = None,
                  spill: PieceSpill | None = None) -> Counter:
     """How often each piece occurs in ``chunks`` (cut at safe points). ``workers`` processes
@@ -91,7 +99,7 @@ def count_pieces(chunks: Iterable[str], pattern: str, special_tokens: Sequence[s
         return counts
     import multiprocessing
 
-    with multiprocessing.Pool(workers) as pool:
+    with multiprocessing.Pool(workers, initializer=_init_worker) as pool:
         in_flight: deque = deque()
         for chunk in chunks:
             in_flight.append(pool.apply_async(_count_chunk, (chunk, pattern, tuple(special_tokens))))
