@@ -1,110 +1,298 @@
-"""Tokenizer speed next to its peers, in the same run (`pytest benches/bench_tokenizer.py`).
+"""Tokenizer speed and memory next to its peers, in one run: `python benches/bench_tokenizer.py`.
 
-- training on tinyshakespeare.txt at vocab 4096 and 16384: ours on one process vs HF `tokenizers`
-  (ByteLevel BPE trainer) on one thread; ours on all cores for reference.
-- encoding throughput (MB/s): one thread, ours vs tiktoken built from the same GPT-2 ranks, with a
-  cold piece cache (a fresh tokenizer) and a warm one (the steady state of a long-lived tokenizer);
-  and `encode_batch` on all cores vs tiktoken's `encode_batch`.
-Compare within a group (`--benchmark-group-by=group`, the default here); MB/s is in extra_info.
+- Training (vocab 16384, min frequency 2) on 1, 10 and 100 MB of mixed prose and code: ours
+  (`tokenizers_bpe.train`) against HF `tokenizers` (`BpeTrainer` + `ByteLevel` pre-tokenizer, the
+  GPT-2 split), on one thread (ours: workers=1; HF: RAYON_NUM_THREADS=1) and on all cores. Each run is a
+  fresh process; its time is the training call's, its peak RSS the largest sum over the process and
+  its children (worker processes included), sampled every 10 ms from /proc.
+- Encoding, one thread, a fresh tokenizer (cold: no piece cache; tiktoken builds its core when the
+  tokenizer is built, ours when it first encodes, which is timed apart): ours against tiktoken built
+  from the same ranks, on prose, code and adversarial Unicode; `encode_batch` on all cores against
+  tiktoken's `encode_batch`.
+Runs alternate ours/peer, ROUNDS times; the table gives the best time of each and the ratio.
+
+The corpus is assembled reproducibly (`--corpus-only` writes it and stops): documents taken in sorted
+path order, alternately prose (the shared tinyshakespeare.txt, the built-in plays, then .md/.rst/.txt
+files of the installed Python packages and /usr/share/doc) and code (.py files of the standard library
+and the installed packages), until the size is reached; each source is cycled if it runs out.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import random
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+from pathlib import Path
 
-# HF tokenizers sizes its thread pool when first used: pin it to one thread before it is imported
-os.environ.setdefault("RAYON_NUM_THREADS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import pytest  # noqa: E402
-
-import tokenizers_bpe  # noqa: E402
-from tools.corpus import builtin_text  # noqa: E402
-
-ROUNDS = 3
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("GPT_TOOLKIT_SHARED_DATA", ROOT.parent / "shared" / "data"))
 CORES = os.cpu_count() or 1
+VOCAB, MIN_FREQUENCY = 16384, 2
+MB = 1_000_000
 
 
-@pytest.fixture(scope="module")
-def shakespeare(shared_file):
-    return shared_file("tinyshakespeare.txt")
+# ------------------------------------------------------------------------------------ corpora
+def _files(roots, suffixes, limit=2 * MB):
+    out = []
+    for root in roots:
+        root = Path(root)
+        if root.is_dir():
+            out += sorted(p for p in root.rglob("*") if p.suffix in suffixes and p.is_file() and 0 < p.stat().st_size < limit)
+    return out
 
 
-@pytest.fixture(scope="module")
-def large_text(shakespeare):
-    """About 6 MB: tinyshakespeare plus the built-in corpus."""
-    return shakespeare.read_text(encoding="utf-8") + builtin_text("shakespeare")
+def _documents(paths):
+    for p in paths:
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if text.strip():
+            yield text
 
 
-@pytest.fixture(scope="module")
-def gpt2(shared_file):
-    return tokenizers_bpe.load_gpt2(shared_file("gpt2/encoder.json"), shared_file("gpt2/vocab.bpe"))
+def _cycled(make):
+    while True:
+        empty = True
+        for doc in make():
+            empty = False
+            yield doc
+        if empty:
+            raise RuntimeError("no documents found for the corpus")
 
 
-def _hf_train(path, vocab_size):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+def _prose():
+    from tools.corpus import plays
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=0,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train([str(path)], trainer)
-    return tok.get_vocab_size()
+    shakespeare = SHARED / "tinyshakespeare.txt"
+    if shakespeare.is_file():
+        yield shakespeare.read_text(encoding="utf-8")
+    for play in plays():
+        yield play.text()
+    site = sysconfig.get_paths()["purelib"]
+    yield from _documents(_files([site, "/usr/share/doc"], {".md", ".rst", ".txt"}))
 
 
-@pytest.mark.parametrize("vocab_size", [4096, 16384])
-@pytest.mark.parametrize("impl", ["ours-1-process", "hf-tokenizers-1-thread", "ours-all-cores"])
-def test_train(benchmark, shakespeare, vocab_size, impl):
-    benchmark.group = f"train tinyshakespeare vocab {vocab_size}"
-    if impl == "hf-tokenizers-1-thread":
-        n = benchmark.pedantic(_hf_train, args=(shakespeare, vocab_size), rounds=ROUNDS)
-    else:
-        workers = 1 if impl == "ours-1-process" else CORES
-        tok = benchmark.pedantic(
-            tokenizers_bpe.train, args=([shakespeare], vocab_size), kwargs={"workers": workers, "progress": False}, rounds=ROUNDS
-        )
-        n = tok.n_vocab
-    assert n == vocab_size
+def _code():
+    yield from _documents(_files([sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"]], {".py"}))
 
 
-def _mb_per_s(benchmark, text: str) -> None:
-    benchmark.extra_info["MB/s"] = round(len(text.encode("utf-8")) / 1e6 / benchmark.stats.stats.min, 2)
+def make_corpus(size: int, path: Path) -> Path:
+    """``size`` bytes (about) of alternating prose and code documents at ``path`` (kept and reused)."""
+    if path.is_file() and path.stat().st_size >= size:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prose, code = _cycled(_prose), _cycled(_code)
+    written = 0
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        while written < size:
+            for source in (prose, code):
+                doc = next(source)[: size - written]
+                f.write(doc + "\n")
+                written += len(doc.encode("utf-8")) + 1
+    os.replace(tmp, path)
+    return path
 
 
-@pytest.mark.parametrize("impl", ["ours-cold-cache", "ours-warm-cache", "tiktoken"])
-def test_encode_one_thread(benchmark, large_text, gpt2, impl):
-    benchmark.group = "encode ~6 MB, GPT-2 ranks, one thread"
-    if impl == "tiktoken":
-        enc = gpt2.to_tiktoken()
-        ids = benchmark.pedantic(enc.encode_ordinary, args=(large_text,), rounds=ROUNDS)
-    elif impl == "ours-warm-cache":
-        gpt2.encode_ordinary(large_text)
-        ids = benchmark.pedantic(gpt2.encode_ordinary, args=(large_text,), rounds=ROUNDS)
-    else:  # a fresh tokenizer per round: every distinct piece goes through the BPE merge loop once
-        ids = benchmark.pedantic(
-            lambda tok: tok.encode_ordinary(large_text),
-            setup=lambda: ((tokenizers_bpe.BPETokenizer(gpt2.mergeable_ranks, gpt2.pattern, gpt2.special_tokens),), {}),
-            rounds=ROUNDS,
-        )
-        assert ids == gpt2.encode_ordinary(large_text)
-    assert len(ids) > 1_000_000
-    _mb_per_s(benchmark, large_text)
+def adversarial_text(n_chars: int, seed: int = 0) -> str:
+    """Unicode that is hard for a byte-level BPE: random code points of every plane, combining marks,
+    emoji sequences, long runs of one character, mixed scripts without spaces."""
+    rng = random.Random(seed)
+    parts, total = [], 0
+    while total < n_chars:
+        kind = rng.random()
+        if kind < 0.4:
+            s = "".join(chr(rng.choice([rng.randint(0x20, 0xD7FF), rng.randint(0xE000, 0x10FFFF)])) for _ in range(rng.randint(1, 40)))
+        elif kind < 0.6:
+            s = "".join(rng.choice("aeé中文ع") + "\u0301\u0308\u0323"[: rng.randint(0, 3)] for _ in range(rng.randint(1, 30)))
+        elif kind < 0.8:
+            s = "".join(rng.choice(["👨‍👩‍👧", "👍🏽", "🎉", "🏳️‍🌈"]) for _ in range(rng.randint(1, 20)))
+        else:
+            s = rng.choice("^ a1.\n\t-") * rng.randint(10, 3000)
+        parts.append(s)
+        total += len(s)
+    return "".join(parts)
 
 
-@pytest.mark.parametrize("impl", ["ours", "tiktoken"])
-def test_encode_batch_all_cores(benchmark, large_text, gpt2, impl):
-    benchmark.group = f"encode_batch ~6 MB in 64 texts, GPT-2 ranks, {CORES} cores"
-    step = len(large_text) // 64 + 1
-    texts = [large_text[i : i + step] for i in range(0, len(large_text), step)]
-    if impl == "tiktoken":
-        enc = gpt2.to_tiktoken()
-        out = benchmark.pedantic(enc.encode_batch, args=(texts,), kwargs={"num_threads": CORES}, rounds=ROUNDS)
-    else:
-        out = benchmark.pedantic(gpt2.encode_batch, args=(texts,), kwargs={"num_threads": CORES}, rounds=ROUNDS)
-    assert len(out) == len(texts)
-    _mb_per_s(benchmark, large_text)
+# ------------------------------------------------------------------------------------ measuring
+def _tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants (from /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(d))
+        rss[int(d)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += rss.get(p, 0)
+        todo += children.get(p, [])
+    return total
+
+
+def run_measured(code: str, env: dict | None = None) -> dict:
+    """Run ``code`` in a fresh Python; it prints one JSON line. Adds ``peak_rss`` (tree, sampled)."""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, **(env or {})})
+    peak = 0
+    done = threading.Event()
+
+    def poll():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _tree_rss(proc.pid))
+            time.sleep(0.01)
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    out, _ = proc.communicate()
+    done.set()
+    t.join()
+    if proc.returncode:
+        raise RuntimeError(f"a measured run failed (exit {proc.returncode})")
+    return {**json.loads(out.strip().splitlines()[-1]), "peak_rss": peak}
+
+
+OURS_TRAIN = """
+import json, time, tokenizers_bpe
+t = time.perf_counter()
+tok = tokenizers_bpe.train([{path!r}], {vocab}, min_frequency={minf}, workers={workers}, progress=False)
+print(json.dumps({{"time": time.perf_counter() - t, "vocab": tok.n_vocab}}))
+"""
+HF_TRAIN = """
+import json, time
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+t = time.perf_counter()
+tok = Tokenizer(models.BPE())
+tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+trainer = trainers.BpeTrainer(vocab_size={vocab}, min_frequency={minf}, special_tokens=["<|endoftext|>"],
+                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+tok.train([{path!r}], trainer)
+print(json.dumps({{"time": time.perf_counter() - t, "vocab": tok.get_vocab_size()}}))
+"""
+
+
+def bench_training(path: Path, rounds: int) -> list[dict]:
+    rows = []
+    for threads in sorted({1, CORES}):
+        best: dict[str, dict] = {}
+        for _ in range(rounds):  # interleaved: ours, peer, ours, peer, ...
+            for impl, code, env in (
+                ("ours", OURS_TRAIN.format(path=str(path), vocab=VOCAB, minf=MIN_FREQUENCY, workers=threads), {}),
+                ("hf", HF_TRAIN.format(path=str(path), vocab=VOCAB, minf=MIN_FREQUENCY),
+                 {"RAYON_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "true" if threads > 1 else "false"}),
+            ):
+                r = run_measured(code, env)
+                b = best.setdefault(impl, {"time": float("inf"), "peak_rss": float("inf")})
+                b["time"], b["peak_rss"] = min(b["time"], r["time"]), min(b["peak_rss"], r["peak_rss"])
+        rows.append({"work": f"train {path.stat().st_size / MB:.0f} MB, {threads} thread(s)", "ours_s": best["ours"]["time"],
+                     "peer_s": best["hf"]["time"], "time_ratio": best["ours"]["time"] / best["hf"]["time"],
+                     "ours_rss_mb": best["ours"]["peak_rss"] / MB, "peer_rss_mb": best["hf"]["peak_rss"] / MB,
+                     "rss_ratio": best["ours"]["peak_rss"] / best["hf"]["peak_rss"]})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+ENCODE = """
+import json, time, tiktoken, tokenizers_bpe
+from pathlib import Path
+shared = Path({shared!r})
+gpt2 = tokenizers_bpe.load_gpt2(shared / "gpt2/encoder.json", shared / "gpt2/vocab.bpe")
+ranks, pattern, specials = gpt2.mergeable_ranks, gpt2.pattern, gpt2.special_tokens
+texts = json.loads(Path({texts!r}).read_text(encoding="utf-8"))
+out = {{}}
+for name, text in texts.items():
+    for r in range({rounds}):
+        t = time.perf_counter(); peer = tiktoken.Encoding("gpt2", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+        build_peer = time.perf_counter() - t
+        t = time.perf_counter(); a = peer.encode_ordinary(text); peer_s = time.perf_counter() - t
+        t = time.perf_counter(); ours = tokenizers_bpe.BPETokenizer(ranks, pattern, specials); ours.encode_ordinary("")
+        build_ours = time.perf_counter() - t
+        t = time.perf_counter(); b = ours.encode_ordinary(text); ours_s = time.perf_counter() - t
+        assert a == b
+        docs = [text[i : i + 100_000] for i in range(0, len(text), 100_000)]
+        t = time.perf_counter(); peer.encode_batch(docs, num_threads={cores}); peer_b = time.perf_counter() - t
+        t = time.perf_counter(); ours.encode_batch(docs, num_threads={cores}); ours_b = time.perf_counter() - t
+        o = out.setdefault(name, {{"ours": 1e9, "peer": 1e9, "ours_batch": 1e9, "peer_batch": 1e9, "ours_build": 1e9, "peer_build": 1e9}})
+        for k, v in (("ours", ours_s), ("peer", peer_s), ("ours_batch", ours_b), ("peer_batch", peer_b),
+                     ("ours_build", build_ours), ("peer_build", build_peer)):
+            o[k] = min(o[k], v)
+        o["mb"] = len(text.encode("utf-8")) / 1e6
+print(json.dumps(out))
+"""
+
+
+def bench_encoding(corpus: Path, workdir: Path, rounds: int) -> list[dict]:
+    text = corpus.read_text(encoding="utf-8")
+    prose = text[:3_000_000]
+    texts = {"prose": "".join(p for p in _take(_prose(), 3 * MB)), "code": "".join(_take(_code(), 3 * MB)),
+             "adversarial": adversarial_text(1_000_000)}
+    del text, prose
+    path = workdir / "encode_texts.json"
+    path.write_text(json.dumps(texts, ensure_ascii=False), encoding="utf-8")
+    res = run_measured(ENCODE.format(shared=str(SHARED), texts=str(path), rounds=rounds, cores=CORES))
+    rows = []
+    for name, o in res.items():
+        if name == "peak_rss":
+            continue
+        rows.append({"work": f"encode {name} {o['mb']:.1f} MB, 1 thread", "ours_s": o["ours"], "peer_s": o["peer"],
+                     "speed_ratio": o["peer"] / o["ours"], "ours_build_s": o["ours_build"], "peer_build_s": o["peer_build"]})
+        rows.append({"work": f"encode_batch {name}, {CORES} threads", "ours_s": o["ours_batch"], "peer_s": o["peer_batch"],
+                     "speed_ratio": o["peer_batch"] / o["ours_batch"]})
+        print(json.dumps(rows[-2]), json.dumps(rows[-1]), sep="\n", flush=True)
+    return rows
+
+
+def _take(docs, size):
+    total = 0
+    for d in docs:
+        if total >= size:
+            return
+        d = d[: size - total]
+        total += len(d.encode("utf-8"))
+        yield d
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="1,10,100", help="training corpus sizes in MB, comma-separated")
+    p.add_argument("--rounds", type=int, default=2, help="runs of each implementation (interleaved); the best counts")
+    p.add_argument("--workdir", default=str(ROOT / ".bench_tokenizer"), help="where the corpora are written (reused)")
+    p.add_argument("--skip", choices=("train", "encode"), action="append", default=[], help="leave out a part")
+    p.add_argument("--corpus-only", action="store_true", help="write the corpora and stop")
+    p.add_argument("--out", help="also write the rows as JSON here")
+    args = p.parse_args(argv)
+    workdir = Path(args.workdir)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    corpora = [make_corpus(s * MB, workdir / f"mixed_{s}MB.txt") for s in sizes]
+    if args.corpus_only:
+        print("\n".join(map(str, corpora)))
+        return 0
+    rows = []
+    if "encode" not in args.skip:
+        rows += bench_encoding(corpora[0], workdir, args.rounds)
+    if "train" not in args.skip:
+        for c in corpora:
+            rows += bench_training(c, args.rounds)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    raise SystemExit(main())

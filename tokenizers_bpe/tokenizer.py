@@ -6,23 +6,30 @@ Encoding follows tiktoken exactly, so ids agree token for token:
 3. a piece that is itself a token becomes that token; otherwise its UTF-8 bytes start as single-byte
    tokens and the adjacent pair whose concatenation has the lowest rank is merged, repeatedly,
    until no adjacent pair forms a token.
-The ids of a piece depend only on the piece, so they are cached (most text repeats its pieces).
+Steps 2-3 run in tiktoken's Rust core, built once (lazily) from the tokenizer's own ranks, pattern and
+special tokens; step 1 and its rules (which specials are allowed, the error for a disallowed one) stay
+here. The pure-Python encoder (pybpe.py, with a cache of the ids of each piece) is the reference and
+the fallback for a pattern tiktoken's regex engine cannot compile. A custom pattern is taken to split
+the same in both engines (Perl-style syntax, Unicode classes); the named patterns are tiktoken's own.
 """
 
 from __future__ import annotations
 
 import abc
 import base64
+import functools
 import hashlib
 import json
+import logging
 import operator
 import os
-import sys
+from concurrent.futures import ThreadPoolExecutor
 from itertools import chain
 from typing import AbstractSet, Collection, Iterable, Literal, Mapping, Sequence
 
 from .fileio import Stamp, atomic_write, format_stamp
 from .patterns import piece_splitter, resolve_pattern, special_token_regex
+from .pybpe import PieceCache, encode_piece, split_token
 from .rankfiles import gpt2_conflicts, write_gpt2, write_tiktoken
 
 FORMAT_NAME = "tokenizers_bpe"
@@ -34,8 +41,8 @@ ENDOFTEXT = "<|endoftext|>"
 # Ids between the ordinary tokens and the special ones that no token uses (tiktoken's cl100k_base leaves
 # 16, o200k_base 19); a vocabulary with more is a mistake that would make every model of it bigger.
 MAX_UNUSED_IDS = 1024
-_NO_RANK = sys.maxsize
-_CACHE_LIMIT = 1 << 18  # pieces; cleared (not evicted one by one) when full: cheap and good enough
+BACKENDS = ("auto", "tiktoken", "python")
+log = logging.getLogger(__name__)
 _PARALLEL_MIN_CHARS = 1 << 20  # below this much text, starting worker processes costs more than it saves
 
 
@@ -250,22 +257,6 @@ def _worker_encode(text: str) -> list[int]:
     return tok.encode(text, **kwargs)
 
 
-class _PieceCache(dict):
-    """piece (str) -> its token ids; a miss runs BPE on the piece and remembers the result."""
-
-    __slots__ = ("encode_piece",)
-
-    def __init__(self, encode_piece):
-        super().__init__()
-        self.encode_piece = encode_piece
-
-    def __missing__(self, piece: str) -> list[int]:
-        if len(self) >= _CACHE_LIMIT:
-            self.clear()
-        ids = self[piece] = self.encode_piece(piece.encode("utf-8"))
-        return ids
-
-
 class BPETokenizer(Tokenizer):
     """Byte-level BPE: ``ranks`` maps each token's bytes to its id (= its merge priority)."""
 
@@ -278,7 +269,10 @@ class BPETokenizer(Tokenizer):
         special_tokens: Mapping[str, int] | None = None,
         merges: Sequence[tuple[int, int]] | None = None,
         name: str = "bpe",
+        backend: Literal["auto", "tiktoken", "python"] = "auto",
     ):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.pattern = resolve_pattern(pattern)
         ranks = dict(ranks)
         if sorted(ranks.values()) != list(range(len(ranks))):
@@ -292,15 +286,17 @@ class BPETokenizer(Tokenizer):
         if self._merges is not None:
             _check_merges(self._by_rank, self._merges)
         self.name = name
+        self._backend = backend
         self._setup_encoder()
 
     def _setup_encoder(self) -> None:
         self._findall = piece_splitter(self.pattern)
-        self._cache = _PieceCache(self._encode_piece)
+        self._cache = PieceCache(functools.partial(encode_piece, self._ranks))
+        self._tiktoken = None  # built on first use (ids go through it unless the backend is "python")
 
-    def __getstate__(self):  # for encode_batch workers: the compiled regex and cache are rebuilt
+    def __getstate__(self):  # for worker processes: the compiled regexes and caches are rebuilt there
         state = self.__dict__.copy()
-        for k in ("_findall", "_cache"):
+        for k in ("_findall", "_cache", "_tiktoken"):
             state.pop(k)
         return state
 
@@ -317,37 +313,58 @@ class BPETokenizer(Tokenizer):
         """(left id, right id) for each token id 256.. in order; derived from the ranks when the
         tokenizer was not trained here (running BPE on a token's own bytes with lower ranks only)."""
         if self._merges is None:
-            self._merges = [_split_token(self._ranks, t, r) for r, t in enumerate(self._by_rank) if r >= 256]
+            self._merges = [split_token(self._ranks, t, r) for r, t in enumerate(self._by_rank) if r >= 256]
         return list(self._merges)
 
-    def _encode_piece(self, piece: bytes) -> list[int]:
-        ranks = self._ranks
-        token = ranks.get(piece)
-        if token is not None:
-            return [token]
-        parts = [piece[i : i + 1] for i in range(len(piece))]
-        get = ranks.get
-        pair_ranks = [get(parts[i] + parts[i + 1], _NO_RANK) for i in range(len(parts) - 1)]
-        while pair_ranks:
-            best = min(pair_ranks)
-            if best == _NO_RANK:
-                break
-            i = pair_ranks.index(best)  # leftmost among equal ranks, as tiktoken
-            parts[i] += parts.pop(i + 1)
-            del pair_ranks[i]
-            if i > 0:
-                pair_ranks[i - 1] = get(parts[i - 1] + parts[i], _NO_RANK)
-            if i < len(pair_ranks):
-                pair_ranks[i] = get(parts[i] + parts[i + 1], _NO_RANK)
-        return [ranks[p] for p in parts]
+    @property
+    def backend(self) -> str:
+        """What encodes: "tiktoken" (its Rust core, built from this tokenizer's ranks, pattern and
+        special tokens) or "python" (the reference encoder, tokenizers_bpe.pybpe: asked for, or the
+        fallback when tiktoken's regex engine cannot compile the pattern, which is logged once)."""
+        return "python" if self._tiktoken_core() is None else "tiktoken"
+
+    def _tiktoken_core(self):
+        if self._tiktoken is None and self._backend != "python":
+            try:
+                self._tiktoken = self.to_tiktoken()
+            except Exception as e:  # noqa: BLE001 (fancy-regex's errors reach Python as several types)
+                if self._backend == "tiktoken":
+                    raise ValueError(f"tiktoken cannot encode with this tokenizer: {e}") from None
+                self._backend = "python"
+                _warn_fallback_once(self.pattern, e)
+        return self._tiktoken
 
     def encode_ordinary(self, text: str) -> list[int]:
+        core = self._tiktoken_core()
+        if core is not None:
+            return core.encode_ordinary(text)  # (it replaces lone surrogates as the Python path does)
         try:
             return list(chain.from_iterable(map(self._cache.__getitem__, self._findall(text))))
         except UnicodeEncodeError:
             # lone surrogates cannot be UTF-8 encoded; replace them as tiktoken does
             text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
             return list(chain.from_iterable(map(self._cache.__getitem__, self._findall(text))))
+
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        *,
+        num_threads: int | None = None,
+        allowed_special: Literal["all"] | AbstractSet[str] = set(),  # noqa: B006
+        disallowed_special: Literal["all"] | Collection[str] = "all",
+    ) -> list[list[int]]:
+        """Encode many texts on ``num_threads`` threads (default: all cores): tiktoken's core releases
+        the GIL, as tiktoken's own encode_batch relies on. The Python backend uses processes."""
+        if self._tiktoken_core() is None:
+            return super().encode_batch(texts, num_threads=num_threads, allowed_special=allowed_special,
+                                        disallowed_special=disallowed_special)
+        encode = functools.partial(self.encode, allowed_special=allowed_special, disallowed_special=disallowed_special)
+        texts = list(texts)
+        threads = min(num_threads or os.cpu_count() or 1, len(texts))
+        if threads <= 1:
+            return list(map(encode, texts))
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(encode, texts))
 
     def _content(self) -> dict:
         return {
@@ -412,21 +429,14 @@ class BPETokenizer(Tokenizer):
         write_gpt2(self._by_rank, self.merges, self.special_tokens, encoder_json_path, vocab_bpe_path)
 
 
-def _split_token(ranks: Mapping[bytes, int], token: bytes, rank: int) -> tuple[int, int]:
-    """The two lower-ranked tokens BPE joins to make ``token`` (tiktoken's recovery of merges)."""
-    parts = [token[i : i + 1] for i in range(len(token))]
-    while len(parts) > 2:
-        best_i, best_r = -1, rank
-        for i in range(len(parts) - 1):
-            r = ranks.get(parts[i] + parts[i + 1], _NO_RANK)
-            if r < best_r:
-                best_i, best_r = i, r
-        if best_i < 0:
-            break
-        parts[best_i] += parts.pop(best_i + 1)
-    if len(parts) != 2:
-        raise ValueError(f"token {rank} ({token!r}) is not a merge of two lower-ranked tokens")
-    return ranks[parts[0]], ranks[parts[1]]
+_fallback_warned: set[str] = set()
+
+
+def _warn_fallback_once(pattern: str, error: Exception) -> None:
+    if pattern not in _fallback_warned:
+        _fallback_warned.add(pattern)
+        log.warning("tiktoken's regex engine cannot compile the pattern %r (%s); encoding with the "
+                    "pure-Python encoder, which gives the same ids more slowly", pattern, str(error).splitlines()[0] if str(error) else type(error).__name__)
 
 
 def _check_merges(by_rank: list[bytes], merges: list[tuple[int, int]]) -> None:

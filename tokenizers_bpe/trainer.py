@@ -6,11 +6,10 @@
    only at line ends between two non-space characters (patterns.safe_cut_regex), which gives
    exactly the pieces of one scan for the gpt2/gpt4 patterns; a custom pattern should not match
    across such a newline. Each file, and each text given to train_from_iterator, is a document.
-2. Merge: keep the count of every adjacent token pair (weighted by piece frequency), an index
-   from each pair to the pieces containing it, and a max-heap of (count, pair). After a merge only
-   the pieces containing the merged pair are rewritten and only the counts of pairs next to it
-   change. Counts only ever drop for existing pairs, so stale heap entries are fixed lazily: a
-   popped entry whose count is out of date is pushed back with the current count.
+2. Merge (merging.py): the distinct pieces laid out in one flat array of ids with a linked list
+   over it, the count of every adjacent token pair (weighted by piece frequency), an index from each
+   pair to the slots where it occurs, and a max-heap of (count, pair). A merge touches only its own
+   occurrences and the counts of the pairs next to them.
 
 Tie-break rule (documented, and what makes training deterministic): the pair with the highest
 count wins; among equal counts the pair with the smallest left token id wins, then the smallest
@@ -23,20 +22,22 @@ occurs fewer than ``min_frequency`` times.
 
 from __future__ import annotations
 
-import heapq
 import os
+import signal
 import warnings
-from collections import Counter, defaultdict, deque
+from collections import Counter, deque
 from typing import Iterable, Iterator, Sequence
 
 from .char import CharTokenizer
 from .errors import SettingError
+from .membudget import MemoryPlan, plan_memory, release_free_memory
+from .merging import DEFAULT_MIN_FREQUENCY, MemoryBudgetError, learn_merges
 from .fileio import READ_BYTES, check_errors_handler, check_text_file, read_text_blocks
 from .patterns import piece_splitter, resolve_pattern, safe_cut_regex, split_on_specials
+from .spill import PieceSpill
 from .tokenizer import BPETokenizer
 
 DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>",)
-DEFAULT_MIN_FREQUENCY = 1
 _PARALLEL_MIN_BYTES = 4 << 20  # smaller corpora are pre-tokenized in-process: a pool costs more than it saves
 
 
@@ -70,131 +71,43 @@ def _count_chunk(text: str, pattern: str, special_tokens: Sequence[str]) -> Coun
     return counts
 
 
-def count_pieces(chunks: Iterable[str], pattern: str, special_tokens: Sequence[str] = (), workers: int | None = None) -> Counter:
+def _init_worker() -> None:
+    """Workers leave Ctrl-C to the parent (which stops the pool) and die quietly when the pool ends them
+    (not through a SIGTERM handler inherited from the parent, such as the spill's)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def count_pieces(chunks: Iterable[str], pattern: str, special_tokens: Sequence[str] = (), workers: int | None = None,
+                 spill: PieceSpill | None = None) -> Counter:
     """How often each piece occurs in ``chunks`` (cut at safe points). ``workers`` processes
-    (default: all cores) pre-tokenize; at most two chunks per worker are in flight at once."""
+    (default: all cores) pre-tokenize; at most two chunks per worker are in flight at once (one with a
+    ``spill``, which takes the counts whenever they outgrow its budget: then the returned Counter holds
+    only the counts since its last run)."""
     workers = workers or os.cpu_count() or 1
     chunks = iter(chunks)
     counts: Counter = Counter()
+
+    def add(chunk_counts: Counter) -> None:
+        counts.update(chunk_counts)
+        if spill is not None and spill.over_budget(counts):
+            spill.write_run(counts)
+
     if workers <= 1:
         for chunk in chunks:
-            counts.update(_count_chunk(chunk, pattern, special_tokens))
+            add(_count_chunk(chunk, pattern, special_tokens))
         return counts
     import multiprocessing
 
-    with multiprocessing.Pool(workers) as pool:
+    with multiprocessing.Pool(workers, initializer=_init_worker) as pool:
         in_flight: deque = deque()
         for chunk in chunks:
             in_flight.append(pool.apply_async(_count_chunk, (chunk, pattern, tuple(special_tokens))))
-            if len(in_flight) >= 2 * workers:
-                counts.update(in_flight.popleft().get())
+            if len(in_flight) >= (1 if spill is not None else 2) * workers:
+                add(in_flight.popleft().get())
         while in_flight:
-            counts.update(in_flight.popleft().get())
+            add(in_flight.popleft().get())
     return counts
-
-
-# ------------------------------------------------------------------------------------ merging
-def learn_merges(
-    piece_counts: dict[bytes, int],
-    n_merges: int,
-    *,
-    min_frequency: int = DEFAULT_MIN_FREQUENCY,
-    progress: bool = False,
-) -> list[tuple[int, int]]:
-    """Up to ``n_merges`` merges (left id, right id) learned from pieces (bytes -> count).
-    Merge n creates token 256+n. See the module docstring for the algorithm and the tie-break."""
-    M = 256 + n_merges  # pair key = left * M + right: an int whose order is (left, right)'s
-    words: list[list[int]] = []
-    freqs: list[int] = []
-    for piece, f in piece_counts.items():
-        if len(piece) > 1:  # a single byte has no pair and never changes
-            words.append(list(piece))
-            freqs.append(f)
-    pair_counts: defaultdict[int, int] = defaultdict(int)
-    where: defaultdict[int, set] = defaultdict(set)
-    for w, word in enumerate(words):
-        f = freqs[w]
-        for a, b in zip(word, word[1:]):
-            key = a * M + b
-            pair_counts[key] += f
-            where[key].add(w)
-    heap = [(-c, key) for key, c in pair_counts.items()]
-    heapq.heapify(heap)
-
-    vocab = [bytes([i]) for i in range(256)]
-    known = set(vocab)
-    merges: list[tuple[int, int]] = []
-    bar = _progress_bar(n_merges, "merges", progress)
-    heappop, heappush = heapq.heappop, heapq.heappush
-    while len(merges) < n_merges and heap:
-        neg, key = heappop(heap)
-        count = pair_counts[key]
-        if count != -neg:  # stale: the count dropped since this entry was pushed
-            if count > 0:
-                heappush(heap, (-count, key))
-            continue
-        if count < min_frequency:
-            break
-        a, b = divmod(key, M)
-        new_bytes = vocab[a] + vocab[b]
-        if new_bytes in known:  # same bytes as an existing token: skip this pair for good
-            del pair_counts[key]
-            continue
-        X = len(vocab)
-        vocab.append(new_bytes)
-        known.add(new_bytes)
-        merges.append((a, b))
-        if bar is not None and not len(merges) & 63:
-            bar.update(64)
-
-        fresh: defaultdict[int, int] = defaultdict(int)  # counts of the new pairs (all contain X)
-        for w in where.pop(key):
-            word = words[w]
-            occurrences = word.count(a)  # no occurrence: a stale index entry (the word changed)
-            if not occurrences:
-                continue
-            n = len(word)
-            f = freqs[w]
-            new: list[int] = []
-            i = 0  # word[:i] is done (copied into new or merged)
-            pos = 0  # where to look for the next a
-            for _ in range(occurrences):
-                j = word.index(a, pos)
-                pos = j + 1
-                if j + 1 >= n:
-                    break
-                if j < i or word[j + 1] != b:  # j < i: this a was the b of the previous merge (a == b)
-                    continue
-                if j > i:
-                    new += word[i:j]
-                if new:
-                    left = new[-1]
-                    if left != X:  # (left, a) is gone; if left is X, the previous merge removed (b, a)
-                        pair_counts[left * M + a] -= f
-                    k = left * M + X
-                    fresh[k] += f
-                    where[k].add(w)
-                if j + 2 < n:
-                    right = word[j + 2]
-                    pair_counts[b * M + right] -= f
-                    if not (right == a and j + 3 < n and word[j + 3] == b):  # else (X, X) is added next
-                        k = X * M + right
-                        fresh[k] += f
-                        where[k].add(w)
-                new.append(X)
-                i = j + 2
-            if i:  # at least one merge
-                if i < n:
-                    new += word[i:]
-                words[w] = new
-        del pair_counts[key]
-        pair_counts.update(fresh)  # new pairs only ever grow during their own merge: push them once, final
-        for k, c in fresh.items():
-            heappush(heap, (-c, k))
-    if bar is not None:
-        bar.update(len(merges) - bar.n)
-        bar.close()
-    return merges
 
 
 def _progress_bar(total: int, unit: str, enabled: bool):
@@ -207,7 +120,7 @@ def _progress_bar(total: int, unit: str, enabled: bool):
 
 # ------------------------------------------------------------------------------------ entry points
 def check_train_settings(vocab_size: int, special_tokens: Sequence[str], pattern: str = "gpt2",
-                         min_frequency: int = DEFAULT_MIN_FREQUENCY) -> None:
+                         min_frequency: int = DEFAULT_MIN_FREQUENCY, max_memory: int | None = None) -> None:
     """A SettingError (or, for the pattern, a ValueError) for settings ``train`` would refuse, so that a
     caller can check them before reading any text."""
     minimum = 256 + len(dict.fromkeys(special_tokens))
@@ -218,6 +131,8 @@ def check_train_settings(vocab_size: int, special_tokens: Sequence[str], pattern
         raise SettingError("min_frequency", f"{{min_frequency}} must be at least 1, got {min_frequency}")
     if any(not isinstance(t, str) or not t for t in special_tokens):
         raise SettingError("special", "{special} needs a non-empty token")
+    if max_memory is not None and (not isinstance(max_memory, int) or isinstance(max_memory, bool) or max_memory <= 0):
+        raise SettingError("max_memory", f"{{max_memory}} must be a positive number of bytes, got {max_memory!r}")
     resolve_pattern(pattern)
 
 
@@ -237,17 +152,41 @@ def _build(merges, pattern, special_tokens, vocab_size, min_frequency) -> BPETok
     return tok
 
 
-def _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency, progress, workers) -> BPETokenizer:
+def _drain_encoded(counts: dict[str, int]) -> Iterator[tuple[bytes, int]]:
+    """(UTF-8 bytes, count) of each piece, emptying ``counts`` as it goes (its strings are freed while
+    the flat arrays of the merge phase are built; the order of the pieces changes no merge)."""
+    while counts:
+        piece, n = counts.popitem()
+        yield piece.encode("utf-8"), n
+
+
+def _plan(vocab_size, pattern, special_tokens, min_frequency, workers, max_memory) -> MemoryPlan | None:
+    """Every setting checked (the budget too) before any text is read or any progress bar shown."""
+    check_train_settings(vocab_size, special_tokens, pattern, min_frequency, max_memory)
+    return None if max_memory is None else plan_memory(max_memory, workers or os.cpu_count() or 1)
+
+
+def _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency, progress, workers,
+                     max_memory=None, spill_dir=None, budget=None) -> BPETokenizer:
     special_tokens = tuple(dict.fromkeys(special_tokens))
-    check_train_settings(vocab_size, special_tokens, pattern, min_frequency)
-    counts = count_pieces(chunks, pattern, special_tokens, workers)
-    if not counts:
-        raise ValueError("the corpus is empty: no text to train on")
-    piece_counts: Counter = Counter()
-    for piece, n in counts.items():
-        piece_counts[piece.encode("utf-8")] += n
     n_merges = vocab_size - 256 - len(special_tokens)
-    merges = learn_merges(piece_counts, n_merges, min_frequency=min_frequency, progress=progress)
+    if max_memory is None:
+        counts = count_pieces(chunks, pattern, special_tokens, workers)
+        if not counts:
+            raise ValueError("the corpus is empty: no text to train on")
+        merges = learn_merges(_drain_encoded(counts), n_merges, min_frequency=min_frequency, progress=progress)
+        return _build(merges, pattern, special_tokens, vocab_size, min_frequency)
+    with PieceSpill(budget.counts, spill_dir) as spill:
+        counts = count_pieces(chunks, pattern, special_tokens, budget.workers, spill)
+        if not counts and not spill.runs:
+            raise ValueError("the corpus is empty: no text to train on")
+        items = spill.merged(counts, progress) if spill.runs else _drain_encoded(counts)
+        release_free_memory()
+        try:
+            merges = learn_merges(items, n_merges, min_frequency=min_frequency, progress=progress, max_bytes=budget.merges)
+        except MemoryBudgetError as e:
+            raise SettingError("max_memory", f"{{max_memory}} {max_memory / 1e6:.0f} MB is too small: {e}; "
+                               f"give at least {(e.needed + max_memory - budget.merges) / 1e6:.0f} MB") from None
     return _build(merges, pattern, special_tokens, vocab_size, min_frequency)
 
 
@@ -260,18 +199,23 @@ def train_from_iterator(
     min_frequency: int = DEFAULT_MIN_FREQUENCY,
     progress: bool = False,
     workers: int | None = None,
+    max_memory: int | None = None,
+    spill_dir: str | os.PathLike | None = None,
 ) -> BPETokenizer:
     """Train a byte-level BPE tokenizer on ``texts`` (each one a document). ``vocab_size`` counts
-    the 256 bytes, the merges and the special tokens (which get the last ids)."""
+    the 256 bytes, the merges and the special tokens (which get the last ids). ``max_memory``: a
+    budget in bytes for this process and its workers, see ``train``."""
     if isinstance(texts, str):
         texts = [texts]
+    budget = _plan(vocab_size, pattern, special_tokens, min_frequency, workers, max_memory)
     if progress:
         from tqdm import tqdm
 
         texts = tqdm(texts, desc="bpe: reading", unit=" texts", leave=False)
     pattern = resolve_pattern(pattern)
     chunks = (c for text in texts for c in _safe_chunks([text], pattern))
-    return _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency, progress, workers)
+    return _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency, progress, workers,
+                            max_memory, spill_dir, budget)
 
 
 def train(
@@ -284,9 +228,14 @@ def train(
     errors: str = "strict",
     progress: bool = True,
     workers: int | None = None,
+    max_memory: int | None = None,
+    spill_dir: str | os.PathLike | None = None,
 ) -> BPETokenizer:
     """Train on text files (UTF-8; ``errors="replace"`` substitutes invalid bytes), read in blocks.
-    ``workers``: pre-tokenization processes; default all cores, or 1 for corpora under 4 MB."""
+    ``workers``: pre-tokenization processes; default all cores, or 1 for corpora under 4 MB.
+    ``max_memory``: a budget in bytes for the resident memory of this process and its workers; piece
+    counts that outgrow it are spilled to disk under ``spill_dir`` (default $TMPDIR) and merged at the
+    end (spill.py says how much disk that takes), for exactly the tokenizer of an unbounded run."""
     if isinstance(files, (str, os.PathLike)):
         files = [files]
     if not files:
@@ -296,6 +245,7 @@ def train(
     total_bytes = sum(p.stat().st_size for p in paths)
     if workers is None and total_bytes < _PARALLEL_MIN_BYTES:
         workers = 1
+    budget = _plan(vocab_size, pattern, special_tokens, min_frequency, workers, max_memory)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -304,7 +254,8 @@ def train(
     pattern = resolve_pattern(pattern)
     chunks = (c for p in paths for c in _safe_chunks(read_text_blocks(p, errors, bar), pattern))
     try:
-        return _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency, progress, workers)
+        return _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency, progress, workers,
+                                max_memory, spill_dir, budget)
     finally:
         if bar is not None:
             bar.close()

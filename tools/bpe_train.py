@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
+import re
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from tokenizers_bpe import TOKENIZER_FILE, Tokenizer, train, train_char, train_from_iterator
+from tokenizers_bpe import TOKENIZER_FILE, Tokenizer, load, train, train_char, train_from_iterator
+from tokenizers_bpe.membudget import current_rss
 from tokenizers_bpe.fileio import check_text_file, iter_file_texts
 from tokenizers_bpe.patterns import PATTERNS
 from tokenizers_bpe.tokenizer import TOKENIZER_STAMP
@@ -26,6 +31,7 @@ EXAMPLES = """examples:
   bpe-train --builtin shakespeare --vocab-size 4096 -o tokenizer.json   (also: no FILE at all)
   bpe-train a.txt b.txt --pattern gpt4 --special '<|endoftext|>' --special '<|pad|>'
   bpe-train input.txt --char -o chars.json
+  bpe-train big/*.txt --vocab-size 32768 --max-memory 2GB   (any corpus size in a fixed budget)
 
 Training is deterministic: the same input and arguments give a byte-identical file. Ties between
 pairs with equal counts go to the smallest (left id, right id); see tokenizers_bpe/trainer.py."""
@@ -44,9 +50,29 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--char", action="store_true", help="a character-level tokenizer (one id per character) instead of BPE")
     p.add_argument("--errors", choices=("strict", "replace"), default="strict", help="invalid UTF-8: fail, or replace with U+FFFD")
     p.add_argument("--workers", type=int, help="pre-tokenization processes (default: all cores; 1 for files under 4 MB)")
+    p.add_argument("--max-memory", type=memory_size, metavar="SIZE",
+                   help="keep the resident memory of training (workers included) under SIZE (e.g. 256MB, 2GB, 512MiB): "
+                        "piece counts that outgrow it are spilled to $TMPDIR (at most about 1.5x the corpus, usually "
+                        "far less) and merged at the end; the tokenizer is the same byte for byte")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_seed_argument(p, help_text="accepted like every command's --seed; training has no randomness, so any seed gives the same file")
     return p
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def memory_size(text: str) -> int:
+    """An argparse type: a size in bytes, as a number with an optional unit (256MB, 1.5GB, 512MiB)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", text)
+    unit = m and m.group(2).upper()
+    if not m or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"must be a size such as 256MB, 2GB or 512MiB, got {text!r}")
+    size = int(float(m.group(1)) * _UNITS[unit])
+    if not 0 < size < 2**62:
+        raise argparse.ArgumentTypeError(f"must be a size above 0 and below 4 EB, got {text!r}")
+    return size
 
 
 @dataclass
@@ -62,6 +88,7 @@ class TokenizerRecipe:
     char: bool = False
     errors: str = "strict"
     workers: int | None = None
+    max_memory: int | None = None
 
     @property
     def corpus(self) -> str | None:
@@ -78,13 +105,17 @@ class TokenizerRecipe:
             raise CLIError("give corpus files or --builtin, not both")
         if self.workers is not None and self.workers < 1:
             raise CLIError(f"--workers must be at least 1, got {self.workers}")
+        if self.char and self.max_memory is not None:
+            raise CLIError("--max-memory bounds BPE training; a --char tokenizer needs no budget: drop one of them")
         for name in self.files:
             check_text_file(name)
         check_train_settings(self.vocab_size if not self.char else 256 + len(self.specials), self.specials,
-                             self.pattern, self.min_frequency)
+                             self.pattern, self.min_frequency, self.max_memory)
 
     def train(self, progress: bool) -> tuple[Tokenizer, list[str]]:
         """The tokenizer, and the warnings of training (e.g. a vocabulary the corpus cannot fill)."""
+        if self.max_memory is not None and current_rss() > self.max_memory // 4:
+            return self._train_in_fresh_process(progress), []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             builtin = self.corpus
@@ -93,12 +124,29 @@ class TokenizerRecipe:
                 tok: Tokenizer = train_char(texts, special_tokens=self.specials)
             else:
                 options = dict(pattern=self.pattern, special_tokens=self.specials, min_frequency=self.min_frequency,
-                               progress=progress, workers=self.workers)
+                               progress=progress, workers=self.workers, max_memory=self.max_memory)
                 if builtin:
                     tok = train_from_iterator(iter_builtin_texts(builtin), self.vocab_size, **options)
                 else:
                     tok = train(self.files, self.vocab_size, errors=self.errors, **options)
         return tok, [str(w.message) for w in caught]
+
+    def _train_in_fresh_process(self, progress: bool) -> Tokenizer:
+        """bpe-train in a fresh interpreter: a budget bounds the training's processes, and this one (gpt-train,
+        which holds torch) alone may take more than that. Its warnings and bars go to stderr as they come."""
+        args = [*self.files] if self.files else ["--builtin", self.corpus]
+        args += ["--vocab-size", str(self.vocab_size), "--pattern", self.pattern, "--min-frequency", str(self.min_frequency),
+                 "--errors", self.errors, "--max-memory", str(self.max_memory)]
+        args += [f"--special={t}" for t in self.specials] or ["--no-special"]
+        args += ([] if self.workers is None else ["--workers", str(self.workers)]) + ([] if progress else ["--quiet"])
+        with tempfile.TemporaryDirectory(prefix="bpe-train-") as tmp:
+            out = Path(tmp) / TOKENIZER_FILE
+            done = subprocess.run([sys.executable, "-m", "tools.bpe_train", *args, "-o", str(out)], stdout=subprocess.DEVNULL)
+            if done.returncode == 130:
+                raise KeyboardInterrupt
+            if done.returncode:
+                raise CLIError(f"training the tokenizer failed (bpe-train exit {done.returncode}, its message above)")
+            return load(out)
 
 
 @command(PROG, text_hint="fix the file or pass --errors replace to substitute U+FFFD")
@@ -110,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise CLIError(f"--min-frequency must be at least 1, got {args.min_frequency}")
     specials = () if args.no_special else tuple(args.special or DEFAULT_SPECIAL_TOKENS)
     recipe = TokenizerRecipe(args.files, args.builtin, args.vocab_size, args.pattern, specials, args.min_frequency, args.char,
-                             args.errors, args.workers)
+                             args.errors, args.workers, args.max_memory)
     recipe.check()
     if Path(args.output).is_dir():
         raise CLIError(f"-o {args.output}: is a directory; give a file name such as {Path(args.output) / TOKENIZER_FILE}")

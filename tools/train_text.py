@@ -23,8 +23,8 @@ from tools.cli import CLIError
 from tools.prepare import DataPlan, plan_data, prepare, tokenizer_pattern
 
 DATA_DIR = "data"  # RUN_DIR/data: the prepared text
-TOKENIZER_OPTIONS = ("vocab_size", "pattern", "special", "char", "min_frequency")  # what trains the tokenizer
-TEXT_OPTIONS = ("files", "builtin", "val_fraction", "append_eot", "pattern", "special", "char", "min_frequency")
+TOKENIZER_OPTIONS = ("vocab_size", "pattern", "special", "char", "min_frequency", "max_memory")  # what trains the tokenizer
+TEXT_OPTIONS = ("files", "builtin", "val_fraction", "append_eot", "pattern", "special", "char", "min_frequency", "max_memory")
 DEFAULT_VAL_FRACTION = 0.1
 
 
@@ -96,7 +96,8 @@ def plan_text_stages(opts: dict, out: Path) -> TextStages:
             raise CLIError("--init-from needs the tokenizer of that checkpoint: give --tokenizer CHECKPOINT/tokenizer.json")
         specials = tuple(opts["special"] or DEFAULT_SPECIAL_TOKENS)
         recipe = TokenizerRecipe(files, builtin, opts["vocab_size"] or DEFAULT_VOCAB_SIZE, opts["pattern"] or "gpt2", specials,
-                                 opts["min_frequency"] or DEFAULT_MIN_FREQUENCY, bool(opts["char"]))
+                                 opts["min_frequency"] or DEFAULT_MIN_FREQUENCY, bool(opts["char"]),
+                                 max_memory=opts["max_memory"])
         recipe.check()
         tokenizer_path = out / TOKENIZER_FILE
         pattern, has_eot = (None if recipe.char else resolve_pattern(recipe.pattern)), ENDOFTEXT in specials

@@ -20,6 +20,7 @@ from gpt.trainer import Trainer, TrainingDiverged
 from gpt2_kernels import BACKENDS
 from tokenizers_bpe.errors import NoSpaceError, OutputError, SettingError
 from tokenizers_bpe.fileio import check_replaceable, free_bytes
+from tools.bpe_train import memory_size
 from tools.cli import CLIError, ExitCode, choice, device_name, flag, integer, number, parse_bool, pattern_argument
 from tools.corpus import BUILTIN_CORPORA
 
@@ -43,6 +44,7 @@ def option_table() -> list[tuple[str, Any, Any, str]]:
         ("special", list, None, "with FILEs: a special token of the tokenizer (repeatable; default <|endoftext|>)"),
         ("char", parse_bool, None, "with FILEs: a character-level tokenizer instead of BPE"),
         ("min_frequency", integer(1), None, "with FILEs: stop merging when the best pair occurs fewer times (default 1)"),
+        ("max_memory", memory_size, None, "with FILEs: bpe-train's --max-memory for the tokenizer (e.g. 256MB): counts spilled to $TMPDIR"),
         ("val_fraction", number(0, 1, low_open=True, high_open=True), None, "with FILEs: the share of the text (its end) held out for validation (default 0.1)"),
         ("append_eot", parse_bool, None, "with FILEs: an <|endoftext|> token after every document"),
         ("preset", choice(*PRESETS), DEFAULT_PRESET, "model size (gpt.config.PRESETS); the shape options below override it"),

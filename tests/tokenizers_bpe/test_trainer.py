@@ -12,6 +12,8 @@ import tokenizers_bpe
 from tokenizers_bpe.patterns import compile_pattern, resolve_pattern
 from tokenizers_bpe.trainer import _safe_chunks, count_pieces, learn_merges
 
+from .reference_merges import learn_merges as word_list_merges
+
 
 def reference_merges(piece_counts: dict[bytes, int], n_merges: int, min_frequency: int = 1, stats=None):
     """Textbook BPE, recounting every pair from scratch for every merge. The rules it spells out
@@ -79,6 +81,18 @@ def test_incremental_trainer_matches_reference(name):
 def test_incremental_trainer_matches_reference_on_shakespeare(play_text):
     pieces = pieces_of(play_text[:12000], "gpt4")
     assert learn_merges(pieces, 150) == reference_merges(pieces, 150)
+
+
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
+@pytest.mark.parametrize("min_frequency", [1, 2, 5])
+def test_flat_array_trainer_matches_the_word_list_trainer_it_replaced(shared_file, play_text, pattern, min_frequency):
+    """Merge for merge what the previous implementation (reference_merges.py, kept verbatim) learned."""
+    shakespeare = shared_file("tinyshakespeare.txt").read_text(encoding="utf-8")
+    for text in (shakespeare[:400_000], play_text, CORPORA["repeats"] * 20 + CORPORA["unicode"]):
+        pieces = pieces_of(text, pattern)
+        expected = word_list_merges(dict(pieces), 2000, min_frequency=min_frequency)
+        assert learn_merges(pieces, 2000, min_frequency=min_frequency) == expected
+        assert learn_merges(list(pieces.items())[::-1], 2000, min_frequency=min_frequency) == expected  # order-free
 
 
 def test_reference_corpora_exercise_the_tie_break():

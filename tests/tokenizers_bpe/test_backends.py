@@ -1,0 +1,132 @@
+"""The two encoders give the same ids: tiktoken's core (the default) and the pure-Python reference
+(tokenizers_bpe.pybpe, the fallback for a pattern tiktoken cannot compile); long pieces in both."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tokenizers_bpe
+from tokenizers_bpe import BPETokenizer
+from tokenizers_bpe.pybpe import _LONG_PIECE, _encode_long_piece, encode_piece
+
+from .test_encoding import any_text, generated_texts
+
+# any code point, lone surrogates included (hypothesis's character strategies leave them out)
+unicode_with_surrogates = st.lists(st.one_of(st.characters(), st.integers(0xD800, 0xDFFF).map(chr)), max_size=200).map("".join)
+
+
+def python_twin(tok: BPETokenizer) -> BPETokenizer:
+    return BPETokenizer(tok.mergeable_ranks, tok.pattern, tok.special_tokens, backend="python")
+
+
+@pytest.fixture(scope="module")
+def trained_gpt4(play_text):
+    return tokenizers_bpe.train_from_iterator([play_text], 1024, pattern="gpt4", workers=1)
+
+
+@pytest.fixture(scope="module")
+def tokenizers(gpt2, cl100k, trained, trained_gpt4):
+    """name -> (the tokenizer as loaded, which encodes through tiktoken; its pure-Python twin)."""
+    toks = {"gpt2": gpt2, "cl100k": cl100k, "trained-gpt2": trained, "trained-gpt4": trained_gpt4}
+    for tok in toks.values():
+        assert tok.backend == "tiktoken"
+    return {name: (tok, python_twin(tok)) for name, tok in toks.items()}
+
+
+NAMES = ["gpt2", "cl100k", "trained-gpt2", "trained-gpt4"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ids_identical_on_shared_corpora(name, tokenizers, shared_file):
+    fast, reference = tokenizers[name]
+    shakespeare = shared_file("tinyshakespeare.txt").read_text(encoding="utf-8")
+    instruct = json.dumps(json.loads(shared_file("instruct/instruction-data.json").read_text(encoding="utf-8"))[:300],
+                          ensure_ascii=False, indent=1)
+    for text in (shakespeare[:300_000], instruct, *generated_texts(20)):
+        assert fast.encode(text, disallowed_special=()) == reference.encode(text, disallowed_special=())
+
+
+@pytest.mark.parametrize("name", NAMES)
+@settings(max_examples=40, deadline=None)
+@given(text=st.one_of(any_text, unicode_with_surrogates))
+def test_ids_identical_on_random_unicode(name, tokenizers, text):
+    fast, reference = tokenizers[name]
+    assert fast.encode_ordinary(text) == reference.encode_ordinary(text)
+    assert fast.encode(text, allowed_special="all") == reference.encode(text, allowed_special="all")
+
+
+def test_lone_surrogates_are_replaced_the_same_way_by_both(tokenizers, tiktoken_encoding):
+    fast, reference = tokenizers["gpt2"]
+    text = "ab\ud800cd\udfff"
+    assert fast.encode(text) == reference.encode(text) == tiktoken_encoding("gpt2").encode(text)
+    assert fast.decode(fast.encode(text)) == "ab\ufffdcd\ufffd"
+
+
+@pytest.mark.parametrize("char", ["^", "a", "1", " ", "é", "🎉"])
+def test_a_long_run_of_one_character_is_fast_on_both_paths(tokenizers, char):
+    fast, reference = tokenizers["gpt2"]
+    start = time.perf_counter()
+    ids = fast.encode_ordinary(char * 10**6)  # tiktoken issue 245: it once panicked on "^" * 10**6
+    assert time.perf_counter() - start < 20
+    start = time.perf_counter()
+    assert reference.encode_ordinary(char * 100_000) == fast.encode_ordinary(char * 100_000)
+    assert time.perf_counter() - start < 20  # quadratic, this was minutes
+    assert fast.decode(ids) == char * 10**6
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_the_long_piece_merge_equals_the_short_one(tokenizers, data):
+    """The heap + linked list of long pieces picks the same merges as the rescanning list."""
+    ranks = tokenizers[data.draw(st.sampled_from(NAMES))][0].mergeable_ranks
+    alphabet = data.draw(st.sampled_from([b"ab", b"abc de", b" \n\t", b"ab\xc3\xa9 1", bytes(range(256))]))
+    piece = bytes(data.draw(st.lists(st.sampled_from(alphabet), min_size=2, max_size=_LONG_PIECE - 1)))
+    assert _encode_long_piece(ranks, piece) == encode_piece(ranks, piece)
+
+
+def test_bpe_encode_counts_a_one_megabyte_piece_within_seconds(monkeypatch, capsys, tmp_path, gpt2):
+    from tools import bpe_encode
+
+    path = tmp_path / "tokenizer.json"
+    gpt2.save(path)
+    rng = random.Random(0)
+    piece = "".join(rng.choice("abcdefghij") for _ in range(1 << 20))  # one word, no break
+    monkeypatch.setattr("sys.stdin", io.StringIO(piece))
+    start = time.perf_counter()
+    assert bpe_encode.main(["--count", "-t", str(path), "-"]) == 0
+    assert time.perf_counter() - start < 30
+    assert int(capsys.readouterr().out) == len(gpt2.encode_ordinary(piece))
+
+
+def test_a_pattern_tiktoken_cannot_compile_falls_back_with_one_warning(gpt2, caplog):
+    pattern = r"\X|\s+|[^\S\s]{0}x7"  # \X (a grapheme) is the `regex` module's, not fancy-regex's
+    with caplog.at_level(logging.WARNING, logger="tokenizers_bpe"):
+        toks = [BPETokenizer(gpt2.mergeable_ranks, pattern) for _ in range(2)]
+        ids = [tok.encode("héllo wörld") for tok in toks]
+    assert [tok.backend for tok in toks] == ["python", "python"]
+    assert ids[0] == ids[1] and toks[0].decode(ids[0]) == "héllo wörld"
+    warnings = [r for r in caplog.records if "cannot compile" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    with pytest.raises(ValueError, match="tiktoken cannot encode"):
+        BPETokenizer(gpt2.mergeable_ranks, pattern, backend="tiktoken").encode("x")
+    with pytest.raises(ValueError, match="backend must be"):
+        BPETokenizer(gpt2.mergeable_ranks, backend="rust")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "trained-gpt4"])
+def test_encode_batch_is_encode_on_both_paths(tokenizers, name):
+    fast, reference = tokenizers[name]
+    texts = [*generated_texts(30, seed=3), "a<|endoftext|>b", ""]
+    for tok in (fast, reference):
+        assert tok.encode_batch(texts, num_threads=2, disallowed_special=()) == [reference.encode(t, disallowed_special=()) for t in texts]
+        assert tok.encode_batch(texts, num_threads=2, allowed_special="all") == [reference.encode(t, allowed_special="all") for t in texts]
+    with pytest.raises(ValueError, match="disallowed"):
+        fast.encode_batch(texts, num_threads=2)

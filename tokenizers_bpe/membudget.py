@@ -1,0 +1,64 @@
+"""How a memory budget for BPE training (``train(..., max_memory=...)``) is shared out.
+
+The budget bounds the resident memory of the training process and its worker processes together
+(each forked worker counts the pages it shares with its parent too, as RSS sums them). Counting gets
+what is left after the interpreter as it stands now, once per process, and each worker's work on a
+chunk; the piece counts are spilled to disk (spill.py) when they outgrow their share. The merge phase
+runs after the workers are gone and gets the budget less the interpreter.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+from dataclasses import dataclass
+
+from .errors import SettingError
+
+MB = 1 << 20
+WORKER_WORK = 40 * MB  # a worker's chunk: its pieces as strings, their Counter, the pickled result
+IN_FLIGHT = 16 * MB  # a worker's result waiting in the parent
+MIN_COUNTS = 16 * MB  # below this, counting would spill every few chunks
+SAFETY = 0.85  # of the budget actually planned for (allocator slack, estimates)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    workers: int  # pre-tokenization processes (fewer than asked where their share would not fit)
+    counts: int  # bytes the piece counts may take before they are spilled
+    merges: int  # bytes the merge phase may take
+
+
+def current_rss() -> int:
+    """This process's resident memory now (Linux /proc), or its peak where /proc is absent."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def plan_memory(max_memory: int, workers: int) -> MemoryPlan:
+    """The shares of ``max_memory`` bytes, or a SettingError naming max_memory if it cannot hold one
+    process counting."""
+    base = current_rss()
+    usable = int(max_memory * SAFETY) - base
+    for w in range(max(1, workers), 0, -1):
+        extra = 0 if w == 1 else w * (base + WORKER_WORK + IN_FLIGHT)
+        counts = usable - extra - (WORKER_WORK if w == 1 else 0)
+        if counts >= MIN_COUNTS:
+            return MemoryPlan(w, counts, usable)
+    needed = (base + WORKER_WORK + MIN_COUNTS) / SAFETY
+    raise SettingError("max_memory", f"{{max_memory}} {max_memory / 1e6:.0f} MB is too small to train in: this "
+                                     f"process alone takes {base / 1e6:.0f} MB; give at least {needed / 1e6:.0f} MB")
+
+
+def release_free_memory() -> None:
+    """Hand memory freed by the counting phase back to the system (glibc keeps it otherwise), so that
+    the merge phase's arrays do not come on top of it. (The C library is looked up among the symbols
+    already loaded: ctypes.util.find_library would fork a helper the size of this process.)"""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass

@@ -1,0 +1,223 @@
+"""The merge phase of BPE training, on flat arrays.
+
+Every distinct piece (with its count) is laid end to end in one array of token ids, one slot per
+byte, with a doubly linked list (``nxt``/``prv``, -1 at a piece's ends) over the slots still alive: a
+merge writes the new id into the left slot, unlinks the right one and marks it dead (-1). An index maps
+each adjacent pair to the slots where it starts (compact ``array('i')``s, appended to as merges make
+new pairs; an entry goes stale when its slot changes and is skipped when read). Pair counts (weighted
+by piece counts) live in a dict and a max-heap of (count, pair); counts of existing pairs only drop,
+so stale heap entries are fixed lazily: a popped entry whose count is out of date is pushed back with
+the current count. The initial counts and index are built with numpy (a sort of all pair keys).
+
+A merge costs O(its occurrences), never a rescan of the pieces holding them. The result is exactly
+that of the word-list algorithm it replaced, tie-break included (see trainer.py's docstring):
+tests/tokenizers_bpe/test_trainer.py compares the two on several corpora and settings.
+"""
+
+from __future__ import annotations
+
+import heapq
+from array import array
+from collections import defaultdict
+from typing import TYPE_CHECKING, Iterable
+
+if TYPE_CHECKING:
+    import numpy as np
+
+DEFAULT_MIN_FREQUENCY = 1
+BYTES_PER_SLOT = 48  # peak memory of the merge phase per byte of the distinct pieces (arrays, index, pairs)
+_INDEX_BLOCK = 1 << 20  # slots indexed per numpy sort
+
+
+class MemoryBudgetError(MemoryError):
+    """The merge phase would need more memory than the budget allows."""
+
+    def __init__(self, needed: int, budget: int):
+        self.needed, self.budget = needed, budget
+        super().__init__(f"the merge phase needs about {needed / 1e6:.0f} MB for the distinct pieces of this corpus, "
+                         f"more than the {budget / 1e6:.0f} MB left of the memory budget")
+
+
+def _flat_pieces(piece_counts: Iterable[tuple[bytes, int]]):
+    """(ids as int32, piece lengths, piece counts) of the pieces longer than one byte (a single byte
+    has no pair and never changes), gathered without a Python object per piece."""
+    import numpy as np  # here, not at the top: forked counting workers then never map numpy (14 MB each)
+
+    buf, lengths, counts = bytearray(), array("q"), array("q")
+    for piece, n in piece_counts:
+        if len(piece) > 1:
+            buf += piece
+            lengths.append(len(piece))
+            counts.append(n)
+    ids = np.frombuffer(buf, dtype=np.uint8).astype(np.int32)
+    del buf
+    return ids, np.frombuffer(lengths, dtype=np.int64), np.frombuffer(counts, dtype=np.int64)
+
+
+def _to_array(a: np.ndarray, typecode: str = "i") -> array:
+    import numpy as np
+
+    out = array(typecode)
+    out.frombytes(np.ascontiguousarray(a, dtype=np.dtype(typecode)).tobytes())
+    return out
+
+
+def _index_pairs(ids: np.ndarray, last: np.ndarray, freq: np.ndarray, M: int):
+    """The count of each adjacent pair (key left * M + right) and the ascending slots where it starts,
+    built a block of slots at a time so that the sort's temporaries stay small."""
+    import numpy as np
+
+    pair_counts: dict[int, int] = {}
+    where: defaultdict[int, array] = defaultdict(lambda: array("i"))
+    n = len(ids)
+    key_type = np.int32 if M * M < 2**31 else np.int64
+    for lo in range(0, n - 1, _INDEX_BLOCK):
+        hi = min(lo + _INDEX_BLOCK, n - 1)
+        slots = lo + np.flatnonzero(~last[lo:hi])
+        keys = ids[slots].astype(key_type) * M + ids[slots + 1]
+        order = np.argsort(keys, kind="stable")  # stable: each pair's slots stay ascending
+        keys, slots = keys[order], slots[order].astype(np.int32)
+        del order
+        bounds = np.flatnonzero(np.diff(keys)) + 1
+        starts = np.concatenate(([0], bounds))
+        totals = np.add.reduceat(freq[slots], starts).tolist() if len(keys) else []
+        get = pair_counts.get
+        for key, total, group in zip(keys[starts].tolist(), totals, np.split(slots, bounds)):
+            pair_counts[key] = get(key, 0) + total
+            where[key].frombytes(group.tobytes())
+    return pair_counts, where
+
+
+def learn_merges(
+    piece_counts: dict[bytes, int] | Iterable[tuple[bytes, int]],
+    n_merges: int,
+    *,
+    min_frequency: int = DEFAULT_MIN_FREQUENCY,
+    progress: bool = False,
+    max_bytes: int | None = None,
+) -> list[tuple[int, int]]:
+    """Up to ``n_merges`` merges (left id, right id) learned from pieces (bytes -> count, or (bytes,
+    count) pairs with each piece once). Merge n creates token 256+n. See the module docstring for the
+    algorithm and trainer.py's for the tie-break. ``max_bytes``: a MemoryBudgetError, before the
+    arrays are built, if they would need more (an estimate of BYTES_PER_SLOT per byte of the pieces)."""
+    import numpy as np
+
+    M = 256 + n_merges  # pair key = left * M + right: an int whose order is (left, right)'s
+    items = piece_counts.items() if isinstance(piece_counts, dict) else piece_counts
+    ids_np, lengths, counts = _flat_pieces(items)
+    n = len(ids_np)
+    if n >= 2**31 - 1:
+        raise ValueError(f"the distinct pieces hold {n} bytes; at most 2**31 - 2 are supported")
+    if max_bytes is not None and n * BYTES_PER_SLOT > max_bytes:
+        raise MemoryBudgetError(n * BYTES_PER_SLOT, max_bytes)
+    ends = np.cumsum(lengths) - 1
+    last = np.zeros(n, dtype=bool)  # the last slot of each piece
+    last[ends] = True
+    freq_type = "i" if not len(counts) or counts.max() < 2**31 else "q"
+    freq_np = np.repeat(counts, lengths).astype(np.dtype(freq_type))
+    del counts
+    pair_counts, where = _index_pairs(ids_np, last, freq_np, M)
+    nxt_np = np.arange(1, n + 1, dtype=np.int32)
+    nxt_np[ends] = -1
+    ids, nxt = _to_array(ids_np), _to_array(nxt_np)
+    del nxt_np
+    prv_np = np.arange(-1, n - 1, dtype=np.int32)
+    prv_np[ends[:-1] + 1] = -1
+    prv = _to_array(prv_np)
+    freq = _to_array(freq_np, freq_type)
+    del ids_np, prv_np, freq_np, lengths, last, ends
+
+    heap = [(-c, key) for key, c in pair_counts.items()]
+    heapq.heapify(heap)
+    vocab = [bytes([i]) for i in range(256)]
+    known = set(vocab)
+    merges: list[tuple[int, int]] = []
+    bar = _progress_bar(n_merges, progress)
+    heappop, heappush = heapq.heappop, heapq.heappush
+    while len(merges) < n_merges and heap:
+        neg, key = heappop(heap)
+        count = pair_counts.get(key, 0)
+        if count != -neg:  # stale: the count dropped since this entry was pushed
+            if count > 0:
+                heappush(heap, (-count, key))
+            continue
+        if count < min_frequency:
+            break
+        a, b = divmod(key, M)
+        new_bytes = vocab[a] + vocab[b]
+        if new_bytes in known:  # same bytes as an existing token: skip this pair for good
+            del pair_counts[key]
+            continue
+        X = len(vocab)
+        vocab.append(new_bytes)
+        known.add(new_bytes)
+        merges.append((a, b))
+        if bar is not None and not len(merges) & 63:
+            bar.update(64)
+
+        fresh: defaultdict[int, int] = defaultdict(int)  # counts of the new pairs (all contain X)
+        fresh_at: defaultdict[int, list] = defaultdict(list)
+        # Occurrences are taken left to right, as the order of the neighbours' updates requires: every
+        # index list is ascending (built sorted; a pair is only ever made by one merge, that of its
+        # newer token, which appends its slots in the ascending order it takes them in).
+        for p in where.pop(key):
+            if ids[p] != a:  # stale: the slot was merged or absorbed since
+                continue
+            q = nxt[p]
+            if q < 0 or ids[q] != b:
+                continue
+            f = freq[p]
+            left_slot = prv[p]
+            if left_slot >= 0:
+                left = ids[left_slot]
+                if left != X:  # (left, a) is gone; if left is X, the previous merge removed (b, a)
+                    k = left * M + a
+                    c = pair_counts[k] - f
+                    if c:
+                        pair_counts[k] = c
+                    elif k != key:  # a pair no longer anywhere: forget it (its heap entries go stale)
+                        del pair_counts[k]
+                        where.pop(k, None)
+                    else:
+                        pair_counts[k] = 0
+                k = left * M + X
+                fresh[k] += f
+                fresh_at[k].append(left_slot)
+            r = nxt[q]
+            if r >= 0:
+                right = ids[r]
+                k = b * M + right
+                c = pair_counts[k] - f
+                if c:
+                    pair_counts[k] = c
+                elif k != key:
+                    del pair_counts[k]
+                    where.pop(k, None)
+                else:
+                    pair_counts[k] = 0
+                r2 = nxt[r]
+                if not (right == a and r2 >= 0 and ids[r2] == b):  # else (X, X) is added next
+                    k = X * M + right
+                    fresh[k] += f
+                    fresh_at[k].append(p)
+                prv[r] = p
+            ids[p] = X
+            nxt[p] = r
+            ids[q] = -1
+        del pair_counts[key]
+        pair_counts.update(fresh)  # new pairs only ever grow during their own merge: push them once, final
+        for k, c in fresh.items():
+            heappush(heap, (-c, k))
+            where[k].extend(fresh_at[k])
+    if bar is not None:
+        bar.update(len(merges) - bar.n)
+        bar.close()
+    return merges
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=" merges", desc="bpe: merges", dynamic_ncols=True, leave=False)
