@@ -60,7 +60,7 @@ class OutputLock:
                     return holder
             except FileNotFoundError:
                 return None
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                 pass
             time.sleep(0.05)
         return {}  # unreadable: left by a writer killed while writing it

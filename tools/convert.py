@@ -39,7 +39,7 @@ from gpt.config import GPTConfig
 from gpt.device import dtype_name
 from gpt.lora import merge_lora
 from gpt.model import GPT
-from tokenizers_bpe.fileio import Stamp, atomic_directory, format_stamp, read_json
+from tokenizers_bpe.fileio import Stamp, atomic_directory, format_stamp, read_json, resolve_path
 from tools.cli import ArgumentParser, CLIError, command
 from tools.models import model_argument
 from tools.outputs import check_output
@@ -352,7 +352,7 @@ def merge_checkpoint(src: Path, out: Path) -> None:
     model = GPT.from_pretrained(src)
     if getattr(model, "lora_config", None) is None:
         raise ValueError(f"{src}: this checkpoint has no LoRA adapters (no \"lora\" section in config.json); nothing to merge")
-    if src.resolve() == out.resolve():
+    if resolve_path(src) == resolve_path(out):
         raise ValueError(f"OUT must differ from SRC ({src}); the merged model is a new checkpoint")
     merge_lora(model)
     with atomic_directory(out, CHECKPOINT_STAMP) as tmp:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 import tokenizers_bpe
 from gpt.data import DATA_STAMP, META_FILE, SPLITS, DataMeta, SplitInfo, token_dtype
 from tokenizers_bpe import TOKENIZER_FILE, BPETokenizer, UnknownCharacterError
-from tokenizers_bpe.fileio import atomic_directory, atomic_write, check_text_file, read_file_blocks
+from tokenizers_bpe.fileio import atomic_directory, atomic_write, check_text_file, read_file_blocks, resolve_path
 from tokenizers_bpe.patterns import CHUNK_CUT_LOOKAHEAD, CHUNK_CUT_LOOKBEHIND, chunk_cut_regex, chunk_cut_rule
 from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_tokenizer_arguments, command, integer, number
 from tools.corpus import BUILTIN_CORPORA, plays
@@ -190,7 +190,7 @@ def plan_data(files: Sequence[str], builtin: str | None, pattern: str | None, *,
     """Every check of the input before any encoding: the files (readable, UTF-8), and a train/val cut
     that leaves neither split empty for a tokenizer with ``pattern`` (None: char-level)."""
     docs = documents(files, builtin)
-    sources = [{"path": str(Path(f).resolve()), "bytes": Path(f).stat().st_size} for f in files]
+    sources = [{"path": str(resolve_path(f)), "bytes": Path(f).stat().st_size} for f in files]
     if builtin:
         sources.append({"builtin": builtin, "bytes": sum(d.bytes for d in docs if d.name.startswith("builtin:"))})
     chunk_bytes = max(1, int(chunk_mb * 2**20))

@@ -22,7 +22,6 @@ import dataclasses
 import json
 import math
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,7 +37,8 @@ from gpt.run_state import RUN_CONFIG_FILE, RunDirectory
 from gpt.sampling import SAMPLING_DEFAULTS, generate
 from gpt.trainer import Trainer
 from tokenizers_bpe import TOKENIZER_FILE
-from tokenizers_bpe.fileio import decode_utf8
+from tokenizers_bpe.errors import InputFileError
+from tokenizers_bpe.fileio import read_json, read_options_file, resolve_path
 from tools.cli import ArgumentParser, CLIError, command, parse_bool
 from tools.models import check_kernels_backend, model_argument
 from tools.outputs import check_not_an_input, check_writable_dir
@@ -80,13 +80,12 @@ NOT_OPTIONS = ("derived", "format", "format_version")  # what run_config.json re
 def read_config_file(path: str | Path, flag: str = "--config") -> dict[str, Any]:
     """Options from a TOML/JSON file, each value checked by its flag's own parser."""
     p = Path(path)
-    if not p.is_file():
-        raise CLIError(f"{flag} {p} does not exist" if not p.exists() else f"{flag} {p} is not a file")
+    if not p.exists() and not p.is_symlink():
+        raise CLIError(f"{flag} {p} does not exist")
     try:
-        text = decode_utf8(p.read_bytes(), str(p))
-        raw = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise CLIError(f"{flag} {p}: not valid {'JSON' if p.suffix == '.json' else 'TOML'} ({e})") from None
+        raw = read_options_file(p)
+    except InputFileError as e:
+        raise CLIError(f"{flag} {e}") from None
     if not isinstance(raw, dict):
         raise CLIError(f"{flag} {p}: expected a table of options")
     types = {name: typ for name, typ, _, _ in option_table()}
@@ -124,10 +123,10 @@ def effective_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict | 
         if not path.is_file():
             raise CLIError(f"--resume {run_dir}: {path.name} is missing; this is not a gpt-train run directory")
         options = read_config_file(path, "--resume")
-        saved_raw = json.loads(path.read_text(encoding="utf-8"))
+        saved_raw = read_json(path)
         opts.update(options)
         saved = {"options": options, "derived": saved_raw.get("derived", {})}
-        if "out" in given and Path(given["out"]).resolve() != run_dir.resolve():
+        if "out" in given and resolve_path(given["out"]) != resolve_path(run_dir):
             raise CLIError(f"--out {given['out']} differs from --resume {run_dir}; give only --resume")
         opts["out"] = str(run_dir)
     if args.config:
