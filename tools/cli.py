@@ -30,6 +30,7 @@ from typing import Callable, Mapping, Sequence
 
 from tqdm import tqdm
 
+from gpt.train_config import MAX_SEED
 from tokenizers_bpe import TIKTOKEN_ENCODINGS
 from tokenizers_bpe.errors import InvalidTextError, SettingError
 from tokenizers_bpe.fileio import decode_utf8
@@ -167,8 +168,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def add_seed_argument(parser: argparse.ArgumentParser, default: int = 1337, help_text: str | None = None) -> None:
-    parser.add_argument("--seed", type=integer(0), default=default,
+    parser.add_argument("--seed", type=integer(0, MAX_SEED), default=default,
                         help=help_text or "random seed; the same seed gives the same result on CPU")
+
+
+def max_threads() -> int:
+    """The most CPU threads an option may ask for: 4 per core (a thread pool far larger than the
+    machine only thrashes, and OpenMP aborts the process when it cannot allocate one)."""
+    return 4 * (os.cpu_count() or 1)
 
 
 def parse_bool(text: str) -> bool:
@@ -181,10 +188,14 @@ def parse_bool(text: str) -> bool:
 
 
 def _ranged(convert: Callable[[str], float], kind: str, low, high, low_open: bool, high_open: bool):
+    def show(bound) -> str:
+        return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
     if low is not None and high is not None:
-        requirement = f"{kind} in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        requirement = f"{kind} in {'(' if low_open else '['}{show(low)}, {show(high)}{')' if high_open else ']'}"
     elif low is not None or high is not None:
-        requirement = f"{kind} {'>' if low_open else '>='} {low:g}" if low is not None else f"{kind} {'<' if high_open else '<='} {high:g}"
+        requirement = (f"{kind} {'>' if low_open else '>='} {show(low)}" if low is not None
+                       else f"{kind} {'<' if high_open else '<='} {show(high)}")
     else:
         requirement = kind
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from gpt.device import DTYPES, resolve_device, resolve_inference_dtype
+from gpt.memory import check_generation_fits
 from gpt.model import GPT
 from gpt.prompt_template import format_instruction_prompt
 from gpt.checkpoint import check_same_tokenizer
@@ -173,6 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ids = _encode_prompt(tok, text, args.allow_special, model.config.n_ctx)
     except UnknownCharacterError as e:
         raise CLIError(f"the prompt: {e}; use only text the model's tokenizer knows") from None
+    positions = min(model.config.n_ctx, len(ids) + settings["max_new_tokens"])
+    for m in (model, draft):
+        if m is not None:  # before any cache is allocated: a CPU process out of memory is killed, not told
+            check_generation_fits(m.config, args.num_samples, positions, m.transformer.wte.weight.element_size(), device)
     if args.quantize is not None:
         quantize(model, "int8", head=args.quantize == "int8")
     compile = args.compile or (args.quantize is not None and compiles_by_default(model))

@@ -145,8 +145,6 @@ def effective_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict | 
                        "or --data DATA_DIR (from gpt-prepare); or --resume RUN_DIR")
     if not opts["out"]:
         raise CLIError("--out RUN_DIR is required (or --resume RUN_DIR)")
-    if opts["threads"] is not None and opts["threads"] < 1:
-        raise CLIError(f"--threads must be at least 1, got {opts['threads']}")
     return opts, saved
 
 

@@ -15,12 +15,12 @@ from gpt.device import DTYPES
 from gpt.memory import check_micro_batch_fits
 from gpt.run_state import LOCK_FILE, RUN_STAMP, RunDirectory, TrainResult, holds_run
 from gpt.sampling import SAMPLING_DEFAULTS
-from gpt.train_config import TrainConfig
+from gpt.train_config import MAX_SEED, TrainConfig
 from gpt.trainer import Trainer, TrainingDiverged
 from gpt2_kernels import BACKENDS
 from tokenizers_bpe.errors import NoSpaceError, OutputError, SettingError
 from tokenizers_bpe.fileio import check_replaceable, free_bytes
-from tools.cli import CLIError, ExitCode, choice, device_name, flag, integer, number, parse_bool, pattern_argument
+from tools.cli import CLIError, ExitCode, choice, device_name, flag, integer, max_threads, number, parse_bool, pattern_argument
 from tools.corpus import BUILTIN_CORPORA
 
 DEFAULT_PRESET = "shakespeare-cpu"
@@ -77,7 +77,7 @@ def option_table() -> list[tuple[str, Any, Any, str]]:
         ("log_interval", integer(1), t.log_interval, "a training line in metrics.jsonl every N steps"),
         ("checkpoint_interval", integer(1), None, "write RUN_DIR/checkpoints/step-N every N steps (default: --eval-interval)"),
         ("keep_last", integer(1), t.keep_last, "step checkpoints to keep"),
-        ("seed", integer(0), t.seed, "random seed; the same seed gives the same run on CPU"),
+        ("seed", integer(0, MAX_SEED), t.seed, "random seed; the same seed gives the same run on CPU"),
         ("device", device_name, t.device, "auto, cpu, cuda or cuda:N"),
         ("dtype", choice("auto", *DTYPES), t.dtype, "auto, float32, bfloat16 or float16 (CUDA only, with a GradScaler)"),
         ("compile", parse_bool, t.compile, "torch.compile the model (true/false)"),
@@ -86,7 +86,7 @@ def option_table() -> list[tuple[str, Any, Any, str]]:
                                            f"top-p {SAMPLING_DEFAULTS['top_p']}, as gpt-generate"),
         ("sample_prompt", str, "\n", "prompt of that sample"),
         ("progress", parse_bool, t.progress, "show a progress bar (true/false)"),
-        ("threads", int, None, "CPU threads for PyTorch (default: PyTorch's choice, one per core); 1 is much faster on a machine busy with other work"),
+        ("threads", integer(1, max_threads()), None, "CPU threads for PyTorch (default: PyTorch's choice, one per core); 1 is much faster on a machine busy with other work"),
     ]
 
 
