@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import heapq
 import os
+import signal
 import warnings
 from collections import Counter, defaultdict, deque
 from typing import Iterable, Iterator, Sequence
@@ -70,6 +71,15 @@ def _count_chunk(text: str, pattern: str, special_tokens: Sequence[str]) -> Coun
     return counts
 
 
+def quiet_worker() -> None:
+    """The start of a pool worker: Ctrl-C (SIGINT to the whole process group) is the parent's to
+    handle (it stops the pool), and SIGTERM ends the worker silently, as by default, not with the
+    handler its parent may have installed. So an interrupt never prints a traceback per worker, and
+    never kills a worker in the middle of a task that the parent would then wait for forever."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def count_pieces(chunks: Iterable[str], pattern: str, special_tokens: Sequence[str] = (), workers: int | None = None) -> Counter:
     """How often each piece occurs in ``chunks`` (cut at safe points). ``workers`` processes
     (default: all cores) pre-tokenize; at most two chunks per worker are in flight at once."""
@@ -82,7 +92,7 @@ def count_pieces(chunks: Iterable[str], pattern: str, special_tokens: Sequence[s
         return counts
     import multiprocessing
 
-    with multiprocessing.Pool(workers) as pool:
+    with multiprocessing.Pool(workers, initializer=quiet_worker) as pool:  # (leaving the block terminates it)
         in_flight: deque = deque()
         for chunk in chunks:
             in_flight.append(pool.apply_async(_count_chunk, (chunk, pattern, tuple(special_tokens))))

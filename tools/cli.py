@@ -14,7 +14,9 @@ Every console script is a module of ``tools`` whose ``main(argv) -> int`` is wra
 - **Messages of the libraries** (``logging`` records of ``gpt`` and ``tokenizers_bpe``) are shown while
   a command runs: information on stdout, warnings as ``prog: warning: ...`` on stderr, both through
   ``tqdm.write`` so that a progress bar in flight is not broken.
-- **Ctrl-C** exits with status 130 and a one-line message.
+- **Ctrl-C** (SIGINT) and **SIGTERM** exit with status 130 and a one-line message, in every stage
+  (SIGTERM is raised as KeyboardInterrupt while a command runs, so the same cleanup runs: temporary
+  files removed, worker pools stopped; a training run installs its own handler to checkpoint first).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import functools
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 from typing import Callable, Mapping, Sequence
 
 from tqdm import tqdm
@@ -106,6 +110,10 @@ def close_progress_bars() -> None:
         bar.close()
 
 
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def command(prog: str, *, flags: Mapping[str, str] | None = None, text_hint: str = DEFAULT_TEXT_HINT):
     """Wrap a command's ``main(argv) -> int | None`` with the conventions above. ``flags`` maps
     library setting names to this command's flags where they differ from ``--setting-name``;
@@ -122,6 +130,11 @@ def command(prog: str, *, flags: Mapping[str, str] | None = None, text_hint: str
                 lg.addHandler(handler)
                 lg.setLevel(logging.INFO)
                 lg.propagate = False
+            in_main_thread = threading.current_thread() is threading.main_thread()
+            saved_signals = {}
+            if in_main_thread:  # while the command runs, both are a KeyboardInterrupt: its cleanup runs
+                saved_signals = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+                                 signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_interrupt)}
             try:
                 return int(fn(argv) or ExitCode.OK)
             except SystemExit as e:  # argparse: --help (0) and usage errors (2)
@@ -143,6 +156,8 @@ def command(prog: str, *, flags: Mapping[str, str] | None = None, text_hint: str
                 print(f"{prog}: error: {error_message(e, flags, text_hint)}", file=sys.stderr)
                 return e.code if isinstance(e, CLIError) else ExitCode.USER_ERROR
             finally:
+                for sig, saved_handler in saved_signals.items():
+                    signal.signal(sig, saved_handler)
                 for lg, level, propagate in saved:
                     lg.removeHandler(handler)
                     lg.setLevel(level)
