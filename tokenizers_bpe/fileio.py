@@ -171,8 +171,8 @@ def free_bytes(path: str | os.PathLike) -> int:
 def _no_space_as_error(path: Path) -> Iterator[None]:
     try:
         yield
-    except NoSpaceError:
-        raise
+    except NoSpaceError as e:  # (from the lock, or a nested write): named as this output
+        raise NoSpaceError(path, e.free, e.needed, e.advice) from None
     except Exception as e:
         if is_out_of_space(e):
             raise NoSpaceError(path, free_bytes(path.parent)) from None
@@ -193,7 +193,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
     and one process at a time writes it (``output_lock``). A full disk is a NoSpaceError."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
-    with contextlib.ExitStack() as stack:
+    with _no_space_as_error(path), contextlib.ExitStack() as stack:  # (the lock and the temp file too)
         if stamp is not None:
             check_replaceable(path, stamp)
             stack.enter_context(output_lock(path.absolute(), stamp))
@@ -229,7 +229,7 @@ def atomic_directory(path: str | os.PathLike, stamp: Stamp | None = None) -> Ite
     work is wasted), and one process at a time writes it. The directory gets the permissions of a new
     one (honouring the umask); a full disk is a NoSpaceError."""
     path = Path(path)
-    with contextlib.ExitStack() as stack:
+    with _no_space_as_error(path), contextlib.ExitStack() as stack:  # (the lock and the temp directory too)
         if stamp is not None:
             check_replaceable(path, stamp)
             stack.enter_context(output_lock(path.absolute(), stamp))

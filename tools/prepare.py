@@ -234,7 +234,7 @@ def prepare(plan: DataPlan, tokenizer, tokenizer_path: str, out: Path, *, append
                         arr = np.asarray(ids, dtype=dtype)
                         if c.doc_end and eot is not None:
                             arr = np.concatenate([arr, eot])
-                        arr.tofile(files[c.split])
+                        files[c.split].write(arr.tobytes())  # (tofile hides the errno of a full disk)
                         info = splits[c.split]
                         info.tokens += len(arr)
                         info.bytes += c.nbytes

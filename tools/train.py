@@ -50,6 +50,7 @@ from tools.training import (
     check_run_dir,
     exit_code,
     option_table,
+    removed_after_early_error,
     run_training,
     train_config,
 )
@@ -319,7 +320,8 @@ def train(opts: dict, resume: bool, saved: dict | None, cfg, tokenizer_path: str
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     opts, saved = effective_options(args)
-    return run(opts, resume=bool(args.resume), saved=saved)
+    with removed_after_early_error(opts["out"]):
+        return run(opts, resume=bool(args.resume), saved=saved)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,12 @@ running the Trainer under the exit-code table."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import shutil
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from gpt.config import POS_EMBEDDINGS, PRESETS
 from gpt.device import DTYPES
@@ -162,6 +164,24 @@ def check_disk(prog: str, model, cfg: TrainConfig, out: Path) -> None:
         print(f"{prog}: warning: the run's checkpoints need about {need / 1e6:,.0f} MB ({cfg.keep_last + 1} step checkpoints "
               f"of {(weights + moments) / 1e6:,.0f} MB, best/ and final/) but {out} has {free / 1e6:,.0f} MB free; "
               "lower --keep-last or free some space", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def removed_after_early_error(out: str | Path | None) -> Iterator[None]:
+    """The run directory ``out``, when this command creates it, is removed again if the command stops
+    on an error (a bad input found late, a loss that is NaN from the first step) before the directory
+    holds a run (a step checkpoint or ``final/``): an error leaves no directory of nothing useful, nor
+    its lock files. An interrupt keeps it: the same command or --resume goes on from it."""
+    out = Path(out) if out else None
+    created = out is not None and not out.exists() and not out.is_symlink()
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        if created and out.is_dir() and not holds_run(out):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def run_training(trainer: Trainer, resume: bool, resume_command: str) -> TrainResult:
