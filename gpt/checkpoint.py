@@ -29,6 +29,7 @@ import tokenizers_bpe
 from gpt.config import GPTConfig
 from gpt.device import DTYPES, dtype_name
 from gpt.lora import LoRAConfig, adapter_shapes, apply_lora, check_unmerged, split_adapters
+from gpt.memory import check_model_fits
 from gpt.token_choice import SAMPLING_DEFAULTS
 from tokenizers_bpe import TOKENIZER_FILE
 from tokenizers_bpe.errors import SettingError
@@ -278,6 +279,10 @@ class PretrainedMixin:
                 raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
             dtype = DTYPES[dtype]
         meta = read_meta(directory)
+        try:  # before a weight is read: the file may be as large as the config says
+            check_model_fits(meta["model"], DTYPES[meta["dtype"]].itemsize, str(directory / CONFIG_FILE))
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
         if backend is not None:
             meta["model"].backend = backend
             meta["model"].validate()

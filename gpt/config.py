@@ -9,6 +9,10 @@ from typing import Any
 from gpt2_kernels import BACKENDS
 
 POS_EMBEDDINGS = ("learned", "rope")
+# Upper bounds of the sizes, far above any real GPT (GPT-3 175B: 96 layers, 12288 wide, 2048 context):
+# a config file is read from disk, and an absurd size must be an error, not an hour of building modules
+# or a multiplication that overflows. Whether a model within them fits the machine is gpt.memory's check.
+MAX_SIZES = {"vocab_size": 2**24, "n_ctx": 2**20, "n_embd": 2**16, "n_layer": 1024, "n_head": 1024}
 
 
 @dataclass
@@ -32,10 +36,12 @@ class GPTConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that is out of range."""
-        for name in ("vocab_size", "n_ctx", "n_embd", "n_layer", "n_head"):
+        for name, high in MAX_SIZES.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"model config: {name} must be a positive integer, got {value!r}")
+            if value > high:
+                raise ValueError(f"model config: {name} must be at most {high:,}, got {value:,}")
         for name in ("bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"model config: {name} must be true or false, got {getattr(self, name)!r}")
@@ -55,6 +61,16 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    def num_parameters(self) -> int:
+        """The parameter count of a GPT of this config, computed (no model is built): embeddings, 12
+        n_embd^2 weights per block with their biases and LayerNorms, the final LayerNorm, and an untied
+        output layer."""
+        E, bias = self.n_embd, int(self.bias)
+        block = 12 * E * E + bias * 9 * E + (2 + 2 * bias) * E
+        embeddings = self.vocab_size * E * (1 if self.tie_embeddings else 2)
+        positions = self.n_ctx * E if self.pos_embedding == "learned" else 0
+        return embeddings + positions + self.n_layer * block + (1 + bias) * E
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

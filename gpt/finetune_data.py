@@ -29,7 +29,7 @@ import torch
 
 from gpt.prompt_template import format_instruction_prompt
 from tokenizers_bpe.errors import SettingError
-from tokenizers_bpe.fileio import decode_utf8
+from tokenizers_bpe.fileio import check_nesting, decode_utf8
 
 _BOM = "\ufeff"
 
@@ -58,9 +58,11 @@ def read_jsonl(path: Path) -> list[tuple[str, Any]]:
     for number, line in enumerate(io.StringIO(read_text(path), newline=None), 1):  # lines as open() splits them
         if line.strip():
             try:
-                rows.append((f"{path} line {number}", json.loads(line)))
+                rows.append((f"{path} line {number}", check_nesting(json.loads(line), f"{path} line {number}")))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise ValueError(f"{path} line {number}: nested too deeply to be a record") from None
     return rows
 
 
@@ -146,9 +148,11 @@ def read_instructions(path: str | Path) -> list[dict[str, str]]:
         rows = read_jsonl(path)
     else:
         try:
-            records = json.loads(read_text(path))
+            records = check_nesting(json.loads(read_text(path)), str(path))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} line {e.lineno} column {e.colno}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise ValueError(f"{path}: nested too deeply to be a list of records") from None
         if not isinstance(records, list):
             raise ValueError(f"{path}: expected a JSON list of {{\"instruction\", \"input\", \"output\"}} records")
         rows = [(f"{path} record {i}", r) for i, r in enumerate(records, 1)]

@@ -155,6 +155,9 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     names = target_modules(model, config.targets)
     if not names:
         raise SettingError("lora_targets", f"no linear layers match {{lora_targets}} {','.join(config.targets)}")
+    smallest = min(min(model.get_submodule(name).weight.shape) for name in names)
+    if config.rank > smallest:  # a rank above a layer's smaller side adds nothing but memory
+        raise SettingError("lora_rank", f"{{lora_rank}} {config.rank} exceeds the smallest side ({smallest}) of the layers it adapts")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:

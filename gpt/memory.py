@@ -73,4 +73,40 @@ def check_micro_batch_fits(n_layer: int, n_embd: int, vocab_size: int, batch_siz
     return MicroBatchMemory(need, available)
 
 
+def check_model_fits(config, bytes_per_parameter: int = 4, what: str = "model config") -> int:
+    """A ValueError naming the model's size when its weights alone (``config.num_parameters()`` x
+    ``bytes_per_parameter``) need more than the memory available, checked before a model is built or
+    loaded (a CPU process that runs out is killed by the OS, not given an error). Returns the bytes."""
+    need = config.num_parameters() * bytes_per_parameter
+    available = available_memory_bytes()
+    if available is not None and need > available:
+        c = config
+        raise ValueError(f"{what}: a model of {c.n_layer} layers, {c.n_embd} wide, context {c.n_ctx} and {c.vocab_size:,} tokens "
+                         f"has {config.num_parameters():,} parameters, whose weights need {need / 2**30:,.1f} GiB, but "
+                         f"{available / 2**30:,.1f} GiB of memory is available")
+    return need
+
+
+def generation_bytes(config, num_samples: int, positions: int, bytes_per_value: int) -> int:
+    """A lower bound of the memory decoding ``num_samples`` rows takes beyond the weights: the keys and
+    values of ``positions`` positions in every layer, and per row a few vocabulary-sized fp32 rows
+    (logits, probabilities) and the repetition marks."""
+    cache = 2 * config.n_layer * (positions + 1) * config.n_embd * bytes_per_value
+    return num_samples * (cache + config.vocab_size * (3 * 4 + 1) + config.n_ctx * 8)
+
+
+def check_generation_fits(config, num_samples: int, positions: int, bytes_per_value: int, device: str) -> None:
+    """A SettingError on ``num_samples`` when decoding that many rows cannot fit in the memory left
+    (the CPU's available memory; a GPU's free memory) before any of it is allocated."""
+    device = resolve_device(device)
+    if device.startswith("cuda"):
+        available = torch.cuda.mem_get_info(torch.device(device))[0]
+    else:
+        available = available_memory_bytes()
+    need = generation_bytes(config, num_samples, positions, bytes_per_value)
+    if available is not None and need > available:
+        raise SettingError("num_samples", f"{{num_samples}} {num_samples} needs at least {need / 2**30:,.1f} GiB for decoding "
+                                          f"but {available / 2**30:,.1f} GiB of memory is available; lower {{num_samples}}")
+
+
 SMALLER_BATCH_ADVICE = "lower {batch_size} (raise {grad_accum} to keep the batch) or {block_size}"

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import gpt2_kernels
 from gpt.checkpoint import PretrainedMixin
 from gpt.config import GPTConfig
+from gpt.memory import check_model_fits
 
 ROPE_THETA = 10000.0  # RoFormer's base for the rotary frequencies
 
@@ -114,6 +115,8 @@ class GPT(PretrainedMixin, nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         config.validate()
+        if torch.get_default_device().type != "meta":  # (on the meta device a model takes no memory)
+            check_model_fits(config)
         self.config = config
         self.transformer = nn.ModuleDict(
             dict(

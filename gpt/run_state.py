@@ -43,6 +43,7 @@ from tokenizers_bpe.fileio import (
     atomic_write,
     format_stamp,
     free_bytes,
+    read_json,
     recorded_version,
     remove_stale_temporaries,
 )
@@ -154,8 +155,8 @@ def read_train_state(path: Path, device) -> tuple[dict, dict[str, torch.Tensor],
     a ValueError naming the file when one is missing, unreadable or not ours."""
     path = Path(path)
     try:
-        meta = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        meta = read_json(path / STATE_FILE)
+    except (OSError, ValueError) as e:
         raise ValueError(f"{path / STATE_FILE}: unreadable trainer state ({e}); the run directory is corrupt") from None
     if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT or recorded_version(meta) != STATE_VERSION:
         raise ValueError(f"{path / STATE_FILE}: not a {STATE_FORMAT} v{STATE_VERSION} file; the run directory is corrupt or from another program")

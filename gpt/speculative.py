@@ -182,6 +182,7 @@ def _propose(draft: Decoder, pending: torch.Tensor, k: int, rule: SamplingRule, 
     for j in range(k):
         if j:
             logits = draft.step(tokens[-1])
+        logits = _finite(logits, "the draft model's")
         if rule.greedy:
             tokens.append(rule.adjust(logits, marks).argmax(-1))
         else:
@@ -193,7 +194,7 @@ def _propose(draft: Decoder, pending: torch.Tensor, k: int, rule: SamplingRule, 
     return torch.stack(tokens, dim=1), None if rule.greedy else torch.stack(dists, dim=1)
 
 
-def _finite(logits: torch.Tensor) -> torch.Tensor:
+def _finite(logits: torch.Tensor, whose: str = "the model's") -> torch.Tensor:
     if not torch.isfinite(logits).all():
-        raise ValueError("the model's output is not finite (NaN or inf): its weights are damaged, or its training diverged")
+        raise ValueError(f"{whose} output is not finite (NaN or inf): its weights are damaged, or its training diverged")
     return logits

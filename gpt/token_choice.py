@@ -41,8 +41,21 @@ def nucleus(sorted_logits: torch.Tensor, p: float) -> torch.Tensor:
     """Top-p on logits sorted in decreasing order: -inf after the shortest prefix holding probability p."""
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs  # probability held by the higher-ranked tokens
-    mass_before[..., 0] = 0.0  # exact, so the most probable token is always kept
-    return sorted_logits.masked_fill(mass_before >= p, -math.inf)
+    drop = mass_before >= p  # (a p below fp32's smallest number compares as 0: only the top token stays)
+    drop[..., 0] = False  # the most probable token is always kept
+    return sorted_logits.masked_fill(drop, -math.inf)
+
+
+def scale(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature`` for any temperature > 0, as the softmax sees it: shifted first so that
+    the largest is 0 (which changes no probability), and with an infinite logit (a repetition
+    penalty far below 1 divides a positive one by it) taken as the largest finite one. A tiny
+    temperature then gives the top tokens 0 and the others -inf (greedy in effect), never inf - inf =
+    NaN, which no draw can use."""
+    limits = torch.finfo(logits.dtype)
+    logits = logits.clamp(-limits.max, limits.max)
+    # (a temperature below the dtype's smallest normal number would round to 0 in the division)
+    return (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, limits.tiny)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -52,7 +65,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     vocabulary when top-k is set."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    logits = scale(logits, temperature)
     candidates = None  # the token id of each column of `logits` once it is narrowed or sorted
     if top_k is not None and top_k < logits.size(-1):
         logits, candidates = torch.topk(logits, top_k, dim=-1)  # sorted, largest first
@@ -68,7 +81,7 @@ def probabilities(logits: torch.Tensor, temperature: float, top_k: int | None, t
     """The distribution ``sample_next`` draws from (temperature > 0), over the whole vocabulary:
     (..., V) fp32 logits -> (..., V) probabilities, 0 for every filtered-out token."""
     shape = logits.shape
-    logits = logits.reshape(-1, shape[-1]) / temperature
+    logits = scale(logits.reshape(-1, shape[-1]), temperature)
     if (top_k is not None and top_k < shape[-1]) or (top_p is not None and top_p < 1):
         if top_k is not None and top_k < shape[-1]:
             kept, candidates = torch.topk(logits, top_k, dim=-1)  # the same tokens sample_next keeps

@@ -15,6 +15,8 @@ from gpt.device import DTYPES
 from tokenizers_bpe.errors import SettingError
 
 
+MAX_SEED = 2**31 - 1  # seeds of torch, numpy (< 2**32, with the rank added) and random alike
+
 @dataclass
 class TrainConfig:
     """Optimisation settings (the model and data are the caller's)."""
@@ -46,10 +48,12 @@ class TrainConfig:
     def validate(self) -> None:
         """A SettingError naming the first setting out of range."""
 
-        def integer(name: str, low: int = 1) -> None:
+        def integer(name: str, low: int = 1, high: int | None = None) -> None:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise SettingError(name, f"{{{name}}} must be an integer >= {low}, got {v!r}")
+            if high is not None and v > high:
+                raise SettingError(name, f"{{{name}}} must be an integer in [{low}, {high}], got {v!r}")
 
         def finite(name: str) -> float:
             v = getattr(self, name)
@@ -60,7 +64,7 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_interval", "log_interval", "keep_last"):
             integer(name)
         integer("warmup_steps", low=0)
-        integer("seed", low=0)
+        integer("seed", low=0, high=MAX_SEED)
         for name in ("eval_iters", "checkpoint_interval", "lr_decay_steps"):
             if getattr(self, name) is not None:
                 integer(name)

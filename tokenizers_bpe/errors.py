@@ -88,3 +88,16 @@ class NoSpaceError(ValueError):
         need = f"needs about {self.needed / 1e6:,.1f} MB, " if self.needed is not None else ""
         return (f"{self.path}: no space left on the device ({need}{self.free / 1e6:,.1f} MB free)"
                 + (f"; {self.advice}" if self.advice else "; free some space and run the command again"))
+
+
+class InputFileError(ValueError):
+    """A file we read that cannot be what it should: not a regular file (a directory, a FIFO, a
+    device), a symlink loop, larger than its format can need, nested deeper than the format allows,
+    or not parseable. ``path`` names it; the message says what to do."""
+
+    def __init__(self, path, message: str):
+        super().__init__(path, message)
+        self.path, self.message = path, message
+
+    def __str__(self) -> str:
+        return self.message

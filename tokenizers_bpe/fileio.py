@@ -15,12 +15,14 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .errors import InvalidTextError, NoSpaceError, OutputError
+from .errors import InputFileError, InvalidTextError, NoSpaceError, OutputError
 from .locks import OutputLock, current_umask, process_alive
 
 READ_BYTES = 1 << 18  # text block size when streaming a file
@@ -44,8 +46,8 @@ def is_stamped(path: str | os.PathLike, stamp: Stamp) -> bool:
     """Whether ``path`` is an output of ``stamp``'s kind written by this toolkit."""
     target = Path(path) / stamp.file if stamp.file else Path(path)
     try:
-        data = json.loads(target.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = read_json(target)
+    except ValueError:
         return False
     return isinstance(data, dict) and data.get("format") == stamp.format
 
@@ -55,8 +57,11 @@ def check_replaceable(path: str | os.PathLike, stamp: Stamp) -> None:
     directory output), or is an output of the same kind that this toolkit wrote (its stamp says so;
     file names alone never do)."""
     path = Path(path)
-    if not path.exists() and not path.is_symlink():
+    mode = _stat_mode(path, OutputError)
+    if mode is None:
         return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # never read a device or a FIFO to look for a stamp
+        raise OutputError(path, f"{path} exists and is {_kind(mode)}, not {stamp.what}; choose another path")
     is_dir_output = bool(stamp.file)
     if path.is_dir() != is_dir_output or path.is_symlink():
         kind = "a directory" if path.is_dir() else "a file"
@@ -70,6 +75,44 @@ def check_replaceable(path: str | os.PathLike, stamp: Stamp) -> None:
             held = f" and holds {', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''},"
         raise OutputError(path, f"{path} already exists{held} and is not {stamp.what} this toolkit wrote; "
                                 "choose a new path, or move it away yourself")
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a file" if stat.S_ISREG(mode) else "not a regular file"
+
+
+def _stat_mode(path: Path, error=InputFileError) -> int | None:
+    """The mode of what ``path`` points to, None if nothing is there; a symlink loop (or a link to
+    nothing) is an ``error`` naming it."""
+    try:
+        return path.stat().st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise error(path, f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; "
+                              "remove the link or choose another path") from None
+        return None
+    except NotADirectoryError:
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise error(path, f"{path}: a symbolic link loop (too many levels of links); fix or remove the link") from None
+        raise
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """``Path(path).resolve()``, with a symlink loop an InputFileError naming it (not a RuntimeError)."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError):
+        raise InputFileError(path, f"{path}: a symbolic link loop (too many levels of links); fix or remove the link") from None
 
 
 def _temporary_name(name: str) -> str:
@@ -128,8 +171,8 @@ def free_bytes(path: str | os.PathLike) -> int:
 def _no_space_as_error(path: Path) -> Iterator[None]:
     try:
         yield
-    except NoSpaceError:
-        raise
+    except NoSpaceError as e:  # (from the lock, or a nested write): named as this output
+        raise NoSpaceError(path, e.free, e.needed, e.advice) from None
     except Exception as e:
         if is_out_of_space(e):
             raise NoSpaceError(path, free_bytes(path.parent)) from None
@@ -150,7 +193,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
     and one process at a time writes it (``output_lock``). A full disk is a NoSpaceError."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
-    with contextlib.ExitStack() as stack:
+    with _no_space_as_error(path), contextlib.ExitStack() as stack:  # (the lock and the temp file too)
         if stamp is not None:
             check_replaceable(path, stamp)
             stack.enter_context(output_lock(path.absolute(), stamp))
@@ -186,7 +229,7 @@ def atomic_directory(path: str | os.PathLike, stamp: Stamp | None = None) -> Ite
     work is wasted), and one process at a time writes it. The directory gets the permissions of a new
     one (honouring the umask); a full disk is a NoSpaceError."""
     path = Path(path)
-    with contextlib.ExitStack() as stack:
+    with _no_space_as_error(path), contextlib.ExitStack() as stack:  # (the lock and the temp directory too)
         if stamp is not None:
             check_replaceable(path, stamp)
             stack.enter_context(output_lock(path.absolute(), stamp))
@@ -239,17 +282,91 @@ def _replace_directory(path: Path, new: Path, stamp: Stamp | None) -> None:
 # ---------------------------------------------------------------------------------------------- input
 
 
-def read_json(path: str | os.PathLike, hint: str = "") -> object:
-    """Parse a UTF-8 JSON file; a missing or malformed file is a ValueError naming it (+ ``hint``,
-    what to do about it)."""
+MAX_NESTING = 32  # nothing we write nests deeper; a deeper file is hostile (the parsers recurse)
+MAX_CONFIG_BYTES = 16 << 20  # config.json, generation.json, meta.json, run_config.json, --config files...
+MAX_TOKENIZER_BYTES = 1 << 30  # tokenizer.json, encoder.json, .tiktoken (a 2**20-token vocabulary is ~100 MB)
+
+
+def check_regular_file(path: str | os.PathLike, what: str = "file", hint: str = "", max_bytes: int | None = None) -> Path:
+    """``path`` as a Path if it is a regular file (followed through links) of at most ``max_bytes``;
+    else an InputFileError saying what it is, without opening it (a FIFO would block, a device
+    never end)."""
     path = Path(path)
     suffix = f"; {hint}" if hint else ""
-    if not path.is_file():
-        raise ValueError(f"{path}: file not found{suffix}")
+    mode = _stat_mode(path)
+    if mode is None:
+        raise InputFileError(path, f"{path}: file not found{suffix}")
+    if not stat.S_ISREG(mode):
+        raise InputFileError(path, f"{path}: is {_kind(mode)}, not a {what}{suffix}")
+    if max_bytes is not None and (size := path.stat().st_size) > max_bytes:
+        raise InputFileError(path, f"{path}: {size:,} bytes, more than a {what} can need ({max_bytes:,}); "
+                                   f"is it the right file?{suffix}")
+    return path
+
+
+def check_nesting(value: object, where: str, limit: int = MAX_NESTING) -> object:
+    """``value`` (parsed JSON/TOML) if its lists and objects nest at most ``limit`` deep, else an
+    InputFileError (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            raise InputFileError(where, f"{where}: nested more than {limit} levels deep; not a file this toolkit reads")
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return value
+
+
+def parse_json(text: str, where: str, hint: str = "", limit: int = MAX_NESTING) -> object:
+    """JSON text; malformed or too deeply nested is an InputFileError naming ``where``."""
+    suffix = f"; {hint}" if hint else ""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}){suffix}") from None
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputFileError(where, f"{where}: not valid JSON ({e}){suffix}") from None
+    except RecursionError:
+        raise InputFileError(where, f"{where}: nested more than {limit} levels deep; not a file this toolkit reads") from None
+    return check_nesting(value, where, limit)
+
+
+def parse_toml(text: str, where: str, hint: str = "", limit: int = MAX_NESTING) -> dict:
+    """TOML text; malformed or too deeply nested is an InputFileError naming ``where``."""
+    suffix = f"; {hint}" if hint else ""
+    try:
+        value = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise InputFileError(where, f"{where}: not valid TOML ({e}){suffix}") from None
+    except RecursionError:
+        raise InputFileError(where, f"{where}: nested more than {limit} levels deep; not a file this toolkit reads") from None
+    return check_nesting(value, where, limit)
+
+
+def read_text(path: str | os.PathLike, what: str = "file", hint: str = "", max_bytes: int = MAX_CONFIG_BYTES) -> str:
+    """A whole small UTF-8 file, checked by check_regular_file first; invalid UTF-8 is an InvalidTextError."""
+    path = check_regular_file(path, what, hint, max_bytes)
+    return decode_utf8(path.read_bytes(), str(path))
+
+
+def read_json(path: str | os.PathLike, hint: str = "", max_bytes: int = MAX_CONFIG_BYTES) -> object:
+    """Parse a UTF-8 JSON file (every JSON file we read comes through here, or parse_json): missing,
+    not a regular file, larger than ``max_bytes``, malformed or nested deeper than MAX_NESTING is an
+    InputFileError (a ValueError) naming it (+ ``hint``, what to do about it)."""
+    path = check_regular_file(path, "JSON file", hint, max_bytes)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputFileError(path, f"{path}: not valid JSON (not UTF-8 at byte {e.start}){f'; {hint}' if hint else ''}") from None
+    return parse_json(text, str(path), hint)
+
+
+def read_options_file(path: str | os.PathLike, hint: str = "") -> object:
+    """A small options file: TOML, or JSON for a .json suffix (through parse_toml / parse_json)."""
+    path = Path(path)
+    if path.suffix == ".json":
+        return read_json(path, hint)
+    return parse_toml(read_text(path, "TOML file", hint), str(path), hint)
 
 
 def check_errors_handler(errors: str) -> None:
@@ -265,8 +382,11 @@ def check_text_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path}: is a directory, not a text file; pass the files inside it")
-    if not path.exists():
+    mode = _stat_mode(path)
+    if mode is None:
         raise ValueError(f"{path}: no such file")
+    if not stat.S_ISREG(mode):
+        raise InputFileError(path, f"{path}: is {_kind(mode)}, not a text file; pass a regular file")
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: the file is empty; pass a text corpus")
     return path

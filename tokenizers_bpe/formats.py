@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .char import CharTokenizer
 from .errors import SettingError
-from .fileio import recorded_version
+from .errors import InputFileError
+from .fileio import check_nesting, check_regular_file, recorded_version
 from .patterns import GPT2_PATTERN, GPT4_PATTERN, O200K_PATTERN
 from .rankfiles import looks_like_tiktoken, read_gpt2, read_text_file, read_tiktoken
 from .tokenizer import ENDOFTEXT, FORMAT_NAME, FORMAT_VERSION, MAX_UNUSED_IDS, TOKENIZER_FILE, BPETokenizer, Tokenizer
@@ -39,6 +40,8 @@ def load(path: str | os.PathLike) -> Tokenizer:
     text = read_text_file(path, "tokenizer.json")
     try:
         d = json.loads(text)
+    except RecursionError:
+        raise InputFileError(path, f"{path}: nested too deeply to be a tokenizer.json; re-create it with bpe-train") from None
     except json.JSONDecodeError as e:
         if looks_like_tiktoken(text):
             raise ValueError(f"{path}: a .tiktoken rank file (ranks only: no pattern, no special tokens), not a "
@@ -46,6 +49,7 @@ def load(path: str | os.PathLike) -> Tokenizer:
                              "known file name, else the gpt2 pattern) or tokenizers_bpe.load_tiktoken(path, pattern=..., "
                              "special_tokens=...)") from None
         raise ValueError(f"{path}: corrupt or truncated tokenizer.json ({e}); re-create it with bpe-train") from None
+    check_nesting(d, str(path))
     if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
         raise ValueError(f"{path}: not a {FORMAT_NAME} tokenizer.json (no \"format\": \"{FORMAT_NAME}\" field)")
     if recorded_version(d) != FORMAT_VERSION:
@@ -110,9 +114,10 @@ def load_any(path: str | os.PathLike, *, pattern: str | None = None) -> Tokenize
 def _sniff_tiktoken(path: Path) -> bool:
     """Whether a file that does not say so by its name starts like a .tiktoken rank file."""
     try:
+        check_regular_file(path)  # never open a FIFO (it would block) or a device
         with open(path, "rb") as f:
             head = f.read(4096)
-    except OSError:
+    except (OSError, ValueError):
         return False  # load() names the problem
     return looks_like_tiktoken(head.decode("utf-8", errors="replace"))
 

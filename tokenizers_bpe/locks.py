@@ -9,15 +9,17 @@ logger of this module.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 import time
 from pathlib import Path
 
-from .errors import OutputError
+from .errors import NoSpaceError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ class OutputLock:
                     return holder
             except FileNotFoundError:
                 return None
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                 pass
             time.sleep(0.05)
         return {}  # unreadable: left by a writer killed while writing it
@@ -97,8 +99,14 @@ class OutputLock:
                 self.path.unlink(missing_ok=True)
                 log.warning(f"{self.what}: took over the lock of process {holder.get('pid', '?')}, which is no longer running")
                 continue
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(_holder(), f)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(_holder(), f)
+            except BaseException as e:
+                self.path.unlink(missing_ok=True)  # never leave a lock that names nobody
+                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise NoSpaceError(self.path, shutil.disk_usage(self.path.parent).free) from None
+                raise
             self.held = True
             return self
         raise OutputError(self.path, f"{self.what}: could not take its lock {self.path}; try again")

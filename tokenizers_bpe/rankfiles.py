@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .fileio import atomic_write
+from .fileio import MAX_TOKENIZER_BYTES, atomic_write, check_regular_file
 
 
 def read_text_file(path, what: str) -> str:
@@ -20,8 +20,9 @@ def read_text_file(path, what: str) -> str:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path}: is a directory; pass the {what} file")
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise ValueError(f"{path}: no such file; pass an existing {what} file")
+    check_regular_file(path, f"{what} file", max_bytes=MAX_TOKENIZER_BYTES)  # a FIFO or a device is never opened
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -99,8 +100,8 @@ def read_gpt2(encoder_json, vocab_bpe) -> tuple[dict[bytes, int], dict[str, int]
     special tokens."""
     try:
         encoder = json.loads(read_text_file(encoder_json, "encoder.json"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{encoder_json}: corrupt encoder.json ({e})") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{encoder_json}: corrupt encoder.json ({type(e).__name__})") from None
     if not isinstance(encoder, dict) or not all(type(v) is int for v in encoder.values()):
         raise ValueError(f"{encoder_json}: encoder.json must map token strings to integer ids")
     lines = read_text_file(vocab_bpe, "vocab.bpe").split("\n")

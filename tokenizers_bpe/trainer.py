@@ -71,9 +71,11 @@ def _count_chunk(text: str, pattern: str, special_tokens: Sequence[str]) -> Coun
     return counts
 
 
-def _init_worker() -> None:
-    """Workers leave Ctrl-C to the parent (which stops the pool) and die quietly when the pool ends them
-    (not through a SIGTERM handler inherited from the parent, such as the spill's)."""
+def quiet_worker() -> None:
+    """The start of a pool worker: Ctrl-C (SIGINT to the whole process group) is the parent's to
+    handle (it stops the pool), and SIGTERM ends the worker silently, as by default, not with the
+    handler its parent may have installed. So an interrupt never prints a traceback per worker, and
+    never kills a worker in the middle of a task that the parent would then wait for forever."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -99,7 +101,7 @@ def count_pieces(chunks: Iterable[str], pattern: str, special_tokens: Sequence[s
         return counts
     import multiprocessing
 
-    with multiprocessing.Pool(workers, initializer=_init_worker) as pool:
+    with multiprocessing.Pool(workers, initializer=quiet_worker) as pool:  # (leaving the block terminates it)
         in_flight: deque = deque()
         for chunk in chunks:
             in_flight.append(pool.apply_async(_count_chunk, (chunk, pattern, tuple(special_tokens))))

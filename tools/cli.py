@@ -14,7 +14,9 @@ Every console script is a module of ``tools`` whose ``main(argv) -> int`` is wra
 - **Messages of the libraries** (``logging`` records of ``gpt`` and ``tokenizers_bpe``) are shown while
   a command runs: information on stdout, warnings as ``prog: warning: ...`` on stderr, both through
   ``tqdm.write`` so that a progress bar in flight is not broken.
-- **Ctrl-C** exits with status 130 and a one-line message.
+- **Ctrl-C** (SIGINT) and **SIGTERM** exit with status 130 and a one-line message, in every stage
+  (SIGTERM is raised as KeyboardInterrupt while a command runs, so the same cleanup runs: temporary
+  files removed, worker pools stopped; a training run installs its own handler to checkpoint first).
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ import functools
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 from typing import Callable, Mapping, Sequence
 
 from tqdm import tqdm
 
+from gpt.train_config import MAX_SEED
 from tokenizers_bpe import TIKTOKEN_ENCODINGS
 from tokenizers_bpe.errors import InvalidTextError, SettingError
 from tokenizers_bpe.fileio import decode_utf8
@@ -105,6 +110,10 @@ def close_progress_bars() -> None:
         bar.close()
 
 
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def command(prog: str, *, flags: Mapping[str, str] | None = None, text_hint: str = DEFAULT_TEXT_HINT):
     """Wrap a command's ``main(argv) -> int | None`` with the conventions above. ``flags`` maps
     library setting names to this command's flags where they differ from ``--setting-name``;
@@ -121,6 +130,11 @@ def command(prog: str, *, flags: Mapping[str, str] | None = None, text_hint: str
                 lg.addHandler(handler)
                 lg.setLevel(logging.INFO)
                 lg.propagate = False
+            in_main_thread = threading.current_thread() is threading.main_thread()
+            saved_signals = {}
+            if in_main_thread:  # while the command runs, both are a KeyboardInterrupt: its cleanup runs
+                saved_signals = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+                                 signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_interrupt)}
             try:
                 return int(fn(argv) or ExitCode.OK)
             except SystemExit as e:  # argparse: --help (0) and usage errors (2)
@@ -142,6 +156,8 @@ def command(prog: str, *, flags: Mapping[str, str] | None = None, text_hint: str
                 print(f"{prog}: error: {error_message(e, flags, text_hint)}", file=sys.stderr)
                 return e.code if isinstance(e, CLIError) else ExitCode.USER_ERROR
             finally:
+                for sig, saved_handler in saved_signals.items():
+                    signal.signal(sig, saved_handler)
                 for lg, level, propagate in saved:
                     lg.removeHandler(handler)
                     lg.setLevel(level)
@@ -167,8 +183,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def add_seed_argument(parser: argparse.ArgumentParser, default: int = 1337, help_text: str | None = None) -> None:
-    parser.add_argument("--seed", type=integer(0), default=default,
+    parser.add_argument("--seed", type=integer(0, MAX_SEED), default=default,
                         help=help_text or "random seed; the same seed gives the same result on CPU")
+
+
+def max_threads() -> int:
+    """The most CPU threads an option may ask for: 4 per core (a thread pool far larger than the
+    machine only thrashes, and OpenMP aborts the process when it cannot allocate one)."""
+    return 4 * (os.cpu_count() or 1)
 
 
 def parse_bool(text: str) -> bool:
@@ -181,10 +203,14 @@ def parse_bool(text: str) -> bool:
 
 
 def _ranged(convert: Callable[[str], float], kind: str, low, high, low_open: bool, high_open: bool):
+    def show(bound) -> str:
+        return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
     if low is not None and high is not None:
-        requirement = f"{kind} in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        requirement = f"{kind} in {'(' if low_open else '['}{show(low)}, {show(high)}{')' if high_open else ']'}"
     elif low is not None or high is not None:
-        requirement = f"{kind} {'>' if low_open else '>='} {low:g}" if low is not None else f"{kind} {'<' if high_open else '<='} {high:g}"
+        requirement = (f"{kind} {'>' if low_open else '>='} {show(low)}" if low is not None
+                       else f"{kind} {'<' if high_open else '<='} {show(high)}")
     else:
         requirement = kind
 

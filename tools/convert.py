@@ -41,8 +41,9 @@ from gpt.config import GPTConfig
 from gpt.device import dtype_name
 from gpt.gguf_export import GGUF_DTYPES
 from gpt.lora import merge_lora
+from gpt.memory import check_model_fits
 from gpt.model import GPT
-from tokenizers_bpe.fileio import Stamp, atomic_directory, format_stamp, read_json
+from tokenizers_bpe.fileio import Stamp, atomic_directory, format_stamp, read_json, resolve_path
 from tools.cli import ArgumentParser, CLIError, command
 from tools.models import model_argument
 from tools.exports import check_gguf_output, gguf_exportable, hf_tokenizer_content, write_gguf_atomically, write_hf_tokenizer
@@ -178,7 +179,7 @@ def config_from_hf(hf: dict, path: Path) -> GPTConfig:
     n_embd = hf.get("n_embd", 768)
     unsupported = {
         "activation_function": hf.get("activation_function", "gelu_new") not in HF_TANH_GELUS,
-        "n_inner": hf.get("n_inner") not in (None, 4 * n_embd),
+        "n_inner": hf.get("n_inner") not in (None, 4 * n_embd if isinstance(n_embd, int) else n_embd),
         "scale_attn_weights": hf.get("scale_attn_weights", True) is not True,
         "scale_attn_by_inverse_layer_idx": hf.get("scale_attn_by_inverse_layer_idx", False) is not False,
         "add_cross_attention": hf.get("add_cross_attention", False) is not False,
@@ -187,7 +188,7 @@ def config_from_hf(hf: dict, path: Path) -> GPTConfig:
         if bad:
             raise CLIError(f"{path}: {key}={hf.get(key)!r} is not GPT-2's architecture and cannot be imported")
     try:
-        return GPTConfig(
+        config = GPTConfig(
             vocab_size=hf.get("vocab_size", 50257),
             n_ctx=hf.get("n_positions", hf.get("n_ctx", 1024)),
             n_embd=n_embd,
@@ -197,8 +198,10 @@ def config_from_hf(hf: dict, path: Path) -> GPTConfig:
             layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
             tie_embeddings=hf.get("tie_word_embeddings", True),
         )
-    except ValueError as e:
+        check_model_fits(config, what=str(path))  # before a weight is read
+    except (ValueError, TypeError) as e:
         raise CLIError(f"{path}: {e}") from None
+    return config
 
 
 def config_to_hf(config: GPTConfig, dtype: torch.dtype, eot_token: int | None) -> dict:
@@ -232,8 +235,13 @@ def config_to_hf(config: GPTConfig, dtype: torch.dtype, eot_token: int | None) -
 def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
     """model.safetensors (single or sharded), else pytorch_model.bin without pickle code execution."""
     index = src / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(read_json_file(index, "the shard index").get("weight_map", {}).values()))
+    if index.exists():
+        weight_map = read_json_file(index, "the shard index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
+            raise CLIError(f"{index}: \"weight_map\" must be an object mapping tensor names to shard file names")
+        files = sorted(set(weight_map.values()))
+        if any(Path(name).name != name for name in files):
+            raise CLIError(f"{index}: a shard file name in \"weight_map\" holds a directory; shards lie beside the index")
     elif (src / "model.safetensors").is_file():
         files = ["model.safetensors"]
     elif (src / "pytorch_model.bin").is_file():
@@ -285,6 +293,11 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: GPTConfig) -> 
             name = "transformer." + name  # files saved from GPT2Model have no prefix
         if name == "lm_head.weight" and config.tie_embeddings:
             continue  # the same tensor as transformer.wte.weight
+        if not tensor.is_floating_point() or tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"tensor {name} has dtype {str(tensor.dtype).removeprefix('torch.')}; GPT-2 weights are "
+                             "float32, float16 or bfloat16")
+        if is_conv1d_weight(name) and tensor.dim() != 2:
+            raise ValueError(f"tensor {name} has {tensor.dim()} dimensions; a Conv1D weight has 2")
         state[name] = tensor.t().contiguous() if is_conv1d_weight(name) else tensor
     return state
 
@@ -330,7 +343,10 @@ def hf_import(src: Path, out: Path, tokenizer_file: Path | None = None) -> GPT:
         tokenizer = load_tokenizer_file(tokenizer_file)
     else:
         tokenizer = load_gpt2_tokenizer(src / "vocab.json", src / "merges.txt", "pass the tokenizer with --tokenizer FILE")
-    state = state_dict_from_hf(read_hf_weights(src), config)
+    try:
+        state = state_dict_from_hf(read_hf_weights(src), config)
+    except ValueError as e:
+        raise CLIError(f"{src}: {e}") from None
     return save_converted(out, config, state, tokenizer, str(src))
 
 
@@ -371,7 +387,7 @@ def merge_checkpoint(src: Path, out: Path) -> None:
     model = GPT.from_pretrained(src)
     if getattr(model, "lora_config", None) is None:
         raise ValueError(f"{src}: this checkpoint has no LoRA adapters (no \"lora\" section in config.json); nothing to merge")
-    if src.resolve() == out.resolve():
+    if resolve_path(src) == resolve_path(out):
         raise ValueError(f"OUT must differ from SRC ({src}); the merged model is a new checkpoint")
     merge_lora(model)
     with atomic_directory(out, CHECKPOINT_STAMP) as tmp:

@@ -72,7 +72,8 @@ from tokenizers_bpe.fileio import atomic_write, read_json
 from tools.cli import ArgumentParser, CLIError, command
 from tools.models import model_argument
 from tools.outputs import check_writable_dir
-from tools.training import add_train_options, check_memory, check_run_dir, exit_code, run_training, train_config
+from tools.training import (add_train_options, check_memory, check_run_dir, exit_code, removed_after_early_error, run_training,
+                            train_config)
 
 PROG = "gpt-finetune"
 FLAGS = {"block_size": "--max-length"}  # a micro-batch's length is set by --max-length here
@@ -351,7 +352,8 @@ def run_instruct(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run_classify(args) if args.command == "classify" else run_instruct(args)
+        with removed_after_early_error(args.out):
+            return run_classify(args) if args.command == "classify" else run_instruct(args)
     finally:
         if torch_dist.is_initialized():
             torch_dist.destroy_process_group()

@@ -14,6 +14,7 @@ import torch
 
 from gpt import compile_cache
 from gpt.device import DTYPES, resolve_device, resolve_inference_dtype
+from gpt.memory import check_generation_fits
 from gpt.model import GPT
 from gpt.prompt_template import format_instruction_prompt
 from gpt.checkpoint import check_same_tokenizer
@@ -190,6 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ids = _encode_prompt(tok, text, args.allow_special, model.config.n_ctx)
     except UnknownCharacterError as e:
         raise CLIError(f"the prompt: {e}; use only text the model's tokenizer knows") from None
+    positions = min(model.config.n_ctx, len(ids) + settings["max_new_tokens"])
+    for m in (model, draft):
+        if m is not None:  # before any cache is allocated: a CPU process out of memory is killed, not told
+            check_generation_fits(m.config, args.num_samples, positions, m.transformer.wte.weight.element_size(), device)
     # The time to first token counts from here: quantizing, building the int8 kernel on a first run,
     # loading compiled code and compiling are part of the wait (loading the checkpoint is not).
     start = time.perf_counter()

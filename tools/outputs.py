@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterable
 
 from tokenizers_bpe.errors import OutputError
-from tokenizers_bpe.fileio import Stamp, check_replaceable
+from tokenizers_bpe.fileio import Stamp, check_replaceable, resolve_path
 
 
 def check_writable_dir(path: str | os.PathLike, what: str = "--out", *, keep: bool = True) -> Path:
@@ -42,11 +42,11 @@ def check_writable_dir(path: str | os.PathLike, what: str = "--out", *, keep: bo
 def check_not_an_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], flag: str) -> None:
     """An OutputError when the output ``out`` is one of ``inputs`` or a directory holding one of them
     (writing it would destroy the input)."""
-    target = Path(out).resolve()
+    target = resolve_path(out)
     for given in inputs:
         if given is None:
             continue
-        source = Path(given).resolve()
+        source = resolve_path(given)
         if source == target or target in source.parents:
             what = "is" if source == target else "holds"
             raise OutputError(out, f"{flag} {out} {what} the input {given}; writing it would destroy that input, choose another path")

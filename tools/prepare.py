@@ -30,7 +30,8 @@ from tqdm import tqdm
 import tokenizers_bpe
 from gpt.data import DATA_STAMP, META_FILE, SPLITS, DataMeta, SplitInfo, token_dtype
 from tokenizers_bpe import TOKENIZER_FILE, BPETokenizer, UnknownCharacterError
-from tokenizers_bpe.fileio import atomic_directory, atomic_write, check_text_file, read_file_blocks
+from tokenizers_bpe.fileio import atomic_directory, atomic_write, check_text_file, read_file_blocks, resolve_path
+from tokenizers_bpe.trainer import quiet_worker
 from tokenizers_bpe.patterns import CHUNK_CUT_LOOKAHEAD, CHUNK_CUT_LOOKBEHIND, chunk_cut_regex, chunk_cut_rule
 from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_tokenizer_arguments, command, integer, number
 from tools.corpus import BUILTIN_CORPORA, plays
@@ -156,8 +157,10 @@ def plan_splits(docs: list[Document], train_bytes: int, chunk_bytes: int, cuts: 
 _worker_tokenizer = None
 
 
-def _init_worker(tokenizer_path: str, pattern: str | None) -> None:
+def _init_worker(tokenizer_path: str, pattern: str | None, quiet: bool = True) -> None:
     global _worker_tokenizer
+    if quiet:
+        quiet_worker()
     _worker_tokenizer = tokenizers_bpe.load_any(tokenizer_path, pattern=pattern)
 
 
@@ -190,7 +193,7 @@ def plan_data(files: Sequence[str], builtin: str | None, pattern: str | None, *,
     """Every check of the input before any encoding: the files (readable, UTF-8), and a train/val cut
     that leaves neither split empty for a tokenizer with ``pattern`` (None: char-level)."""
     docs = documents(files, builtin)
-    sources = [{"path": str(Path(f).resolve()), "bytes": Path(f).stat().st_size} for f in files]
+    sources = [{"path": str(resolve_path(f)), "bytes": Path(f).stat().st_size} for f in files]
     if builtin:
         sources.append({"builtin": builtin, "bytes": sum(d.bytes for d in docs if d.name.startswith("builtin:"))})
     chunk_bytes = max(1, int(chunk_mb * 2**20))
@@ -211,7 +214,7 @@ def prepare(plan: DataPlan, tokenizer, tokenizer_path: str, out: Path, *, append
     eot = np.array([tokenizer.eot_token], dtype=dtype) if append_eot else None
     pool = Pool(workers, initializer=_init_worker, initargs=(tokenizer_path, pattern)) if workers > 1 else None
     if pool is None:
-        _init_worker(tokenizer_path, pattern)
+        _init_worker(tokenizer_path, pattern, quiet=False)
     try:
         with atomic_directory(out, DATA_STAMP) as tmp, tqdm(total=total, unit="B", unit_scale=True, desc="gpt-prepare", disable=not progress) as bar:
             files = {name: open(tmp / info.file, "wb") for name, info in splits.items()}
@@ -231,7 +234,7 @@ def prepare(plan: DataPlan, tokenizer, tokenizer_path: str, out: Path, *, append
                         arr = np.asarray(ids, dtype=dtype)
                         if c.doc_end and eot is not None:
                             arr = np.concatenate([arr, eot])
-                        arr.tofile(files[c.split])
+                        files[c.split].write(arr.tobytes())  # (tofile hides the errno of a full disk)
                         info = splits[c.split]
                         info.tokens += len(arr)
                         info.bytes += c.nbytes
@@ -251,6 +254,10 @@ def prepare(plan: DataPlan, tokenizer, tokenizer_path: str, out: Path, *, append
             with atomic_write(tmp / META_FILE) as f:
                 json.dump(meta.to_dict(), f, indent=2)
                 f.write("\n")
+    except BaseException:
+        if pool is not None:
+            pool.terminate()  # an interrupt or an error: the work in flight is not needed
+        raise
     finally:
         if pool is not None:
             pool.close()

@@ -22,7 +22,6 @@ import dataclasses
 import json
 import math
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,11 +37,12 @@ from gpt.run_state import RUN_CONFIG_FILE, RunDirectory
 from gpt.sampling import SAMPLING_DEFAULTS, generate
 from gpt.trainer import Trainer
 from tokenizers_bpe import TOKENIZER_FILE
-from tokenizers_bpe.fileio import decode_utf8
+from tokenizers_bpe.errors import InputFileError
+from tokenizers_bpe.fileio import read_json, read_options_file, resolve_path
 from tools.cli import ArgumentParser, CLIError, command, parse_bool
 from tools.models import check_kernels_backend, model_argument
 from tools.outputs import check_not_an_input, check_writable_dir
-from tools.train_text import check_no_text_options, plan_text_stages, text_mode
+from tools.train_text import TEXT_OPTIONS, check_no_text_options, plan_resumed_text_stages, plan_text_stages, text_mode, trained_fingerprint
 from tools.training import (
     add_option,
     check_disk,
@@ -50,6 +50,7 @@ from tools.training import (
     check_run_dir,
     exit_code,
     option_table,
+    removed_after_early_error,
     run_training,
     train_config,
 )
@@ -58,8 +59,8 @@ PROG = "gpt-train"
 
 # The model shape options; anything not given comes from --preset.
 MODEL_OPTIONS = ("n_layer", "n_head", "n_embd", "n_ctx", "dropout", "bias", "pos_embedding", "backend")
-# Options that define the run and cannot change on --resume.
-FIXED_ON_RESUME = ("data", "preset", "init_from", "vocab_size", "block_size", "seed", *MODEL_OPTIONS)
+# Options that define the run and cannot change on --resume: the model, and the text its data was made of.
+FIXED_ON_RESUME = ("data", "preset", "init_from", "vocab_size", "block_size", "seed", *MODEL_OPTIONS, *TEXT_OPTIONS, "tokenizer")
 
 
 def build_parser() -> ArgumentParser:
@@ -80,13 +81,12 @@ NOT_OPTIONS = ("derived", "format", "format_version")  # what run_config.json re
 def read_config_file(path: str | Path, flag: str = "--config") -> dict[str, Any]:
     """Options from a TOML/JSON file, each value checked by its flag's own parser."""
     p = Path(path)
-    if not p.is_file():
-        raise CLIError(f"{flag} {p} does not exist" if not p.exists() else f"{flag} {p} is not a file")
+    if not p.exists() and not p.is_symlink():
+        raise CLIError(f"{flag} {p} does not exist")
     try:
-        text = decode_utf8(p.read_bytes(), str(p))
-        raw = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise CLIError(f"{flag} {p}: not valid {'JSON' if p.suffix == '.json' else 'TOML'} ({e})") from None
+        raw = read_options_file(p)
+    except InputFileError as e:
+        raise CLIError(f"{flag} {e}") from None
     if not isinstance(raw, dict):
         raise CLIError(f"{flag} {p}: expected a table of options")
     types = {name: typ for name, typ, _, _ in option_table()}
@@ -124,10 +124,10 @@ def effective_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict | 
         if not path.is_file():
             raise CLIError(f"--resume {run_dir}: {path.name} is missing; this is not a gpt-train run directory")
         options = read_config_file(path, "--resume")
-        saved_raw = json.loads(path.read_text(encoding="utf-8"))
+        saved_raw = read_json(path)
         opts.update(options)
         saved = {"options": options, "derived": saved_raw.get("derived", {})}
-        if "out" in given and Path(given["out"]).resolve() != run_dir.resolve():
+        if "out" in given and resolve_path(given["out"]) != resolve_path(run_dir):
             raise CLIError(f"--out {given['out']} differs from --resume {run_dir}; give only --resume")
         opts["out"] = str(run_dir)
     if args.config:
@@ -135,20 +135,34 @@ def effective_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict | 
     opts.update(given)
     if saved is not None:
         for name in FIXED_ON_RESUME:
-            if opts[name] != saved["options"].get(name):
+            if _normal(name, opts[name]) != _normal(name, saved["options"].get(name)):
                 used = saved["options"].get(name)
                 if used is None:  # the run took it from its preset or data: say which value that was
                     derived = saved["derived"]
                     used = derived.get("model", {}).get(name, derived.get(name))
-                raise CLIError(f"--{name.replace('_', '-')} cannot change when resuming (the run used {used!r})")
+                if name == "files":
+                    raise CLIError(f"the text FILEs cannot change when resuming (the run was made of {' '.join(used or ()) or 'no FILEs'}); "
+                                   "give only --resume RUN_DIR, or start a new run")
+                used = "its default" if used is None else repr(used)
+                raise CLIError(f"--{name.replace('_', '-')} cannot change when resuming (the run used {used})")
     if not (opts["data"] or opts["files"] or opts["builtin"]):
         raise CLIError("nothing to train on: give text FILEs (a tokenizer and the data are made from them), --builtin shakespeare, "
                        "or --data DATA_DIR (from gpt-prepare); or --resume RUN_DIR")
     if not opts["out"]:
         raise CLIError("--out RUN_DIR is required (or --resume RUN_DIR)")
-    if opts["threads"] is not None and opts["threads"] < 1:
-        raise CLIError(f"--threads must be at least 1, got {opts['threads']}")
     return opts, saved
+
+
+def _normal(name: str, value):
+    """An option's value for comparing a resumed run's with the command's (an absent list is an empty
+    one, a file is itself by whichever path it is named)."""
+    if name == "files":
+        return [str(resolve_path(f)) for f in value or ()]
+    if name == "special":
+        return list(value or ())
+    if name in ("char", "append_eot"):
+        return bool(value)
+    return value
 
 
 def build_model(opts: dict, meta, tokenizer):
@@ -169,6 +183,11 @@ def build_model(opts: dict, meta, tokenizer):
         model.load_state_dict(base.state_dict())
         return model
     vocab_size = opts["vocab_size"] or meta.n_vocab
+    if text_mode(opts) and not opts["tokenizer"] and vocab_size != meta.n_vocab:
+        # In text mode --vocab-size is the tokenizer's target; text with fewer distinct merges gives fewer.
+        print(f"{PROG}: note: the tokenizer trained on the text has {meta.n_vocab:,} tokens, not the {vocab_size:,} of "
+              "--vocab-size (the text holds no more); the model takes its size", file=sys.stderr)
+        vocab_size = meta.n_vocab
     if vocab_size < meta.n_vocab:
         raise CLIError(f"the tokenizer has {meta.n_vocab} tokens, more than --vocab-size {vocab_size}; raise --vocab-size or drop it")
     if vocab_size != meta.n_vocab:
@@ -232,14 +251,15 @@ def run(opts: dict, resume: bool, saved: dict | None) -> int:
     try:
         tokenizer_path = opts["tokenizer"]
         if text_mode(opts):
-            stages = plan_text_stages(opts, out)
-            if not (resume and stages.done()):
+            # A resumed run keeps the tokenizer its checkpoints were trained with, whatever the text is now.
+            stages = plan_resumed_text_stages(opts, out, saved) if resume else plan_text_stages(opts, out)
+            if not stages.done():
                 if not opts["init_from"]:
                     vocab = stages.recipe.vocab_size if stages.recipe else tokenizers_bpe.load_any(stages.tokenizer_path).n_vocab
                     check_model_options(opts, vocab, cfg)
                 check_writable_dir(out, "--out")
                 run_dir.open()  # the run's lock from the first stage on, and its stamp
-                run_dir.write_config({**opts, "data": str(stages.data_dir), "derived": {}})
+                run_dir.write_config({**opts, "data": str(stages.data_dir), "derived": saved["derived"] if saved else {}})
                 stages.run(PROG)
             opts, tokenizer_path = {**opts, "data": str(stages.data_dir)}, None  # the data directory's copy
         else:
@@ -253,8 +273,8 @@ def train(opts: dict, resume: bool, saved: dict | None, cfg, tokenizer_path: str
     """The training stage: on the data directory, with its tokenizer (or ``tokenizer_path``)."""
     out, data_dir = Path(opts["out"]), Path(opts["data"])
     meta, tokenizer, train_tokens, val_tokens = check_data(data_dir, tokenizer_path)
-    if saved is not None and saved["derived"].get("tokenizer_fingerprint") not in (None, meta.tokenizer_fingerprint):
-        raise CLIError(f"--resume {out}: the run was trained on data with another tokenizer than {data_dir}")
+    if resume and trained_fingerprint(out, saved) not in (None, meta.tokenizer_fingerprint):
+        raise CLIError(f"--resume {out}: the run was trained with another tokenizer than the one {data_dir} was prepared with")
     model = build_model(opts, meta, tokenizer)
     model.tokenizer = tokenizer
     block_size = opts["block_size"] or model.config.n_ctx
@@ -300,7 +320,8 @@ def train(opts: dict, resume: bool, saved: dict | None, cfg, tokenizer_path: str
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     opts, saved = effective_options(args)
-    return run(opts, resume=bool(args.resume), saved=saved)
+    with removed_after_early_error(opts["out"]):
+        return run(opts, resume=bool(args.resume), saved=saved)
 
 
 if __name__ == "__main__":

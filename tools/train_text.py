@@ -14,7 +14,9 @@ from pathlib import Path
 
 import tokenizers_bpe
 from gpt.data import load_meta
+from gpt.run_state import checkpoint_dirs
 from tokenizers_bpe import ENDOFTEXT, TOKENIZER_FILE
+from tokenizers_bpe.fileio import read_json
 from tokenizers_bpe.patterns import resolve_pattern
 from tokenizers_bpe.trainer import DEFAULT_MIN_FREQUENCY, DEFAULT_SPECIAL_TOKENS
 from tools.bpe_inspect import describe_sizes
@@ -38,7 +40,7 @@ class TextStages:
     out: Path
     recipe: TokenizerRecipe | None  # None: an existing tokenizer (--tokenizer) is used
     tokenizer_path: Path
-    plan: DataPlan
+    plan: DataPlan | None  # None: the data is complete (a resumed run), nothing to plan
     append_eot: bool
     progress: bool
 
@@ -106,6 +108,51 @@ def plan_text_stages(opts: dict, out: Path) -> TextStages:
     plan = plan_data(files, builtin, pattern, val_fraction=opts["val_fraction"] or DEFAULT_VAL_FRACTION, chunk_mb=1.0,
                      progress=opts["progress"])
     return TextStages(out, recipe, tokenizer_path, plan, bool(opts["append_eot"]), opts["progress"])
+
+
+def trained_fingerprint(out: Path, saved: dict | None) -> str | None:
+    """The fingerprint of the tokenizer a run's model was trained with: its newest step checkpoint's
+    (config.json records it), else what run_config.json recorded; None before any training."""
+    for _, directory in reversed(checkpoint_dirs(out)):
+        try:
+            meta = read_json(directory / "config.json")
+            return meta["tokenizer"]["fingerprint"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a corrupt checkpoint: the trainer sets it aside
+    return (saved or {}).get("derived", {}).get("tokenizer_fingerprint")
+
+
+def plan_resumed_text_stages(opts: dict, out: Path, saved: dict | None) -> TextStages:
+    """The text stages of ``--resume``: none when the run's data is complete (its text is not read:
+    the FILEs may be gone); else the data prepared again with the run's own tokenizer, never a new one,
+    since the checkpoints were trained with it. Nothing is written by this check."""
+    expected = trained_fingerprint(out, saved)
+    data_dir = out / DATA_DIR
+    tokenizer_path = Path(opts["tokenizer"]) if opts["tokenizer"] else out / TOKENIZER_FILE
+    try:
+        meta = load_meta(data_dir)
+    except ValueError:
+        meta = None
+    if meta is not None:
+        if expected is not None and meta.tokenizer_fingerprint != expected:
+            raise CLIError(f"--resume {out}: {data_dir} was prepared with another tokenizer than the one the run's checkpoints "
+                           "were trained with; remove it to prepare it again with the run's tokenizer")
+        return TextStages(out, None, tokenizer_path, None, bool(opts["append_eot"]), opts["progress"])
+    if expected is None:  # nothing trained yet: the stages run as the first time
+        return plan_text_stages(opts, out)
+    try:
+        tokenizer = tokenizers_bpe.load_any(tokenizer_path)
+    except ValueError:
+        tokenizer = None
+    if tokenizer is None or tokenizer.fingerprint() != expected:
+        raise CLIError(f"--resume {out}: its data must be prepared again, but {tokenizer_path} is "
+                       f"{'missing or unreadable' if tokenizer is None else 'another tokenizer'}, not the one the run's "
+                       "checkpoints were trained with; restore it (a checkpoint directory holds a copy)")
+    print(f"gpt-train: note: {data_dir} is missing or incomplete; preparing it again from the text with the run's tokenizer "
+          f"{tokenizer_path}", file=sys.stderr)
+    plan = plan_data(list(opts["files"] or ()), opts["builtin"], tokenizer_pattern(tokenizer),
+                     val_fraction=opts["val_fraction"] or DEFAULT_VAL_FRACTION, chunk_mb=1.0, progress=opts["progress"])
+    return TextStages(out, None, tokenizer_path, plan, bool(opts["append_eot"]), opts["progress"])
 
 
 def check_no_text_options(opts: dict) -> None:

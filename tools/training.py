@@ -5,23 +5,25 @@ running the Trainer under the exit-code table."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import shutil
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from gpt.config import POS_EMBEDDINGS, PRESETS
 from gpt.device import DTYPES
 from gpt.memory import check_micro_batch_fits
 from gpt.run_state import LOCK_FILE, RUN_STAMP, RunDirectory, TrainResult, holds_run
 from gpt.sampling import SAMPLING_DEFAULTS
-from gpt.train_config import TrainConfig
+from gpt.train_config import MAX_SEED, TrainConfig
 from gpt.trainer import Trainer, TrainingDiverged
 from gpt2_kernels import BACKENDS
 from tokenizers_bpe.errors import NoSpaceError, OutputError, SettingError
 from tokenizers_bpe.fileio import check_replaceable, free_bytes
 from tools.bpe_train import memory_size
-from tools.cli import CLIError, ExitCode, choice, device_name, flag, integer, number, parse_bool, pattern_argument
+from tools.cli import CLIError, ExitCode, choice, device_name, flag, integer, max_threads, number, parse_bool, pattern_argument
 from tools.corpus import BUILTIN_CORPORA
 
 DEFAULT_PRESET = "shakespeare-cpu"
@@ -79,7 +81,7 @@ def option_table() -> list[tuple[str, Any, Any, str]]:
         ("log_interval", integer(1), t.log_interval, "a training line in metrics.jsonl every N steps"),
         ("checkpoint_interval", integer(1), None, "write RUN_DIR/checkpoints/step-N every N steps (default: --eval-interval)"),
         ("keep_last", integer(1), t.keep_last, "step checkpoints to keep"),
-        ("seed", integer(0), t.seed, "random seed; the same seed gives the same run on CPU"),
+        ("seed", integer(0, MAX_SEED), t.seed, "random seed; the same seed gives the same run on CPU"),
         ("device", device_name, t.device, "auto, cpu, cuda or cuda:N"),
         ("dtype", choice("auto", *DTYPES), t.dtype, "auto, float32, bfloat16 or float16 (CUDA only, with a GradScaler)"),
         ("compile", parse_bool, t.compile, "torch.compile the model (true/false)"),
@@ -88,7 +90,7 @@ def option_table() -> list[tuple[str, Any, Any, str]]:
                                            f"top-p {SAMPLING_DEFAULTS['top_p']}, as gpt-generate"),
         ("sample_prompt", str, "\n", "prompt of that sample"),
         ("progress", parse_bool, t.progress, "show a progress bar (true/false)"),
-        ("threads", int, None, "CPU threads for PyTorch (default: PyTorch's choice, one per core); 1 is much faster on a machine busy with other work"),
+        ("threads", integer(1, max_threads()), None, "CPU threads for PyTorch (default: PyTorch's choice, one per core); 1 is much faster on a machine busy with other work"),
     ]
 
 
@@ -164,6 +166,24 @@ def check_disk(prog: str, model, cfg: TrainConfig, out: Path) -> None:
         print(f"{prog}: warning: the run's checkpoints need about {need / 1e6:,.0f} MB ({cfg.keep_last + 1} step checkpoints "
               f"of {(weights + moments) / 1e6:,.0f} MB, best/ and final/) but {out} has {free / 1e6:,.0f} MB free; "
               "lower --keep-last or free some space", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def removed_after_early_error(out: str | Path | None) -> Iterator[None]:
+    """The run directory ``out``, when this command creates it, is removed again if the command stops
+    on an error (a bad input found late, a loss that is NaN from the first step) before the directory
+    holds a run (a step checkpoint or ``final/``): an error leaves no directory of nothing useful, nor
+    its lock files. An interrupt keeps it: the same command or --resume goes on from it."""
+    out = Path(out) if out else None
+    created = out is not None and not out.exists() and not out.is_symlink()
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        if created and out.is_dir() and not holds_run(out):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def run_training(trainer: Trainer, resume: bool, resume_command: str) -> TrainResult:

@@ -37,7 +37,7 @@ def one_line_error(capsys, prog: str = "gpt-train") -> str:
 
 
 BAD_OPTIONS = {
-    "--seed": ("-1", "integer >= 0"),
+    "--seed": ("-1", "integer in [0, 2147483647]"),
     "--lr": ("inf", "--lr"),
     "--weight-decay": ("nan", "--weight-decay"),
     "--grad-clip": ("nan", "--grad-clip"),

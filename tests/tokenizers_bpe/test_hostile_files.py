@@ -1,0 +1,132 @@
+"""Files nothing should trust (issue 23): JSON/TOML nested absurdly deep or larger than the format
+needs, FIFOs and devices given as inputs or outputs, symlink loops, a full disk at the lock. Each is a
+typed one-line error, found without opening what could block or never end."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+
+import pytest
+
+import tokenizers_bpe
+from tokenizers_bpe.errors import InputFileError, NoSpaceError, OutputError
+from tokenizers_bpe.fileio import (
+    MAX_NESTING,
+    Stamp,
+    atomic_write,
+    check_regular_file,
+    check_replaceable,
+    parse_json,
+    parse_toml,
+    read_json,
+    read_options_file,
+    resolve_path,
+)
+
+STAMP = Stamp("test-output", "a test output")
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"a":' * 100_000 + "1" + "}" * 100_000,
+                                  "[" * (MAX_NESTING + 1) + "]" * (MAX_NESTING + 1)])
+def test_json_nested_too_deep_is_a_one_line_error(tmp_path, text):
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    with pytest.raises(InputFileError, match="nested more than"):
+        read_json(path)
+
+
+def test_json_nested_within_the_limit_is_read(tmp_path):
+    value = 1
+    for _ in range(MAX_NESTING - 1):
+        value = [value]
+    assert parse_json(json.dumps(value), "x") == value
+
+
+@pytest.mark.parametrize("text", ["a = " + "[" * 100_000 + "]" * 100_000, "a = " + "[" * 40 + "]" * 40,
+                                  "a = " + "{b = " * 50 + "1" + "}" * 50])
+def test_toml_nested_too_deep_is_a_one_line_error(text):
+    with pytest.raises(InputFileError, match="nested"):
+        parse_toml(text, "run.toml")
+
+
+def test_options_file_by_suffix_and_size(tmp_path):
+    (tmp_path / "a.toml").write_text("lr = 0.1\n")
+    (tmp_path / "a.json").write_text('{"lr": 0.1}')
+    assert read_options_file(tmp_path / "a.toml") == read_options_file(tmp_path / "a.json") == {"lr": 0.1}
+    big = tmp_path / "big.json"
+    big.write_text("[" + "0," * 20 + "0]")
+    with pytest.raises(InputFileError, match="more than a JSON file can need"):
+        read_json(big, max_bytes=10)
+
+
+def test_fifo_input_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "tok.fifo"
+    os.mkfifo(fifo)
+    result = []
+    worker = threading.Thread(target=lambda: result.append(pytest.raises(ValueError, tokenizers_bpe.load_any, fifo)), daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), "opening a FIFO blocked"
+    assert "FIFO" in str(result[0].value)
+    with pytest.raises(InputFileError, match="FIFO"):
+        read_json(fifo)
+    with pytest.raises(ValueError, match="FIFO"):
+        tokenizers_bpe.fileio.check_text_file(fifo)
+
+
+def test_device_and_fifo_outputs_are_refused_without_reading_them(tmp_path):
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    for path, kind in ((fifo, "FIFO"), ("/dev/full", "device"), ("/dev/zero", "device")):
+        with pytest.raises(OutputError, match=kind):
+            check_replaceable(path, STAMP)
+
+
+def test_symlink_loops_are_errors_naming_the_link(tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(OutputError, match="symbolic link loop"):
+        check_replaceable(loop, STAMP)
+    with pytest.raises(InputFileError, match="symbolic link loop"):
+        resolve_path(loop)
+    with pytest.raises(InputFileError, match="symbolic link loop"):
+        check_regular_file(loop)
+    with pytest.raises(ValueError, match="symbolic link loop"):
+        tokenizers_bpe.fileio.check_text_file(loop)
+
+
+def test_dangling_symlink_output_is_an_error(tmp_path):
+    link = tmp_path / "out.json"
+    link.symlink_to(tmp_path / "nowhere" / "x.json")
+    with pytest.raises(OutputError, match="does not exist"):
+        check_replaceable(link, STAMP)
+
+
+def test_full_disk_at_the_lock_is_the_disk_message_and_leaves_nothing(tmp_path, monkeypatch):
+    real_dump = json.dump
+
+    def full(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and "pid" in obj:  # the lock's holder record
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_dump(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(json, "dump", full)
+    out = tmp_path / "tok.json"
+    with pytest.raises(NoSpaceError) as caught:
+        with atomic_write(out, stamp=STAMP) as f:
+            f.write("{}")
+    assert str(caught.value).startswith(f"{out}: no space left on the device")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_full_disk_in_a_write_leaves_nothing(tmp_path):
+    out = tmp_path / "out.txt"
+
+    with pytest.raises(NoSpaceError, match="no space left"):
+        with atomic_write(out) as f:
+            f.write("x")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []

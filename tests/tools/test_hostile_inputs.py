@@ -1,0 +1,326 @@
+"""Hostile files and edge numbers at the commands (issue 23): every bad input is one line and exit 2,
+every interrupt exit 130, nothing hangs, nothing is left after an error, a resumed run never trains on
+another tokenizer's ids."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import signal
+import shutil
+from multiprocessing import Pool
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import tools.prepare
+from tokenizers_bpe.trainer import quiet_worker
+from tools.cli import ExitCode, command
+from tools.convert import main as convert
+from tools.corpus import plays
+from tools.finetune import main as finetune
+from tools.generate import main as generate
+from tools.prepare import main as prepare
+from tools.train import main as train
+from tools.training import removed_after_early_error
+from tests.gpt.test_sampling import make_tiny_model, small_tokenizer
+
+QUICK = ["--progress", "false", "--sample-tokens", "0"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return small_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tok, tmp_path_factory):
+    path = tmp_path_factory.mktemp("hostile") / "model"
+    make_tiny_model(tok).save_pretrained(path)
+    return path
+
+
+def one_line(capsys, rc, *words, code=ExitCode.USER_ERROR):
+    err = capsys.readouterr().err
+    assert rc == code, err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in lines[0], err
+    return lines[0]
+
+
+def edited_copy(src: Path, dst: Path, **model) -> Path:
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["model"].update(model)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------- configs we read
+
+
+@pytest.mark.parametrize("model", [{"n_embd": 10**9}, {"n_layer": 200_000}, {"n_ctx": 10**30}, {"vocab_size": 2**63},
+                                   {"n_ctx": 10**12, "pos_embedding": "rope"}, {"n_embd": None}, {"n_layer": {"a": 1}}])
+def test_absurd_model_configs_are_one_line_in_every_command(ckpt, tmp_path, capsys, model):
+    bad = edited_copy(ckpt, tmp_path / "bad", **model)
+    name = next(iter(model))
+    one_line(capsys, generate(["--model", str(bad), "hi", "-n", "2"]), name)
+    one_line(capsys, convert(["hf-export", str(bad), str(tmp_path / "hf")]), name)
+    assert not (tmp_path / "hf").exists()
+    (tmp_path / "i.jsonl").write_text("".join(json.dumps({"instruction": f"a{i}", "output": "b"}) + "\n" for i in range(8)))
+    one_line(capsys, finetune(["instruct", "--model", str(bad), "--data", str(tmp_path / "i.jsonl"), "--out", str(tmp_path / "ft")]), name)
+    assert not (tmp_path / "ft").exists()
+
+
+def test_deep_generation_json_and_config_are_one_line(ckpt, tmp_path, capsys):
+    bad = edited_copy(ckpt, tmp_path / "deep")
+    (bad / "generation.json").write_text("[" * 100_000 + "]" * 100_000)
+    one_line(capsys, generate(["--model", str(bad), "hi"]), "generation.json", "nested")
+    (tmp_path / "deep.toml").write_text("lr = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    one_line(capsys, train(["--config", str(tmp_path / "deep.toml")]), "--config", "nested")
+
+
+@pytest.mark.parametrize("args", [["--temperature", "5e-324"], ["--top-p", "1e-300"], ["--repetition-penalty", "5e-324"],
+                                  ["--top-p", "5e-324", "--top-k", "none"], ["--temperature", "1e-40", "--repetition-penalty", "1e300"]])
+def test_edge_sampling_numbers_generate(ckpt, capsys, args):
+    assert generate(["--model", str(ckpt), "hi", "-n", "3", "--seed", "1", *args]) == 0, capsys.readouterr().err
+
+
+def test_edge_numbers_refused_in_one_line(ckpt, tmp_path, capsys, data_dir):
+    one_line(capsys, generate(["--model", str(ckpt), "hi", "--seed", str(10**30)]), "--seed")
+    one_line(capsys, generate(["--model", str(ckpt), "hi", "--seed", "-1"]), "--seed")
+    one_line(capsys, train(["--data", str(data_dir), "--out", str(tmp_path / "r"), "--threads", str(10**9)]), "--threads")
+    (tmp_path / "t.toml").write_text(f"threads = {10**9}\nseed = {2**64}\n")
+    one_line(capsys, train(["--config", str(tmp_path / "t.toml"), "--data", str(data_dir), "--out", str(tmp_path / "r")]), "--config")
+    assert not (tmp_path / "r").exists()
+
+
+def test_num_samples_beyond_memory_is_refused(ckpt, capsys, monkeypatch):
+    import gpt.memory
+    monkeypatch.setattr(gpt.memory, "available_memory_bytes", lambda: 2**30)
+    one_line(capsys, generate(["--model", str(ckpt), "hi", "--num-samples", "100000"]), "--num-samples")
+
+
+# ---------------------------------------------------------------------------------------------- hf-import
+
+
+@pytest.fixture(scope="module")
+def hf_dir(ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf") / "export"
+    assert convert(["hf-export", str(ckpt), str(out)]) == 0
+    return out
+
+
+def hf_copy(hf_dir, tmp_path, config=None, tensors=None, index=None):
+    d = tmp_path / "src"
+    shutil.copytree(hf_dir, d)
+    c = json.loads((d / "config.json").read_text())
+    c.update(config or {})
+    (d / "config.json").write_text(json.dumps(c))
+    if tensors:
+        state = load_file(str(d / "model.safetensors"))
+        tensors(state)
+        save_file(state, str(d / "model.safetensors"))
+    if index is not None:
+        (d / "model.safetensors.index.json").write_text(index if isinstance(index, str) else json.dumps(index))
+    return d
+
+
+def _first(state, suffix):
+    return next(k for k in state if k.endswith(suffix))
+
+
+@pytest.mark.parametrize("case, kwargs, word", [
+    ("n_layer", {"config": {"n_layer": 10**6}}, "n_layer"),
+    ("n_embd null", {"config": {"n_embd": None}}, "n_embd"),
+    ("n_embd dict", {"config": {"n_embd": {"a": 1}}}, "n_embd"),
+    ("n_head bool", {"config": {"n_head": True}}, "n_head"),
+    ("3-D conv", {"tensors": lambda s: s.update({_first(s, "attn.c_attn.weight"): s[_first(s, "attn.c_attn.weight")][None]})}, "3 dimensions"),
+    ("int64", {"tensors": lambda s: s.update({_first(s, "mlp.c_fc.weight"): s[_first(s, "mlp.c_fc.weight")].long()})}, "int64"),
+    ("weight_map list", {"index": {"weight_map": [1, 2]}}, "weight_map"),
+    ("weight_map int", {"index": {"weight_map": 5}}, "weight_map"),
+    ("weight_map values", {"index": {"weight_map": {"a": 3}}}, "weight_map"),
+    ("weight_map path", {"index": {"weight_map": {"a": "../model.safetensors"}}}, "weight_map"),
+    ("deep index", {"index": '{"a":' * 100_000 + "1" + "}" * 100_000}, "nested"),
+])
+def test_hf_import_validates_what_it_reads(hf_dir, tmp_path, capsys, case, kwargs, word):
+    src = hf_copy(hf_dir, tmp_path, **kwargs)
+    one_line(capsys, convert(["hf-import", str(src), str(tmp_path / "out")]), word)
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- interrupts
+
+
+def test_sigterm_is_an_interrupt_in_every_command(capsys):
+    @command("gpt-test")
+    def main(argv=None):
+        signal.raise_signal(signal.SIGTERM)
+        raise AssertionError("not reached")
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert main([]) == ExitCode.INTERRUPTED
+    assert capsys.readouterr().err == "gpt-test: interrupted\n"
+    assert signal.getsignal(signal.SIGTERM) == before  # restored after the command
+
+
+def test_pool_workers_leave_interrupts_to_the_parent():
+    with Pool(1, initializer=quiet_worker) as pool:
+        handlers = pool.apply(_handlers)
+    assert handlers == (signal.SIG_IGN, signal.SIG_DFL)
+
+
+def _handlers():
+    return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+
+def test_interrupted_prepare_exits_130_and_leaves_nothing(tmp_path, capsys, monkeypatch, tok):
+    text = tmp_path / "t.txt"
+    text.write_text(plays()[0].text())
+    tok.save(tmp_path / "tok.json")
+    terminated = []
+
+    class InterruptedPool:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def map(self, fn, items):
+            raise KeyboardInterrupt
+
+        def terminate(self):
+            terminated.append(True)
+
+        def close(self):
+            pass
+
+        def join(self):
+            pass
+
+    monkeypatch.setattr(tools.prepare, "Pool", InterruptedPool)
+    rc = prepare([str(text), "--tokenizer", str(tmp_path / "tok.json"), "-o", str(tmp_path / "data"), "--workers", "2", "--quiet"])
+    assert rc == ExitCode.INTERRUPTED and terminated == [True]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt", "tok.json"]
+
+
+def test_full_disk_in_prepare_is_the_disk_message(tmp_path, capsys, monkeypatch, tok):
+    text = tmp_path / "t.txt"
+    text.write_text(plays()[0].text())
+    tok.save(tmp_path / "tok.json")
+    real = tools.prepare.atomic_write
+
+    def full(path, *args, **kwargs):
+        if Path(path).name == "meta.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(tools.prepare, "atomic_write", full)
+    rc = prepare([str(text), "--tokenizer", str(tmp_path / "tok.json"), "-o", str(tmp_path / "data"), "--workers", "1", "--quiet"])
+    one_line(capsys, rc, f"{tmp_path / 'data'}: no space left on the device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt", "tok.json"]
+
+
+# ---------------------------------------------------------------------------------------------- leftovers
+
+
+def test_an_early_error_removes_the_run_directory_it_created(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError):
+        with removed_after_early_error(out):
+            out.mkdir()
+            (out / ".lock").write_text("{}")
+            raise ValueError("late")
+    assert not out.exists()
+    out.mkdir()  # one that was there before is the user's: kept
+    with pytest.raises(ValueError), removed_after_early_error(out):
+        raise ValueError("late")
+    assert out.exists()
+    with pytest.raises(KeyboardInterrupt), removed_after_early_error(tmp_path / "new"):
+        (tmp_path / "new").mkdir()
+        raise KeyboardInterrupt  # an interrupt keeps what the same command resumes from
+    assert (tmp_path / "new").exists()
+
+
+def test_nan_loss_at_the_first_step_leaves_no_run(ckpt, data_dir, tmp_path, capsys, tok):
+    nan = tmp_path / "nan"
+    model = make_tiny_model(tok)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(math.nan)
+    model.save_pretrained(nan)
+    (tmp_path / "i.jsonl").write_text("".join(json.dumps({"instruction": f"say {i}", "output": f"ok {i}"}) + "\n" for i in range(8)))
+    rc = finetune(["instruct", "--model", str(nan), "--data", str(tmp_path / "i.jsonl"), "--out", str(tmp_path / "ft"),
+                   "--max-steps", "2", "--progress", "false"])
+    assert rc in (ExitCode.USER_ERROR, ExitCode.DIVERGED)
+    capsys.readouterr()
+    assert not (tmp_path / "ft").exists()
+
+
+def test_bad_kernels_backend_leaves_no_run(ckpt, tmp_path, capsys, monkeypatch):
+    (tmp_path / "i.jsonl").write_text("".join(json.dumps({"instruction": f"a{i}", "output": "b"}) + "\n" for i in range(8)))
+    for variable in ("GPT2_KERNELS_BACKEND", "KERNELS_BACKEND"):
+        monkeypatch.setenv(variable, "garbage")
+        rc = finetune(["instruct", "--model", str(ckpt), "--data", str(tmp_path / "i.jsonl"), "--out", str(tmp_path / "ft")])
+        one_line(capsys, rc, "garbage")
+        assert not (tmp_path / "ft").exists()
+        monkeypatch.delenv(variable)
+
+
+# ---------------------------------------------------------------------------------------------- gpt-train FILE
+
+
+@pytest.fixture
+def finished_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("small.txt").write_text(plays()[3].text()[:40_000], encoding="utf-8")
+    assert train(["small.txt", "--out", "run", "--preset", "tiny", "--vocab-size", "300", "--max-steps", "2", "--batch-size", "2",
+                  "--block-size", "32", *QUICK]) == 0
+    return tmp_path / "run"
+
+
+def test_resume_refuses_changed_text_options_and_keeps_its_tokenizer(finished_run, capsys):
+    capsys.readouterr()
+    config = (finished_run / "run_config.json").read_bytes()
+    Path("other.txt").write_text("other text " * 500)
+    for args, word in ((["--val-fraction", "0.2"], "--val-fraction"), (["--pattern", "gpt4"], "--pattern"),
+                       (["--char", "true"], "--char"), (["--min-frequency", "3"], "--min-frequency"),
+                       (["other.txt"], "FILEs"), (["--builtin", "shakespeare"], "--builtin")):
+        one_line(capsys, train(["--resume", "run", "--max-steps", "3", *args]), word)
+    assert (finished_run / "run_config.json").read_bytes() == config
+    # Its text gone, a run whose data is complete still resumes.
+    Path("small.txt").rename("gone.txt")
+    assert train(["--resume", "run", "--max-steps", "3", *QUICK]) == 0
+    # Its data gone and its text changed: the data is prepared again with the run's own tokenizer.
+    Path("gone.txt").rename("small.txt")
+    with open("small.txt", "a", encoding="utf-8") as f:
+        f.write("zebra quokka " * 200)
+    tokenizer = (finished_run / "tokenizer.json").read_bytes()
+    shutil.rmtree(finished_run / "data")
+    assert train(["--resume", "run", "--max-steps", "4", *QUICK]) == 0
+    assert (finished_run / "tokenizer.json").read_bytes() == tokenizer
+    final = json.loads((finished_run / "final" / "config.json").read_text())["tokenizer"]["fingerprint"]
+    assert final == json.loads((finished_run / "data" / "meta.json").read_text())["tokenizer_fingerprint"]
+    # A tokenizer.json that is no longer the checkpoints' is refused before anything is rewritten.
+    shutil.rmtree(finished_run / "data")
+    small_tokenizer().save(Path("other.json"))
+    (finished_run / "tokenizer.json").write_bytes(Path("other.json").read_bytes())
+    before = sorted(p.name for p in finished_run.iterdir())
+    capsys.readouterr()
+    one_line(capsys, train(["--resume", "run", "--max-steps", "5", *QUICK]), "not the one the run's checkpoints")
+    assert sorted(p.name for p in finished_run.iterdir()) == before
+
+
+def test_text_mode_vocab_size_larger_than_the_text_gives(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    Path("tiny.txt").write_text("abc abd abe " * 300, encoding="utf-8")
+    rc = train(["tiny.txt", "--out", "run", "--preset", "tiny", "--vocab-size", "2000", "--max-steps", "1", "--batch-size", "2",
+                "--block-size", "16", *QUICK])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "the model takes its size" in err
+    n_vocab = json.loads((tmp_path / "run" / "data" / "meta.json").read_text())["n_vocab"]
+    assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["model"]["vocab_size"] == n_vocab < 2000
