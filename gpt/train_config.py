@@ -13,9 +13,9 @@ import torch.nn as nn
 
 from gpt.device import DTYPES
 from tokenizers_bpe.errors import SettingError
+from tokenizers_bpe.fileio import MAX_SEED
 
 
-MAX_SEED = 2**31 - 1  # seeds of torch, numpy (< 2**32, with the rank added) and random alike
 
 @dataclass
 class TrainConfig:

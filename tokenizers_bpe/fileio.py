@@ -282,6 +282,7 @@ def _replace_directory(path: Path, new: Path, stamp: Stamp | None) -> None:
 # ---------------------------------------------------------------------------------------------- input
 
 
+MAX_SEED = 2**31 - 1  # seeds of torch, numpy (< 2**32, with the rank added) and random alike
 MAX_NESTING = 32  # nothing we write nests deeper; a deeper file is hostile (the parsers recurse)
 MAX_CONFIG_BYTES = 16 << 20  # config.json, generation.json, meta.json, run_config.json, --config files...
 MAX_TOKENIZER_BYTES = 1 << 30  # tokenizer.json, encoder.json, .tiktoken (a 2**20-token vocabulary is ~100 MB)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from tools.outputs import check_output
 
 PROG = "bpe-train"
 DEFAULT_VOCAB_SIZE = 4096
+FRESH_PROCESS_ENV = "GPT2_TOOLKIT_BPE_TRAIN_CHILD"  # set in the fresh bpe-train that trains for a process holding torch
 EXAMPLES = """examples:
   bpe-train corpus.txt --vocab-size 4096 -o tokenizer.json
   bpe-train --builtin shakespeare --vocab-size 4096 -o tokenizer.json   (also: no FILE at all)
@@ -114,7 +116,7 @@ class TokenizerRecipe:
 
     def train(self, progress: bool) -> tuple[Tokenizer, list[str]]:
         """The tokenizer, and the warnings of training (e.g. a vocabulary the corpus cannot fill)."""
-        if self.max_memory is not None and current_rss() > self.max_memory // 4:
+        if self.max_memory is not None and current_rss() > self.max_memory // 4 and not os.environ.get(FRESH_PROCESS_ENV):
             return self._train_in_fresh_process(progress), []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -141,12 +143,39 @@ class TokenizerRecipe:
         args += ([] if self.workers is None else ["--workers", str(self.workers)]) + ([] if progress else ["--quiet"])
         with tempfile.TemporaryDirectory(prefix="bpe-train-") as tmp:
             out = Path(tmp) / TOKENIZER_FILE
-            done = subprocess.run([sys.executable, "-m", "tools.bpe_train", *args, "-o", str(out)], stdout=subprocess.DEVNULL)
-            if done.returncode == 130:
+            # The fresh process never starts another: however large it is, it trains in its own budget.
+            proc = subprocess.Popen([sys.executable, "-m", "tools.bpe_train", *args, "-o", str(out)], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, env={**os.environ, FRESH_PROCESS_ENV: "1"})
+            error = _relay_stderr(proc.stderr)
+            returncode = proc.wait()
+            if returncode == 130:
                 raise KeyboardInterrupt
-            if done.returncode:
-                raise CLIError(f"training the tokenizer failed (bpe-train exit {done.returncode}, its message above)")
+            if returncode:
+                raise CLIError(error or f"training the tokenizer failed (bpe-train exit {returncode}, its message above)")
             return load(out)
+
+
+_ERROR_PREFIX = f"{PROG}: error: ".encode()
+
+
+def _relay_stderr(stream) -> str | None:
+    """Copy a child bpe-train's stderr (warnings, progress bars) to ours as it comes, except its error
+    line, which is returned so that the command reports it as its own one line."""
+    error, pending = None, b""
+    for chunk in iter(lambda: stream.read1(4096), b""):
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            if line.startswith(_ERROR_PREFIX):
+                error = line[len(_ERROR_PREFIX):].decode("utf-8", "replace")
+            else:
+                sys.stderr.buffer.write(line + b"\n")
+        cut = pending.rfind(b"\r") + 1  # a progress bar redrawn in place: show it now
+        sys.stderr.buffer.write(pending[:cut])
+        pending = pending[cut:]
+        sys.stderr.flush()
+    if pending:
+        sys.stderr.buffer.write(pending)
+    return error
 
 
 @command(PROG, text_hint="fix the file or pass --errors replace to substitute U+FFFD")

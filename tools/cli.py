@@ -34,10 +34,9 @@ from typing import Callable, Mapping, Sequence
 
 from tqdm import tqdm
 
-from gpt.train_config import MAX_SEED
 from tokenizers_bpe import TIKTOKEN_ENCODINGS
 from tokenizers_bpe.errors import InvalidTextError, SettingError
-from tokenizers_bpe.fileio import decode_utf8
+from tokenizers_bpe.fileio import MAX_SEED, decode_utf8
 from tokenizers_bpe.patterns import resolve_pattern
 
 

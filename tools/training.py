@@ -17,11 +17,11 @@ from gpt.device import DTYPES
 from gpt.memory import check_micro_batch_fits
 from gpt.run_state import LOCK_FILE, RUN_STAMP, RunDirectory, TrainResult, holds_run
 from gpt.sampling import SAMPLING_DEFAULTS
-from gpt.train_config import MAX_SEED, TrainConfig
+from gpt.train_config import TrainConfig
 from gpt.trainer import Trainer, TrainingDiverged
 from gpt2_kernels import BACKENDS
 from tokenizers_bpe.errors import NoSpaceError, OutputError, SettingError
-from tokenizers_bpe.fileio import check_replaceable, free_bytes
+from tokenizers_bpe.fileio import MAX_SEED, check_replaceable, free_bytes
 from tools.bpe_train import memory_size
 from tools.cli import CLIError, ExitCode, choice, device_name, flag, integer, max_threads, number, parse_bool, pattern_argument
 from tools.corpus import BUILTIN_CORPORA
