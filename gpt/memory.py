@@ -9,20 +9,15 @@ from dataclasses import dataclass
 import torch
 
 from gpt.device import resolve_device, resolve_dtype
+from gpt2_kernels import memory_plan
 from gpt2_kernels.memory_plan import recompute_gelu
 from tokenizers_bpe.errors import SettingError
 
 
 def available_memory_bytes() -> int | None:
-    """Memory the OS can give without swapping (Linux ``MemAvailable``); None where unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    """Memory the OS can give without swapping (Linux ``MemAvailable``); None where unknown. The one
+    reader is gpt2_kernels.memory_plan's; this name is the seam the commands' checks (and tests) use."""
+    return memory_plan.available_memory_bytes("cpu")
 
 
 def micro_batch_bytes(n_layer: int, n_embd: int, vocab_size: int, batch_size: int, block_size: int, dtype: torch.dtype) -> int:
