@@ -4,7 +4,11 @@ as llama.cpp's "gpt2" BPE vocabulary, whose merges give our ids under llama.cpp'
 
 from __future__ import annotations
 
+import ast
 import json
+import os
+import shutil
+import subprocess
 
 import gguf
 import numpy as np
@@ -14,6 +18,7 @@ import torch
 
 import tokenizers_bpe
 from gpt.model import GPT, GPTConfig
+from gpt.sampling import generate
 from tokenizers_bpe.patterns import GPT2_PATTERN
 from tools.convert import main as convert
 from tools.corpus import plays
@@ -190,3 +195,38 @@ def test_replaces_only_its_own_output(tmp_path, capsys, tokenizer):
     assert "is not a GGUF file this toolkit wrote" in capsys.readouterr().err
     assert (tmp_path / "notes.gguf").read_text() == "precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "notes.gguf", "ours"]
+
+
+def llama_cpp_tool(name: str) -> str:
+    """A llama.cpp program from $LLAMA_CPP_BIN or PATH; the test is skipped without one (CI does not
+    build llama.cpp: the README says how, and the closing note of issue 21 what was run by hand)."""
+    found = shutil.which(name, path=os.environ.get("LLAMA_CPP_BIN") or None)
+    if found is None:
+        pytest.skip(f"{name} not found: build llama.cpp and put its bin/ on PATH or in $LLAMA_CPP_BIN")
+    return found
+
+
+@pytest.mark.parametrize("vocabulary", ["own", "gpt2"])
+def test_llama_cpp_reads_it_as_we_do(tmp_path, text, tokenizer, shared_file, vocabulary):
+    """llama.cpp itself, where it is built: its token ids for a text equal ours, and its greedy text
+    (llama-simple samples greedily and prints prompt and continuation) equals ours."""
+    tokenize, simple = llama_cpp_tool("llama-tokenize"), llama_cpp_tool("llama-simple")
+    tok = tokenizer if vocabulary == "own" else tokenizers_bpe.load_gpt2(shared_file("gpt2/encoder.json"),
+                                                                        shared_file("gpt2/vocab.bpe"))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=tok.n_vocab)).eval()
+    model.save_pretrained(tmp_path / "ours", tokenizer=tok)
+    assert convert(["gguf", str(tmp_path / "ours"), str(tmp_path / "m.gguf"), "--dtype", "f32"]) == 0
+
+    sample = tmp_path / "sample.txt"
+    sample.write_bytes((text + "Héllo wörld 😀 ١٢٣ 12345\r\n  end \u00a0 def f(x):\n\treturn x  ").encode("utf-8"))
+    run = subprocess.run([tokenize, "-m", str(tmp_path / "m.gguf"), "-f", str(sample), "--ids", "--log-disable"],
+                         capture_output=True, text=True, timeout=120, check=True)
+    theirs = ast.literal_eval(run.stdout.strip().splitlines()[-1])
+    assert theirs == tok.encode(sample.read_bytes().decode("utf-8"))
+
+    prompt = "ROMEO:"
+    ours = generate(model, tok.encode(prompt), 40, temperature=0.0, stop_tokens=[tok.eot_token])[0]
+    run = subprocess.run([simple, "-m", str(tmp_path / "m.gguf"), "-n", "40", prompt],
+                         capture_output=True, timeout=120, check=True)
+    assert run.stdout.decode("utf-8", "replace").strip("\n") == tok.decode(tok.encode(prompt) + list(ours)).strip("\n")
