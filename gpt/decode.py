@@ -32,7 +32,9 @@ bandwidth over weight bytes (benches/README.md, Generation, has the measurements
   Compiled code is specialised to the thread count at its compilation (inductor), and inputs are
   normalised (standard strides, inference tensors) so that no call recompiles by accident.
 - Eagerly the model's kernels are used (``gpt2_kernels.layer_norm``, ``gelu``, ``causal_attention`` with
-  the model's backend), so a Triton model runs its Triton kernels.
+  the model's backend), so a Triton model runs its Triton kernels; in fp32 on a CPU where the C kernels
+  run, a step's one-query attention (with its cache writes) is ``cpu_linear.attend_one``: PyTorch's
+  attention call costs ~50 us per layer of dispatch for ~1 us of arithmetic.
 
 ``Decoder`` holds one generate() call's state: the inference weights, the cache, and the tokens it
 holds (for the sliding window). No tensor grows or is re-allocated per token: the cache, the token
@@ -83,10 +85,11 @@ class Spec(NamedTuple):
     n_head: int
     eps: float
     rope: bool
-    layout: str  # "transposed", "rows" or "linear": see the module docstring
+    layout: str  # "kernel", "transposed", "rows", "packed" or "linear": see the module docstring
     backend: str  # the model's kernels backend, for eager steps
     compiled: bool
     int8_kernel: bool = False  # eager on a CPU where gpt2_kernels.cpu_linear runs: int8 layers call it directly
+    cpu_attention: bool = False  # eager fp32 on a CPU where cpu_linear runs: a step's attention is its attend_one
 
 
 class InferenceWeights(NamedTuple):
@@ -106,14 +109,22 @@ def _onednn_packing(dtype: torch.dtype) -> bool:
     return dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def layout_for(device: torch.device, dtype: torch.dtype, compiled: bool) -> str:
-    """The layout of a decoding step's weights (see the module docstring)."""
+def c_kernels(device: torch.device, dtype: torch.dtype, compiled: bool, backend: str) -> bool:
+    """An eager fp32 step on a CPU, with the model's kernels in PyTorch, runs gpt2_kernels' C kernels
+    (``cpu_linear``) where they run."""
+    return (not compiled and device.type == "cpu" and dtype == torch.float32 and backend == "torch"
+            and cpu_linear.available())
+
+
+def layout_for(device: torch.device, dtype: torch.dtype, compiled: bool, backend: str = "torch") -> str:
+    """The layout of a decoding step's weights (see the module docstring); ``backend`` is the model's
+    kernels backend as resolved for these weights."""
     if device.type != "cpu":
         return "linear"
     if compiled:
         return "rows"
     if dtype == torch.float32:
-        return "transposed"
+        return "kernel" if c_kernels(device, dtype, compiled, backend) else "transposed"
     # bf16 eagerly: oneDNN's prepacked weights stream at ~1.4x F.linear's speed (the inductor's own
     # choice for frozen bf16 linears), with the same results as F.linear.
     return "packed" if dtype == torch.bfloat16 and _onednn_packing(dtype) else "linear"
@@ -138,7 +149,8 @@ def _linear_of(module: nn.Module, layout: str) -> Linear:
     bias = None if module.bias is None else module.bias.detach()
     if layout in PACKED_ROWS:
         return Linear(torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_ROWS[layout]), None, bias, weight)
-    return Linear(weight.t().contiguous() if layout == "transposed" else weight, None, bias)
+    return Linear(weight.t().contiguous() if layout == "transposed" else weight.contiguous() if layout == "kernel" else weight,
+                  None, bias)
 
 
 def _norm_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -152,11 +164,12 @@ def build_inference_weights(model: nn.Module, compiled: bool, layout: str | None
     streamed ones (on the CPU; else None)."""
     config = model.config
     wte = model.transformer.wte.weight.detach()
-    layout = layout or layout_for(wte.device, wte.dtype, compiled)
+    backend = gpt2_kernels.resolve_backend(config.backend, wte)
+    layout = layout or layout_for(wte.device, wte.dtype, compiled, backend)
     int8_kernel = (not compiled and wte.device.type == "cpu" and getattr(model, "quantization", None) is not None
-                   and gpt2_kernels.resolve_backend(config.backend, wte) == "torch" and cpu_linear.available())
+                   and backend == "torch" and cpu_linear.available())
     spec = Spec(config.n_head, float(config.layer_norm_eps), config.pos_embedding == "rope", layout, config.backend, compiled,
-                int8_kernel)
+                int8_kernel, c_kernels(wte.device, wte.dtype, compiled, backend))
     layers = [Layer(_norm_of(b.ln_1), _linear_of(b.attn.c_attn, layout), _linear_of(b.attn.c_proj, layout),
                     _norm_of(b.ln_2), _linear_of(b.mlp.c_fc, layout), _linear_of(b.mlp.c_proj, layout))
               for b in model.transformer.h]
@@ -234,6 +247,8 @@ def _matmul(x: torch.Tensor, lin: Linear, spec: Spec) -> torch.Tensor:
 
 def _matvec(x: torch.Tensor, lin: Linear, spec: Spec) -> torch.Tensor:
     """x (B, in) -> (B, out): a decoding step's product (see the module docstring for the layouts)."""
+    if spec.layout == "kernel" and lin.scale is None and x.shape[0] <= cpu_linear.F32_MAX_ROWS:
+        return cpu_linear.linear(x if x.stride(-1) == 1 else x.contiguous(), lin.weight, None, lin.bias)
     if spec.layout == "rows" and lin.scale is None and x.shape[0] <= STREAM_MAX_ROWS:
         x32 = gpt2_kernels.materialize(x).float()
         y = (x32[:, None, :] * lin.weight.float()).sum(-1)
@@ -268,9 +283,15 @@ def step_logits(w: InferenceWeights, k_cache: list[torch.Tensor], v_cache: list[
         q, k, v = _matvec(_norm(x, layer.ln_1, spec), layer.c_attn, spec).view(B, 3, H, 1, D).unbind(1)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        k_cache[i].index_copy_(2, pos, k)
-        v_cache[i].index_copy_(2, pos, v)
-        y = _attend_one(q, k_cache[i][:, :, :L], v_cache[i][:, :, :L], spec)
+        if spec.cpu_attention:
+            q, k, v = (t.squeeze(2) for t in (q, k, v))
+            if not cpu_linear.same_layout(q, k, v):
+                q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            y = cpu_linear.attend_one(q, k, v, k_cache[i], v_cache[i], L)
+        else:
+            k_cache[i].index_copy_(2, pos, k)
+            v_cache[i].index_copy_(2, pos, v)
+            y = _attend_one(q, k_cache[i][:, :, :L], v_cache[i][:, :, :L], spec)
         x = x + _matvec(y.reshape(B, C), layer.attn_proj, spec)
         x = x + _matvec(_gelu(_matvec(_norm(x, layer.ln_2, spec), layer.c_fc, spec), spec), layer.mlp_proj, spec)
     return _matvec(_norm(x, w.ln_f, spec), w.head, spec).float()

@@ -23,7 +23,7 @@ partial sums and a second kernel adds them in a fixed order (deterministic, no a
 scale and bias, and casts.
 
 PyTorch (CPUs, and backend="torch"): eagerly on a CPU, up to ``cpu_linear.MAX_ROWS`` rows (decoding,
-speculative verification) go through ``gpt2_kernels.cpu_linear``, a C kernel (AVX2) that streams the
+speculative verification) go through ``gpt2_kernels.cpu_linear``, a C kernel (AVX2 or AVX-512) that streams the
 int8 weights once for all rows and converts them in registers, with no compiling: the fast CPU
 decoding path. More rows (a prefill), or where that kernel cannot run: F.linear on the weight
 dequantised to x's dtype (a full copy per call; for a real matrix product MKL's GEMM on it is the

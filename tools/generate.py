@@ -40,19 +40,20 @@ end-of-text token.
 Decoding uses a static KV cache and weights laid out for inference (on a
 CPU, one more copy of them, in huge pages). What each mode costs (GPT-2
 124M, one thread of a 2-core CPU; benches/README.md, Generation):
-  default (eager)  no wait: the first token in about a second.
-  --quantize int8  int8 weights, run eagerly by a small C kernel (AVX2; built
-                   once per machine with the C compiler, about a second,
-                   then cached): no compiling, ~2x the fp32 speed on a CPU
-                   at batch 1 and 8. int8-blocks keeps the output head in
-                   full precision.
+  default (eager)  no wait: the first token in about a second. On a CPU the
+                   step's products and attention run in small C kernels
+                   (AVX2 or AVX-512; built once per machine with the C
+                   compiler, about a second, then cached).
+  --quantize int8  int8 weights, run eagerly by those C kernels: no
+                   compiling, 2-4x the fp32 speed on a CPU at batch 1 and
+                   8. int8-blocks keeps the output head in full precision.
   --compile        torch.compile of the decoding step and the prefill: the
                    first run for a model, dtype, batch and thread count
                    compiles for about a minute (a progress line says so),
                    later runs reuse it from DIR.compile-cache/ beside the
-                   checkpoint (seconds of tracing remain). fp32 then decodes
-                   ~1.5x faster than eagerly on an AVX-512 CPU (slower on
-                   one with AVX2 only). Pays off for long outputs there.
+                   checkpoint (seconds of tracing remain). On a CPU the
+                   eager C kernels are faster (compiled fp32: 0.78x eager on
+                   an AVX-512 Xeon); it is for GPUs and CPUs without them.
 --draft DIR adds speculative decoding with a small model trained with the
 same tokenizer: the same output distribution (greedy: the same text), fewer
 steps of the large model.
