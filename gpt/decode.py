@@ -52,7 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import gpt2_kernels
-from gpt2_kernels import cpu_linear
+from gpt2_kernels import cpu_decode, cpu_linear
 from gpt.arena import Arena
 from gpt.model import apply_rotary, rotary_cos_sin
 from gpt.lora import merged_weight
@@ -90,6 +90,7 @@ class Spec(NamedTuple):
     compiled: bool
     int8_kernel: bool = False  # eager on a CPU where gpt2_kernels.cpu_linear runs: int8 layers call it directly
     cpu_attention: bool = False  # eager fp32 on a CPU where cpu_linear runs: a step's attention is its attend_one
+    cpu_blocks: bool = False  # ... and, with learned positions, every block of a step is one gpt2_kernels.cpu_decode call
 
 
 class InferenceWeights(NamedTuple):
@@ -168,11 +169,15 @@ def build_inference_weights(model: nn.Module, compiled: bool, layout: str | None
     layout = layout or layout_for(wte.device, wte.dtype, compiled, backend)
     int8_kernel = (not compiled and wte.device.type == "cpu" and getattr(model, "quantization", None) is not None
                    and backend == "torch" and cpu_linear.available())
-    spec = Spec(config.n_head, float(config.layer_norm_eps), config.pos_embedding == "rope", layout, config.backend, compiled,
-                int8_kernel, c_kernels(wte.device, wte.dtype, compiled, backend))
     layers = [Layer(_norm_of(b.ln_1), _linear_of(b.attn.c_attn, layout), _linear_of(b.attn.c_proj, layout),
                     _norm_of(b.ln_2), _linear_of(b.mlp.c_fc, layout), _linear_of(b.mlp.c_proj, layout))
               for b in model.transformer.h]
+    c_step = c_kernels(wte.device, wte.dtype, compiled, backend)
+    scales = {lin.scale is None for layer in layers for lin in (layer.c_attn, layer.attn_proj, layer.c_fc, layer.mlp_proj)}
+    # the blocks in C: products all fp32 in the kernel's layout, or all int8
+    blocks = c_step and config.pos_embedding != "rope" and (scales == {False} or (scales == {True} and layout == "kernel"))
+    spec = Spec(config.n_head, float(config.layer_norm_eps), config.pos_embedding == "rope", layout, config.backend, compiled,
+                int8_kernel, c_step, blocks)
     head = _linear_of(model.lm_head, layout)
     arena = None
     if wte.device.type == "cpu" and layout not in PACKED_ROWS:  # oneDNN keeps packed weights in its own memory
@@ -297,6 +302,13 @@ def step_logits(w: InferenceWeights, k_cache: list[torch.Tensor], v_cache: list[
     return _matvec(_norm(x, w.ln_f, spec), w.head, spec).float()
 
 
+def step_logits_c(w: InferenceWeights, blocks: cpu_decode.Blocks, token: torch.Tensor, length: int) -> torch.Tensor:
+    """``step_logits`` with every block in one C call (``spec.cpu_blocks``): (B, V) fp32 logits."""
+    x = F.embedding(token, w.wte) + w.wpe[length - 1]  # a new (B, C) tensor, which the blocks update in place
+    blocks.run(x, length)
+    return _matvec(_norm(x, w.ln_f, w.spec), w.head, w.spec)
+
+
 def forward_logits(w: InferenceWeights, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], tokens: torch.Tensor,
                    key_positions: torch.Tensor, all_positions: bool) -> torch.Tensor:
     """``tokens`` (B, T) at the last T of ``key_positions`` = arange(start + T) (a prefill, or
@@ -376,6 +388,8 @@ class Decoder:
         self.length = 0
         self._step = _compiled_fn("step") if compile else step_logits
         self._forward = _compiled_fn("forward") if compile else forward_logits
+        self._blocks = (cpu_decode.Blocks(self.weights.layers, self.k_cache, self.v_cache, n_head=config.n_head,
+                                          eps=config.layer_norm_eps) if self.weights.spec.cpu_blocks else None)
 
     def room(self) -> int:
         return self.n_ctx - self.length
@@ -431,7 +445,10 @@ class Decoder:
         positions = self.positions[: self.length + 1]
         if self.compile:
             torch._dynamo.maybe_mark_dynamic(positions, 0)  # one graph for every length
-        logits = self._step(self.weights, self.k_cache, self.v_cache, token, positions)
+        if self._blocks is not None:
+            logits = step_logits_c(self.weights, self._blocks, token, self.length + 1)
+        else:
+            logits = self._step(self.weights, self.k_cache, self.v_cache, token, positions)
         self.tokens[:, self.length] = token
         self.length += 1
         return logits

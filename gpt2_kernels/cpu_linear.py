@@ -1,7 +1,7 @@
 """The CPU kernels of decoding's few-row steps, built once per machine with the C compiler into one
 library, loaded with ctypes, used eagerly (no torch.compile): linear layers (cpu_linear.c, used by
-``int8_linear`` and gpt.decode) and one query's attention (cpu_attention.c, ``attend_one``, used by
-gpt.decode's eager fp32 step on a CPU).
+``int8_linear`` and gpt.decode), one query's attention (cpu_attention.c, ``attend_one``) and whole
+transformer blocks built of them (cpu_layer.c, driven by gpt2_kernels.cpu_decode).
 
     linear(x, weight, scale, bias) = (x @ weight.T) * scale + bias, in fp32
 
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = (Path(__file__).with_name("cpu_linear.c"), Path(__file__).with_name("cpu_attention.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_linear.c", "cpu_attention.c", "cpu_layer.c"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 AVX512_FLAGS = ("-mavx512f",)  # added where PyTorch's dispatch uses AVX-512 (16 lanes instead of 8)
 MAX_ROWS = 64  # more rows: a real matrix product, where dequantising once and MKL's GEMM are faster
@@ -119,6 +119,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         fn.argtypes, fn.restype = _ARGTYPES, None
     lib.attend_one_f32.argtypes = [_POINTER] * 3 + [_INT64] * 2 + [_POINTER] * 2 + [_INT64] * 3 + [_POINTER] + [_INT64] * 6 + [ctypes.c_float, ctypes.c_int]
     lib.attend_one_f32.restype = ctypes.c_int
+    lib.decode_blocks.argtypes = [_POINTER, _INT64, ctypes.c_int, _POINTER] + [_INT64] * 4 + [ctypes.c_float, _POINTER, ctypes.c_int]
+    lib.decode_blocks.restype = ctypes.c_int
+    lib.gelu_tanh_f32.argtypes, lib.gelu_tanh_f32.restype = [_POINTER, _INT64], None
     return lib, ""
 
 

@@ -17,6 +17,8 @@ from gpt.arena import Arena, thp_mode
 from gpt.decode import Decoder, inference_weights
 from gpt.lora import LoRAConfig, apply_lora, lora_layers
 from gpt.model import GPT, GPTConfig
+from gpt.quantize import quantize
+from gpt2_kernels import cpu_linear
 from gpt.sampling import generate
 from tests.gpt.test_sampling import hf_greedy, make_tiny_model, small_tokenizer, uncached_greedy
 
@@ -47,6 +49,25 @@ def test_eager_decoder_logits_equal_the_forward(tok, overrides):
     idx = torch.randint(0, tok.n_vocab, (2, 20), generator=torch.Generator().manual_seed(0))
     expected = forward_logits(model, idx)[:, 7:]
     torch.testing.assert_close(decoded_logits(model, idx, 8), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "int8"])
+@pytest.mark.parametrize("overrides", [dict(), dict(pos_embedding="rope"), dict(bias=False, tie_embeddings=False)],
+                         ids=["learned", "rope", "no-bias-untied"])
+def test_eager_cpu_step_in_c_kernels(tok, overrides, quantized):
+    """Where gpt2_kernels' C kernels run, an eager fp32 or int8 step on a CPU runs every block in one C
+    call (gpt2_kernels.cpu_decode) with learned positions; with rotary ones its products and attention
+    are C calls and the rotation PyTorch's. Either way its logits equal the model's own forward, over
+    batches of rows and growing lengths."""
+    model = make_tiny_model(tok, n_ctx=32, **overrides)
+    if quantized:
+        model = quantize(model, "int8")
+    decoder = Decoder(model, 3)
+    spec = decoder.weights.spec
+    assert spec.cpu_blocks == (cpu_linear.available() and "pos_embedding" not in overrides)
+    assert spec.cpu_attention == cpu_linear.available()
+    idx = torch.randint(0, tok.n_vocab, (3, 24), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(decoded_logits(model, idx, 5), forward_logits(model, idx)[:, 4:], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -116,3 +116,44 @@ def test_avx2_build_gives_the_same_values(tmp_path):
     assert len(list((tmp_path / "cache").glob("cpu_linear-*.so"))) == 2
     for a, b in zip(results["avx512"]["out"], results["avx2"]["out"]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_gelu_matches_pytorch():
+    """cpu_layer.c's GELU (a rational tanh) against float64: within 1e-6 over the range where it bends,
+    as PyTorch's own fp32 GELU is."""
+    x = torch.linspace(-12, 12, 20001)
+    y = x.clone()
+    cpu_linear._load()[0].gelu_tanh_f32(y.data_ptr(), y.numel())
+    want = torch.nn.functional.gelu(x.double(), approximate="tanh")
+    torch.testing.assert_close(y.double(), want, atol=1e-6, rtol=1e-6)
+
+
+def test_blocks_refuse_what_they_cannot_read():
+    """cpu_decode.Blocks checks every tensor once, when it takes their pointers (the values of a whole
+    step are tested against the model's forward in tests/gpt/test_decode.py)."""
+    from types import SimpleNamespace
+
+    from gpt2_kernels.cpu_decode import Blocks
+
+    C, H = 8, 2
+
+    def lin(out_features, in_features, dtype=torch.float32):
+        return SimpleNamespace(weight=randn(out_features, in_features).to(dtype), scale=None, bias=randn(out_features))
+
+    def block(**changes):
+        parts = dict(ln_1=(torch.ones(C), None), ln_2=(torch.ones(C), torch.zeros(C)), c_attn=lin(3 * C, C), attn_proj=lin(C, C),
+                     c_fc=lin(4 * C, C), mlp_proj=lin(C, 4 * C))
+        return SimpleNamespace(**(parts | changes))
+
+    cache = [torch.zeros(1, H, 6, C // H)]
+    blocks = Blocks([block()], cache, [torch.zeros(1, H, 6, C // H)], n_head=H, eps=1e-5)
+    x = randn(1, C)
+    blocks.run(x, 1)
+    with pytest.raises(ValueError, match="length"):
+        blocks.run(x, 7)
+    for bad in [dict(c_fc=lin(4 * C, C + 1)), dict(attn_proj=lin(C, C, torch.float64)), dict(ln_1=(torch.ones(C + 1), None)),
+                dict(c_attn=SimpleNamespace(weight=randn(C, 3 * C).t(), scale=None, bias=None))]:
+        with pytest.raises(ValueError, match="cpu_decode.Blocks"):
+            Blocks([block(**bad)], cache, cache, n_head=H, eps=1e-5)
+    with pytest.raises(ValueError, match="caches"):
+        Blocks([block()], [torch.zeros(1, H, 6, C)], [torch.zeros(1, H, 6, C)], n_head=H, eps=1e-5)
