@@ -7,8 +7,11 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
 import signal
 import shutil
+import subprocess
+import sys
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -27,6 +30,8 @@ from tools.prepare import main as prepare
 from tools.train import main as train
 from tools.training import removed_after_early_error
 from tests.gpt.test_sampling import make_tiny_model, small_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
 
 QUICK = ["--progress", "false", "--sample-tokens", "0"]
 
@@ -167,6 +172,24 @@ def test_sigterm_is_an_interrupt_in_every_command(capsys):
     assert main([]) == ExitCode.INTERRUPTED
     assert capsys.readouterr().err == "gpt-test: interrupted\n"
     assert signal.getsignal(signal.SIGTERM) == before  # restored after the command
+
+
+def test_a_console_script_is_never_killed_by_a_late_interrupt(tmp_path):
+    """A console script exits 130 on an interrupt while it starts and ends (tools/__init__) and, once its
+    exit handlers have run, ignores one: Python's shutdown would otherwise put the default action
+    back, and a Ctrl-C in the last milliseconds killed the process by the signal (status -2)."""
+    script = ("import atexit, os, signal, sys\n"
+              "sys.argv[0] = 'gpt-test'\n"
+              "atexit.register(lambda: os.kill(os.getpid(), signal.SIGINT))  # runs after tools' own (LIFO)\n"
+              "import tools\n"
+              "assert signal.getsignal(signal.SIGINT) is tools._exit_interrupted\n"
+              "sys.exit(3)\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 3, run.stderr
+    run = subprocess.run([sys.executable, "-c", script.replace("sys.exit(3)", "os.kill(os.getpid(), signal.SIGTERM)")],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert (run.returncode, run.stderr) == (130, "gpt-test: interrupted\n")
 
 
 def test_pool_workers_leave_interrupts_to_the_parent():
