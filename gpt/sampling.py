@@ -42,6 +42,7 @@ import gpt2_kernels
 from gpt.decode import Decoder
 from gpt.speculative import check_draft, speculative_decode
 from gpt.token_choice import (  # noqa: F401  (re-exported: the rules are part of this module's interface)
+    MAX_NEW_TOKENS,
     SAMPLING_DEFAULTS,
     SamplingRule,
     apply_repetition_penalty,
@@ -130,7 +131,7 @@ def generate(
     long. The models are put in eval mode while sampling and given back in the mode they were in.
     """
     check_sampling_settings(temperature, top_k, top_p, repetition_penalty)
-    check_count("max_new_tokens", max_new_tokens)
+    check_count("max_new_tokens", max_new_tokens, MAX_NEW_TOKENS)
     check_count("num_samples", num_samples)
     if compile not in (None, True, False):
         raise ValueError(f"compile must be True, False or None (the default rule), got {compile!r}")

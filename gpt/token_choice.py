@@ -108,9 +108,14 @@ def check_sampling_settings(temperature, top_k, top_p, repetition_penalty) -> No
         raise ValueError(f"repetition_penalty must be a finite number > 0 (1 is off), got {repetition_penalty!r}")
 
 
-def check_count(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+def check_count(name: str, value, high: int | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1 or (high is not None and value > high):
+        raise ValueError(f"{name} must be an integer >= 1{'' if high is None else f' and <= {high:,}'}, got {value!r}")
+
+
+# New tokens per sample, at most: a million is hours of decoding on a CPU for GPT-2 124M; a larger count
+# read from an option or a generation.json is a mistake, not a request.
+MAX_NEW_TOKENS = 1_000_000
 
 
 # The sampling settings of the commands (gpt-generate, and the samples gpt-train prints at each

@@ -20,7 +20,7 @@ from gpt.prompt_template import format_instruction_prompt
 from gpt.checkpoint import check_same_tokenizer
 from gpt.quantize import quantize
 from gpt2_kernels import cpu_linear_unavailable_reason
-from gpt.sampling import SAMPLING_DEFAULTS, check_count, check_sampling_settings, compiles_by_default, generate
+from gpt.sampling import MAX_NEW_TOKENS, SAMPLING_DEFAULTS, check_count, check_sampling_settings, compiles_by_default, generate
 from tokenizers_bpe import UnknownCharacterError
 from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_seed_argument, command, integer, number, or_none, text_argument
 from tools.models import check_kernels_backend, model_argument
@@ -28,6 +28,9 @@ from tools.models import check_kernels_backend, model_argument
 PROG = "gpt-generate"
 QUANTIZE_CHOICES = ("int8", "int8-blocks")
 DRAFT_TOKENS = 4
+# One batch of samples: more rows make one call's work (and its wait before the first sample ends)
+# grow without bound while each sample is as good alone; 1024 tiny-model samples of 200 tokens take ~10 s.
+MAX_NUM_SAMPLES = 256
 DESCRIPTION = """\
 Generate text with a GPT checkpoint. The text is streamed to stdout as it is
 produced (the prompt is not repeated); speed, time to first token (from the
@@ -75,7 +78,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("prompt", nargs="?", default=unset, metavar="PROMPT",
                    help="prompt text, or '-' to read it (UTF-8) from stdin; empty: start from the end-of-text token")
     p.add_argument("--model", required=True, default=unset, metavar="DIR", help="checkpoint directory (gpt-train, gpt-convert or gpt-finetune output)")
-    p.add_argument("-n", "--max-new-tokens", default=unset, metavar="N", type=integer(1),
+    p.add_argument("-n", "--max-new-tokens", default=unset, metavar="N", type=integer(1, MAX_NEW_TOKENS),
                    help=f"tokens to generate per sample (default {SAMPLING_DEFAULTS['max_new_tokens']})")
     p.add_argument("--temperature", default=unset, metavar="T", type=number(0),
                    help=f"softmax temperature; 0 is greedy (default {SAMPLING_DEFAULTS['temperature']})")
@@ -87,8 +90,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--repetition-penalty", default=unset, metavar="R", type=or_none(number(0, low_open=True)),
                    help="CTRL penalty on the logits of tokens already in the text, e.g. 1.2; 1 or 'none' is off (default none)")
     add_seed_argument(p)
-    p.add_argument("--num-samples", type=integer(1), default=1, metavar="S",
-                   help="independent samples, decoded as one batch; the first streams live, the others follow it")
+    p.add_argument("--num-samples", type=integer(1, MAX_NUM_SAMPLES), default=1, metavar="S",
+                   help=f"independent samples, decoded as one batch; the first streams live, the others follow it "
+                        f"(at most {MAX_NUM_SAMPLES}: for more, run again with another --seed)")
     p.add_argument("--no-stream", action="store_true", help="print the text only when generation is done")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
     p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
@@ -130,7 +134,7 @@ def _sampling_settings(args, generation: dict, model_dir: Path) -> dict:
     defaults = {name: generation.get(name, value) for name, value in SAMPLING_DEFAULTS.items()}
     try:
         check_sampling_settings(defaults["temperature"], defaults["top_k"], defaults["top_p"], defaults["repetition_penalty"])
-        check_count("max_new_tokens", defaults["max_new_tokens"])
+        check_count("max_new_tokens", defaults["max_new_tokens"], MAX_NEW_TOKENS)
     except ValueError as e:
         raise CLIError(f"{model_dir / 'generation.json'}: {e}") from None
     return {name: getattr(args, name, value) for name, value in defaults.items()}

@@ -25,7 +25,9 @@ from tools.cli import ExitCode, command
 from tools.convert import main as convert
 from tools.corpus import plays
 from tools.finetune import main as finetune
-from tools.generate import main as generate
+from tools.generate import MAX_NUM_SAMPLES, main as generate
+from gpt.sampling import MAX_NEW_TOKENS
+from gpt.model import GPT
 from tools.prepare import main as prepare
 from tools.train import main as train
 from tools.training import removed_after_early_error
@@ -107,8 +109,20 @@ def test_edge_numbers_refused_in_one_line(ckpt, tmp_path, capsys, data_dir):
 
 def test_num_samples_beyond_memory_is_refused(ckpt, capsys, monkeypatch):
     import gpt.memory
-    monkeypatch.setattr(gpt.memory, "available_memory_bytes", lambda: 2**30)
-    one_line(capsys, generate(["--model", str(ckpt), "hi", "--num-samples", "100000"]), "--num-samples")
+    need = gpt.memory.generation_bytes(GPT.from_pretrained(ckpt).config, MAX_NUM_SAMPLES, 210, 4)
+    monkeypatch.setattr(gpt.memory, "available_memory_bytes", lambda: need // 2)
+    one_line(capsys, generate(["--model", str(ckpt), "hi", "-n", "200", "--num-samples", str(MAX_NUM_SAMPLES)]), "--num-samples", "memory")
+
+
+def test_counts_beyond_their_bounds_are_refused_before_any_work(ckpt, tmp_path, capsys):
+    """A batch of samples or a length no run could want is an error, not hours of decoding: on the
+    command line and in a checkpoint's generation.json."""
+    one_line(capsys, generate(["--model", str(ckpt), "hi", "--num-samples", str(MAX_NUM_SAMPLES + 1)]), "--num-samples")
+    one_line(capsys, generate(["--model", str(ckpt), "hi", "-n", str(MAX_NEW_TOKENS + 1)]), "--max-new-tokens")
+    bad = tmp_path / "ckpt"
+    shutil.copytree(ckpt, bad)
+    (bad / "generation.json").write_text(json.dumps({"max_new_tokens": 10**12}))
+    one_line(capsys, generate(["--model", str(bad), "hi"]), "generation.json", "max_new_tokens")
 
 
 # ---------------------------------------------------------------------------------------------- hf-import
