@@ -200,7 +200,7 @@ def test_instruct(ckpt, capsys, calls, tok):
         (["--top-k", "0"], ["--top-k", ">= 1"]),
         (["--top-p", "0"], ["--top-p", "(0, 1]"]),
         (["--top-p", "1.5"], ["--top-p", "(0, 1]"]),
-        (["-n", "0"], ["-n", ">= 1"]),
+        (["-n", "0"], ["-n", "in [1, 1000000]"]),
         (["--num-samples", "0"], ["--num-samples"]),
         (["--repetition-penalty", "-2"], ["--repetition-penalty"]),
         (["--temperature", "hot"], ["--temperature"]),
