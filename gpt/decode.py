@@ -348,14 +348,17 @@ _compiled: dict[str, object] = {}
 
 
 def _compiled_fn(name: str):
-    """The compiled step / forward, made on first use (torch.compile caches graphs per code object,
-    so one wrapper serves every model; graphs are keyed by the shapes and the Spec)."""
+    """The compiled step / forward, made on first call (torch.compile caches graphs per code object,
+    so one wrapper serves every model; graphs are keyed by the shapes and the Spec). Not before: making
+    it imports dynamo (~1.5 s), which a decoder running ahead-of-time packages (gpt.aot_decode) never needs."""
     if name not in _compiled:
-        fn = torch.compile(step_logits, fullgraph=True) if name == "step" else torch.compile(forward_logits)
+        made: list = []
 
         def call(*args):
+            if not made:
+                made.append(torch.compile(step_logits, fullgraph=True) if name == "step" else torch.compile(forward_logits))
             with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                return fn(*args)
+                return made[0](*args)
 
         _compiled[name] = call
     return _compiled[name]
@@ -373,6 +376,7 @@ class Decoder:
         self._prepare = inference_weights if cache_weights else build_inference_weights
         self.weights, self.arena = self._prepare(model, compile)
         self.model, self.compile = model, compile
+        self.traced = compile  # torch.compile runs the step and prefill (dynamo's marks on their inputs)
         self._verify_weights: InferenceWeights | None = None
         config = model.config
         device, dtype = self.weights.wte.device, self.weights.wte.dtype
@@ -413,7 +417,7 @@ class Decoder:
         # its own (dynamo guards on strides and on autograd's dispatch keys).
         tokens = torch.empty(tokens.shape, dtype=tokens.dtype, device=tokens.device).copy_(tokens)
         key_positions = self.positions[: start + T]
-        if self.compile:  # one graph for every length (the weights' shapes stay static)
+        if self.traced:  # one graph for every length (the weights' shapes stay static)
             torch._dynamo.maybe_mark_dynamic(tokens, 1)
             torch._dynamo.maybe_mark_dynamic(key_positions, 0)
         logits = forward(weights, self.k_cache, self.v_cache, tokens, key_positions, all_positions)
@@ -443,7 +447,7 @@ class Decoder:
         if not token.is_inference():
             token = token.clone()
         positions = self.positions[: self.length + 1]
-        if self.compile:
+        if self.traced:
             torch._dynamo.maybe_mark_dynamic(positions, 0)  # one graph for every length
         if self._blocks is not None:
             logits = step_logits_c(self.weights, self._blocks, token, self.length + 1)

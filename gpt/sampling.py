@@ -34,11 +34,14 @@ first stop token (which is not part of its output) and its output is not extende
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
 
 import gpt2_kernels
+from gpt import aot_decode
 from gpt.decode import Decoder
 from gpt.speculative import check_draft, speculative_decode
 from gpt.token_choice import (  # noqa: F401  (re-exported: the rules are part of this module's interface)
@@ -113,6 +116,7 @@ def generate(
     draft=None,
     draft_tokens: int = 4,
     stats: dict | None = None,
+    compiled_package: str | os.PathLike | None = None,
 ) -> list[list[int]]:
     """Sample ``num_samples`` continuations of ``prompt_ids`` (see the module docstring for the rules).
 
@@ -123,6 +127,9 @@ def generate(
       for exactly the tokens that end up in the returned lists.
     - ``compile``: torch.compile the decoding step and the prefill; None: only for an int8 model on
       a CPU without the C kernel (``compiles_by_default``).
+    - ``compiled_package``: with ``compile`` on a CPU, a path prefix where the step and the prefill are
+      kept compiled ahead of time (gpt.aot_decode: built there on first use, loaded in milliseconds
+      later, no tracing); torch.compile where that cannot be done.
     - ``draft``: a smaller GPT with the same tokenizer for speculative decoding, proposing
       ``draft_tokens`` tokens per round; ``stats`` (a dict), when given, receives its ``rounds``,
       ``drafted`` and ``accepted`` token counts.
@@ -172,6 +179,8 @@ def generate(
         m.eval()
     try:
         decoder = Decoder(model, num_samples, compile=compile, cache_weights=not modes[0])
+        if compile and compiled_package is not None:
+            aot_decode.attach(decoder, Path(compiled_package))
         window = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)
         x = rule.choose(_finite(decoder.prefill(window)), outputs.seen, generator)
         if outputs.add(x) or max_new_tokens == 1:

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from gpt import compile_cache
+from gpt import aot_decode, compile_cache
 from gpt.device import DTYPES, resolve_device, resolve_inference_dtype
 from gpt.memory import check_generation_fits
 from gpt.model import GPT
@@ -209,16 +209,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if compile and not args.compile:
         print(f"{PROG}: note: the int8 CPU kernel cannot run here ({cpu_linear_unavailable_reason()}), so --quantize "
               "compiles the decoding step instead (eager int8 dequantizes and is slower than float32)", file=sys.stderr)
-    cache_file = None
+    cache_file = package = None
     if compile:
         cache_file = compile_cache.cache_file(model_dir, device=device, dtype=dtype, quantize=args.quantize,
                                               batch_size=args.num_samples, draft_dir=draft_dir)
-        if not compile_cache.load(cache_file):
+        # On a CPU the step and the prefill are compiled ahead of time into packages beside the cache file
+        # (gpt.aot_decode); torch.compile's own artifacts serve GPUs, and CPUs where that fails.
+        package = cache_file.with_suffix("") if model.transformer.wte.weight.device.type == "cpu" else None
+        if package is not None and aot_decode.packaged(package):
+            cache_file = None  # loaded in milliseconds: nothing to compile or save
+        elif compile_cache.load(cache_file) and not aot_decode.will_build(package):
+            cache_file = None  # loaded: nothing new to save
+        else:
             print(f"{PROG}: compiling the decoding step and the prefill (the first run of this model, dtype, batch and "
                   f"thread count on this machine: about a minute; kept in {cache_file.parent} for the next runs) ...",
                   file=sys.stderr, flush=True)
-        else:
-            cache_file = None  # loaded: nothing new to save
 
     stream_live = not args.no_stream
     decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(args.num_samples)]
@@ -244,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, ids, settings["max_new_tokens"], temperature=settings["temperature"], top_k=settings["top_k"],
         top_p=settings["top_p"], repetition_penalty=settings["repetition_penalty"], seed=args.seed,
         num_samples=args.num_samples, stream=on_token, compile=compile, draft=draft, draft_tokens=args.draft_tokens or DRAFT_TOKENS,
-        stats=stats,
+        stats=stats, compiled_package=package,
     )
     elapsed = time.perf_counter() - start
     if cache_file is not None:
