@@ -50,13 +50,15 @@ CPU, one more copy of them, in huge pages). What each mode costs (GPT-2
   --quantize int8  int8 weights, run eagerly by those C kernels: no
                    compiling, 2-4x the fp32 speed on a CPU at batch 1 and
                    8. int8-blocks keeps the output head in full precision.
-  --compile        torch.compile of the decoding step and the prefill: the
-                   first run for a model, dtype, batch and thread count
-                   compiles for about a minute (a progress line says so),
-                   later runs reuse it from DIR.compile-cache/ beside the
-                   checkpoint (seconds of tracing remain). On a CPU the
-                   eager C kernels are faster (compiled fp32: 0.78x eager on
-                   an AVX-512 Xeon); it is for GPUs and CPUs without them.
+  --compile        the decoding step and the prefill compiled: the first run
+                   for a model, dtype, batch and thread count compiles for
+                   about a minute (a progress line says so) and keeps the
+                   code in DIR.compile-cache/ beside the checkpoint; later
+                   runs load it (on a CPU: ahead-of-time packages, first
+                   token in well under a second; on a GPU: torch.compile's
+                   artifacts, seconds of tracing remain). On a CPU the eager
+                   C kernels decode faster (compiled fp32: 0.78x eager on an
+                   AVX-512 Xeon); it is for GPUs and CPUs without them.
 --draft DIR adds speculative decoding with a small model trained with the
 same tokenizer: the same output distribution (greedy: the same text), fewer
 steps of the large model.
@@ -105,7 +107,7 @@ def build_parser() -> ArgumentParser:
                    help="an instruction: wrap it in the instruction template (gpt.prompt_template) and print only the response")
     p.add_argument("--input", metavar="TEXT", default="", help="the instruction's input (with --instruct)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decoding step and the prefill: about a minute on a first run, "
+                   help="compile the decoding step and the prefill: about a minute on a first run, "
                    "reused from DIR.compile-cache/ beside the checkpoint after that (see above for what it costs)")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
                    help="weight-only int8 (per-output-channel scales; embeddings and LayerNorms stay as they are): "
