@@ -7,7 +7,8 @@ each adjacent pair to the slots where it starts (compact ``array('i')``s, append
 new pairs; an entry goes stale when its slot changes and is skipped when read). Pair counts (weighted
 by piece counts) live in a dict and a max-heap of (count, pair); counts of existing pairs only drop,
 so stale heap entries are fixed lazily: a popped entry whose count is out of date is pushed back with
-the current count. The initial counts and index are built with numpy (a sort of all pair keys).
+the current count. The initial counts and index are built with numpy (a sort of all pair keys), or for
+small corpora by a Python loop (numpy's import alone is ~14 MB of resident memory).
 
 A merge costs O(its occurrences), never a rescan of the pieces holding them. The result is exactly
 that of the word-list algorithm it replaced, tie-break included (see trainer.py's docstring):
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
 DEFAULT_MIN_FREQUENCY = 1
 BYTES_PER_SLOT = 48  # peak memory of the merge phase per byte of the distinct pieces (arrays, index, pairs)
 _INDEX_BLOCK = 1 << 20  # slots indexed per numpy sort
+# Up to this many slots the arrays and the pair index are built by a Python loop (~0.2 s per million
+# slots... measured: 10 MB of mixed text has 0.36 M); above, with numpy's sort (see _arrays_numpy).
+PYTHON_INIT_MAX_SLOTS = 2_000_000
 
 
 class MemoryBudgetError(MemoryError):
@@ -38,20 +42,65 @@ class MemoryBudgetError(MemoryError):
                          f"more than the {budget / 1e6:.0f} MB left of the memory budget")
 
 
-def _flat_pieces(piece_counts: Iterable[tuple[bytes, int]]):
-    """(ids as int32, piece lengths, piece counts) of the pieces longer than one byte (a single byte
-    has no pair and never changes), gathered without a Python object per piece."""
-    import numpy as np  # here, not at the top: forked counting workers then never map numpy (14 MB each)
-
+def _flat_pieces(piece_counts: Iterable[tuple[bytes, int]]) -> tuple[bytearray, array, array]:
+    """(bytes, piece lengths, piece counts) of the pieces longer than one byte (a single byte has no
+    pair and never changes), gathered without a Python object per piece."""
     buf, lengths, counts = bytearray(), array("q"), array("q")
     for piece, n in piece_counts:
         if len(piece) > 1:
             buf += piece
             lengths.append(len(piece))
             counts.append(n)
-    ids = np.frombuffer(buf, dtype=np.uint8).astype(np.int32)
-    del buf
-    return ids, np.frombuffer(lengths, dtype=np.int64), np.frombuffer(counts, dtype=np.int64)
+    return buf, lengths, counts
+
+
+def _arrays_python(buf: bytearray, lengths: array, counts: array, freq_type: str, M: int):
+    """(ids, nxt, prv, freq, pair_counts, where) by a loop over the slots: for small corpora, where
+    importing numpy (~14 MB resident, ~0.1 s) costs more than the loop."""
+    n = len(buf)
+    ids = array("i", list(buf))  # (a bytes initializer would be read as raw int32s)
+    nxt, prv = array("i", range(1, n + 1)), array("i", range(-1, n - 1))
+    freq = array(freq_type)
+    pair_counts: dict[int, int] = {}
+    where: defaultdict[int, array] = defaultdict(lambda: array("i"))
+    get = pair_counts.get
+    start = 0
+    for length, count in zip(lengths, counts):
+        end = start + length - 1
+        nxt[end], prv[start] = -1, -1
+        freq.extend(array(freq_type, (count,)) * length)
+        left = ids[start]
+        for slot in range(start, end):  # ascending slots: each pair's index list is built sorted
+            right = ids[slot + 1]
+            key = left * M + right
+            pair_counts[key] = get(key, 0) + count
+            where[key].append(slot)
+            left = right
+        start = end + 1
+    return ids, nxt, prv, freq, pair_counts, where
+
+
+def _arrays_numpy(buf: bytearray, lengths: array, counts: array, freq_type: str, M: int):
+    """``_arrays_python``'s result, built with numpy (a sort of all pair keys): for large corpora."""
+    import numpy as np  # here, not at the top: forked counting workers then never map numpy (14 MB each)
+
+    ids_np = np.frombuffer(buf, dtype=np.uint8).astype(np.int32)
+    lengths_np, counts_np = np.frombuffer(lengths, dtype=np.int64), np.frombuffer(counts, dtype=np.int64)
+    n = len(ids_np)
+    ends = np.cumsum(lengths_np) - 1
+    last = np.zeros(n, dtype=bool)  # the last slot of each piece
+    last[ends] = True
+    freq_np = np.repeat(counts_np, lengths_np).astype(np.dtype(freq_type))
+    pair_counts, where = _index_pairs(ids_np, last, freq_np, M)
+    nxt_np = np.arange(1, n + 1, dtype=np.int32)
+    nxt_np[ends] = -1
+    ids, nxt = _to_array(ids_np), _to_array(nxt_np)
+    del nxt_np
+    prv_np = np.arange(-1, n - 1, dtype=np.int32)
+    prv_np[ends[:-1] + 1] = -1
+    prv = _to_array(prv_np)
+    freq = _to_array(freq_np, freq_type)
+    return ids, nxt, prv, freq, pair_counts, where
 
 
 def _to_array(a: np.ndarray, typecode: str = "i") -> array:
@@ -100,32 +149,18 @@ def learn_merges(
     count) pairs with each piece once). Merge n creates token 256+n. See the module docstring for the
     algorithm and trainer.py's for the tie-break. ``max_bytes``: a MemoryBudgetError, before the
     arrays are built, if they would need more (an estimate of BYTES_PER_SLOT per byte of the pieces)."""
-    import numpy as np
-
     M = 256 + n_merges  # pair key = left * M + right: an int whose order is (left, right)'s
     items = piece_counts.items() if isinstance(piece_counts, dict) else piece_counts
-    ids_np, lengths, counts = _flat_pieces(items)
-    n = len(ids_np)
+    buf, lengths, counts = _flat_pieces(items)
+    n = len(buf)
     if n >= 2**31 - 1:
         raise ValueError(f"the distinct pieces hold {n} bytes; at most 2**31 - 2 are supported")
     if max_bytes is not None and n * BYTES_PER_SLOT > max_bytes:
         raise MemoryBudgetError(n * BYTES_PER_SLOT, max_bytes)
-    ends = np.cumsum(lengths) - 1
-    last = np.zeros(n, dtype=bool)  # the last slot of each piece
-    last[ends] = True
-    freq_type = "i" if not len(counts) or counts.max() < 2**31 else "q"
-    freq_np = np.repeat(counts, lengths).astype(np.dtype(freq_type))
-    del counts
-    pair_counts, where = _index_pairs(ids_np, last, freq_np, M)
-    nxt_np = np.arange(1, n + 1, dtype=np.int32)
-    nxt_np[ends] = -1
-    ids, nxt = _to_array(ids_np), _to_array(nxt_np)
-    del nxt_np
-    prv_np = np.arange(-1, n - 1, dtype=np.int32)
-    prv_np[ends[:-1] + 1] = -1
-    prv = _to_array(prv_np)
-    freq = _to_array(freq_np, freq_type)
-    del ids_np, prv_np, freq_np, lengths, last, ends
+    freq_type = "i" if not counts or max(counts) < 2**31 else "q"
+    build = _arrays_python if n <= PYTHON_INIT_MAX_SLOTS else _arrays_numpy
+    ids, nxt, prv, freq, pair_counts, where = build(buf, lengths, counts, freq_type, M)
+    del buf, lengths, counts
 
     heap = [(-c, key) for key, c in pair_counts.items()]
     heapq.heapify(heap)

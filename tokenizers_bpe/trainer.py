@@ -38,7 +38,10 @@ from .spill import PieceSpill
 from .tokenizer import BPETokenizer
 
 DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>",)
-_PARALLEL_MIN_BYTES = 4 << 20  # smaller corpora are pre-tokenized in-process: a pool costs more than it saves
+# Smaller corpora are pre-tokenized in-process by default: a pool costs more than it saves. At 10 MB of
+# mixed text (2-core Xeon, vocabulary 16384) two workers took 1.24 s against 1.43 s in-process, for
+# 82 MB of peak memory (the workers' included) against 56 MB.
+_PARALLEL_MIN_BYTES = 16 << 20
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -234,7 +237,7 @@ def train(
     spill_dir: str | os.PathLike | None = None,
 ) -> BPETokenizer:
     """Train on text files (UTF-8; ``errors="replace"`` substitutes invalid bytes), read in blocks.
-    ``workers``: pre-tokenization processes; default all cores, or 1 for corpora under 4 MB.
+    ``workers``: pre-tokenization processes; default all cores, or 1 for corpora under 16 MB.
     ``max_memory``: a budget in bytes for the resident memory of this process and its workers; piece
     counts that outgrow it are spilled to disk under ``spill_dir`` (default $TMPDIR) and merged at the
     end (spill.py says how much disk that takes), for exactly the tokenizer of an unbounded run."""

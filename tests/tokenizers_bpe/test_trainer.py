@@ -10,6 +10,7 @@ import pytest
 
 import tokenizers_bpe
 from tokenizers_bpe.patterns import compile_pattern, resolve_pattern
+from tokenizers_bpe import merging
 from tokenizers_bpe.trainer import _safe_chunks, count_pieces, learn_merges
 
 from .reference_merges import learn_merges as word_list_merges
@@ -83,10 +84,14 @@ def test_incremental_trainer_matches_reference_on_shakespeare(play_text):
     assert learn_merges(pieces, 150) == reference_merges(pieces, 150)
 
 
+@pytest.mark.parametrize("init", ["python", "numpy"])
 @pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
 @pytest.mark.parametrize("min_frequency", [1, 2, 5])
-def test_flat_array_trainer_matches_the_word_list_trainer_it_replaced(shared_file, play_text, pattern, min_frequency):
-    """Merge for merge what the previous implementation (reference_merges.py, kept verbatim) learned."""
+def test_flat_array_trainer_matches_the_word_list_trainer_it_replaced(shared_file, play_text, pattern, min_frequency, init,
+                                                                      monkeypatch):
+    """Merge for merge what the previous implementation (reference_merges.py, kept verbatim) learned, with
+    the arrays built by the Python loop (small corpora) and by numpy (large ones)."""
+    monkeypatch.setattr(merging, "PYTHON_INIT_MAX_SLOTS", 2**31 if init == "python" else 0)
     shakespeare = shared_file("tinyshakespeare.txt").read_text(encoding="utf-8")
     for text in (shakespeare[:400_000], play_text, CORPORA["repeats"] * 20 + CORPORA["unicode"]):
         pieces = pieces_of(text, pattern)
