@@ -17,6 +17,7 @@ run eagerly. CPU only; anything that fails to export or compile leaves the decod
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch.utils._pytree as pytree
 from gpt.decode import Decoder, forward_logits, step_logits
 
 MAX_PACKAGE_BYTES = 2**30  # a larger file is not a package of ours
+log = logging.getLogger(__name__)
 
 
 def package_paths(prefix: Path) -> tuple[Path, Path]:
@@ -116,15 +118,15 @@ def _package(module: _Flat, args: tuple, dynamic: dict, path: Path) -> None:
             os.unlink(tmp)
 
 
+@torch.inference_mode()  # the decoder's caches are inference tensors, written in place by the step
 def build(decoder: Decoder, prefix: Path) -> None:
     """Export and compile the decoder's step and prefill into ``package_paths(prefix)``."""
     n_ctx, batch = decoder.n_ctx, decoder.tokens.shape[0]
     step, prefill = _Flat(step_logits, decoder), _Flat(forward_logits, decoder, (False,))
     positions = torch.arange(3)  # the length, dynamic: any position from the second on
     length = torch.export.Dim("length", min=2, max=n_ctx)
-    with torch.inference_mode():
-        token = torch.zeros(batch, dtype=torch.long)
-        tokens, key_positions = torch.zeros(batch, 3, dtype=torch.long), torch.arange(3)
+    token = torch.zeros(batch, dtype=torch.long)
+    tokens, key_positions = torch.zeros(batch, 3, dtype=torch.long), torch.arange(3)
     step_path, prefill_path = package_paths(prefix)
     _package(step, (step.tensors(), token, positions), {positions: {0: length}}, step_path)
     prompt = torch.export.Dim("prompt", min=2, max=n_ctx)
@@ -141,17 +143,27 @@ def attach(decoder: Decoder, prefix: Path, *, on_build: Callable[[], None] | Non
     step_path, prefill_path = package_paths(prefix)
     if _failed_marker(prefix).exists():
         return False
+    def build_once() -> None:
+        if on_build is not None:
+            on_build()
+        try:
+            build(decoder, prefix)
+        except Exception:  # not exportable (an op without a C++ kernel), a compiler error
+            _failed_marker(prefix).touch()
+            raise
+
     try:
         if not packaged(prefix):
-            if on_build is not None:
-                on_build()
-            try:
-                build(decoder, prefix)
-            except Exception:  # not exportable (an op without a C++ kernel), a compiler error
-                _failed_marker(prefix).touch()
-                raise
-        step, prefill = _load(step_path), _load(prefill_path)
-    except Exception:  # the above, or a package this PyTorch cannot load
+            build_once()
+        try:
+            step, prefill = _load(step_path), _load(prefill_path)
+        except Exception:  # a damaged package, or one this PyTorch cannot read: ours to make again
+            log.info("the compiled decoding in %s cannot be loaded; compiling it again (about a minute) ...", prefix.parent)
+            for path in (step_path, prefill_path):
+                path.unlink(missing_ok=True)
+            build_once()
+            step, prefill = _load(step_path), _load(prefill_path)
+    except Exception:  # the step cannot be packaged here: torch.compile it is
         return False
     flat = _Flat(step_logits, decoder)
     tensors = flat.tensors()  # the decoder's own weights and caches, in the packages' order

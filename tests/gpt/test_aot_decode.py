@@ -87,6 +87,24 @@ def test_a_failed_build_falls_back_once(tok, tmp_path, monkeypatch):
     assert not aot_decode.will_build(tmp_path / "key") and not aot_decode.packaged(tmp_path / "key")
 
 
+def test_a_damaged_package_is_made_again(tok, tmp_path, monkeypatch):
+    """A package that does not load (truncated, or of another PyTorch build) is rebuilt, not trusted."""
+    model = make_tiny_model(tok, n_ctx=32)
+    prefix = tmp_path / "key"
+    with torch.inference_mode():
+        assert aot_decode.attach(Decoder(model, 1, compile=True), prefix)
+    step_path, _ = aot_decode.package_paths(prefix)
+    step_path.write_bytes(step_path.read_bytes()[:1000])
+    builds = []
+    build = aot_decode.build
+    monkeypatch.setattr(aot_decode, "build", lambda *a: builds.append(1) or build(*a))
+    with torch.inference_mode():
+        decoder = Decoder(model, 1, compile=True)
+    assert aot_decode.attach(decoder, prefix) and builds == [1] and not decoder.traced
+    idx = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(logits_of(decoder, idx, 5), logits_of(Decoder(model, 1), idx, 5), rtol=1e-4, atol=1e-4)
+
+
 def test_only_compiled_cpu_decoders_attach(built, tmp_path):
     model, prefix = built
     assert not aot_decode.attach(Decoder(model, 2), prefix)  # eager: nothing to replace
