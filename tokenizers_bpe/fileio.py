@@ -320,28 +320,25 @@ def check_nesting(value: object, where: str, limit: int = MAX_NESTING) -> object
     return value
 
 
-def parse_json(text: str, where: str, hint: str = "", limit: int = MAX_NESTING) -> object:
-    """JSON text; malformed or too deeply nested is an InputFileError naming ``where``."""
+def _parse(loads, decode_error: type[Exception], kind: str, text: str, where: str, hint: str, limit: int):
     suffix = f"; {hint}" if hint else ""
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputFileError(where, f"{where}: not valid JSON ({e}){suffix}") from None
+        value = loads(text)
+    except decode_error as e:
+        raise InputFileError(where, f"{where}: not valid {kind} ({e}){suffix}") from None
     except RecursionError:
         raise InputFileError(where, f"{where}: nested more than {limit} levels deep; not a file this toolkit reads") from None
     return check_nesting(value, where, limit)
+
+
+def parse_json(text: str, where: str, hint: str = "", limit: int = MAX_NESTING) -> object:
+    """JSON text; malformed or too deeply nested is an InputFileError naming ``where``."""
+    return _parse(json.loads, json.JSONDecodeError, "JSON", text, where, hint, limit)
 
 
 def parse_toml(text: str, where: str, hint: str = "", limit: int = MAX_NESTING) -> dict:
     """TOML text; malformed or too deeply nested is an InputFileError naming ``where``."""
-    suffix = f"; {hint}" if hint else ""
-    try:
-        value = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise InputFileError(where, f"{where}: not valid TOML ({e}){suffix}") from None
-    except RecursionError:
-        raise InputFileError(where, f"{where}: nested more than {limit} levels deep; not a file this toolkit reads") from None
-    return check_nesting(value, where, limit)
+    return _parse(tomllib.loads, tomllib.TOMLDecodeError, "TOML", text, where, hint, limit)
 
 
 def read_text(path: str | os.PathLike, what: str = "file", hint: str = "", max_bytes: int = MAX_CONFIG_BYTES) -> str:

@@ -435,7 +435,7 @@ def build_parser() -> ArgumentParser:
                                         "tokenizer as a GPT-2 byte-level BPE vocabulary with its merges). Only a tokenizer "
                                         "with GPT-2's pattern can be exported: llama.cpp has no pre-tokenizer equal to "
                                         "GPT-4's or a custom pattern, nor a char-level vocabulary (those are refused). Run it "
-                                        "with: llama-cli -m OUT.gguf -p 'ROMEO:' -n 100 --temp 0")
+                                        "with: llama-completion -m OUT.gguf -p 'ROMEO:' -n 100 --temp 0")
     p.add_argument("src", type=Path, metavar="RUN_OR_MODEL", help="checkpoint directory, or a run directory (its final checkpoint)")
     p.add_argument("out", type=Path, metavar="OUT.gguf", help="GGUF file to write")
     p.add_argument("--dtype", choices=GGUF_DTYPES, default="f16",
