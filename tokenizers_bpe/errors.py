@@ -78,14 +78,17 @@ class OutputError(ValueError):
 
 class NoSpaceError(ValueError):
     """The disk filled up while writing ``path``: ``free`` bytes were free, ``needed`` (when known)
-    the bytes the write needed. What was there before the write is intact."""
+    the bytes the write needed (``at_least``: a lower bound, what had been written when the disk
+    filled up). What was there before the write is intact."""
 
-    def __init__(self, path, free: int, needed: int | None = None, advice: str = ""):
-        super().__init__(path, free, needed, advice)
-        self.path, self.free, self.needed, self.advice = path, free, needed, advice
+    def __init__(self, path, free: int, needed: int | None = None, advice: str = "", at_least: bool = False):
+        super().__init__(path, free, needed, advice, at_least)
+        self.path, self.free, self.needed, self.advice, self.at_least = path, free, needed, advice, at_least
 
     def __str__(self) -> str:
-        need = f"needs about {self.needed / 1e6:,.1f} MB, " if self.needed is not None else ""
+        need = ""
+        if self.needed:
+            need = f"needs {'more than' if self.at_least else 'about'} {self.needed / 1e6:,.1f} MB, "
         return (f"{self.path}: no space left on the device ({need}{self.free / 1e6:,.1f} MB free)"
                 + (f"; {self.advice}" if self.advice else "; free some space and run the command again"))
 

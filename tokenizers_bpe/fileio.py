@@ -167,15 +167,28 @@ def free_bytes(path: str | os.PathLike) -> int:
     return shutil.disk_usage(path).free
 
 
+def _bytes_in(path: Path) -> int:
+    """The bytes of a file, or of every file under a directory (what a write got onto the disk)."""
+    try:
+        if not path.is_dir():
+            return path.stat().st_size
+        return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)
+    except OSError:
+        return 0
+
+
 @contextlib.contextmanager
-def _no_space_as_error(path: Path) -> Iterator[None]:
+def _no_space_as_error(path: Path, written: Path | None = None) -> Iterator[None]:
+    """A full disk inside the block becomes a NoSpaceError naming ``path``; ``written`` (the temporary
+    file or directory being filled) tells how much the write needed at least."""
     try:
         yield
     except NoSpaceError as e:  # (from the lock, or a nested write): named as this output
-        raise NoSpaceError(path, e.free, e.needed, e.advice) from None
+        raise NoSpaceError(path, e.free, e.needed, e.advice, e.at_least) from None
     except Exception as e:
         if is_out_of_space(e):
-            raise NoSpaceError(path, free_bytes(path.parent)) from None
+            needed = _bytes_in(written) if written is not None else None
+            raise NoSpaceError(path, free_bytes(path.parent), needed, at_least=True) from None
         raise
 
 
@@ -201,7 +214,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
         remove_stale_temporaries(parent, path.name)
         fd, tmp = tempfile.mkstemp(prefix=_temporary_name(path.name), suffix=".tmp", dir=parent)
         try:
-            with _no_space_as_error(path):
+            with _no_space_as_error(path, Path(tmp)):
                 os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600
                 with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
                     yield f
@@ -239,7 +252,7 @@ def atomic_directory(path: str | os.PathLike, stamp: Stamp | None = None) -> Ite
         remove_stale_temporaries(path.parent, path.name)
         tmp = Path(tempfile.mkdtemp(prefix=_temporary_name(path.name), suffix=".tmp", dir=path.parent))
         try:
-            with _no_space_as_error(path):
+            with _no_space_as_error(path, tmp):
                 os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
                 yield tmp
             _replace_directory(path, tmp, stamp)

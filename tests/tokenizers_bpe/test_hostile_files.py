@@ -16,6 +16,7 @@ from tokenizers_bpe.errors import InputFileError, NoSpaceError, OutputError
 from tokenizers_bpe.fileio import (
     MAX_NESTING,
     Stamp,
+    atomic_directory,
     atomic_write,
     check_regular_file,
     check_replaceable,
@@ -119,6 +120,24 @@ def test_full_disk_at_the_lock_is_the_disk_message_and_leaves_nothing(tmp_path, 
         with atomic_write(out, stamp=STAMP) as f:
             f.write("{}")
     assert str(caught.value).startswith(f"{out}: no space left on the device")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_full_disk_message_says_how_much_the_write_needed_at_least(tmp_path):
+    out = tmp_path / "out.bin"
+    with pytest.raises(NoSpaceError) as caught:
+        with atomic_write(out, "wb") as f:
+            f.write(b"x" * 3_000_000)
+            f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert "needs more than 3.0 MB, " in str(caught.value) and " MB free)" in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(NoSpaceError) as caught:  # a directory output: every file in it counts
+        with atomic_directory(tmp_path / "d") as d:
+            (d / "a").write_bytes(b"x" * 1_500_000)
+            (d / "b").write_bytes(b"x" * 1_000_000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert "needs more than 2.5 MB, " in str(caught.value)
     assert list(tmp_path.iterdir()) == []
 
 
