@@ -24,7 +24,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(PIP_SPEC)"
 
-$(VENV)/.installed: $(PY) pyproject.toml $(LOCK)
+$(VENV)/.installed: $(PY) pyproject.toml setup.py tokenizers_bpe/_native_bpe.c tokenizers_bpe/_unicode_classes.h $(LOCK)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q $(PINS) -e .
 	touch $@

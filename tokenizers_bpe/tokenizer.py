@@ -6,11 +6,12 @@ Encoding follows tiktoken exactly, so ids agree token for token:
 3. a piece that is itself a token becomes that token; otherwise its UTF-8 bytes start as single-byte
    tokens and the adjacent pair whose concatenation has the lowest rank is merged, repeatedly,
    until no adjacent pair forms a token.
-Steps 2-3 run in tiktoken's Rust core, built once (lazily) from the tokenizer's own ranks, pattern and
-special tokens; step 1 and its rules (which specials are allowed, the error for a disallowed one) stay
-here. The pure-Python encoder (pybpe.py, with a cache of the ids of each piece) is the reference and
-the fallback for a pattern tiktoken's regex engine cannot compile. A custom pattern is taken to split
-the same in both engines (Perl-style syntax, Unicode classes); the named patterns are tiktoken's own.
+Steps 2-3 run in native code, built once (lazily) from the tokenizer's own ranks: for the two named
+patterns our C encoder (_native_bpe.c, the patterns written out as scanners), for any other pattern
+tiktoken's Rust core; step 1 and its rules (which specials are allowed, the error for a disallowed one)
+stay here. The pure-Python encoder (pybpe.py, with a cache of the ids of each piece) is the reference
+and the fallback for a pattern tiktoken's regex engine cannot compile. A custom pattern is taken to
+split the same in both engines (Perl-style syntax, Unicode classes); the named patterns are tiktoken's.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from itertools import chain
 from typing import AbstractSet, Collection, Iterable, Literal, Mapping, Sequence
 
 from .fileio import Stamp, atomic_write, format_stamp
-from .patterns import piece_splitter, resolve_pattern, special_token_regex
+from .patterns import GPT2_PATTERN, GPT4_PATTERN, piece_splitter, resolve_pattern, special_token_regex
 from .pybpe import PieceCache, encode_piece, split_token
 from .rankfiles import gpt2_conflicts, write_gpt2, write_tiktoken
 
@@ -41,7 +42,9 @@ ENDOFTEXT = "<|endoftext|>"
 # Ids between the ordinary tokens and the special ones that no token uses (tiktoken's cl100k_base leaves
 # 16, o200k_base 19); a vocabulary with more is a mistake that would make every model of it bigger.
 MAX_UNUSED_IDS = 1024
-BACKENDS = ("auto", "tiktoken", "python")
+BACKENDS = ("auto", "native", "tiktoken", "python")
+# The patterns the native encoder splits by (its scanner for each, by number).
+_NATIVE_PATTERNS = {GPT2_PATTERN: 0, GPT4_PATTERN: 1}
 log = logging.getLogger(__name__)
 _PARALLEL_MIN_CHARS = 1 << 20  # below this much text, starting worker processes costs more than it saves
 
@@ -269,7 +272,7 @@ class BPETokenizer(Tokenizer):
         special_tokens: Mapping[str, int] | None = None,
         merges: Sequence[tuple[int, int]] | None = None,
         name: str = "bpe",
-        backend: Literal["auto", "tiktoken", "python"] = "auto",
+        backend: Literal["auto", "native", "tiktoken", "python"] = "auto",
     ):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -292,11 +295,11 @@ class BPETokenizer(Tokenizer):
     def _setup_encoder(self) -> None:
         self._findall = piece_splitter(self.pattern)
         self._cache = PieceCache(functools.partial(encode_piece, self._ranks))
-        self._tiktoken = None  # built on first use (ids go through it unless the backend is "python")
+        self._core = None  # the native or tiktoken encoder, built on first use (unless the backend is "python")
 
     def __getstate__(self):  # for worker processes: the compiled regexes and caches are rebuilt there
         state = self.__dict__.copy()
-        for k in ("_findall", "_cache", "_tiktoken"):
+        for k in ("_findall", "_cache", "_core"):
             state.pop(k)
         return state
 
@@ -318,32 +321,47 @@ class BPETokenizer(Tokenizer):
 
     @property
     def backend(self) -> str:
-        """What encodes: "tiktoken" (its Rust core, built from this tokenizer's ranks, pattern and
-        special tokens) or "python" (the reference encoder, tokenizers_bpe.pybpe: asked for, or the
-        fallback when tiktoken's regex engine cannot compile the pattern, which is logged once)."""
-        return "python" if self._tiktoken_core() is None else "tiktoken"
+        """What encodes: "native" (our C encoder, for the GPT-2 and GPT-4 patterns), "tiktoken" (its Rust
+        core, built from this tokenizer's ranks, pattern and special tokens: any other pattern, or the
+        native module not built) or "python" (the reference encoder, tokenizers_bpe.pybpe: asked for,
+        or the fallback when tiktoken's regex engine cannot compile the pattern, which is logged once).
+        All three give the same ids."""
+        self._encoder_core()
+        return self._backend
 
-    def _tiktoken_core(self):
-        if self._tiktoken is None and self._backend != "python":
-            try:
-                self._tiktoken = self.to_tiktoken()
-            except Exception as e:  # noqa: BLE001 (fancy-regex's errors reach Python as several types)
-                if self._backend == "tiktoken":
-                    raise ValueError(f"tiktoken cannot encode with this tokenizer: {e}") from None
-                self._backend = "python"
-                _warn_fallback_once(self.pattern, e)
-        return self._tiktoken
+    def _encoder_core(self):
+        """The native or tiktoken encoder (``encode(text) -> ids``), or None for the Python path."""
+        if self._core is not None or self._backend == "python":
+            return self._core
+        if self._backend in ("auto", "native"):
+            native = _native_encoder(self._by_rank, self.pattern)
+            if native is not None:
+                self._core, self._backend = native, "native"
+                return native
+            if self._backend == "native":
+                raise ValueError("the native encoder cannot encode with this tokenizer: "
+                                 + ("its C module is not built (reinstall the package with a C compiler)"
+                                    if self.pattern in _NATIVE_PATTERNS else "it knows the GPT-2 and GPT-4 patterns only"))
+        try:
+            self._core = self.to_tiktoken().encode_ordinary
+            self._backend = "tiktoken"
+        except Exception as e:  # noqa: BLE001 (fancy-regex's errors reach Python as several types)
+            if self._backend == "tiktoken":
+                raise ValueError(f"tiktoken cannot encode with this tokenizer: {e}") from None
+            self._backend = "python"
+            _warn_fallback_once(self.pattern, e)
+        return self._core
 
     def encode_ordinary(self, text: str) -> list[int]:
-        core = self._tiktoken_core()
-        if core is not None:
-            return core.encode_ordinary(text)  # (it replaces lone surrogates as the Python path does)
+        core = self._encoder_core()
         try:
+            if core is not None:
+                return core(text)
             return list(chain.from_iterable(map(self._cache.__getitem__, self._findall(text))))
         except UnicodeEncodeError:
             # lone surrogates cannot be UTF-8 encoded; replace them as tiktoken does
             text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-            return list(chain.from_iterable(map(self._cache.__getitem__, self._findall(text))))
+            return self.encode_ordinary(text)
 
     def encode_batch(
         self,
@@ -353,9 +371,10 @@ class BPETokenizer(Tokenizer):
         allowed_special: Literal["all"] | AbstractSet[str] = set(),  # noqa: B006
         disallowed_special: Literal["all"] | Collection[str] = "all",
     ) -> list[list[int]]:
-        """Encode many texts on ``num_threads`` threads (default: all cores): tiktoken's core releases
-        the GIL, as tiktoken's own encode_batch relies on. The Python backend uses processes."""
-        if self._tiktoken_core() is None:
+        """Encode many texts on ``num_threads`` threads (default: all cores): the native encoder and
+        tiktoken's core release the GIL (tiktoken's own encode_batch relies on that). The Python
+        backend uses processes."""
+        if self._encoder_core() is None:
             return super().encode_batch(texts, num_threads=num_threads, allowed_special=allowed_special,
                                         disallowed_special=disallowed_special)
         encode = functools.partial(self.encode, allowed_special=allowed_special, disallowed_special=disallowed_special)
@@ -430,6 +449,19 @@ class BPETokenizer(Tokenizer):
 
 
 _fallback_warned: set[str] = set()
+
+
+def _native_encoder(by_rank: list[bytes], pattern: str):
+    """The C encoder's ``encode`` for these tokens (in rank order), or None: a pattern it has no
+    scanner for, or the extension module not built (it is optional: the package installs without a
+    C compiler and then encodes through tiktoken)."""
+    if pattern not in _NATIVE_PATTERNS:
+        return None
+    try:
+        from . import _native_bpe
+    except ImportError:
+        return None
+    return _native_bpe.Encoder(by_rank, _NATIVE_PATTERNS[pattern]).encode
 
 
 def _warn_fallback_once(pattern: str, error: Exception) -> None:

@@ -1,5 +1,6 @@
-"""The two encoders give the same ids: tiktoken's core (the default) and the pure-Python reference
-(tokenizers_bpe.pybpe, the fallback for a pattern tiktoken cannot compile); long pieces in both."""
+"""The three encoders give the same ids: the native one (the default for the GPT-2 and GPT-4 patterns),
+tiktoken's core (any other pattern) and the pure-Python reference (tokenizers_bpe.pybpe, the fallback
+for a pattern tiktoken cannot compile); long pieces in all of them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import io
 import json
 import logging
 import random
+import sys
 import time
 
 import pytest
@@ -23,8 +25,12 @@ from .test_encoding import any_text, generated_texts
 unicode_with_surrogates = st.lists(st.one_of(st.characters(), st.integers(0xD800, 0xDFFF).map(chr)), max_size=200).map("".join)
 
 
+def twin(tok: BPETokenizer, backend: str) -> BPETokenizer:
+    return BPETokenizer(tok.mergeable_ranks, tok.pattern, tok.special_tokens, backend=backend)
+
+
 def python_twin(tok: BPETokenizer) -> BPETokenizer:
-    return BPETokenizer(tok.mergeable_ranks, tok.pattern, tok.special_tokens, backend="python")
+    return twin(tok, "python")
 
 
 @pytest.fixture(scope="module")
@@ -34,48 +40,61 @@ def trained_gpt4(play_text):
 
 @pytest.fixture(scope="module")
 def tokenizers(gpt2, cl100k, trained, trained_gpt4):
-    """name -> (the tokenizer as loaded, which encodes through tiktoken; its pure-Python twin)."""
+    """name -> (the tokenizer as loaded, which encodes natively; its pure-Python twin)."""
     toks = {"gpt2": gpt2, "cl100k": cl100k, "trained-gpt2": trained, "trained-gpt4": trained_gpt4}
     for tok in toks.values():
-        assert tok.backend == "tiktoken"
+        assert tok.backend == "native"  # the extension is built (make install) and takes both named patterns
     return {name: (tok, python_twin(tok)) for name, tok in toks.items()}
+
+
+@pytest.fixture(scope="module")
+def tiktoken_twins(tokenizers):
+    return {name: twin(tok, "tiktoken") for name, (tok, _) in tokenizers.items()}
 
 
 NAMES = ["gpt2", "cl100k", "trained-gpt2", "trained-gpt4"]
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_ids_identical_on_shared_corpora(name, tokenizers, shared_file):
+def test_ids_identical_on_shared_corpora(name, tokenizers, tiktoken_twins, shared_file):
     fast, reference = tokenizers[name]
     shakespeare = shared_file("tinyshakespeare.txt").read_text(encoding="utf-8")
     instruct = json.dumps(json.loads(shared_file("instruct/instruction-data.json").read_text(encoding="utf-8"))[:300],
                           ensure_ascii=False, indent=1)
     for text in (shakespeare[:300_000], instruct, *generated_texts(20)):
-        assert fast.encode(text, disallowed_special=()) == reference.encode(text, disallowed_special=())
+        ids = fast.encode(text, disallowed_special=())
+        assert ids == reference.encode(text, disallowed_special=())
+        assert ids == tiktoken_twins[name].encode(text, disallowed_special=())
+    ids = fast.encode_ordinary(shakespeare)  # all of it, on the two fast paths
+    assert ids == tiktoken_twins[name].encode_ordinary(shakespeare) and fast.decode(ids) == shakespeare
 
 
 @pytest.mark.parametrize("name", NAMES)
 @settings(max_examples=40, deadline=None)
 @given(text=st.one_of(any_text, unicode_with_surrogates))
-def test_ids_identical_on_random_unicode(name, tokenizers, text):
+def test_ids_identical_on_random_unicode(name, tokenizers, tiktoken_twins, text):
     fast, reference = tokenizers[name]
-    assert fast.encode_ordinary(text) == reference.encode_ordinary(text)
+    ids = fast.encode_ordinary(text)
+    assert ids == reference.encode_ordinary(text) == tiktoken_twins[name].encode_ordinary(text)
     assert fast.encode(text, allowed_special="all") == reference.encode(text, allowed_special="all")
 
 
-def test_lone_surrogates_are_replaced_the_same_way_by_both(tokenizers, tiktoken_encoding):
-    fast, reference = tokenizers["gpt2"]
+@pytest.mark.parametrize("backend", ["native", "tiktoken", "python"])
+def test_lone_surrogates_are_replaced_the_same_way_by_every_path(gpt2, tiktoken_encoding, backend):
+    tok = twin(gpt2, backend)
     text = "ab\ud800cd\udfff"
-    assert fast.encode(text) == reference.encode(text) == tiktoken_encoding("gpt2").encode(text)
-    assert fast.decode(fast.encode(text)) == "ab\ufffdcd\ufffd"
+    assert tok.encode(text) == tiktoken_encoding("gpt2").encode(text)
+    assert tok.decode(tok.encode(text)) == "ab\ufffdcd\ufffd"
+    assert tok.backend == backend
 
 
-@pytest.mark.parametrize("char", ["^", "a", "1", " ", "é", "🎉"])
-def test_a_long_run_of_one_character_is_fast_on_both_paths(tokenizers, char):
+@pytest.mark.parametrize("char", ["^", "a", "1", " ", "\n", ".", "é", "🎉"])
+def test_a_long_run_of_one_character_is_fast_on_every_path(tokenizers, tiktoken_twins, char):
     fast, reference = tokenizers["gpt2"]
     start = time.perf_counter()
     ids = fast.encode_ordinary(char * 10**6)  # tiktoken issue 245: it once panicked on "^" * 10**6
     assert time.perf_counter() - start < 20
+    assert ids == tiktoken_twins["gpt2"].encode_ordinary(char * 10**6)
     start = time.perf_counter()
     assert reference.encode_ordinary(char * 100_000) == fast.encode_ordinary(char * 100_000)
     assert time.perf_counter() - start < 20  # quadratic, this was minutes
@@ -121,11 +140,28 @@ def test_a_pattern_tiktoken_cannot_compile_falls_back_with_one_warning(gpt2, cap
         BPETokenizer(gpt2.mergeable_ranks, backend="rust")
 
 
+def test_a_custom_pattern_encodes_through_tiktoken_and_native_refuses_it(gpt2):
+    pattern = r"\p{L}+|\p{N}|[^\p{L}\p{N}]+"
+    tok = BPETokenizer(gpt2.mergeable_ranks, pattern)
+    assert tok.encode("abc 123!") == twin(tok, "python").encode("abc 123!") and tok.backend == "tiktoken"
+    with pytest.raises(ValueError, match="GPT-2 and GPT-4 patterns only"):
+        BPETokenizer(gpt2.mergeable_ranks, pattern, backend="native").encode("x")
+
+
+def test_without_the_native_module_encoding_goes_through_tiktoken(gpt2, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tokenizers_bpe._native_bpe", None)  # as if it was not built
+    monkeypatch.delattr(tokenizers_bpe, "_native_bpe", raising=False)
+    tok = twin(gpt2, "auto")
+    assert tok.encode("hello world") == gpt2.encode("hello world") and tok.backend == "tiktoken"
+    with pytest.raises(ValueError, match="C module is not built"):
+        twin(gpt2, "native").encode("x")
+
+
 @pytest.mark.parametrize("name", ["gpt2", "trained-gpt4"])
-def test_encode_batch_is_encode_on_both_paths(tokenizers, name):
+def test_encode_batch_is_encode_on_every_path(tokenizers, tiktoken_twins, name):
     fast, reference = tokenizers[name]
     texts = [*generated_texts(30, seed=3), "a<|endoftext|>b", ""]
-    for tok in (fast, reference):
+    for tok in (fast, tiktoken_twins[name], reference):
         assert tok.encode_batch(texts, num_threads=2, disallowed_special=()) == [reference.encode(t, disallowed_special=()) for t in texts]
         assert tok.encode_batch(texts, num_threads=2, allowed_special="all") == [reference.encode(t, allowed_special="all") for t in texts]
     with pytest.raises(ValueError, match="disallowed"):
