@@ -300,10 +300,14 @@ static int encode_piece(const Encoder *e, const unsigned char *p, size_t n, Ids 
     return n <= SIMPLE_MERGE_MAX ? merge_simple(e, p, n, out) : merge_tree(e, p, n, out);
 }
 
+#define MAX_PIECE ((size_t)1 << 31) /* the merges index a piece's bytes with 32 bits */
+
+/* 0, or -1 (out of memory), or -2 (a piece longer than MAX_PIECE). */
 static int encode_text(const Encoder *e, const Text *t, Ids *out) {
     size_t i = 0;
     while (i < t->n) {
         size_t j = e->pattern == PATTERN_GPT2 ? gpt2_piece_end(t, i) : gpt4_piece_end(t, i);
+        if (j - i >= MAX_PIECE) return -2;
         if (encode_piece(e, t->s + i, j - i, out)) return -1;
         i = j;
     }
@@ -418,6 +422,10 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *arg) {
     Py_END_ALLOW_THREADS
     if (rc) {
         free(out.ids);
+        if (rc == -2) {
+            PyErr_SetString(PyExc_ValueError, "the text holds a piece (a run without a break) of 2 GiB or more");
+            return NULL;
+        }
         return PyErr_NoMemory();
     }
     PyObject *list = PyList_New((Py_ssize_t)out.len);

@@ -282,6 +282,8 @@ class BPETokenizer(Tokenizer):
             raise ValueError("token ranks must be the contiguous ids 0..N-1, each used once")
         if any(len(t) != 1 for t, r in ranks.items() if r < 256) or len(ranks) < 256:
             raise ValueError("ranks 0-255 must be the 256 single bytes (byte-level BPE)")
+        if b"" in ranks:
+            raise ValueError("a token must hold at least one byte (the ranks hold an empty token)")
         self._ranks = ranks
         self._by_rank = sorted(ranks, key=ranks.__getitem__)
         super().__init__(special_tokens or {}, dict(enumerate(self._by_rank)))
