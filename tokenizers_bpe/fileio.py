@@ -17,7 +17,6 @@ import re
 import shutil
 import stat
 import tempfile
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -351,6 +350,8 @@ def parse_json(text: str, where: str, hint: str = "", limit: int = MAX_NESTING) 
 
 def parse_toml(text: str, where: str, hint: str = "", limit: int = MAX_NESTING) -> dict:
     """TOML text; malformed or too deeply nested is an InputFileError naming ``where``."""
+    import tomllib  # (only --config files are TOML: not imported by every command)
+
     return _parse(tomllib.loads, tomllib.TOMLDecodeError, "TOML", text, where, hint, limit)
 
 

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,10 @@ from .errors import NoSpaceError, OutputError
 
 log = logging.getLogger(__name__)
 
+
+
+def _host() -> str:
+    return os.uname().nodename  # (socket.gethostname() without importing socket: a lock is taken in every command)
 
 def current_umask() -> int:
     umask = os.umask(0o022)
@@ -43,7 +46,7 @@ def process_alive(pid: int) -> bool:
 
 
 def _holder() -> dict:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200],
+    return {"pid": os.getpid(), "host": _host(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200],
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -69,7 +72,7 @@ class OutputLock:
 
     def _refuse_if_held(self, holder: dict) -> None:
         """An OutputError naming the holder, unless it is a process on this machine that no longer runs."""
-        same_host = holder.get("host", socket.gethostname()) == socket.gethostname()
+        same_host = holder.get("host", _host()) == _host()
         if holder and not (same_host and not process_alive(holder["pid"])):
             where = "" if same_host else f" on {holder.get('host')}"
             raise OutputError(self.path, f"{self.what} is in use by process {holder['pid']}{where} "
@@ -93,7 +96,7 @@ class OutputLock:
                 holder = self._read_holder()
                 if holder is None:  # released meanwhile: try again
                     continue
-                if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+                if holder.get("pid") == os.getpid() and holder.get("host") == _host():
                     return self  # this process holds it already (through another OutputLock): it releases it
                 self._refuse_if_held(holder)
                 self.path.unlink(missing_ok=True)

@@ -24,7 +24,6 @@ import json
 import logging
 import operator
 import os
-from concurrent.futures import ThreadPoolExecutor
 from itertools import chain
 from typing import AbstractSet, Collection, Iterable, Literal, Mapping, Sequence
 
@@ -384,6 +383,8 @@ class BPETokenizer(Tokenizer):
         threads = min(num_threads or os.cpu_count() or 1, len(texts))
         if threads <= 1:
             return list(map(encode, texts))
+        from concurrent.futures import ThreadPoolExecutor  # (not imported by every user of a tokenizer)
+
         with ThreadPoolExecutor(threads) as pool:
             return list(pool.map(encode, texts))
 
