@@ -22,7 +22,7 @@ from gpt.quantize import quantize
 from gpt2_kernels import cpu_linear_unavailable_reason
 from gpt.sampling import MAX_NEW_TOKENS, SAMPLING_DEFAULTS, check_count, check_sampling_settings, compiles_by_default, generate
 from tokenizers_bpe import UnknownCharacterError
-from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_seed_argument, command, integer, number, or_none, text_argument
+from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_seed_argument, command, integer, max_threads, number, or_none, text_argument
 from tools.models import check_kernels_backend, model_argument
 
 PROG = "gpt-generate"
@@ -99,7 +99,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
     p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                    help="weights dtype; auto: bfloat16 on a GPU that supports it, else float32")
-    p.add_argument("--threads", type=integer(1), default=None, metavar="N",
+    p.add_argument("--threads", type=integer(1, max_threads()), default=None, metavar="N",
                    help="CPU threads for PyTorch (default: PyTorch's choice, one per core); 1 is much faster on a machine busy with other work")
     p.add_argument("--allow-special", action="store_true",
                    help="encode special-token text in the prompt (e.g. <|endoftext|>) as the special token, not as ordinary text")

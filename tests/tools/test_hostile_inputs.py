@@ -102,6 +102,8 @@ def test_edge_numbers_refused_in_one_line(ckpt, tmp_path, capsys, data_dir):
     one_line(capsys, generate(["--model", str(ckpt), "hi", "--seed", str(10**30)]), "--seed")
     one_line(capsys, generate(["--model", str(ckpt), "hi", "--seed", "-1"]), "--seed")
     one_line(capsys, train(["--data", str(data_dir), "--out", str(tmp_path / "r"), "--threads", str(10**9)]), "--threads")
+    for threads in (10**6, 10**9):  # (a million made OpenMP crash the process)
+        one_line(capsys, generate(["--model", str(ckpt), "hi", "--threads", str(threads)]), "--threads")
     (tmp_path / "t.toml").write_text(f"threads = {10**9}\nseed = {2**64}\n")
     one_line(capsys, train(["--config", str(tmp_path / "t.toml"), "--data", str(data_dir), "--out", str(tmp_path / "r")]), "--config")
     assert not (tmp_path / "r").exists()
