@@ -3,11 +3,11 @@
 Every distinct piece (with its count) is laid end to end in one array of token ids, one slot per
 byte, with a doubly linked list (``nxt``/``prv``, -1 at a piece's ends) over the slots still alive: a
 merge writes the new id into the left slot, unlinks the right one and marks it dead (-1). An index maps
-each adjacent pair to the slots where it starts (compact ``array('i')``s, appended to as merges make
-new pairs; an entry goes stale when its slot changes and is skipped when read). Pair counts (weighted
-by piece counts) live in a dict and a max-heap of (count, pair); counts of existing pairs only drop,
-so stale heap entries are fixed lazily: a popped entry whose count is out of date is pushed back with
-the current count. The initial counts and index are built with numpy (a sort of all pair keys), or for
+each adjacent pair to the slots where it starts (compact ``array('i')``s for the pairs of bytes, ranges
+of one shared array for the pairs merges make; an entry goes stale when its slot changes and is skipped
+when read). Pair counts (weighted by piece counts) live in a dict and a max-heap of (count, pair), one
+int per entry; counts of existing pairs only drop, so stale heap entries are fixed lazily: a popped
+entry whose count is out of date is pushed back with the current count. The initial counts and index are built with numpy (a sort of all pair keys), or for
 small corpora by a Python loop (numpy's import alone is ~14 MB of resident memory).
 
 A merge costs O(its occurrences), never a rescan of the pieces holding them. The result is exactly
@@ -162,19 +162,26 @@ def learn_merges(
     ids, nxt, prv, freq, pair_counts, where = build(buf, lengths, counts, freq_type, M)
     del buf, lengths, counts
 
-    heap = [(-c, key) for key, c in pair_counts.items()]
+    # A heap entry is one int, -count * K + key (0 <= key < K): ints order as the tuples (-count, key)
+    # would (the highest count first, then the smallest pair), at a third of a tuple's memory.
+    K = M * M
+    heap = [key - c * K for key, c in pair_counts.items()]
     heapq.heapify(heap)
     vocab = [bytes([i]) for i in range(256)]
     known = set(vocab)
     merges: list[tuple[int, int]] = []
     bar = _progress_bar(n_merges, progress)
-    heappop, heappush = heapq.heappop, heapq.heappush
+    heappop, heappush, get_count = heapq.heappop, heapq.heappush, pair_counts.get
+    # The slots of the pairs made by merges, end to end: each such pair's list is written once, when
+    # it is made, so ``where`` holds (start << 32 | length) for it instead of an array of its own
+    # (a small array object costs ~150 bytes; a corpus of 300 MB makes ~300,000 such pairs).
+    made_slots = array("i")
     while len(merges) < n_merges and heap:
-        neg, key = heappop(heap)
+        neg, key = divmod(heappop(heap), K)
         count = pair_counts.get(key, 0)
         if count != -neg:  # stale: the count dropped since this entry was pushed
             if count > 0:
-                heappush(heap, (-count, key))
+                heappush(heap, key - count * K)
             continue
         if count < min_frequency:
             break
@@ -195,7 +202,11 @@ def learn_merges(
         # Occurrences are taken left to right, as the order of the neighbours' updates requires: every
         # index list is ascending (built sorted; a pair is only ever made by one merge, that of its
         # newer token, which appends its slots in the ascending order it takes them in).
-        for p in where.pop(key):
+        at = where.pop(key)
+        if type(at) is int:  # a pair made by a merge: its slots are a range of made_slots
+            start = at >> 32
+            at = made_slots[start : start + (at & 0xFFFFFFFF)]
+        for p in at:
             if ids[p] != a:  # stale: the slot was merged or absorbed since
                 continue
             q = nxt[p]
@@ -207,14 +218,16 @@ def learn_merges(
                 left = ids[left_slot]
                 if left != X:  # (left, a) is gone; if left is X, the previous merge removed (b, a)
                     k = left * M + a
-                    c = pair_counts[k] - f
-                    if c:
-                        pair_counts[k] = c
-                    elif k != key:  # a pair no longer anywhere: forget it (its heap entries go stale)
-                        del pair_counts[k]
-                        where.pop(k, None)
-                    else:
-                        pair_counts[k] = 0
+                    c = get_count(k)
+                    if c is not None:  # (None: a pair left out as too rare)
+                        c -= f
+                        if c:
+                            pair_counts[k] = c
+                        elif k != key:  # a pair no longer anywhere: forget it (its heap entries go stale)
+                            del pair_counts[k]
+                            where.pop(k, None)
+                        else:
+                            pair_counts[k] = 0
                 k = left * M + X
                 fresh[k] += f
                 fresh_at[k].append(left_slot)
@@ -222,14 +235,16 @@ def learn_merges(
             if r >= 0:
                 right = ids[r]
                 k = b * M + right
-                c = pair_counts[k] - f
-                if c:
-                    pair_counts[k] = c
-                elif k != key:
-                    del pair_counts[k]
-                    where.pop(k, None)
-                else:
-                    pair_counts[k] = 0
+                c = get_count(k)
+                if c is not None:
+                    c -= f
+                    if c:
+                        pair_counts[k] = c
+                    elif k != key:
+                        del pair_counts[k]
+                        where.pop(k, None)
+                    else:
+                        pair_counts[k] = 0
                 r2 = nxt[r]
                 if not (right == a and r2 >= 0 and ids[r2] == b):  # else (X, X) is added next
                     k = X * M + right
@@ -240,10 +255,15 @@ def learn_merges(
             nxt[p] = r
             ids[q] = -1
         del pair_counts[key]
-        pair_counts.update(fresh)  # new pairs only ever grow during their own merge: push them once, final
+        # New pairs only ever grow during their own merge and only drop after it: each is pushed once,
+        # final, and one rarer than min_frequency can never be merged, so it is left out altogether.
         for k, c in fresh.items():
-            heappush(heap, (-c, k))
-            where[k].extend(fresh_at[k])
+            if c >= min_frequency:
+                pair_counts[k] = c
+                heappush(heap, k - c * K)
+                slots = fresh_at[k]
+                where[k] = len(made_slots) << 32 | len(slots)
+                made_slots.extend(slots)
     if bar is not None:
         bar.update(len(merges) - bar.n)
         bar.close()
