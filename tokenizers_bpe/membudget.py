@@ -4,7 +4,8 @@ The budget bounds the resident memory of the training process and its worker pro
 (each forked worker counts the pages it shares with its parent too, as RSS sums them). Counting gets
 what is left after the interpreter as it stands now, once per process, and each worker's work on a
 chunk; the piece counts are spilled to disk (spill.py) when they outgrow their share. The merge phase
-runs after the workers are gone and gets the budget less the interpreter.
+runs after the workers are gone and gets the budget less the interpreter; its per-byte arrays are
+mapped from a file (scratch.py), their pages dropped whenever the process nears the budget.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ WORKER_WORK = 40 * MB  # a worker's chunk: its pieces as strings, their Counter,
 IN_FLIGHT = 16 * MB  # a worker's result waiting in the parent
 MIN_COUNTS = 16 * MB  # below this, counting would spill every few chunks
 SAFETY = 0.85  # of the budget actually planned for (allocator slack, estimates)
+# The merge phase keeps its resident memory under this share of the budget: the rest is headroom for
+# what grows between two looks (a dict doubling its table, pages touched meanwhile).
+MERGE_RESIDENT = 0.8
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class MemoryPlan:
     workers: int  # pre-tokenization processes (fewer than asked where their share would not fit)
     counts: int  # bytes the piece counts may take before they are spilled
     merges: int  # bytes the merge phase may take
+    resident: int  # the resident memory the merge phase keeps this process under (its arrays mapped)
 
 
 def current_rss() -> int:
@@ -48,7 +53,7 @@ def plan_memory(max_memory: int, workers: int) -> MemoryPlan:
         extra = 0 if w == 1 else w * (base + WORKER_WORK + IN_FLIGHT)
         counts = usable - extra - (WORKER_WORK if w == 1 else 0)
         if counts >= MIN_COUNTS:
-            return MemoryPlan(w, counts, usable)
+            return MemoryPlan(w, counts, usable, int(max_memory * MERGE_RESIDENT))
     needed = (base + WORKER_WORK + MIN_COUNTS) / SAFETY
     raise SettingError("max_memory", f"{{max_memory}} {max_memory / 1e6:.0f} MB is too small to train in: this "
                                      f"process alone takes {base / 1e6:.0f} MB; give at least {needed / 1e6:.0f} MB")

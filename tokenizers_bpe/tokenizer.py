@@ -32,6 +32,11 @@ from .patterns import GPT2_PATTERN, GPT4_PATTERN, piece_splitter, resolve_patter
 from .pybpe import PieceCache, encode_piece, split_token
 from .rankfiles import gpt2_conflicts, write_gpt2, write_tiktoken
 
+try:
+    from . import _native_bpe  # the C encoder, built at install (optional: see _native_encoder)
+except ImportError:
+    _native_bpe = None
+
 FORMAT_NAME = "tokenizers_bpe"
 TOKENIZER_FILE = "tokenizer.json"  # the usual name of a saved tokenizer (bpe-train -o, checkpoints, data directories)
 TOKENIZER_STAMP = Stamp(FORMAT_NAME, "a tokenizer.json")
@@ -458,11 +463,7 @@ def _native_encoder(by_rank: list[bytes], pattern: str):
     """The C encoder's ``encode`` for these tokens (in rank order), or None: a pattern it has no
     scanner for, or the extension module not built (it is optional: the package installs without a
     C compiler and then encodes through tiktoken)."""
-    if pattern not in _NATIVE_PATTERNS:
-        return None
-    try:
-        from . import _native_bpe
-    except ImportError:
+    if pattern not in _NATIVE_PATTERNS or _native_bpe is None:
         return None
     return _native_bpe.Encoder(by_rank, _NATIVE_PATTERNS[pattern]).encode
 

@@ -188,7 +188,8 @@ def _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency,
         items = spill.merged(counts, progress) if spill.runs else _drain_encoded(counts)
         release_free_memory()
         try:
-            merges = learn_merges(items, n_merges, min_frequency=min_frequency, progress=progress, max_bytes=budget.merges)
+            merges = learn_merges(items, n_merges, min_frequency=min_frequency, progress=progress, max_bytes=budget.merges,
+                                  scratch_dir=spill.dir, rss_limit=budget.resident)
         except MemoryBudgetError as e:
             raise SettingError("max_memory", f"{{max_memory}} {max_memory / 1e6:.0f} MB is too small: {e}; "
                                f"give at least {(e.needed + max_memory - budget.merges) / 1e6:.0f} MB") from None

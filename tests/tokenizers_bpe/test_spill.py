@@ -49,7 +49,7 @@ def test_a_budget_gives_the_byte_identical_tokenizer(tmp_path, play_text, shared
     spill_dir.mkdir()
     unbounded = tokenizers_bpe.train([corpus], 1500, min_frequency=2, workers=1, progress=False)
     # the test process holds torch and more: plan as if the budget left room for a few hundred pieces
-    monkeypatch.setattr(trainer, "plan_memory", lambda max_memory, workers: MemoryPlan(1, 300 * spill_module.BYTES_PER_ENTRY, 10**9))
+    monkeypatch.setattr(trainer, "plan_memory", lambda max_memory, workers: MemoryPlan(1, 300 * spill_module.BYTES_PER_ENTRY, 10**9, 10**10))
     runs = []
     monkeypatch.setattr(PieceSpill, "write_run", lambda self, counts, w=PieceSpill.write_run: (runs.append(1), w(self, counts))[1])
     bounded = tokenizers_bpe.train([corpus], 1500, min_frequency=2, workers=1, progress=False, max_memory=200 * 10**6,

@@ -3,6 +3,7 @@ determinism, pre-tokenization chunking and save/load round trips."""
 
 from __future__ import annotations
 
+import mmap
 import random
 from collections import Counter
 
@@ -98,6 +99,29 @@ def test_flat_array_trainer_matches_the_word_list_trainer_it_replaced(shared_fil
         expected = word_list_merges(dict(pieces), 2000, min_frequency=min_frequency)
         assert learn_merges(pieces, 2000, min_frequency=min_frequency) == expected
         assert learn_merges(list(pieces.items())[::-1], 2000, min_frequency=min_frequency) == expected  # order-free
+
+
+@pytest.mark.parametrize("min_frequency", [1, 3])
+def test_arrays_mapped_from_a_file_give_the_same_merges_and_stay_under_the_limit(tmp_path, play_text, min_frequency,
+                                                                                  monkeypatch):
+    """With a memory budget the merge phase's arrays live in a scratch file (gone afterwards) whose pages
+    are dropped whenever the resident memory is over the limit: the merges do not change."""
+    pieces = pieces_of(play_text * 3, "gpt2")
+    expected = learn_merges(pieces, 1500, min_frequency=min_frequency)
+    assert learn_merges(pieces, 1500, min_frequency=min_frequency, scratch_dir=tmp_path, rss_limit=2**62) == expected
+    drops, rss = [], iter(range(10**9))  # every other look at the resident memory finds it over the limit
+    monkeypatch.setattr(merging, "current_rss", lambda: next(rss) % 2 * 2**40)
+    monkeypatch.setattr(merging.ScratchArrays, "drop_resident", lambda self: drops.append(1) or self.mm.madvise(mmap.MADV_DONTNEED))
+    monkeypatch.setattr(merging, "_OCCURRENCES_PER_CHECK", 7)
+    assert learn_merges(pieces, 1500, min_frequency=min_frequency, scratch_dir=tmp_path, rss_limit=2**30) == expected
+    assert len(drops) > 1000 and list(tmp_path.iterdir()) == []
+
+
+def test_a_merge_phase_whose_pair_counts_alone_outgrow_the_budget_stops(tmp_path, play_text, monkeypatch):
+    monkeypatch.setattr(merging, "current_rss", lambda: 2**40)
+    with pytest.raises(merging.MemoryBudgetError, match="for its pair counts"):
+        learn_merges(pieces_of(play_text, "gpt2"), 500, scratch_dir=tmp_path, rss_limit=2**30, max_bytes=2**29)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_reference_corpora_exercise_the_tie_break():
