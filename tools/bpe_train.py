@@ -55,7 +55,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--max-memory", type=memory_size, metavar="SIZE",
                    help="keep the resident memory of training (workers included) under SIZE (e.g. 256MB, 2GB, 512MiB): "
                         "piece counts that outgrow it are spilled to $TMPDIR (at most about 1.5x the corpus, usually "
-                        "far less) and merged at the end; the tokenizer is the same byte for byte")
+                        "far less) and merged at the end, and the merge phase's arrays are mapped from a file there; "
+                        "the tokenizer is the same byte for byte")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_seed_argument(p, help_text="accepted like every command's --seed; training has no randomness, so any seed gives the same file")
     return p
