@@ -11,6 +11,11 @@
   native for these patterns) against tiktoken built from the same ranks and pattern, GPT-2's and
   cl100k's, on prose, code and adversarial Unicode; `encode_batch` on all cores against tiktoken's
   `encode_batch`.
+- A corpus of any size in a memory budget: `bpe-train --max-memory 256MB` (vocab 16384, min frequency
+  1, all cores) on 300 MB of varied text (the .py files of the installed packages and the standard
+  library, then documents: few repeats, so many distinct pieces) against the same run unbounded: peak
+  RSS of the process tree, byte-identical output, no spill directory left; then a bounded run killed
+  with SIGKILL three quarters of the way through and run again (`--bounded CORPUS_MB,BUDGET_MB`).
 Runs alternate ours/peer, ROUNDS times; the table gives the best time of each and the ratio.
 
 The corpus is assembled reproducibly (`--corpus-only` writes it and stops): documents taken in sorted
@@ -99,6 +104,27 @@ def make_corpus(size: int, path: Path) -> Path:
                 doc = next(source)[: size - written]
                 f.write(doc + "\n")
                 written += len(doc.encode("utf-8")) + 1
+    os.replace(tmp, path)
+    return path
+
+
+def make_varied_corpus(size: int, path: Path) -> Path:
+    """``size`` bytes of documents that repeat as little as the machine allows (the hard case for a
+    memory budget: many distinct pieces): every .py file of the installed packages and the standard
+    library, then the .md/.rst/.txt documents, in sorted path order, cycled only if they run out."""
+    if path.is_file() and path.stat().st_size >= size:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    paths = sysconfig.get_paths()
+    sources = [_files([paths["purelib"], paths["stdlib"]], {".py"}), _files([paths["purelib"], "/usr/share/doc"], {".md", ".rst", ".txt"})]
+    docs = _cycled(lambda: _documents([p for group in sources for p in group]))
+    written = 0
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        while written < size:
+            doc = next(docs)[: size - written]
+            f.write(doc + "\n")
+            written += len(doc.encode("utf-8")) + 1
     os.replace(tmp, path)
     return path
 
@@ -265,6 +291,65 @@ def bench_encoding(workdir: Path, rounds: int) -> list[dict]:
     return rows
 
 
+def bench_bounded(corpus: Path, budget_mb: int, rounds: int) -> list[dict]:
+    """`bpe-train --max-memory BUDGET` against the same run unbounded (vocab 16384, min frequency 1, all
+    cores): peak RSS of the process tree, byte-identical output, no spill directory left; then a run
+    killed with SIGKILL in its merge phase and run again (the next run removes what the killed one left)."""
+    bpe_train = str(Path(sys.executable).with_name("bpe-train"))
+    spill_parent = Path(os.environ.get("TMPDIR", "/tmp"))
+    leftovers = lambda: sorted(p.name for p in spill_parent.glob("bpe-spill-*"))  # noqa: E731
+
+    def run(out: Path, *extra: str, kill_after: float | None = None) -> dict:
+        args = [bpe_train, str(corpus), "--vocab-size", str(VOCAB), "--min-frequency", "1", "--quiet", "-o", str(out), *extra]
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        peak, start = 0, time.perf_counter()
+        while proc.poll() is None:
+            peak = max(peak, _tree_rss(proc.pid))
+            if kill_after is not None and time.perf_counter() - start > kill_after:
+                for pid in _tree_pids(proc.pid):
+                    os.kill(pid, 9)
+                break
+            time.sleep(0.01)
+        proc.wait()
+        return {"rc": proc.returncode, "time": time.perf_counter() - start, "peak_rss": peak}
+
+    out_dir = corpus.parent
+    budget = ["--max-memory", f"{budget_mb}MB"]
+    best = {}
+    for _ in range(rounds):
+        for name, extra in (("bounded", budget), ("unbounded", [])):
+            r = run(out_dir / f"tok-{name}.json", *extra)
+            if r["rc"]:
+                raise RuntimeError(f"bpe-train {' '.join(extra)} failed (exit {r['rc']})")
+            b = best.setdefault(name, r)
+            b["time"], b["peak_rss"] = min(b["time"], r["time"]), min(b["peak_rss"], r["peak_rss"])
+    identical = (out_dir / "tok-bounded.json").read_bytes() == (out_dir / "tok-unbounded.json").read_bytes()
+    left_after = leftovers()
+    killed = run(out_dir / "tok-killed.json", *budget, kill_after=best["bounded"]["time"] * 0.75)
+    left_by_kill = leftovers()
+    rerun = run(out_dir / "tok-killed.json", *budget)
+    row = {"work": f"bpe-train --max-memory {budget_mb}MB, {corpus.stat().st_size / MB:.0f} MB ({corpus.name})",
+           "ours_s": best["bounded"]["time"], "peer_s": best["unbounded"]["time"],
+           "ours_rss_mb": best["bounded"]["peak_rss"] / MB, "peer_rss_mb": best["unbounded"]["peak_rss"] / MB,
+           "under_budget": best["bounded"]["peak_rss"] < budget_mb * MB, "identical": identical,
+           "spill_dirs_left": left_after, "killed_rc": killed["rc"], "left_by_kill": len(left_by_kill),
+           "rerun_identical": rerun["rc"] == 0 and (out_dir / "tok-killed.json").read_bytes() == (out_dir / "tok-unbounded.json").read_bytes(),
+           "spill_dirs_left_after_rerun": leftovers()}
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
+def _tree_pids(pid: int) -> list[int]:
+    out = [pid]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            for child in f.read().split():
+                out += _tree_pids(int(child))
+    except OSError:
+        pass
+    return out
+
+
 def _take(docs, size):
     total = 0
     for d in docs:
@@ -280,7 +365,9 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default="1,10,100", help="training corpus sizes in MB, comma-separated")
     p.add_argument("--rounds", type=int, default=2, help="runs of each implementation (interleaved); the best counts")
     p.add_argument("--workdir", default=str(ROOT / ".bench_tokenizer"), help="where the corpora are written (reused)")
-    p.add_argument("--skip", choices=("train", "encode"), action="append", default=[], help="leave out a part")
+    p.add_argument("--skip", choices=("train", "encode", "bounded"), action="append", default=[], help="leave out a part")
+    p.add_argument("--bounded", default="300,256", metavar="CORPUS_MB,BUDGET_MB",
+                   help="the bounded-memory part: a varied corpus of CORPUS_MB trained with --max-memory BUDGET_MB")
     p.add_argument("--corpus-only", action="store_true", help="write the corpora and stop")
     p.add_argument("--out", help="also write the rows as JSON here")
     args = p.parse_args(argv)
@@ -296,6 +383,10 @@ def main(argv=None) -> int:
     if "train" not in args.skip:
         for c in corpora:
             rows += bench_training(c, args.rounds)
+    if "bounded" not in args.skip:
+        corpus_mb, budget_mb = (int(x) for x in args.bounded.split(","))
+        varied = make_varied_corpus(corpus_mb * MB, workdir / f"varied_{corpus_mb}MB.txt")
+        rows += bench_bounded(varied, budget_mb, 1)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     return 0
