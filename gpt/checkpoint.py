@@ -32,8 +32,8 @@ from gpt.lora import LoRAConfig, adapter_shapes, apply_lora, check_unmerged, spl
 from gpt.memory import check_model_fits
 from gpt.token_choice import SAMPLING_DEFAULTS
 from tokenizers_bpe import TOKENIZER_FILE
-from tokenizers_bpe.errors import SettingError
-from tokenizers_bpe.fileio import Stamp, atomic_directory, format_stamp, recorded_version
+from tokenizers_bpe.errors import InputFileError, SettingError
+from tokenizers_bpe.fileio import Stamp, atomic_directory, check_directory, check_regular_file, format_stamp, recorded_version
 from tokenizers_bpe.fileio import read_json as parse_json_file
 
 FORMAT = "gpt-checkpoint"
@@ -129,9 +129,10 @@ def read_json(path: Path) -> Any:
 
 def read_meta(directory) -> dict[str, Any]:
     """config.json, validated: returns it with "model" replaced by a GPTConfig."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: checkpoint directory not found")
+    try:
+        directory = check_directory(directory, "checkpoint directory")
+    except InputFileError as e:
+        raise CheckpointError(str(e)) from None
     path = directory / CONFIG_FILE
     meta = read_json(path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -174,9 +175,7 @@ def check_same_tokenizer(directory, other) -> None:
 def check_weights(directory, meta: dict[str, Any], expected: dict[str, tuple[int, ...]]) -> None:
     """Every ``expected`` tensor (name -> shape, as ``state_dict_shapes``) present, none extra, right
     shape and the recorded dtype (read from the header only)."""
-    path = Path(directory) / WEIGHTS_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found; a checkpoint directory needs {WEIGHTS_FILE}")
+    path = _checkpoint_file(directory, WEIGHTS_FILE, "safetensors file")
     try:
         with safe_open(str(path), framework="pt") as f:
             found = {}
@@ -194,14 +193,21 @@ def check_weights(directory, meta: dict[str, Any], expected: dict[str, tuple[int
             raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}, but {CONFIG_FILE} records {meta['dtype']}")
 
 
+def _checkpoint_file(directory, name: str, what: str) -> Path:
+    """``directory/name``, a regular file, else a CheckpointError saying what is there instead (nothing,
+    a FIFO, a device, a directory, a link loop), without opening it."""
+    try:
+        return check_regular_file(Path(directory) / name, what, f"a checkpoint directory needs {name}")
+    except InputFileError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def load_tokenizer(directory, meta: dict[str, Any]):
-    path = Path(directory) / TOKENIZER_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found; a checkpoint directory needs {TOKENIZER_FILE}")
+    path = _checkpoint_file(directory, TOKENIZER_FILE, "tokenizer.json file")
     try:
         tokenizer = tokenizers_bpe.load(path)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+    except ValueError as e:  # (its message names the file already, or not)
+        raise CheckpointError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
     check_vocab(tokenizer.n_vocab, meta["model"].vocab_size, str(path))
     if tokenizer.fingerprint() != meta["tokenizer"]["fingerprint"]:
         raise CheckpointError(f"{path}: not the tokenizer this model was saved with (fingerprint differs from {CONFIG_FILE})")

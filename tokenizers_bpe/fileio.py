@@ -317,6 +317,19 @@ def check_regular_file(path: str | os.PathLike, what: str = "file", hint: str = 
     return path
 
 
+def check_directory(path: str | os.PathLike, what: str = "directory", hint: str = "") -> Path:
+    """``path`` as a Path if it is a directory (followed through links); else an InputFileError saying
+    what is there instead (nothing, a file, a link loop)."""
+    path = Path(path)
+    suffix = f"; {hint}" if hint else ""
+    mode = _stat_mode(path)
+    if mode is None:
+        raise InputFileError(path, f"{path}: no such {what}{suffix}")
+    if not stat.S_ISDIR(mode):
+        raise InputFileError(path, f"{path}: is {_kind(mode)}, not a {what}{suffix}")
+    return path
+
+
 def check_nesting(value: object, where: str, limit: int = MAX_NESTING) -> object:
     """``value`` (parsed JSON/TOML) if its lists and objects nest at most ``limit`` deep, else an
     InputFileError (walked without recursion)."""

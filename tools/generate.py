@@ -22,6 +22,8 @@ from gpt.quantize import quantize
 from gpt2_kernels import cpu_linear_unavailable_reason
 from gpt.sampling import MAX_NEW_TOKENS, SAMPLING_DEFAULTS, check_count, check_sampling_settings, compiles_by_default, generate
 from tokenizers_bpe import UnknownCharacterError
+from tokenizers_bpe.errors import InputFileError
+from tokenizers_bpe.fileio import check_directory
 from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_seed_argument, command, integer, max_threads, number, or_none, text_argument
 from tools.models import check_kernels_backend, model_argument
 
@@ -165,19 +167,22 @@ def _encode_prompt(tok, text: str, allow_special: bool, n_ctx: int) -> list[int]
     return ids
 
 
+def _checkpoint_directory(option: str, path: Path) -> Path:
+    try:
+        return check_directory(path, "checkpoint directory")
+    except InputFileError as e:
+        raise CLIError(f"{option} {e}") from None
+
+
 @command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.prompt = getattr(args, "prompt", "")
     text = _read_prompt(args)
-    model_dir = model_argument(args.model, PROG)
-    if not model_dir.is_dir():
-        raise CLIError(f"--model {model_dir}: no such checkpoint directory")
+    model_dir = _checkpoint_directory("--model", model_argument(args.model, PROG))
     draft_dir = None
     if args.draft is not None:
-        draft_dir = model_argument(args.draft, PROG)
-        if not draft_dir.is_dir():
-            raise CLIError(f"--draft {draft_dir}: no such checkpoint directory")
+        draft_dir = _checkpoint_directory("--draft", model_argument(args.draft, PROG))
     elif args.draft_tokens is not None:
         raise CLIError("--draft-tokens goes with --draft")
     device = resolve_device(args.device)

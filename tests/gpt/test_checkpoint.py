@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -137,8 +138,26 @@ def test_missing_file(copy, name):
 
 
 def test_missing_directory(tmp_path):
-    with pytest.raises(checkpoint.CheckpointError, match="checkpoint directory not found"):
+    with pytest.raises(checkpoint.CheckpointError, match="no such checkpoint directory"):
         GPT.from_pretrained(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(checkpoint.CheckpointError, match="is a file, not a checkpoint directory"):
+        GPT.from_pretrained(tmp_path / "file")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(checkpoint.CheckpointError, match="symbolic link loop"):
+        GPT.from_pretrained(tmp_path / "loop")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json"])
+def test_a_checkpoint_file_that_is_not_a_file_is_named_for_what_it_is(saved, tmp_path, name):
+    """A FIFO (which would block a reader), a device or a directory where a checkpoint file belongs."""
+    for kind, make in (("FIFO", os.mkfifo), ("device", lambda p: p.symlink_to("/dev/zero")), ("directory", os.mkdir)):
+        copy = tmp_path / kind
+        shutil.copytree(saved, copy)
+        (copy / name).unlink()
+        make(copy / name)
+        with pytest.raises(checkpoint.CheckpointError, match=f"{name}: is a {kind}.*needs {name}"):
+            GPT.from_pretrained(copy)
 
 
 @pytest.mark.parametrize(
