@@ -193,11 +193,11 @@ def check_weights(directory, meta: dict[str, Any], expected: dict[str, tuple[int
             raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}, but {CONFIG_FILE} records {meta['dtype']}")
 
 
-def _checkpoint_file(directory, name: str, what: str) -> Path:
+def _checkpoint_file(directory, name: str, what: str, hint: str = "") -> Path:
     """``directory/name``, a regular file, else a CheckpointError saying what is there instead (nothing,
     a FIFO, a device, a directory, a link loop), without opening it."""
     try:
-        return check_regular_file(Path(directory) / name, what, f"a checkpoint directory needs {name}")
+        return check_regular_file(Path(directory) / name, what, hint or f"a checkpoint directory needs {name}")
     except InputFileError as e:
         raise CheckpointError(str(e)) from None
 
@@ -230,9 +230,8 @@ def read_generation(directory) -> dict[str, Any]:
 def read_adapters(directory, model, meta: dict[str, Any], device) -> dict[str, torch.Tensor]:
     """Wrap the model's target layers in LoRA (``meta["lora"]``) and read adapters.safetensors,
     checked against them (names, shapes, dtype); returns the tensors (``load_adapters`` loads them)."""
-    path = Path(directory) / ADAPTERS_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found; {CONFIG_FILE} has a \"lora\" section, so the adapters are needed")
+    path = _checkpoint_file(directory, ADAPTERS_FILE, "safetensors file",
+                            f"{CONFIG_FILE} has a \"lora\" section, so the adapters are needed")
     try:
         adapters = load_file(str(path), device=str(device))
     except Exception as e:  # safetensors raises its own error types for a corrupt header

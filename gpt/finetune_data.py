@@ -29,7 +29,7 @@ import torch
 
 from gpt.prompt_template import format_instruction_prompt
 from tokenizers_bpe.errors import SettingError
-from tokenizers_bpe.fileio import check_nesting, decode_utf8
+from tokenizers_bpe.fileio import check_nesting, check_regular_file, decode_utf8
 
 _BOM = "\ufeff"
 
@@ -72,8 +72,7 @@ def read_examples(path: str | Path, text_column: str = "text", label_column: str
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".tsv", ".jsonl"):
         raise ValueError(f"{path}: unknown data format {suffix or '(no extension)'}; use .csv, .tsv or .jsonl")
-    if not path.is_file():
-        raise ValueError(f"{path}: file not found")
+    check_regular_file(path, "data file")
     examples = []
     if suffix == ".jsonl":
         for where, row in read_jsonl(path):
@@ -141,9 +140,7 @@ def collate_classification(batch: list[tuple[list[int], int]], pad_id: int) -> t
 
 def read_instructions(path: str | Path) -> list[dict[str, str]]:
     """Alpaca-style records from a JSON list (or JSON Lines); errors name the line or the record."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: file not found")
+    path = check_regular_file(path, "file of instruction records")
     if path.suffix.lower() == ".jsonl":
         rows = read_jsonl(path)
     else:

@@ -43,7 +43,8 @@ from gpt.gguf_export import GGUF_DTYPES
 from gpt.lora import merge_lora
 from gpt.memory import check_model_fits
 from gpt.model import GPT
-from tokenizers_bpe.fileio import Stamp, atomic_directory, format_stamp, read_json, resolve_path
+from tokenizers_bpe.errors import InputFileError
+from tokenizers_bpe.fileio import Stamp, atomic_directory, check_regular_file, format_stamp, read_json, resolve_path
 from tools.cli import ArgumentParser, CLIError, command
 from tools.models import model_argument
 from tools.exports import check_gguf_output, gguf_exportable, hf_tokenizer_content, write_gguf_atomically, write_hf_tokenizer
@@ -68,14 +69,15 @@ def read_json_file(path: Path, what: str) -> dict:
 
 def load_gpt2_tokenizer(encoder_json: Path, vocab_bpe: Path, hint: str):
     for p in (encoder_json, vocab_bpe):
-        if not p.is_file():
-            raise CLIError(f"{p}: file not found; {hint}")
+        check_regular_file(p, "file", hint)
     return tokenizers_bpe.load_gpt2(encoder_json, vocab_bpe)
 
 
 def load_tokenizer_file(path: Path):
-    if not path.is_file():
-        raise CLIError(f"--tokenizer {path}: file not found")
+    try:
+        check_regular_file(path, "tokenizer.json file")
+    except InputFileError as e:
+        raise CLIError(f"--tokenizer {e}") from None
     return tokenizers_bpe.load(path)
 
 
@@ -250,9 +252,7 @@ def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
         raise CLIError(f"{src}: no model.safetensors or pytorch_model.bin found")
     state = {}
     for name in files:
-        path = src / name
-        if not path.is_file():
-            raise CLIError(f"{path}: file not found (listed in {index.name})")
+        path = check_regular_file(src / name, "safetensors file", f"listed in {index.name}")
         try:
             with safe_open(str(path), framework="pt") as f:
                 state.update({k: f.get_tensor(k) for k in f.keys()})

@@ -4,6 +4,7 @@ UTF-8 BOM accepted, and the line numbers of the other errors unchanged by either
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -73,3 +74,13 @@ def test_other_errors_keep_their_line_numbers_after_a_bom_and_crlf(tmp_path):
     records.write_bytes(BOM + b'[\n {"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}\n]\n')
     with pytest.raises(ValueError, match=r"r\.json line 3 column 22: not valid JSON"):
         read_instructions(records)
+
+
+@pytest.mark.parametrize("reader, name", [(read_examples, "train.csv"), (read_instructions, "records.json")])
+def test_a_data_path_that_is_not_a_file_is_named_for_what_it_is(tmp_path, reader, name):
+    """Not opened: a FIFO would block the reader, a device never end."""
+    os.mkfifo(tmp_path / name)
+    with pytest.raises(ValueError, match=f"{name}: is a FIFO"):
+        reader(tmp_path / name)
+    with pytest.raises(ValueError, match=f"{name}: file not found"):
+        reader(tmp_path / "missing" / name)

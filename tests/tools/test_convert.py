@@ -322,7 +322,7 @@ def test_convert_never_deletes_a_directory_holding_other_files(tmp_path, capsys,
 
 
 def test_hf_export_bad_checkpoint(tmp_path, capsys):
-    assert_cli_error(capsys, ["hf-export", tmp_path / "missing", tmp_path / "hf"], "checkpoint directory not found")
+    assert_cli_error(capsys, ["hf-export", tmp_path / "missing", tmp_path / "hf"], "no such checkpoint directory")
 
 
 def test_usage_errors(capsys):

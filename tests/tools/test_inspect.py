@@ -73,7 +73,7 @@ def test_missing_file_fails_check(ckpt, capsys, name):
 @pytest.mark.parametrize(
     "breakage, message",
     [
-        (lambda d: shutil.rmtree(d), "checkpoint directory not found"),
+        (lambda d: shutil.rmtree(d), "no such checkpoint directory"),
         (lambda d: (d / "config.json").unlink(), "config.json: file not found"),
         (lambda d: (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), "format_version": 7})), "unknown format_version 7"),
     ],

@@ -170,7 +170,7 @@ def test_bad_inputs_are_one_line_errors_that_touch_nothing(data_dir, finished_ru
         "must be an integer >= 1": [*base, "--max-steps", "0", "--out", str(tmp_path / "o10")],
         "argument --threads: must be an integer in [1, ": [*base, "--threads", "0", "--out", str(tmp_path / "o10")],
         "is a file, not a data directory": ["--data", str(data_dir / "meta.json"), "--out", str(tmp_path / "o10")],
-        "--init-from " + str(tmp_path / "missing") + ": checkpoint directory not found": [*base, "--init-from", str(tmp_path / "missing"), "--out", str(tmp_path / "o10")],
+        "--init-from " + str(tmp_path / "missing") + ": no such checkpoint directory": [*base, "--init-from", str(tmp_path / "missing"), "--out", str(tmp_path / "o10")],
         "float16 needs CUDA": [*base, "--dtype", "float16", "--device", "cpu", "--out", str(tmp_path / "o10")],
     }
     before = _snapshot(finished_run), _snapshot(corrupt), _snapshot(foreign)
