@@ -61,6 +61,9 @@ class CLIError(Exception):
 USER_ERRORS = (ValueError, OSError)  # the libraries' typed errors are ValueErrors
 LIBRARY_LOGGERS = ("gpt", "tokenizers_bpe", "gpt2_kernels")
 DEFAULT_TEXT_HINT = "convert it to UTF-8"
+# The most text a command reads from stdin (it is held whole, with its ids: ~10x its size in memory);
+# corpora go through gpt-prepare, which streams them. A stream without end (/dev/zero) stops here.
+MAX_STDIN_BYTES = 256 << 20
 
 
 def one_line(message: object) -> str:
@@ -300,7 +303,14 @@ def text_argument(text: str, name: str) -> str:
     argument itself, which Python keeps as lone surrogates) is an InvalidTextError naming ``name``."""
     if text == "-":
         stdin = getattr(sys.stdin, "buffer", None)  # None: stdin replaced by a text stream (tests)
-        return sys.stdin.read() if stdin is None else decode_utf8(stdin.read(), "stdin")
+        if stdin is None:
+            data = sys.stdin.read(MAX_STDIN_BYTES + 1)
+        else:
+            data = stdin.read(MAX_STDIN_BYTES + 1)
+        if len(data) > MAX_STDIN_BYTES:
+            raise CLIError(f"{name} on stdin: more than {MAX_STDIN_BYTES >> 20} MiB, which this command holds in memory "
+                           "whole; give it less (for a corpus, gpt-prepare streams any size)")
+        return data if stdin is None else decode_utf8(data, "stdin")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:

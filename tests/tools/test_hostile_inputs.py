@@ -178,6 +178,23 @@ def test_hf_import_validates_what_it_reads(hf_dir, tmp_path, capsys, case, kwarg
 # ---------------------------------------------------------------------------------------------- interrupts
 
 
+@pytest.mark.parametrize("command", ["bpe-encode", "bpe-decode", "gpt-generate"])
+def test_an_endless_stdin_is_refused_at_its_bound(command, ckpt, tmp_path):
+    """`cat /dev/zero | bpe-encode -t tok -` read until the machine ran out of memory: now what a
+    command holds whole is read up to tools.cli.MAX_STDIN_BYTES, and more is a one-line error."""
+    args = {"bpe-encode": ["-t", str(ckpt), "-"], "bpe-decode": ["-t", str(ckpt), "-"],
+            "gpt-generate": ["--model", str(ckpt), "-n", "1", "-"]}[command]
+    script = (f"import sys, tools.cli; tools.cli.MAX_STDIN_BYTES = 1 << 20; sys.argv[0] = {command!r}; "
+              f"from tools.{ {'bpe-encode': 'bpe_encode', 'bpe-decode': 'bpe_decode', 'gpt-generate': 'generate'}[command]} "
+              f"import main; raise SystemExit(main({args!r}))")
+    with open("/dev/zero", "rb") as zeros:
+        done = subprocess.run([sys.executable, "-c", script], stdin=zeros, capture_output=True, text=True, timeout=120)
+    assert done.returncode == ExitCode.USER_ERROR and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (f"{command}: error: {'IDS' if command == 'bpe-decode' else 'TEXT' if command == 'bpe-encode' else 'PROMPT'} "
+                                                   "on stdin: more than 1 MiB, which this command holds in memory whole; give it less "
+                                                   "(for a corpus, gpt-prepare streams any size)")
+
+
 def test_sigterm_is_an_interrupt_in_every_command(capsys):
     @command("gpt-test")
     def main(argv=None):
