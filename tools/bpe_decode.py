@@ -14,7 +14,7 @@ PROG = "bpe-decode"
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, formatter_class=HelpFormatter, description=__doc__.split(": ", 1)[1].strip())
-    p.add_argument("ids", nargs="?", default="-", metavar="IDS", help="a JSON list of ids, or - (or nothing) to read stdin")
+    p.add_argument("ids", nargs="?", default="-", metavar="IDS", help="a JSON list of ids, or - (or nothing) to read stdin (up to 256 MiB)")
     add_tokenizer_arguments(p, "--tokenizer", "-t", required=True)
     return p
 

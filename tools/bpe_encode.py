@@ -13,7 +13,7 @@ PROG = "bpe-encode"
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, formatter_class=HelpFormatter, description=__doc__.split(": ", 1)[1].strip())
-    p.add_argument("text", nargs="?", default="-", metavar="TEXT", help="the text, or - (or nothing) to read stdin")
+    p.add_argument("text", nargs="?", default="-", metavar="TEXT", help="the text, or - (or nothing) to read stdin (up to 256 MiB; for a corpus use gpt-prepare)")
     add_tokenizer_arguments(p, "--tokenizer", "-t", required=True)
     p.add_argument("--count", action="store_true", help="print only the number of tokens")
     p.add_argument("--special", choices=("error", "allow", "ordinary"), default="error",
