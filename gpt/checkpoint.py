@@ -150,8 +150,11 @@ def read_meta(directory) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path}: model config lacks {', '.join(missing)}")
     tok = meta.get("tokenizer")
-    if not isinstance(tok, dict) or not isinstance(tok.get("n_vocab"), int) or not isinstance(tok.get("fingerprint"), str):
+    if not isinstance(tok, dict) or type(tok.get("n_vocab")) is not int or not isinstance(tok.get("fingerprint"), str):
         raise CheckpointError(f"{path}: \"tokenizer\" must record n_vocab and fingerprint")
+    if tok["n_vocab"] != config.vocab_size:
+        raise CheckpointError(f"{path}: \"tokenizer\" records {tok['n_vocab']:,} tokens but the model's vocab_size is "
+                              f"{config.vocab_size:,}; the file was edited or damaged")
     if "lora" in meta:
         try:
             meta["lora"] = LoRAConfig.from_dict(meta["lora"])

@@ -169,6 +169,8 @@ def test_a_checkpoint_file_that_is_not_a_file_is_named_for_what_it_is(saved, tmp
         (lambda m: m["model"].update(heads=4), "unknown key"),
         (lambda m: m["model"].pop("n_layer"), "lacks n_layer"),
         (lambda m: m.update(dtype="int8"), "dtype must be one of"),
+        (lambda m: m["tokenizer"].update(n_vocab=10**12), "records 1,000,000,000,000 tokens but the model.s vocab_size"),
+        (lambda m: m["tokenizer"].update(n_vocab=True), "must record n_vocab and fingerprint"),
     ],
 )
 def test_bad_config(copy, edit, message):
