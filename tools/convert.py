@@ -44,7 +44,7 @@ from gpt.lora import merge_lora
 from gpt.memory import check_model_fits
 from gpt.model import GPT
 from tokenizers_bpe.errors import InputFileError
-from tokenizers_bpe.fileio import Stamp, atomic_directory, check_regular_file, format_stamp, read_json, resolve_path
+from tokenizers_bpe.fileio import Stamp, atomic_directory, check_directory, check_regular_file, format_stamp, read_json, resolve_path
 from tools.cli import ArgumentParser, CLIError, command
 from tools.models import model_argument
 from tools.exports import check_gguf_output, gguf_exportable, hf_tokenizer_content, write_gguf_atomically, write_hf_tokenizer
@@ -336,8 +336,7 @@ def to_transformers(model: GPT):
 
 
 def hf_import(src: Path, out: Path, tokenizer_file: Path | None = None) -> GPT:
-    if not src.is_dir():
-        raise CLIError(f"{src}: directory not found")
+    check_directory(src, "transformers GPT-2 directory")
     config = config_from_hf(read_json_file(src / HF_CONFIG_FILE, "a transformers GPT-2 directory has config.json"), src / HF_CONFIG_FILE)
     if tokenizer_file is not None:
         tokenizer = load_tokenizer_file(tokenizer_file)
@@ -345,8 +344,8 @@ def hf_import(src: Path, out: Path, tokenizer_file: Path | None = None) -> GPT:
         tokenizer = load_gpt2_tokenizer(src / "vocab.json", src / "merges.txt", "pass the tokenizer with --tokenizer FILE")
     try:
         state = state_dict_from_hf(read_hf_weights(src), config)
-    except ValueError as e:
-        raise CLIError(f"{src}: {e}") from None
+    except ValueError as e:  # (its message names the file already, or not)
+        raise CLIError(str(e) if str(src) in str(e) else f"{src}: {e}") from None
     return save_converted(out, config, state, tokenizer, str(src))
 
 
