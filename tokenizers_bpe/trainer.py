@@ -75,10 +75,17 @@ def _count_chunk(text: str, pattern: str, special_tokens: Sequence[str]) -> Coun
 
 
 def quiet_worker() -> None:
-    """The start of a pool worker: Ctrl-C (SIGINT to the whole process group) is the parent's to
-    handle (it stops the pool), and SIGTERM ends the worker silently, as by default, not with the
-    handler its parent may have installed. So an interrupt never prints a traceback per worker, and
-    never kills a worker in the middle of a task that the parent would then wait for forever."""
+    """The start of a pool worker: it leaves its parent's process group, so that Ctrl-C or a SIGTERM
+    sent to the command's group reaches the parent alone, which stops the pool (Pool.terminate takes
+    the pool's queue locks before it ends the workers); SIGINT is ignored and SIGTERM, the parent's
+    way of ending a worker, has its default action (not the handler the parent may have installed).
+    A worker killed by a group signal at an arbitrary point left a queue locked or a result
+    half-written, and the parent waited for it forever; neither can happen now, and no worker prints
+    a traceback."""
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
