@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import warnings
 from collections import Counter, deque
 from typing import Iterable, Iterator, Sequence
@@ -88,6 +89,24 @@ def quiet_worker() -> None:
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _INTERRUPTS)  # (held back while the parent forked it)
+
+
+_INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
+
+
+def start_pool(pool_factory):
+    """``pool_factory()`` (a multiprocessing Pool whose initializer calls quiet_worker) with SIGINT and
+    SIGTERM held back while it forks its workers: one that arrived during a fork ran its handler inside
+    the fork's callbacks, where the KeyboardInterrupt was printed as an ignored exception and lost (the
+    command then ran on). Held back, it is handled as soon as the workers exist."""
+    if threading.current_thread() is not threading.main_thread():
+        return pool_factory()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
+    try:
+        return pool_factory()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def count_pieces(chunks: Iterable[str], pattern: str, special_tokens: Sequence[str] = (), workers: int | None = None,
@@ -111,7 +130,7 @@ def count_pieces(chunks: Iterable[str], pattern: str, special_tokens: Sequence[s
         return counts
     import multiprocessing
 
-    with multiprocessing.Pool(workers, initializer=quiet_worker) as pool:  # (leaving the block terminates it)
+    with start_pool(lambda: multiprocessing.Pool(workers, initializer=quiet_worker)) as pool:  # (leaving the block terminates it)
         in_flight: deque = deque()
         for chunk in chunks:
             in_flight.append(pool.apply_async(_count_chunk, (chunk, pattern, tuple(special_tokens))))

@@ -34,6 +34,7 @@ from typing import Callable, Mapping, Sequence
 
 from tqdm import tqdm
 
+import tools
 from tokenizers_bpe import TIKTOKEN_ENCODINGS
 from tokenizers_bpe.errors import InvalidTextError, SettingError
 from tokenizers_bpe.fileio import MAX_SEED, decode_utf8
@@ -116,6 +117,25 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _end_now_if_console(in_main_thread: bool, code: int) -> None:
+    """After an interrupt or an error, a console script's work is over and its cleanup done (every
+    output is written through context managers): end the process now, with ``code``. Its worker
+    processes are killed first; the libraries' exit handlers are skipped, since a multiprocessing pool's
+    waited forever for a worker that an interrupt had ended in the middle of a message."""
+    if not (tools.console_script and in_main_thread):
+        return
+    tools.command_finished = True
+    children = sys.modules.get("multiprocessing")
+    for child in children.active_children() if children else ():
+        child.kill()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(int(code))
+
+
 def command(prog: str, *, flags: Mapping[str, str] | None = None, text_hint: str = DEFAULT_TEXT_HINT):
     """Wrap a command's ``main(argv) -> int | None`` with the conventions above. ``flags`` maps
     library setting names to this command's flags where they differ from ``--setting-name``;
@@ -144,6 +164,7 @@ def command(prog: str, *, flags: Mapping[str, str] | None = None, text_hint: str
             except KeyboardInterrupt:
                 close_progress_bars()
                 print(f"{prog}: interrupted", file=sys.stderr)
+                _end_now_if_console(in_main_thread, ExitCode.INTERRUPTED)
                 return ExitCode.INTERRUPTED
             except BrokenPipeError:  # e.g. `gpt-generate ... | head`
                 try:
@@ -156,8 +177,11 @@ def command(prog: str, *, flags: Mapping[str, str] | None = None, text_hint: str
                     raise
                 close_progress_bars()
                 print(f"{prog}: error: {error_message(e, flags, text_hint)}", file=sys.stderr)
-                return e.code if isinstance(e, CLIError) else ExitCode.USER_ERROR
+                code = e.code if isinstance(e, CLIError) else ExitCode.USER_ERROR
+                _end_now_if_console(in_main_thread, code)
+                return code
             finally:
+                tools.command_finished = True
                 for sig, saved_handler in saved_signals.items():
                     signal.signal(sig, saved_handler)
                 for lg, level, propagate in saved:

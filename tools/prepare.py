@@ -28,10 +28,11 @@ import regex
 from tqdm import tqdm
 
 import tokenizers_bpe
+import tools
 from gpt.data import DATA_STAMP, META_FILE, SPLITS, DataMeta, SplitInfo, token_dtype
 from tokenizers_bpe import TOKENIZER_FILE, BPETokenizer, UnknownCharacterError
 from tokenizers_bpe.fileio import atomic_directory, atomic_write, check_text_file, read_file_blocks, resolve_path
-from tokenizers_bpe.trainer import quiet_worker
+from tokenizers_bpe.trainer import quiet_worker, start_pool
 from tokenizers_bpe.patterns import CHUNK_CUT_LOOKAHEAD, CHUNK_CUT_LOOKBEHIND, chunk_cut_regex, chunk_cut_rule
 from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_tokenizer_arguments, command, integer, number
 from tools.corpus import BUILTIN_CORPORA, plays
@@ -212,7 +213,7 @@ def prepare(plan: DataPlan, tokenizer, tokenizer_path: str, out: Path, *, append
     cuts = chunk_cut_regex(tokenizer_pattern(tokenizer))
     splits = {name: SplitInfo(file=f"{name}.bin") for name in SPLITS}
     eot = np.array([tokenizer.eot_token], dtype=dtype) if append_eot else None
-    pool = Pool(workers, initializer=_init_worker, initargs=(tokenizer_path, pattern)) if workers > 1 else None
+    pool = start_pool(lambda: Pool(workers, initializer=_init_worker, initargs=(tokenizer_path, pattern))) if workers > 1 else None
     if pool is None:
         _init_worker(tokenizer_path, pattern, quiet=False)
     try:
@@ -244,6 +245,10 @@ def prepare(plan: DataPlan, tokenizer, tokenizer_path: str, out: Path, *, append
             finally:
                 for f in files.values():
                     f.close()
+            if pool is not None:  # done with the workers: stop them before the output is committed, not after
+                pool.close()
+                pool.join()
+                pool = None
             if {name: info.bytes for name, info in splits.items()} != plan.planned:
                 raise ValueError("the input changed while gpt-prepare read it (the splits differ from the first pass); "
                                  "run it again on files that stay as they are")
@@ -255,13 +260,10 @@ def prepare(plan: DataPlan, tokenizer, tokenizer_path: str, out: Path, *, append
                 json.dump(meta.to_dict(), f, indent=2)
                 f.write("\n")
     except BaseException:
-        if pool is not None:
+        if pool is not None and not tools.console_script:
             pool.terminate()  # an interrupt or an error: the work in flight is not needed
-        raise
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+            pool = None
+        raise  # (a console script ends at once in tools.cli, its workers killed: Pool.terminate could hang)
     return meta
 
 

@@ -249,18 +249,24 @@ def test_a_group_signal_at_any_moment_of_prepare_exits_130(tmp_path, sig):
     text.write_text(plays()[0].text() * 80)  # ~12 MB
     tokenizer = tmp_path / "tok.json"
     small_tokenizer().save(tokenizer)
-    script = ("import sys; sys.argv[0] = 'gpt-prepare'; import tools; from tools.prepare import main; "
-              f"raise SystemExit(main([{str(text)!r}, '--tokenizer', {str(tokenizer)!r}, '-o', {str(tmp_path / 'd')!r}, "
-              "'--quiet', '--workers', '2']))")
     for delay in (0.9, 1.2, 1.5, 1.8, 2.1, 2.4, 2.7, 3.0):
+        out = tmp_path / f"d{delay}"
+        script = ("import sys; sys.argv[0] = 'gpt-prepare'; import tools; from tools.prepare import main; "
+                  f"raise SystemExit(main([{str(text)!r}, '--tokenizer', {str(tokenizer)!r}, '-o', {str(out)!r}, "
+                  "'--quiet', '--workers', '2']))")
         proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True, text=True)
         time.sleep(delay)
         if proc.poll() is None:
             os.killpg(proc.pid, sig)
-        _, err = proc.communicate(timeout=60)  # (a hang fails here)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"gpt-prepare hung after {signal.Signals(sig).name} at {delay} s") from None
         assert proc.returncode in (0, ExitCode.INTERRUPTED) and "Traceback" not in err, err
-        assert proc.returncode == 0 or not (tmp_path / "d").exists()
+        assert proc.returncode == 0 or not out.exists() or (out / "meta.json").is_file()  # nothing, or all of it
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary or lock left
 
 
 def test_interrupted_prepare_exits_130_and_leaves_nothing(tmp_path, capsys, monkeypatch, tok):
