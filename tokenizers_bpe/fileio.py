@@ -304,28 +304,25 @@ def check_regular_file(path: str | os.PathLike, what: str = "file", hint: str = 
     """``path`` as a Path if it is a regular file (followed through links) of at most ``max_bytes``;
     else an InputFileError saying what it is, without opening it (a FIFO would block, a device
     never end)."""
-    path = Path(path)
-    suffix = f"; {hint}" if hint else ""
-    mode = _stat_mode(path)
-    if mode is None:
-        raise InputFileError(path, f"{path}: file not found{suffix}")
-    if not stat.S_ISREG(mode):
-        raise InputFileError(path, f"{path}: is {_kind(mode)}, not a {what}{suffix}")
+    path = _check_kind(Path(path), stat.S_ISREG, what, hint, "file not found")
     if max_bytes is not None and (size := path.stat().st_size) > max_bytes:
         raise InputFileError(path, f"{path}: {size:,} bytes, more than a {what} can need ({max_bytes:,}); "
-                                   f"is it the right file?{suffix}")
+                                   f"is it the right file?{f'; {hint}' if hint else ''}")
     return path
 
 
 def check_directory(path: str | os.PathLike, what: str = "directory", hint: str = "") -> Path:
     """``path`` as a Path if it is a directory (followed through links); else an InputFileError saying
     what is there instead (nothing, a file, a link loop)."""
-    path = Path(path)
+    return _check_kind(Path(path), stat.S_ISDIR, what, hint, f"no such {what}")
+
+
+def _check_kind(path: Path, is_kind, what: str, hint: str, missing: str) -> Path:
     suffix = f"; {hint}" if hint else ""
     mode = _stat_mode(path)
     if mode is None:
-        raise InputFileError(path, f"{path}: no such {what}{suffix}")
-    if not stat.S_ISDIR(mode):
+        raise InputFileError(path, f"{path}: {missing}{suffix}")
+    if not is_kind(mode):
         raise InputFileError(path, f"{path}: is {_kind(mode)}, not a {what}{suffix}")
     return path
 
