@@ -9,12 +9,15 @@ logger of this module.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +25,20 @@ from .errors import NoSpaceError, OutputError
 
 log = logging.getLogger(__name__)
 
+
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT and SIGTERM held back (in the main thread) for the block: delivered as soon as it ends,
+    so a step that must not be cut in two (taking or dropping a lock, forking workers) never is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _host() -> str:
@@ -86,6 +103,10 @@ class OutputLock:
             self._refuse_if_held(holder)
 
     def acquire(self) -> OutputLock:
+        with signals_held():  # an interrupt halfway would leave a lock file behind
+            return self._acquire()
+
+    def _acquire(self) -> OutputLock:
         if self.held:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,11 +136,12 @@ class OutputLock:
         raise OutputError(self.path, f"{self.what}: could not take its lock {self.path}; try again")
 
     def release(self) -> None:
-        if self.held:
-            self.held = False
-            holder = self._read_holder()
-            if holder and holder.get("pid") == os.getpid():
-                self.path.unlink(missing_ok=True)
+        with signals_held():
+            if self.held:
+                self.held = False
+                holder = self._read_holder()
+                if holder and holder.get("pid") == os.getpid():
+                    self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> OutputLock:
         return self.acquire()

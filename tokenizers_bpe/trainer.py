@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import warnings
 from collections import Counter, deque
 from typing import Iterable, Iterator, Sequence
@@ -36,6 +35,7 @@ from .merging import DEFAULT_MIN_FREQUENCY, MemoryBudgetError, learn_merges
 from .fileio import READ_BYTES, check_errors_handler, check_text_file, read_text_blocks
 from .patterns import piece_splitter, resolve_pattern, safe_cut_regex, split_on_specials
 from .spill import PieceSpill
+from .locks import signals_held
 from .tokenizer import BPETokenizer
 
 DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>",)
@@ -89,10 +89,7 @@ def quiet_worker() -> None:
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _INTERRUPTS)  # (held back while the parent forked it)
-
-
-_INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # (held back while forked)
 
 
 def start_pool(pool_factory):
@@ -100,13 +97,8 @@ def start_pool(pool_factory):
     SIGTERM held back while it forks its workers: one that arrived during a fork ran its handler inside
     the fork's callbacks, where the KeyboardInterrupt was printed as an ignored exception and lost (the
     command then ran on). Held back, it is handled as soon as the workers exist."""
-    if threading.current_thread() is not threading.main_thread():
+    with signals_held():
         return pool_factory()
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
-    try:
-        return pool_factory()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def count_pieces(chunks: Iterable[str], pattern: str, special_tokens: Sequence[str] = (), workers: int | None = None,
