@@ -150,8 +150,8 @@ def adversarial_text(n_chars: int, seed: int = 0) -> str:
 
 
 # ------------------------------------------------------------------------------------ measuring
-def _tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants (from /proc)."""
+def _tree(pid: int) -> dict[int, int]:
+    """A process and all its descendants (from /proc): pid -> resident bytes."""
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     for d in os.listdir("/proc"):
@@ -164,12 +164,17 @@ def _tree_rss(pid: int) -> int:
             continue
         children.setdefault(int(fields[1]), []).append(int(d))
         rss[int(d)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-    total, todo = 0, [pid]
+    tree, todo = {}, [pid]
     while todo:
         p = todo.pop()
-        total += rss.get(p, 0)
+        tree[p] = rss.get(p, 0)
         todo += children.get(p, [])
-    return total
+    return tree
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants."""
+    return sum(_tree(pid).values())
 
 
 def run_measured(code: str, env: dict | None = None) -> dict:
@@ -306,7 +311,7 @@ def bench_bounded(corpus: Path, budget_mb: int, rounds: int) -> list[dict]:
         while proc.poll() is None:
             peak = max(peak, _tree_rss(proc.pid))
             if kill_after is not None and time.perf_counter() - start > kill_after:
-                for pid in _tree_pids(proc.pid):
+                for pid in _tree(proc.pid):
                     os.kill(pid, 9)
                 break
             time.sleep(0.01)
@@ -337,17 +342,6 @@ def bench_bounded(corpus: Path, budget_mb: int, rounds: int) -> list[dict]:
            "spill_dirs_left_after_rerun": leftovers()}
     print(json.dumps(row), flush=True)
     return [row]
-
-
-def _tree_pids(pid: int) -> list[int]:
-    out = [pid]
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            for child in f.read().split():
-                out += _tree_pids(int(child))
-    except OSError:
-        pass
-    return out
 
 
 def _take(docs, size):

@@ -178,7 +178,7 @@ def check_same_tokenizer(directory, other) -> None:
 def check_weights(directory, meta: dict[str, Any], expected: dict[str, tuple[int, ...]]) -> None:
     """Every ``expected`` tensor (name -> shape, as ``state_dict_shapes``) present, none extra, right
     shape and the recorded dtype (read from the header only)."""
-    path = _checkpoint_file(directory, WEIGHTS_FILE, "safetensors file")
+    path = checkpoint_file(directory, WEIGHTS_FILE, "safetensors file")
     try:
         with safe_open(str(path), framework="pt") as f:
             found = {}
@@ -196,7 +196,7 @@ def check_weights(directory, meta: dict[str, Any], expected: dict[str, tuple[int
             raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}, but {CONFIG_FILE} records {meta['dtype']}")
 
 
-def _checkpoint_file(directory, name: str, what: str, hint: str = "") -> Path:
+def checkpoint_file(directory, name: str, what: str, hint: str = "") -> Path:
     """``directory/name``, a regular file, else a CheckpointError saying what is there instead (nothing,
     a FIFO, a device, a directory, a link loop), without opening it."""
     try:
@@ -206,7 +206,7 @@ def _checkpoint_file(directory, name: str, what: str, hint: str = "") -> Path:
 
 
 def load_tokenizer(directory, meta: dict[str, Any]):
-    path = _checkpoint_file(directory, TOKENIZER_FILE, "tokenizer.json file")
+    path = checkpoint_file(directory, TOKENIZER_FILE, "tokenizer.json file")
     try:
         tokenizer = tokenizers_bpe.load(path)
     except ValueError as e:  # (its message names the file already, or not)
@@ -233,7 +233,7 @@ def read_generation(directory) -> dict[str, Any]:
 def read_adapters(directory, model, meta: dict[str, Any], device) -> dict[str, torch.Tensor]:
     """Wrap the model's target layers in LoRA (``meta["lora"]``) and read adapters.safetensors,
     checked against them (names, shapes, dtype); returns the tensors (``load_adapters`` loads them)."""
-    path = _checkpoint_file(directory, ADAPTERS_FILE, "safetensors file",
+    path = checkpoint_file(directory, ADAPTERS_FILE, "safetensors file",
                             f"{CONFIG_FILE} has a \"lora\" section, so the adapters are needed")
     try:
         adapters = load_file(str(path), device=str(device))

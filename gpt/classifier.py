@@ -17,12 +17,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from gpt.checkpoint import CheckpointError, read_json, write_checkpoint
+from gpt.checkpoint import CheckpointError, checkpoint_file, read_json, write_checkpoint
 from gpt.finetune_data import collate_classification, in_batches
 from gpt.model import GPT
 from gpt.run_state import FINAL_DIR
-from tokenizers_bpe.errors import InputFileError, SettingError
-from tokenizers_bpe.fileio import check_regular_file, format_stamp, recorded_version
+from tokenizers_bpe.errors import SettingError
+from tokenizers_bpe.fileio import format_stamp, recorded_version
 
 CLASSIFIER_FORMAT = "gpt-classifier"
 CLASSIFIER_VERSION = 1
@@ -78,19 +78,12 @@ def save_classifier(model: GPTClassifier, directory: Path, tokenizer, *, max_len
     (Path(directory) / CLASSIFIER_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
-def _classifier_file(path: Path, hint: str) -> Path:
-    try:
-        return check_regular_file(path, "file", hint)
-    except InputFileError as e:
-        raise CheckpointError(str(e)) from None
-
-
 def load_classifier(directory, *, device="cpu") -> tuple[GPTClassifier, int]:
     """(classifier, max_length) from a directory written by save_classifier."""
     directory = Path(directory)
     if not (directory / CLASSIFIER_FILE).is_file() and (directory / FINAL_DIR / CLASSIFIER_FILE).is_file():
         directory = directory / FINAL_DIR  # a gpt-finetune run directory: its final model
-    path = _classifier_file(directory / CLASSIFIER_FILE, f"is {directory} a gpt-finetune classify output?")
+    path = checkpoint_file(directory, CLASSIFIER_FILE, "file", f"is {directory} a gpt-finetune classify output?")
     meta = read_json(path)
     if not isinstance(meta, dict) or meta.get("format") != CLASSIFIER_FORMAT:
         raise CheckpointError(f"{path}: not a {CLASSIFIER_FORMAT} file")
@@ -103,7 +96,7 @@ def load_classifier(directory, *, device="cpu") -> tuple[GPTClassifier, int]:
         raise CheckpointError(f"{path}: \"max_length\" must be a positive integer")
     gpt = GPT.from_pretrained(directory, device=device)
     model = GPTClassifier(gpt, labels).to(device)
-    _classifier_file(directory / HEAD_FILE, "the classifier head is missing")
+    checkpoint_file(directory, HEAD_FILE, "safetensors file", "the classifier head is missing")
     try:
         head = load_file(str(directory / HEAD_FILE), device=str(device))
     except Exception as e:  # safetensors' own error types for a corrupt file

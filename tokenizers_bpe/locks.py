@@ -26,7 +26,6 @@ from .errors import NoSpaceError, OutputError
 log = logging.getLogger(__name__)
 
 
-
 @contextlib.contextmanager
 def signals_held():
     """SIGINT and SIGTERM held back (in the main thread) for the block: delivered as soon as it ends,
@@ -43,6 +42,7 @@ def signals_held():
 
 def _host() -> str:
     return os.uname().nodename  # (socket.gethostname() without importing socket: a lock is taken in every command)
+
 
 def current_umask() -> int:
     umask = os.umask(0o022)

@@ -33,9 +33,9 @@ from .errors import SettingError
 from .membudget import MemoryPlan, plan_memory, release_free_memory
 from .merging import DEFAULT_MIN_FREQUENCY, MemoryBudgetError, learn_merges
 from .fileio import READ_BYTES, check_errors_handler, check_text_file, read_text_blocks
+from .locks import signals_held
 from .patterns import piece_splitter, resolve_pattern, safe_cut_regex, split_on_specials
 from .spill import PieceSpill
-from .locks import signals_held
 from .tokenizer import BPETokenizer
 
 DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>",)

@@ -124,7 +124,8 @@ def _end_now_if_console(in_main_thread: bool, code: int) -> None:
     waited forever for a worker that an interrupt had ended in the middle of a message."""
     if not (tools.console_script and in_main_thread):
         return
-    tools.command_finished = True
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the process is ending: a further signal changes nothing
+        signal.signal(sig, signal.SIG_IGN)
     children = sys.modules.get("multiprocessing")
     for child in children.active_children() if children else ():
         child.kill()
