@@ -196,6 +196,17 @@ def check_weights(directory, meta: dict[str, Any], expected: dict[str, tuple[int
             raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}, but {CONFIG_FILE} records {meta['dtype']}")
 
 
+def non_finite_tensors(directory) -> list[str]:
+    """The names of the weights in ``directory`` holding a NaN or an infinity (read one tensor at a
+    time: a model's worth of memory is never needed)."""
+    path = checkpoint_file(directory, WEIGHTS_FILE, "safetensors file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return [name for name in f.keys() if not torch.isfinite(f.get_tensor(name)).all()]
+    except Exception as e:  # safetensors raises its own error types for a corrupt file
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def checkpoint_file(directory, name: str, what: str, hint: str = "") -> Path:
     """``directory/name``, a regular file, else a CheckpointError saying what is there instead (nothing,
     a FIFO, a device, a directory, a link loop), without opening it."""

@@ -23,6 +23,7 @@ import json
 import os
 import platform
 from pathlib import Path
+from stat import S_ISREG
 
 import torch
 
@@ -66,7 +67,8 @@ def load(path: Path) -> bool:
     file, not ours, not this format, or PyTorch refused them)."""
     try:
         stat = path.stat()
-        if (hasattr(os, "getuid") and stat.st_uid != os.getuid()) or stat.st_size > MAX_BYTES:
+        if (not S_ISREG(stat.st_mode) or (hasattr(os, "getuid") and stat.st_uid != os.getuid())
+                or stat.st_size > MAX_BYTES):  # (a FIFO would block the read)
             return False
         data = path.read_bytes()
     except OSError:

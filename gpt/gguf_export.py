@@ -29,6 +29,7 @@ from tokenizers_bpe.patterns import GPT2_PATTERN, GPT4_PATTERN
 from .model import GPT
 
 GGUF_DTYPES = ("f32", "f16", "q8_0")
+F16_MAX = float(np.finfo(np.float16).max)
 GGUF_TOOLKIT_KEY = "gpt2_toolkit.format"  # our stamp among the metadata (llama.cpp ignores unknown keys)
 GGUF_TOOLKIT_FORMAT = "gpt2-toolkit-gguf"
 # llama.cpp's pre-tokenizer names whose regex is exactly ours (llama-vocab.cpp)
@@ -117,12 +118,18 @@ def _encode(array: np.ndarray, name: str, dtype: str) -> tuple[np.ndarray, gguf.
     keep_f32 = dtype == "f32" or array.ndim == 1 or name.startswith(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.POS_EMBD] + ".")
     if keep_f32:
         return array.astype(np.float32), gguf.GGMLQuantizationType.F32
-    if dtype == "q8_0":
-        try:
-            return gguf.quants.quantize(array.astype(np.float32), gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
-        except gguf.QuantError:
-            pass  # rows not a multiple of the block size: f16, as llama.cpp's converter falls back
+    largest = float(np.abs(array).max(initial=0.0))
+    if dtype == "q8_0" and array.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
+        _check_f16_range(largest / 127, name, dtype)  # a block's scale (its largest value / 127) is an f16
+        return gguf.quants.quantize(array.astype(np.float32), gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    _check_f16_range(largest, name, dtype)  # (q8_0: rows not a multiple of the block size are f16, as in llama.cpp's converter)
     return array.astype(np.float16), gguf.GGMLQuantizationType.F16
+
+
+def _check_f16_range(value: float, name: str, dtype: str) -> None:
+    if not value <= F16_MAX:
+        raise ExportError(f"tensor {name} (values up to {value:.3g} in magnitude)", f"GGUF {dtype}",
+                          f"float16 holds at most {F16_MAX:g}; export with --dtype f32")
 
 
 def write_gguf(model: GPT, path, dtype: str = "f16", name: str = "gpt2-toolkit") -> None:

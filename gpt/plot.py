@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from gpt.run_state import read_metrics
 from tokenizers_bpe.fileio import atomic_write
 
 
@@ -16,11 +16,12 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> None:
     import matplotlib.pyplot as plt
 
     train, val = [], []
-    for line in metrics_path.read_text(encoding="utf-8").splitlines():
-        r = json.loads(line)
-        if "loss" in r:
+    for _, r in read_metrics(metrics_path):
+        if not isinstance(r.get("step"), int):
+            continue
+        if isinstance(r.get("loss"), (int, float)):
             train.append((r["step"], r["loss"]))
-        if "val_loss" in r:
+        if isinstance(r.get("val_loss"), (int, float)):
             val.append((r["step"], r["val_loss"]))
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:

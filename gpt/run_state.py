@@ -36,14 +36,16 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from gpt.checkpoint import CHECKPOINT_STAMP, CONFIG_FILE
-from tokenizers_bpe.errors import NoSpaceError
+from tokenizers_bpe.errors import InputFileError, NoSpaceError
 from tokenizers_bpe.fileio import (
     Stamp,
     atomic_directory,
     atomic_write,
     format_stamp,
     free_bytes,
+    parse_json,
     read_json,
+    read_text,
     recorded_version,
     remove_stale_temporaries,
 )
@@ -52,6 +54,7 @@ from tokenizers_bpe.locks import OutputLock
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+MAX_METRICS_BYTES = 1 << 30  # ~200 bytes a logged step: millions of steps
 PLOT_FILE = "loss.png"
 RUN_CONFIG_FILE = "run_config.json"
 CHECKPOINTS_DIR = "checkpoints"
@@ -168,19 +171,29 @@ def read_train_state(path: Path, device) -> tuple[dict, dict[str, torch.Tensor],
     return meta, optimizer_tensors, rng
 
 
+def read_metrics(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) for each record of the metrics file ``path``, in order; a line cut short by a
+    crash, or anything but a flat JSON object, is skipped. A file that is not a regular one, too large
+    or not UTF-8 is an InputFileError/InvalidTextError naming it."""
+    text = read_text(path, "metrics file", "the run directory is corrupt", MAX_METRICS_BYTES)
+    records = []
+    for line in text.splitlines():
+        try:
+            record = parse_json(line, str(path), limit=2)
+        except InputFileError:
+            continue
+        if isinstance(record, dict):
+            records.append((line, record))
+    return records
+
+
 def truncate_metrics(out_dir: Path, step: int) -> None:
     """Drop the metrics logged after ``step`` (the checkpoint a run resumes from; a crash can leave
     some, and a line cut short)."""
     path = Path(out_dir) / METRICS_FILE
     if not path.exists():
         return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except (json.JSONDecodeError, AttributeError):  # a line cut short by a crash
-            continue
+    keep = [line for line, record in read_metrics(path) if isinstance(record.get("step", 0), int) and record.get("step", 0) <= step]
     with atomic_write(path) as f:
         f.write("".join(line + "\n" for line in keep))
 

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import sys
 import threading
 import time
@@ -24,6 +25,8 @@ from pathlib import Path
 from .errors import NoSpaceError, OutputError
 
 log = logging.getLogger(__name__)
+
+MAX_LOCK_BYTES = 4096  # a lock file of ours is one short JSON object: a larger one is not a holder
 
 
 @contextlib.contextmanager
@@ -74,10 +77,28 @@ class OutputLock:
         self.path, self.what = Path(path), what
         self.held = False
 
+    def _read_text(self) -> str:
+        """The lock file's text, read without blocking or following a link: a FIFO, device, directory
+        or link in its place is not a lock of ours (an OutputError), and is left as it is."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            fd = None
+        try:
+            if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OutputError(self.path, f"{self.path} is in the place of the lock file for {self.what} and is "
+                                             "not one (not a regular file): remove it, or choose another output")
+            return os.read(fd, MAX_LOCK_BYTES + 1).decode("utf-8")
+        finally:
+            if fd is not None:
+                os.close(fd)
+
     def _read_holder(self) -> dict | None:
         for _ in range(3):  # a lock being written right now reads empty for a moment
             try:
-                holder = json.loads(self.path.read_text(encoding="utf-8"))
+                holder = json.loads(self._read_text())
                 if isinstance(holder, dict) and isinstance(holder.get("pid"), int):
                     return holder
             except FileNotFoundError:

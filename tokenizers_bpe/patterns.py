@@ -65,6 +65,9 @@ _CHUNK_CUTS = {
 }
 _LINE_START_CUT = r"(?<=\S\n)(?=\S)"
 _ANY_CUT = r"(?s)(?<=.)(?=.)"
+# A user's pattern gets this long to split a text (a regex takes well under a microsecond a character):
+PATTERN_SECONDS = 5.0
+PATTERN_SECONDS_PER_CHAR = 1e-5
 CHUNK_CUT_LOOKAHEAD = 2  # characters after a cut that decide it: a search of a growing text re-checks these
 CHUNK_CUT_LOOKBEHIND = 3  # characters before a cut that decide it: a search must see these too
 
@@ -108,10 +111,10 @@ def split_on_specials(text: str, special_tokens) -> list[str]:
 def piece_splitter(pattern: str) -> Callable[[str], list[str]]:
     """``findall`` for ``pattern``; for the named patterns, ASCII-only text (or ASCII-only blocks of
     mixed text, see safe_blocks) goes through the faster stdlib twin. Same pieces either way."""
-    findall = compile_pattern(pattern).findall
     twin = _ASCII_TWINS.get(pattern)
     if twin is None:
-        return findall
+        return _findall_in_time(compile_pattern(pattern), pattern)
+    findall = compile_pattern(pattern).findall
     ascii_findall = re.compile(twin).findall
 
     def split(text: str) -> list[str]:
@@ -125,6 +128,25 @@ def piece_splitter(pattern: str) -> Callable[[str], list[str]]:
         return pieces
 
     return split
+
+
+def _findall_in_time(compiled: regex.Pattern, pattern: str) -> Callable[[str], list[str]]:
+    """The pieces (whole matches) of a user's pattern, which may backtrack catastrophically (``(a|aa)*c`` takes
+    exponential time on a run of a's): a text that takes far longer than a regex needs is a ValueError
+    naming the pattern, not a command that never ends. The named patterns are known to be linear."""
+
+    def findall(text: str) -> list[str]:
+        seconds = PATTERN_SECONDS + len(text) * PATTERN_SECONDS_PER_CHAR
+        try:
+            if compiled.groups:  # findall would return the groups: the pieces are the whole matches
+                return [m.group() for m in compiled.finditer(text, timeout=seconds)]
+            return compiled.findall(text, timeout=seconds)
+        except TimeoutError:
+            raise ValueError(f"pattern {pattern!r} took more than {seconds:.0f} s to split {len(text):,} characters "
+                             "(it backtracks catastrophically on them): simplify it, e.g. without nested "
+                             "repetition such as (a|aa)*") from None
+
+    return findall
 
 
 @functools.lru_cache(maxsize=16)

@@ -276,13 +276,21 @@ def train(
 
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="bpe: reading", leave=False)
     pattern = resolve_pattern(pattern)
-    chunks = (c for p in paths for c in _safe_chunks(read_text_blocks(p, errors, bar), pattern))
+    chunks = _closing_bar((c for p in paths for c in _safe_chunks(read_text_blocks(p, errors, bar), pattern)), bar)
     try:
         return _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency, progress, workers,
                                 max_memory, spill_dir, budget)
     finally:
         if bar is not None:
             bar.close()
+
+
+def _closing_bar(chunks: Iterator[str], bar) -> Iterator[str]:
+    """``chunks``, with the reading bar closed once they are all read: the merges' bar takes its line
+    (two bars at once leave cursor movements in a log)."""
+    yield from chunks
+    if bar is not None:
+        bar.close()
 
 
 def train_char(

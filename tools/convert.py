@@ -46,7 +46,7 @@ from gpt.model import GPT
 from tokenizers_bpe.errors import InputFileError
 from tokenizers_bpe.fileio import Stamp, atomic_directory, check_directory, check_regular_file, format_stamp, read_json, resolve_path
 from tools.cli import ArgumentParser, CLIError, command
-from tools.models import model_argument
+from tools.models import check_finite_weights, model_argument
 from tools.exports import check_gguf_output, gguf_exportable, hf_tokenizer_content, write_gguf_atomically, write_hf_tokenizer
 from tools.outputs import check_not_an_input, check_output, check_writable_dir
 
@@ -351,6 +351,7 @@ def hf_import(src: Path, out: Path, tokenizer_file: Path | None = None) -> GPT:
 
 def load_for_export(src: Path, target: str) -> GPT:
     model = GPT.from_pretrained(src)
+    check_finite_weights(model, src)
     if getattr(model, "lora_config", None) is not None:
         merge_lora(model)  # GPT-2 has no adapters: export the weights with them folded in
     if model.config.pos_embedding != "learned":
@@ -384,6 +385,7 @@ def merge_checkpoint(src: Path, out: Path) -> None:
     """``gpt-convert merge-lora``: load SRC (base weights + adapters), fold the adapters in and write
     an ordinary checkpoint to OUT (atomically). A classifier's head and labels are copied along."""
     model = GPT.from_pretrained(src)
+    check_finite_weights(model, src)
     if getattr(model, "lora_config", None) is None:
         raise ValueError(f"{src}: this checkpoint has no LoRA adapters (no \"lora\" section in config.json); nothing to merge")
     if resolve_path(src) == resolve_path(out):

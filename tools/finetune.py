@@ -70,7 +70,7 @@ from gpt.trainer import Trainer, lm_loss
 from tokenizers_bpe import UnknownCharacterError
 from tokenizers_bpe.fileio import atomic_write, read_json
 from tools.cli import ArgumentParser, CLIError, command
-from tools.models import model_argument
+from tools.models import check_finite_weights, model_argument
 from tools.outputs import check_writable_dir
 from tools.training import (add_train_options, check_memory, check_run_dir, exit_code, removed_after_early_error, run_training,
                             train_config)
@@ -147,6 +147,7 @@ def lora_config_from_args(args):
 
 def load_base(args):
     model = GPT.from_pretrained(model_argument(args.model, PROG))
+    check_finite_weights(model, f"--model {args.model}")
     if getattr(model, "lora_config", None) is not None:
         raise CLIError(f"--model {args.model} has LoRA adapters; merge them first: gpt-convert merge-lora {args.model} MERGED")
     max_length = args.max_length or model.config.n_ctx

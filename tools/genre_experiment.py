@@ -32,9 +32,9 @@ import torch
 
 from gpt.checkpoint import CONFIG_FILE
 from gpt.data import META_FILE
-from gpt.run_state import FINAL_DIR, METRICS_FILE
+from gpt.run_state import FINAL_DIR, METRICS_FILE, read_metrics
 from tokenizers_bpe import TOKENIZER_FILE
-from tokenizers_bpe.fileio import atomic_write
+from tokenizers_bpe.fileio import atomic_write, read_json
 from tools.bpe_train import main as bpe_train_main
 from tools.cli import ArgumentParser, CLIError, add_seed_argument, command
 from tools.corpus import plays
@@ -194,9 +194,13 @@ def finetune(work: Path, model: Path, variant: str, extra: list, args) -> dict:
         call(finetune_main, ["classify", "--model", model, "--train", work / "train.csv", "--val", work / "val.csv", "--test", work / "test.csv",
                              "--out", run, "--max-steps", args.finetune_steps, "--batch-size", 16, "--eval-interval", max(1, args.finetune_steps // 5),
                              "--warmup-steps", 20, "--seed", args.seed, "--device", "cpu", *extra], "gpt-finetune")
-    report = json.loads((run / "evaluation.json").read_text(encoding="utf-8"))
-    return {"options": " ".join(map(str, extra)), **{f"{s}_acc": report[s]["accuracy"] for s in ("train", "val", "test")},
-            "test_confusion": report["test"]["confusion"], "run": str(run)}
+    report = read_json(run / "evaluation.json", f"remove {run} to fine-tune it again")
+    try:
+        accuracy = {f"{s}_acc": float(report[s]["accuracy"]) for s in ("train", "val", "test")}
+        confusion = report["test"]["confusion"]
+    except (TypeError, KeyError, ValueError):
+        raise CLIError(f"{run / 'evaluation.json'}: not a gpt-finetune evaluation; remove {run} to fine-tune it again") from None
+    return {"options": " ".join(map(str, extra)), **accuracy, "test_confusion": confusion, "run": str(run)}
 
 
 VARIANTS = {
@@ -252,8 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("bag-of-words logistic regression:", results["bag_of_words"]["chosen"], flush=True)
 
     model = pretrain(work, splits, args)
-    metrics = [json.loads(line) for line in (work / "pretrain" / METRICS_FILE).read_text().splitlines()]
-    results["pretrain_val_loss"] = [m["val_loss"] for m in metrics if "val_loss" in m][-1]
+    val_losses = [m["val_loss"] for _, m in read_metrics(work / "pretrain" / METRICS_FILE) if isinstance(m.get("val_loss"), (int, float))]
+    if not val_losses:
+        raise CLIError(f"{work / 'pretrain' / METRICS_FILE}: no validation loss logged; remove {work / 'pretrain'} to pre-train again")
+    results["pretrain_val_loss"] = val_losses[-1]
     results["finetune"] = {v: finetune(work, model, v, VARIANTS[v], args) for v in variants}
 
     with atomic_write(work / "results.json") as f:

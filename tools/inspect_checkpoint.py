@@ -1,7 +1,7 @@
 """gpt-inspect DIR: what a checkpoint holds and whether it is consistent.
 
 Prints the config, parameter counts, size on disk, dtype and tokenizer, then runs every check that
-GPT.from_pretrained runs (weights, LoRA adapters, tokenizer, generation.json), each reported on its own line. Exit status: 0 all checks pass, 1 a check
+GPT.from_pretrained runs (weights, LoRA adapters, tokenizer, generation.json) and that every weight is finite, each reported on its own line. Exit status: 0 all checks pass, 1 a check
 failed, 2 DIR is not a readable checkpoint at all (no usable config.json) or a usage error.
 """
 
@@ -39,6 +39,10 @@ def run_checks(directory: Path, meta: dict):
         expected = GPT.expected_shapes(meta["model"])
         checkpoint.check_weights(directory, meta, expected)
         results.append((f"weights: {len(expected)} tensors with the shapes and dtype config.json implies", None))
+        damaged = checkpoint.non_finite_tensors(directory)
+        results.append(("values: every weight finite", None) if not damaged else
+                       ("values", f"NaN or inf in {len(damaged)} tensor(s): {', '.join(damaged[:3])}{', ...' if len(damaged) > 3 else ''} "
+                                  "(damaged weights, or a diverged training run)"))
     except ValueError as e:
         results.append(("weights", str(e)))
     if meta.get("lora") is not None:

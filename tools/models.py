@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
+
 import gpt2_kernels
 from gpt.run_state import resolve_model_dir
 from tools.cli import CLIError
@@ -17,6 +19,15 @@ def model_argument(path: str | Path, prog: str) -> Path:
     if note:
         print(f"{prog}: note: {note}", file=sys.stderr)
     return directory
+
+
+def check_finite_weights(model, source) -> None:
+    """A one-line error when a model to train from or to export holds a NaN or an infinity: training
+    would stop at a NaN loss, an export would carry the damage to another tool."""
+    damaged = [name for name, t in model.named_parameters() if not torch.isfinite(t).all()]
+    if damaged:
+        raise CLIError(f"{source}: NaN or inf in {len(damaged)} weight tensor(s) ({', '.join(damaged[:3])}"
+                       f"{', ...' if len(damaged) > 3 else ''}): the weights are damaged, or their training diverged")
 
 
 def check_kernels_backend(backend: str, device: str) -> None:

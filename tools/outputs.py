@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterable
 
 from tokenizers_bpe.errors import OutputError
-from tokenizers_bpe.fileio import Stamp, check_replaceable, resolve_path
+from tokenizers_bpe.fileio import Stamp, check_replaceable, output_lock, resolve_path
 
 
 def check_writable_dir(path: str | os.PathLike, what: str = "--out", *, keep: bool = True) -> Path:
@@ -53,11 +53,13 @@ def check_not_an_input(out: str | os.PathLike, inputs: Iterable[str | os.PathLik
 
 
 def check_output(out: str | os.PathLike, stamp: Stamp, flag: str, *, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
-    """All the checks on one output before any work: not an input, replaceable (``stamp``), writable."""
+    """All the checks on one output before any work: not an input, replaceable (``stamp``), not being
+    written by another process (its lock), writable."""
     out = Path(out)
     check_not_an_input(out, inputs, flag)
     try:
         check_replaceable(out, stamp)
+        output_lock(out.absolute(), stamp).check()
     except OutputError as e:
         raise OutputError(out, f"{flag} {e}") from None
     parent = out.parent if str(out.parent) else Path(".")

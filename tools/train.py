@@ -40,7 +40,7 @@ from tokenizers_bpe import TOKENIZER_FILE
 from tokenizers_bpe.errors import InputFileError
 from tokenizers_bpe.fileio import read_json, read_options_file, resolve_path
 from tools.cli import ArgumentParser, CLIError, command, parse_bool
-from tools.models import check_kernels_backend, model_argument
+from tools.models import check_finite_weights, check_kernels_backend, model_argument
 from tools.outputs import check_not_an_input, check_writable_dir
 from tools.train_text import TEXT_OPTIONS, check_no_text_options, plan_resumed_text_stages, plan_text_stages, text_mode, trained_fingerprint
 from tools.training import (
@@ -173,6 +173,7 @@ def build_model(opts: dict, meta, tokenizer):
             base = GPT.from_pretrained(model_argument(opts["init_from"], PROG))
         except ValueError as e:  # CheckpointError: missing, foreign or corrupt
             raise CLIError(f"--init-from {e}") from None
+        check_finite_weights(base, f"--init-from {opts['init_from']}")
         if base.tokenizer.fingerprint() != meta.tokenizer_fingerprint:
             raise CLIError(f"--init-from {opts['init_from']}: its tokenizer differs from the one the data was prepared with; re-run gpt-prepare with it")
         shape = {k: v for k, v in overrides.items() if k not in ("dropout", "backend")}

@@ -197,6 +197,9 @@ def run_training(trainer: Trainer, resume: bool, resume_command: str) -> TrainRe
     except TrainingDiverged as e:
         if not trainer.dist.is_main:  # every rank stops; the main one says why
             raise SystemExit(ExitCode.DIVERGED) from None
+        if not resume and trainer.step == 0:  # before any update: the starting model, or its dtype, is at fault
+            raise CLIError(f"{e}, before any update: the starting model's loss is not finite; its weights are damaged or "
+                           "too large (check them with gpt-inspect), or --dtype float16 overflows (use bfloat16 or float32)") from None
         last = trainer.latest_checkpoint()
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
         raise CLIError(f"{e}; stopped, {where}. Lower --lr, raise --warmup-steps or use --dtype float32",

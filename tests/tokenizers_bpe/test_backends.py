@@ -167,3 +167,16 @@ def test_encode_batch_is_encode_on_every_path(tokenizers, tiktoken_twins, name):
         assert tok.encode_batch(texts, num_threads=2, allowed_special="all") == [reference.encode(t, allowed_special="all") for t in texts]
     with pytest.raises(ValueError, match="disallowed"):
         fast.encode_batch(texts, num_threads=2)
+
+
+@pytest.mark.parametrize("pattern", [r"(\w+)|(\s+)|[^\w\s]+", r"'(?:[sdmt]|ll|ve|re)| ?(\p{L}+)| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"])
+def test_a_pattern_with_capturing_groups_splits_into_whole_matches(play_text, pattern):
+    """A user's pattern may hold groups: its pieces are the whole matches (as tiktoken splits), never
+    the groups that ``findall`` would return. Training and both encoders agree."""
+    tok = tokenizers_bpe.train_from_iterator([play_text[:200_000]], 600, pattern=pattern, workers=1)
+    text = play_text[:20_000]
+    ids = tok.to_tiktoken().encode_ordinary(text)
+    assert python_twin(tok).encode(text) == ids == tok.encode(text)
+    assert tok.decode(ids) == text
+    merged = {tok.decode([i]) for i in range(256, tok.n_vocab - len(tok.special_tokens))}
+    assert " the" in merged or "the" in merged  # merges of words, not of empty group leftovers

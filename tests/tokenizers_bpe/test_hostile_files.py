@@ -149,3 +149,50 @@ def test_full_disk_in_a_write_leaves_nothing(tmp_path):
             f.write("x")
             raise OSError(errno.ENOSPC, "No space left on device")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "link", "huge"])
+def test_a_lock_file_that_is_not_ours_is_refused_before_work_and_kept(tmp_path, kind):
+    """Something in the place of ``.NAME.lock`` (a FIFO would block the read, a link point anywhere)
+    is named in one line before any work, and left as it is; a huge regular file is no holder."""
+    from tools.outputs import check_output
+
+    out, lock = tmp_path / "tok.json", tmp_path / ".tok.json.lock"
+    if kind == "fifo":
+        os.mkfifo(lock)
+    elif kind == "directory":
+        lock.mkdir()
+    elif kind == "link":
+        lock.symlink_to(tmp_path / "elsewhere")
+    else:
+        lock.write_bytes(b"{" * 1_000_000)
+    if kind == "huge":  # unreadable: left by a writer killed while writing it, taken over
+        with atomic_write(out, stamp=STAMP) as f:
+            f.write("x")
+        assert out.read_text() == "x" and not lock.exists()
+        return
+    with pytest.raises(OutputError, match="not a regular file"):
+        check_output(out, STAMP, "-o")
+    with pytest.raises(OutputError, match="not a regular file"):
+        with atomic_write(out, stamp=STAMP) as f:
+            f.write("x")
+    assert os.path.lexists(lock) and not out.exists()
+
+
+def test_a_pattern_that_backtracks_catastrophically_is_an_error_in_time(monkeypatch):
+    import time
+
+    from tokenizers_bpe import patterns
+
+    monkeypatch.setattr(patterns, "PATTERN_SECONDS", 0.5)
+    patterns.piece_splitter.cache_clear()
+    split = patterns.piece_splitter(r"(a|aa)*c|.")
+    assert split("ab") == ["a", "b"]
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="backtracks catastrophically"):
+        split("a" * 200 + "!")
+    assert time.monotonic() - start < 10
+    patterns.piece_splitter.cache_clear()
+    with pytest.raises(ValueError, match="backtracks catastrophically"):  # the same through training
+        tokenizers_bpe.train_from_iterator(["a" * 200 + "!"], vocab_size=300, pattern=r"(a|aa)*c|.")
+    patterns.piece_splitter.cache_clear()

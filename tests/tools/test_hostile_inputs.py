@@ -345,9 +345,85 @@ def test_nan_loss_at_the_first_step_leaves_no_run(ckpt, data_dir, tmp_path, caps
     (tmp_path / "i.jsonl").write_text("".join(json.dumps({"instruction": f"say {i}", "output": f"ok {i}"}) + "\n" for i in range(8)))
     rc = finetune(["instruct", "--model", str(nan), "--data", str(tmp_path / "i.jsonl"), "--out", str(tmp_path / "ft"),
                    "--max-steps", "2", "--progress", "false"])
-    assert rc in (ExitCode.USER_ERROR, ExitCode.DIVERGED)
-    capsys.readouterr()
+    one_line(capsys, rc, str(nan))
     assert not (tmp_path / "ft").exists()
+
+
+def _filled_model(tok, path: Path, value: float) -> Path:
+    model = make_tiny_model(tok)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(value)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok_data(tok, tmp_path_factory):
+    """A data directory prepared with ``tok`` (the tokenizer of the tiny models here)."""
+    root = tmp_path_factory.mktemp("tokdata")
+    (root / "t.txt").write_text(plays()[1].text()[:30_000], encoding="utf-8")
+    tok.save(root / "tok.json")
+    assert prepare([str(root / "t.txt"), "--tokenizer", str(root / "tok.json"), "-o", str(root / "data"), "--workers", "1", "--quiet"]) == 0
+    return root / "data"
+
+
+@pytest.mark.parametrize("value", [math.nan, -math.inf, 3e38])
+def test_damaged_weights_are_a_bad_input_to_training(value, tok, tok_data, tmp_path, capsys):
+    """NaN or inf weights, or finite ones so large that the first loss overflows, are the starting
+    model's fault, not a run that diverged: exit 2 in one line, before any update, nothing left."""
+    bad = _filled_model(tok, tmp_path / "bad", value)
+    (tmp_path / "i.jsonl").write_text("".join(json.dumps({"instruction": f"say {i}", "output": f"ok {i}"}) + "\n" for i in range(8)))
+    (tmp_path / "c.csv").write_text("text,label\n" + "".join(f"line {i},{'ab'[i % 2]}\n" for i in range(8)))
+    one_line(capsys, train(["--data", str(tok_data), "--init-from", str(bad), "--out", str(tmp_path / "run"), "--max-steps", "2", *QUICK]))
+    one_line(capsys, finetune(["instruct", "--model", str(bad), "--data", str(tmp_path / "i.jsonl"), "--out", str(tmp_path / "sft"),
+                               "--max-steps", "2", "--progress", "false"]))
+    one_line(capsys, finetune(["classify", "--model", str(bad), "--train", str(tmp_path / "c.csv"), "--val", str(tmp_path / "c.csv"),
+                               "--out", str(tmp_path / "cls"), "--max-steps", "2", "--progress", "false"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "c.csv", "i.jsonl"]
+
+
+def test_damaged_weights_are_not_exported_and_float16_range_is_checked(tok, tmp_path, capsys):
+    nan = _filled_model(tok, tmp_path / "nan", math.nan)
+    one_line(capsys, convert(["hf-export", str(nan), str(tmp_path / "hf")]), "NaN or inf")
+    one_line(capsys, convert(["gguf", str(nan), str(tmp_path / "m.gguf")]), "NaN or inf")
+    large = _filled_model(tok, tmp_path / "large", 1e5)  # finite, beyond float16's 65504
+    one_line(capsys, convert(["gguf", str(large), str(tmp_path / "m.gguf"), "--dtype", "f16"]), "65504", "--dtype f32")
+    larger = _filled_model(tok, tmp_path / "larger", 1e7)  # q8_0 keeps a block's largest value / 127 as a float16
+    one_line(capsys, convert(["gguf", str(larger), str(tmp_path / "m.gguf"), "--dtype", "q8_0"]), "65504", "--dtype f32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["large", "larger", "nan"]
+    assert convert(["gguf", str(large), str(tmp_path / "m.gguf"), "--dtype", "q8_0"]) == 0
+    assert convert(["gguf", str(larger), str(tmp_path / "m2.gguf"), "--dtype", "f32"]) == 0
+
+
+def test_fine_tuning_data_beyond_memory_is_refused_before_reading(ckpt, tmp_path, capsys, monkeypatch):
+    import gpt.memory
+
+    data = tmp_path / "i.json"
+    data.write_text(json.dumps([{"instruction": f"say {i} " * 5, "output": f"ok {i}"} for i in range(8000)]))
+    monkeypatch.setattr(gpt.memory, "available_memory_bytes", lambda: data.stat().st_size * 8)  # the model fits, the data not
+    one_line(capsys, finetune(["instruct", "--model", str(ckpt), "--data", str(data), "--out", str(tmp_path / "ft")]), str(data), "memory")
+    (tmp_path / "c.csv").write_text("text,label\n" + "".join(f"{f'line {i} ' * 6},{'ab'[i % 2]}\n" for i in range(8000)))
+    one_line(capsys, finetune(["classify", "--model", str(ckpt), "--train", str(tmp_path / "c.csv"), "--val", str(tmp_path / "c.csv"),
+                               "--out", str(tmp_path / "cls")]), "c.csv", "memory")
+    assert not (tmp_path / "ft").exists() and not (tmp_path / "cls").exists()
+
+
+def test_a_hostile_metrics_file_on_resume(ckpt, tok_data, tmp_path, capsys):
+    """A run's metrics.jsonl is read on --resume: a FIFO is named (not read forever), a line nested
+    absurdly deep or not an object is skipped like a line cut short by a crash."""
+    args = ["--data", str(tok_data), "--preset", "tiny", "--batch-size", "2", "--block-size", "16", *QUICK]
+    run = tmp_path / "run"
+    assert train([*args, "--out", str(run), "--max-steps", "2"]) == 0
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write("[" * 100_000 + "]" * 100_000 + "\n[1, 2]\n{\"step\": \"x\", \"loss\": [1]}\n")
+    assert train(["--resume", str(run), "--max-steps", "3", *QUICK]) == 0, capsys.readouterr().err
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["step"] <= 3 for line in lines)
+    (run / "metrics.jsonl").unlink()
+    os.mkfifo(run / "metrics.jsonl")
+    capsys.readouterr()
+    one_line(capsys, train(["--resume", str(run), "--max-steps", "4", *QUICK]), "metrics.jsonl", "FIFO")
 
 
 def test_bad_kernels_backend_leaves_no_run(ckpt, tmp_path, capsys, monkeypatch):

@@ -43,7 +43,7 @@ def test_report(ckpt, model, capsys):
     assert re.search(r"size\s+\d+\.\d KB on disk \(config.json", out)
     assert "300 tokens, specials: <|endoftext|>=299" in out
     assert "generation.json: temperature=0.7" in out
-    assert "FAIL" not in out and out.count("  ok  ") == 3
+    assert "FAIL" not in out and out.count("  ok  ") == 4 and "ok    values: every weight finite" in out
 
 
 def test_vocab_mismatch_fails_check(ckpt, capsys, text):
@@ -61,6 +61,16 @@ def test_wrong_shape_fails_check(ckpt, capsys):
     save_file(state, ckpt / "model.safetensors")
     rc, out, _ = inspect(capsys, ckpt)
     assert rc == 1 and "FAIL  weights:" in out and "transformer.h.0.attn.c_attn.weight has shape [10, 64]" in out
+
+
+def test_non_finite_weights_fail_the_values_check(ckpt, capsys):
+    state = load_file(ckpt / "model.safetensors")
+    state["transformer.h.1.mlp.c_fc.weight"][3, 4] = float("nan")
+    state["transformer.ln_f.bias"][0] = float("-inf")
+    save_file(state, ckpt / "model.safetensors")
+    rc, out, err = inspect(capsys, ckpt)
+    assert rc == 1 and "1 check(s) failed" in err
+    assert "FAIL  values: NaN or inf in 2 tensor(s)" in out and "transformer.h.1.mlp.c_fc.weight" in out
 
 
 @pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json"])
