@@ -140,7 +140,7 @@ def read_meta(directory) -> dict[str, Any]:
     version = recorded_version(meta)
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unknown format_version {version!r}; this version of the toolkit reads version {FORMAT_VERSION}")
-    if meta.get("dtype") not in DTYPES:
+    if not isinstance(meta.get("dtype"), str) or meta["dtype"] not in DTYPES:
         raise CheckpointError(f"{path}: dtype must be one of {', '.join(DTYPES)}, got {meta.get('dtype')!r}")
     try:
         config = GPTConfig.from_dict(meta.get("model"))

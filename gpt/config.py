@@ -53,8 +53,8 @@ class GPTConfig:
             raise ValueError(f"model config: pos_embedding must be one of {', '.join(POS_EMBEDDINGS)}, got {self.pos_embedding!r}")
         if self.pos_embedding == "rope" and self.head_dim % 2:
             raise ValueError(f"model config: rope needs an even head size, but n_embd/n_head = {self.head_dim}")
-        if not isinstance(self.layer_norm_eps, (int, float)) or isinstance(self.layer_norm_eps, bool) or not self.layer_norm_eps > 0:
-            raise ValueError(f"model config: layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+        if not isinstance(self.layer_norm_eps, (int, float)) or isinstance(self.layer_norm_eps, bool) or not 0 < self.layer_norm_eps <= 1:
+            raise ValueError(f"model config: layer_norm_eps must be in (0, 1], got {self.layer_norm_eps!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"model config: backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 

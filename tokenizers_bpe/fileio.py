@@ -483,5 +483,7 @@ def format_stamp(name: str, version: int) -> dict[str, object]:
 
 
 def recorded_version(d: dict) -> object:
-    """The format version a parsed file records (None when it records none)."""
-    return d.get(VERSION_KEY, d.get(_LEGACY_VERSION_KEY))
+    """The format version a parsed file records (None when it records none; ``True`` is no version,
+    though Python counts it equal to 1)."""
+    version = d.get(VERSION_KEY, d.get(_LEGACY_VERSION_KEY))
+    return repr(version) if isinstance(version, bool) else version

@@ -58,7 +58,7 @@ def load(path: str | os.PathLike) -> Tokenizer:
             "upgrade tokenizers_bpe or re-train the tokenizer"
         )
     kind = d.get("type")
-    if kind not in TOKENIZER_TYPES:
+    if not isinstance(kind, str) or kind not in TOKENIZER_TYPES:
         raise ValueError(f"{path}: unknown tokenizer type {kind!r}; expected one of {', '.join(TOKENIZER_TYPES)}")
     missing = [k for k in _REQUIRED[kind] if k not in d]
     if missing:

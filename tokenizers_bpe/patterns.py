@@ -65,6 +65,7 @@ _CHUNK_CUTS = {
 }
 _LINE_START_CUT = r"(?<=\S\n)(?=\S)"
 _ANY_CUT = r"(?s)(?<=.)(?=.)"
+MAX_PATTERN_CHARS = 16_384
 # A user's pattern gets this long to split a text (a regex takes well under a microsecond a character):
 PATTERN_SECONDS = 5.0
 PATTERN_SECONDS_PER_CHAR = 1e-5
@@ -78,6 +79,9 @@ def resolve_pattern(pattern: str) -> str:
     if not isinstance(pattern, str) or not pattern:
         raise ValueError("pattern must be 'gpt2', 'gpt4' or a non-empty regex string")
     pattern = PATTERNS.get(pattern, pattern)
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ValueError(f"a pattern of {len(pattern):,} characters, more than a pre-tokenization regex needs "
+                         f"({MAX_PATTERN_CHARS:,}; GPT-4's has about 200)")
     compiled = compile_pattern(pattern)
     if compiled.match(""):
         raise ValueError(f"invalid pattern {pattern!r}: it matches the empty string; every piece must be non-empty")

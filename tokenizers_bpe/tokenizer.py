@@ -45,6 +45,9 @@ ENDOFTEXT = "<|endoftext|>"
 
 # Ids between the ordinary tokens and the special ones that no token uses (tiktoken's cl100k_base leaves
 # 16, o200k_base 19); a vocabulary with more is a mistake that would make every model of it bigger.
+# Released tokenizers have a few special tokens (GPT-2 one, Llama 3 256); 50,000 make every encode
+# take seconds (the search for them is one regex of them all).
+MAX_SPECIAL_TOKENS = 4096
 MAX_UNUSED_IDS = 1024
 BACKENDS = ("auto", "native", "tiktoken", "python")
 # The patterns the native encoder splits by (its scanner for each, by number).
@@ -59,6 +62,9 @@ class Tokenizer(abc.ABC):
     type: str  # "bpe" or "char", the file's type field
 
     def __init__(self, special_tokens: Mapping[str, int], token_bytes: Mapping[int, bytes]):
+        if len(special_tokens) > MAX_SPECIAL_TOKENS:
+            raise ValueError(f"{len(special_tokens):,} special tokens, more than a tokenizer can use ({MAX_SPECIAL_TOKENS:,}: "
+                             "every encode searches the text for each of them)")
         for tok, i in special_tokens.items():
             if not isinstance(tok, str) or not tok:
                 raise ValueError(f"special token {tok!r} must be a non-empty string")

@@ -36,7 +36,7 @@ from .fileio import READ_BYTES, check_errors_handler, check_text_file, read_text
 from .locks import signals_held
 from .patterns import piece_splitter, resolve_pattern, safe_cut_regex, split_on_specials
 from .spill import PieceSpill
-from .tokenizer import BPETokenizer
+from .tokenizer import MAX_SPECIAL_TOKENS, BPETokenizer
 
 DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>",)
 # Smaller corpora are pre-tokenized in-process by default: a pool costs more than it saves. At 10 MB of
@@ -154,6 +154,9 @@ def check_train_settings(vocab_size: int, special_tokens: Sequence[str], pattern
         raise SettingError("min_frequency", f"{{min_frequency}} must be at least 1, got {min_frequency}")
     if any(not isinstance(t, str) or not t for t in special_tokens):
         raise SettingError("special", "{special} needs a non-empty token")
+    if len(dict.fromkeys(special_tokens)) > MAX_SPECIAL_TOKENS:
+        raise SettingError("special", f"{len(dict.fromkeys(special_tokens)):,} special tokens ({{special}}), more than a "
+                                      f"tokenizer can use ({MAX_SPECIAL_TOKENS:,})")
     if max_memory is not None and (not isinstance(max_memory, int) or isinstance(max_memory, bool) or max_memory <= 0):
         raise SettingError("max_memory", f"{{max_memory}} must be a positive number of bytes, got {max_memory!r}")
     resolve_pattern(pattern)

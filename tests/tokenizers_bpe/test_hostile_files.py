@@ -196,3 +196,34 @@ def test_a_pattern_that_backtracks_catastrophically_is_an_error_in_time(monkeypa
     with pytest.raises(ValueError, match="backtracks catastrophically"):  # the same through training
         tokenizers_bpe.train_from_iterator(["a" * 200 + "!"], vocab_size=300, pattern=r"(a|aa)*c|.")
     patterns.piece_splitter.cache_clear()
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("special_tokens", {f"<|s{i}|>": 300 + i for i in range(5000)}, "special tokens"),
+    ("pattern", "a|" * 20_000 + "b", "pattern of 40,001 characters"),
+    ("format_version", True, "format version"),
+    ("type", ["bpe"], "unknown tokenizer type"),
+    ("pattern", {"a": 1}, "pattern"),
+])
+def test_a_tokenizer_json_with_absurd_fields_is_refused_at_load(tmp_path, field, value, words):
+    """Sizes that would make every encode slow (thousands of special tokens to search for, a
+    megabyte-long regex) and values of the wrong kind are a ValueError naming the file."""
+    tok = tokenizers_bpe.train_from_iterator(["hello world " * 50], 260, progress=False)
+    tok.save(tmp_path / "tok.json")
+    data = json.loads((tmp_path / "tok.json").read_text())
+    data[field] = value
+    (tmp_path / "tok.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=words) as caught:
+        tokenizers_bpe.load(tmp_path / "tok.json")
+    assert str(tmp_path / "tok.json") in str(caught.value)
+
+
+def test_too_many_special_tokens_are_refused_before_training():
+    from tokenizers_bpe.errors import SettingError
+    from tokenizers_bpe.tokenizer import MAX_SPECIAL_TOKENS
+    from tokenizers_bpe.trainer import check_train_settings
+
+    specials = [f"<|s{i}|>" for i in range(MAX_SPECIAL_TOKENS + 1)]
+    with pytest.raises(SettingError, match="special tokens"):
+        check_train_settings(2 * MAX_SPECIAL_TOKENS, specials)
+    check_train_settings(2 * MAX_SPECIAL_TOKENS, specials[:-1])
