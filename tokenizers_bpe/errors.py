@@ -88,9 +88,18 @@ class NoSpaceError(ValueError):
     def __str__(self) -> str:
         need = ""
         if self.needed:
-            need = f"needs {'more than' if self.at_least else 'about'} {self.needed / 1e6:,.1f} MB, "
-        return (f"{self.path}: no space left on the device ({need}{self.free / 1e6:,.1f} MB free)"
+            need = f"needs {'more than' if self.at_least else 'about'} {byte_size(self.needed)}, "
+        return (f"{self.path}: no space left on the device ({need}{byte_size(self.free)} free)"
                 + (f"; {self.advice}" if self.advice else "; free some space and run the command again"))
+
+
+def byte_size(n: int) -> str:
+    """``n`` bytes for a message: "812 bytes", "35 KB", "3.2 MB", "1.5 GB"."""
+    if n >= 1e9:
+        return f"{n / 1e9:,.1f} GB"
+    if n >= 1e6:
+        return f"{n / 1e6:,.1f} MB"
+    return f"{n / 1e3:,.0f} KB" if n >= 1e3 else f"{n:,} bytes"
 
 
 class InputFileError(ValueError):

@@ -156,7 +156,8 @@ def is_out_of_space(e: BaseException) -> bool:
     if isinstance(e, OSError) and e.errno in _NO_SPACE_ERRNOS:
         return True
     text = str(e)
-    return "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text
+    short_write = isinstance(e, OSError) and e.errno is None and re.fullmatch(r"\d+ requested and \d+ written", text)  # numpy's tofile
+    return bool(short_write) or "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text
 
 
 def free_bytes(path: str | os.PathLike) -> int:
@@ -177,7 +178,7 @@ def _bytes_in(path: Path) -> int:
 
 
 @contextlib.contextmanager
-def _no_space_as_error(path: Path, written: Path | None = None) -> Iterator[None]:
+def no_space_as_error(path: Path, written: Path | None = None) -> Iterator[None]:
     """A full disk inside the block becomes a NoSpaceError naming ``path``; ``written`` (the temporary
     file or directory being filled) tells how much the write needed at least."""
     try:
@@ -205,7 +206,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
     and one process at a time writes it (``output_lock``). A full disk is a NoSpaceError."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
-    with _no_space_as_error(path), contextlib.ExitStack() as stack:  # (the lock and the temp file too)
+    with no_space_as_error(path), contextlib.ExitStack() as stack:  # (the lock and the temp file too)
         if stamp is not None:
             check_replaceable(path, stamp)
             stack.enter_context(output_lock(path.absolute(), stamp))
@@ -213,7 +214,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
         remove_stale_temporaries(parent, path.name)
         fd, tmp = tempfile.mkstemp(prefix=_temporary_name(path.name), suffix=".tmp", dir=parent)
         try:
-            with _no_space_as_error(path, Path(tmp)):
+            with no_space_as_error(path, Path(tmp)):
                 os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600
                 with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
                     yield f
@@ -241,7 +242,7 @@ def atomic_directory(path: str | os.PathLike, stamp: Stamp | None = None) -> Ite
     work is wasted), and one process at a time writes it. The directory gets the permissions of a new
     one (honouring the umask); a full disk is a NoSpaceError."""
     path = Path(path)
-    with _no_space_as_error(path), contextlib.ExitStack() as stack:  # (the lock and the temp directory too)
+    with no_space_as_error(path), contextlib.ExitStack() as stack:  # (the lock and the temp directory too)
         if stamp is not None:
             check_replaceable(path, stamp)
             stack.enter_context(output_lock(path.absolute(), stamp))
@@ -251,7 +252,7 @@ def atomic_directory(path: str | os.PathLike, stamp: Stamp | None = None) -> Ite
         remove_stale_temporaries(path.parent, path.name)
         tmp = Path(tempfile.mkdtemp(prefix=_temporary_name(path.name), suffix=".tmp", dir=path.parent))
         try:
-            with _no_space_as_error(path, tmp):
+            with no_space_as_error(path, tmp):
                 os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
                 yield tmp
             _replace_directory(path, tmp, stamp)

@@ -7,16 +7,21 @@ the process's own: when the resident memory nears the budget they are dropped fr
 or on disk, and the next access maps it back), so the budget holds whatever the corpus. The file is
 unlinked as soon as it is mapped: nothing is left on disk after any exit, SIGKILL included.
 
-Disk: the arrays' size, 28 bytes per byte of the distinct pieces at most (written as used), in the
-directory given (the spill directory under ``$TMPDIR``). On a tmpfs ``$TMPDIR`` the page cache is RAM.
+Disk: the arrays' size, 28 bytes per byte of the distinct pieces (32 with 64-bit counts), allocated
+when the file is made (a full disk is then a NoSpaceError, not a SIGBUS at a page written later), in
+the directory given (the spill directory under ``$TMPDIR``). On a tmpfs ``$TMPDIR`` the page cache is RAM.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import shutil
 import tempfile
 from pathlib import Path
+
+from .errors import NoSpaceError
 
 _PAGE = mmap.PAGESIZE
 
@@ -35,7 +40,13 @@ class ScratchArrays:
         fd, path = tempfile.mkstemp(prefix="merge-arrays-", suffix=".bin", dir=Path(directory))
         try:
             os.unlink(path)  # the mapping keeps the file alive; nothing can be left behind
-            os.ftruncate(fd, offset)  # sparse: disk is used as pages are written
+            try:  # the disk space taken now: a page written to a full disk would be a SIGBUS, not an error
+                os.posix_fallocate(fd, 0, offset)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    raise
+                raise NoSpaceError(directory, shutil.disk_usage(directory).free, offset,
+                                   "set TMPDIR to a disk with more space, or raise --max-memory") from None
             self.mm = mmap.mmap(fd, offset)
         finally:
             os.close(fd)

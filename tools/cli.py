@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import errno
 import functools
 import logging
 import math
@@ -87,7 +88,9 @@ def error_message(e: BaseException, flags: Mapping[str, str] | None = None, text
         msg = f"{e}; {text_hint}"
     else:
         msg = str(e) or type(e).__name__
-        if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) and not e.filename:  # (stdout, redirected)
+            msg = "the output could not be written: no space left on the device; free some space and run the command again"
+        elif isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
             msg = f"{e.filename}: {msg}"
     return one_line(msg)
 

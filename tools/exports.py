@@ -13,7 +13,7 @@ from gpt.gguf_export import GGUF_TOOLKIT_FORMAT, GGUF_TOOLKIT_KEY, check_gguf_ex
 from gpt.model import GPT
 from tokenizers_bpe import BPETokenizer, Tokenizer
 from tokenizers_bpe.errors import OutputError
-from tokenizers_bpe.fileio import Stamp, current_umask, format_stamp
+from tokenizers_bpe.fileio import Stamp, current_umask, format_stamp, no_space_as_error
 from tokenizers_bpe.hf_tokenizer import (
     HF_SPECIAL_TOKENS_MAP_FILE, HF_TOKENIZER_CONFIG_FILE, HF_TOKENIZER_FILE, ExportError, dumps, hf_gpt2_files_exact,
     hf_tokenizer_config, hf_tokenizer_json,
@@ -121,13 +121,15 @@ def gguf_exportable(model: GPT, src: Path) -> None:
 def write_gguf_atomically(model: GPT, out: Path, dtype: str) -> None:
     """write_gguf into a temporary file beside ``out``, renamed over it when complete."""
     parent = out.parent if str(out.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~current_umask())
-        write_gguf(model, tmp, dtype=dtype, name=out.stem)
-        check_gguf_output(out)  # again: something may have appeared there meanwhile
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with no_space_as_error(out):
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=parent)
+        os.close(fd)
+        try:
+            with no_space_as_error(out, Path(tmp)):
+                os.chmod(tmp, 0o666 & ~current_umask())
+                write_gguf(model, tmp, dtype=dtype, name=out.stem)
+            check_gguf_output(out)  # again: something may have appeared there meanwhile
+            os.replace(tmp, out)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

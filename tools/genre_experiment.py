@@ -31,18 +31,22 @@ import numpy as np
 import torch
 
 from gpt.checkpoint import CONFIG_FILE
+from gpt.config import MAX_SIZES
 from gpt.data import META_FILE
 from gpt.run_state import FINAL_DIR, METRICS_FILE, read_metrics
 from tokenizers_bpe import TOKENIZER_FILE
 from tokenizers_bpe.fileio import atomic_write, read_json
 from tools.bpe_train import main as bpe_train_main
-from tools.cli import ArgumentParser, CLIError, add_seed_argument, command
+from tools.cli import ArgumentParser, CLIError, add_seed_argument, command, integer
 from tools.corpus import plays
 from tools.finetune import main as finetune_main
 from tools.prepare import main as prepare_main
 from tools.train import main as train_main
+from tools.training import removed_after_early_error
 
 GENRES = ("comedies", "histories", "tragedies")
+MAX_PASSAGES = 100_000  # per genre: the plays hold a few thousand
+MAX_PASSAGE_CHARS = 100_000
 N_VAL, N_TEST = 1, 2  # plays per genre
 WORD = re.compile(r"[a-z]+(?:'[a-z]+)*")
 
@@ -216,16 +220,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="gpt-genre-experiment", description=__doc__.split("\n\n")[0])
     p.add_argument("--work", required=True, type=Path, help="working directory (steps whose output exists are skipped)")
     p.add_argument("--variants", default="last-block,all,lora", help=f"fine-tuning variants, comma-separated from {', '.join(VARIANTS)}")
-    p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary of the tokenizer trained on the pre-training plays")
-    p.add_argument("--n-ctx", type=int, default=128, help="context of the pre-trained model")
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--pretrain-steps", type=int, default=300)
-    p.add_argument("--finetune-steps", type=int, default=200)
-    p.add_argument("--per-genre-train", type=int, default=600, help="training passages per genre (balanced)")
-    p.add_argument("--min-chars", type=int, default=200, help="passages are at least this long ...")
-    p.add_argument("--max-chars", type=int, default=400, help="... and at most this long")
+    p.add_argument("--vocab-size", type=integer(257, MAX_SIZES["vocab_size"]), default=2048,
+                   help="BPE vocabulary of the tokenizer trained on the pre-training plays")
+    p.add_argument("--n-ctx", type=integer(1, MAX_SIZES["n_ctx"]), default=128, help="context of the pre-trained model")
+    p.add_argument("--n-layer", type=integer(1, MAX_SIZES["n_layer"]), default=4)
+    p.add_argument("--n-head", type=integer(1, MAX_SIZES["n_head"]), default=4)
+    p.add_argument("--n-embd", type=integer(1, MAX_SIZES["n_embd"]), default=128)
+    p.add_argument("--pretrain-steps", type=integer(1), default=300)
+    p.add_argument("--finetune-steps", type=integer(1), default=200)
+    p.add_argument("--per-genre-train", type=integer(1, MAX_PASSAGES), default=600, help="training passages per genre (balanced)")
+    p.add_argument("--min-chars", type=integer(1, MAX_PASSAGE_CHARS), default=200, help="passages are at least this long ...")
+    p.add_argument("--max-chars", type=integer(1, MAX_PASSAGE_CHARS), default=400, help="... and at most this long")
     p.add_argument("--data-only", action="store_true", help="write WORK/{train,val,test}.csv (text,label) and stop")
     add_seed_argument(p)
     args = p.parse_args(argv)
@@ -233,14 +238,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise CLIError(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    if args.min_chars > args.max_chars:
+        raise CLIError(f"--min-chars ({args.min_chars}) must be at most --max-chars ({args.max_chars})")
+    if args.n_embd % args.n_head:
+        raise CLIError(f"--n-embd ({args.n_embd}) must be divisible by --n-head ({args.n_head})")
     work = args.work
-    work.mkdir(parents=True, exist_ok=True)
+    if work.exists() and not work.is_dir():
+        raise CLIError(f"--work {work} exists and is not a directory; choose another path")
 
     splits = split_plays(args.seed)
     examples = build_examples(splits, args.per_genre_train, args.min_chars, args.max_chars, args.seed)
-    for name, ex in examples.items():
-        if not (work / f"{name}.csv").is_file():
-            write_csv(work / f"{name}.csv", ex)
+    with removed_after_early_error(work):  # a work directory this run made holds nothing until the data is written
+        work.mkdir(parents=True, exist_ok=True)
+        for name, ex in examples.items():
+            if not (work / f"{name}.csv").is_file():
+                write_csv(work / f"{name}.csv", ex)
     if args.data_only:
         print(f"wrote {', '.join(str(work / f'{name}.csv') for name in examples)} "
               f"({', '.join(f'{len(ex)} {name}' for name, ex in examples.items())} passages)")

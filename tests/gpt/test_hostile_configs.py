@@ -35,6 +35,14 @@ def test_sizes_of_the_wrong_type_are_errors(value):
         GPTConfig.from_dict({"n_embd": value})
 
 
+@pytest.mark.parametrize("field, value", [("layer_norm_eps", v) for v in (0, -1e-5, 1.5, 1e308, math.inf, math.nan, True, "1e-5")]
+                         + [("dropout", v) for v in (1, -0.1, math.nan, None)] + [("pos_embedding", v) for v in ([], {}, "alibi")]
+                         + [("backend", v) for v in ([], "cuda")])
+def test_other_fields_out_of_range_or_of_the_wrong_kind_are_errors_naming_them(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be"):
+        GPTConfig.from_dict({field: value})
+
+
 @pytest.mark.parametrize("overrides", [{}, {"bias": False}, {"tie_embeddings": False}, {"pos_embedding": "rope"},
                                        {"n_layer": 3, "n_embd": 48, "n_head": 4, "vocab_size": 77, "n_ctx": 33}])
 def test_num_parameters_is_the_models_without_building_it(overrides):

@@ -227,3 +227,41 @@ def test_too_many_special_tokens_are_refused_before_training():
     with pytest.raises(SettingError, match="special tokens"):
         check_train_settings(2 * MAX_SPECIAL_TOKENS, specials)
     check_train_settings(2 * MAX_SPECIAL_TOKENS, specials[:-1])
+
+
+def test_scratch_arrays_take_their_disk_space_up_front(tmp_path, monkeypatch):
+    """A page of a mapped file written to a full disk kills the process (SIGBUS): the space is
+    allocated when the file is made, so a full disk is a NoSpaceError saying how much is needed."""
+    from tokenizers_bpe.scratch import ScratchArrays
+
+    allocated = []
+    real = os.posix_fallocate
+    monkeypatch.setattr(os, "posix_fallocate", lambda fd, offset, length: (allocated.append(length), real(fd, offset, length)))
+    store = ScratchArrays(tmp_path, {"a": (1000, "i"), "b": (10, "q")})
+    store.numpy("a")[:] = 7
+    assert allocated == [2 * 4096] and store.numpy("a").sum() == 7000
+    store.close()
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(NoSpaceError, match=r"needs about 4 KB") as caught:
+        ScratchArrays(tmp_path, {"a": (1000, "i")})
+    assert "TMPDIR" in str(caught.value) and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("error, full", [(OSError("16384 requested and 1216 written"), True),  # numpy's tofile
+                                         (OSError(errno.ENOSPC, "No space left on device"), True),
+                                         (OSError(errno.EDQUOT, "Disk quota exceeded"), True),
+                                         (OSError("requested and written"), False), (OSError(errno.EIO, "I/O error"), False)])
+def test_short_writes_count_as_a_full_disk(error, full):
+    from tokenizers_bpe.fileio import is_out_of_space
+
+    assert is_out_of_space(error) is full
+
+
+def test_sizes_in_messages_have_units_that_fit():
+    from tokenizers_bpe.errors import byte_size
+
+    assert [byte_size(n) for n in (0, 812, 35_400, 3_250_000, 1_500_000_000)] == ["0 bytes", "812 bytes", "35 KB", "3.2 MB", "1.5 GB"]

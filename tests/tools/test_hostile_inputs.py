@@ -490,3 +490,44 @@ def test_text_mode_vocab_size_larger_than_the_text_gives(tmp_path, monkeypatch, 
     assert "the model takes its size" in err
     n_vocab = json.loads((tmp_path / "run" / "data" / "meta.json").read_text())["n_vocab"]
     assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["model"]["vocab_size"] == n_vocab < 2000
+
+
+def test_a_full_disk_at_stdout_or_in_the_gguf_writer_is_the_disk_message(ckpt, tmp_path, monkeypatch, capsys):
+    """stdout redirected to a full disk (here /dev/full) and numpy's short write inside the GGUF
+    writer are the one-line disk message, not ``[Errno 28]`` or "16384 requested and 1216 written"."""
+    if os.path.exists("/dev/full"):
+        with open("/dev/full", "w") as full:
+            done = subprocess.run([sys.executable, "-m", "tools.bpe_decode", "-t", str(ckpt / "tokenizer.json"), "[72, 105]"],
+                                  stdout=full, stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=120)
+        assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+            "bpe-decode: error: the output could not be written: no space left on the device; free some space and run the command again"]
+    import gpt.gguf_export
+
+    def short_write(*args, **kwargs):
+        raise OSError("16384 requested and 1216 written")
+
+    monkeypatch.setattr(gpt.gguf_export.gguf.GGUFWriter, "write_tensors_to_file", short_write)
+    out = tmp_path / "m.gguf"
+    one_line(capsys, convert(["gguf", str(ckpt), str(out)]), f"{out}: no space left on the device")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, word", [(["--n-layer", "0"], "--n-layer"), (["--n-embd", "30", "--n-head", "4"], "--n-embd"),
+                                        (["--min-chars", "500", "--max-chars", "100"], "--min-chars"),
+                                        (["--per-genre-train", str(10**7)], "--per-genre-train"), (["--vocab-size", "10"], "--vocab-size")])
+def test_genre_experiment_checks_its_options_before_any_work(tmp_path, capsys, args, word):
+    from tools.genre_experiment import main as genre
+
+    one_line(capsys, genre(["--work", str(tmp_path / "w"), *args]), word)
+    assert not (tmp_path / "w").exists()
+
+
+def test_genre_experiment_leaves_no_work_directory_after_an_early_error(tmp_path, capsys, monkeypatch):
+    import tools.genre_experiment as genre
+
+    def full(path, rows):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(genre, "write_csv", full)
+    one_line(capsys, genre.main(["--work", str(tmp_path / "w"), "--data-only"]), "no space left")
+    assert not (tmp_path / "w").exists()
