@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from tokenizers_bpe.errors import SettingError
-from tokenizers_bpe.fileio import Stamp, format_stamp, read_json, recorded_version
+from tokenizers_bpe.fileio import Stamp, check_not_a_broken_link, format_stamp, read_json, recorded_version
 
 DATA_FORMAT = "gpt-toolkit-tokens"
 DATA_VERSION = 1
@@ -100,6 +100,7 @@ class DataMeta:
 def load_meta(data_dir: str | Path) -> DataMeta:
     """Read and validate DATA_DIR/meta.json (one-line ValueError for anything wrong)."""
     data_dir = Path(data_dir)
+    check_not_a_broken_link(data_dir)
     if data_dir.exists() and not data_dir.is_dir():
         raise ValueError(f"{data_dir} is a file, not a data directory; make a data directory from it with gpt-prepare")
     if not data_dir.is_dir():

@@ -106,6 +106,12 @@ def _stat_mode(path: Path, error=InputFileError) -> int | None:
         raise
 
 
+def check_not_a_broken_link(path: str | os.PathLike) -> None:
+    """An InputFileError naming ``path`` when it is a symlink loop or a link to nothing: what says
+    "does not exist" checks this first, so that it is never said of a link."""
+    _stat_mode(Path(path))
+
+
 def resolve_path(path: str | os.PathLike) -> Path:
     """``Path(path).resolve()``, with a symlink loop an InputFileError naming it (not a RuntimeError)."""
     try:

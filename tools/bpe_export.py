@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Sequence
 
 from tokenizers_bpe import BPETokenizer, load_any
-from tokenizers_bpe.fileio import Stamp, atomic_directory, atomic_write, format_stamp, is_stamped
+from tokenizers_bpe.fileio import Stamp, atomic_directory, atomic_write, check_not_a_broken_link, format_stamp, is_stamped
 from tokenizers_bpe.hf_tokenizer import dumps, hf_gpt2_files_exact
 from tokenizers_bpe.patterns import GPT2_PATTERN
 from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_tokenizer_arguments, command
@@ -82,6 +82,7 @@ def refuse(tok, target: str, reason: str):
 @command(PROG)
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_not_a_broken_link(args.tokenizer)
     if not Path(args.tokenizer).exists():
         raise CLIError(f"{args.tokenizer}: no such file or directory; pass a tokenizer.json, a .tiktoken file or a data "
                        "or checkpoint directory")

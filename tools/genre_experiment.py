@@ -35,7 +35,7 @@ from gpt.config import MAX_SIZES
 from gpt.data import META_FILE
 from gpt.run_state import FINAL_DIR, METRICS_FILE, read_metrics
 from tokenizers_bpe import TOKENIZER_FILE
-from tokenizers_bpe.fileio import atomic_write, read_json
+from tokenizers_bpe.fileio import atomic_write, check_not_a_broken_link, read_json
 from tools.bpe_train import main as bpe_train_main
 from tools.cli import ArgumentParser, CLIError, add_seed_argument, command, integer
 from tools.corpus import plays
@@ -243,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.n_embd % args.n_head:
         raise CLIError(f"--n-embd ({args.n_embd}) must be divisible by --n-head ({args.n_head})")
     work = args.work
+    check_not_a_broken_link(work)
     if work.exists() and not work.is_dir():
         raise CLIError(f"--work {work} exists and is not a directory; choose another path")
 

@@ -31,7 +31,7 @@ import tokenizers_bpe
 import tools
 from gpt.data import DATA_STAMP, META_FILE, SPLITS, DataMeta, SplitInfo, token_dtype
 from tokenizers_bpe import TOKENIZER_FILE, BPETokenizer, UnknownCharacterError
-from tokenizers_bpe.fileio import atomic_directory, atomic_write, check_text_file, read_file_blocks, resolve_path
+from tokenizers_bpe.fileio import atomic_directory, atomic_write, check_not_a_broken_link, check_text_file, read_file_blocks, resolve_path
 from tokenizers_bpe.trainer import quiet_worker, start_pool
 from tokenizers_bpe.patterns import CHUNK_CUT_LOOKAHEAD, CHUNK_CUT_LOOKBEHIND, chunk_cut_regex, chunk_cut_rule
 from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_tokenizer_arguments, command, integer, number
@@ -304,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.files and not args.builtin:
         raise CLIError("no input: give text FILEs or --builtin shakespeare")
+    check_not_a_broken_link(args.tokenizer)
     if not Path(args.tokenizer).exists():
         raise CLIError(f"--tokenizer {args.tokenizer} does not exist; train one with bpe-train")
     tokenizer = tokenizers_bpe.load_any(args.tokenizer, pattern=args.pattern)

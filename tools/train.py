@@ -38,7 +38,7 @@ from gpt.sampling import SAMPLING_DEFAULTS, generate
 from gpt.trainer import Trainer
 from tokenizers_bpe import TOKENIZER_FILE
 from tokenizers_bpe.errors import InputFileError
-from tokenizers_bpe.fileio import read_json, read_options_file, resolve_path
+from tokenizers_bpe.fileio import check_not_a_broken_link, read_json, read_options_file, resolve_path
 from tools.cli import ArgumentParser, CLIError, command, parse_bool
 from tools.models import check_finite_weights, check_kernels_backend, model_argument
 from tools.outputs import check_not_an_input, check_writable_dir
@@ -119,6 +119,7 @@ def effective_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict | 
     if args.resume:
         run_dir = Path(args.resume)
         path = run_dir / RUN_CONFIG_FILE
+        check_not_a_broken_link(run_dir)
         if not run_dir.is_dir():
             raise CLIError(f"--resume {run_dir}: no such run directory")
         if not path.is_file():
@@ -219,6 +220,7 @@ def check_data(data_dir: Path, tokenizer_path: str | None):
                        f"gpt-prepare {data_dir} --tokenizer TOKENIZER -o DATA_DIR (or train on it directly: gpt-train {data_dir} --out RUN_DIR)")
     meta = load_meta(data_dir)
     tok_path = Path(tokenizer_path or data_dir / TOKENIZER_FILE)
+    check_not_a_broken_link(tok_path)
     if not tok_path.is_file():
         raise CLIError(f"tokenizer {tok_path} does not exist; pass --tokenizer (the one used by gpt-prepare)")
     tokenizer = tokenizers_bpe.load(tok_path)

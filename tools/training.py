@@ -21,7 +21,7 @@ from gpt.train_config import TrainConfig
 from gpt.trainer import Trainer, TrainingDiverged
 from gpt2_kernels import BACKENDS
 from tokenizers_bpe.errors import NoSpaceError, OutputError, SettingError
-from tokenizers_bpe.fileio import MAX_SEED, check_replaceable, free_bytes
+from tokenizers_bpe.fileio import MAX_SEED, check_not_a_broken_link, check_replaceable, free_bytes
 from tools.bpe_train import memory_size
 from tools.cli import CLIError, ExitCode, choice, device_name, flag, integer, max_threads, number, parse_bool, pattern_argument
 from tools.corpus import BUILTIN_CORPORA
@@ -141,6 +141,7 @@ def check_run_dir(out: Path, resume: bool, resume_flag: str) -> None:
     """--out must be new, empty, or a run directory of ours: to resume, or to restart one that was
     killed before its first checkpoint. Never the user's files, never a run that can be resumed."""
     try:
+        check_not_a_broken_link(out)
         RunDirectory(out).lock.check()
     except OutputError as e:
         raise CLIError(str(e)) from None

@@ -531,3 +531,25 @@ def test_genre_experiment_leaves_no_work_directory_after_an_early_error(tmp_path
     monkeypatch.setattr(genre, "write_csv", full)
     one_line(capsys, genre.main(["--work", str(tmp_path / "w"), "--data-only"]), "no space left")
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("where", ["bpe-export SRC", "gpt-prepare --tokenizer", "gpt-train --data", "gpt-train --resume",
+                                   "gpt-train --tokenizer", "gpt-finetune --out", "gpt-genre-experiment --work"])
+def test_a_symlink_loop_is_named_as_one_wherever_a_path_goes(where, ckpt, data_dir, tmp_path, capsys, monkeypatch):
+    """Never "does not exist" or "no such run directory" for a link that loops."""
+    from tools.bpe_export import main as bpe_export
+    from tools.genre_experiment import main as genre
+
+    monkeypatch.chdir(tmp_path)
+    os.symlink("loop", "loop")
+    Path("t.txt").write_text("some text " * 100)
+    (tmp_path / "i.jsonl").write_text("".join(json.dumps({"instruction": f"a{i}", "output": "b"}) + "\n" for i in range(8)))
+    run = {"bpe-export SRC": lambda: bpe_export(["loop", "--format", "hf", "-o", "x"]),
+           "gpt-prepare --tokenizer": lambda: prepare(["t.txt", "--tokenizer", "loop", "-o", "d"]),
+           "gpt-train --data": lambda: train(["--data", "loop", "--out", "r"]),
+           "gpt-train --resume": lambda: train(["--resume", "loop"]),
+           "gpt-train --tokenizer": lambda: train(["--data", str(data_dir), "--tokenizer", "loop", "--out", "r"]),
+           "gpt-finetune --out": lambda: finetune(["instruct", "--model", str(ckpt), "--data", "i.jsonl", "--out", "loop"]),
+           "gpt-genre-experiment --work": lambda: genre(["--work", "loop", "--data-only"])}[where]
+    one_line(capsys, run(), "loop: a symbolic link loop")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["i.jsonl", "loop", "t.txt"]
