@@ -196,10 +196,10 @@ def check_weights(directory, meta: dict[str, Any], expected: dict[str, tuple[int
             raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}, but {CONFIG_FILE} records {meta['dtype']}")
 
 
-def non_finite_tensors(directory) -> list[str]:
-    """The names of the weights in ``directory`` holding a NaN or an infinity (read one tensor at a
-    time: a model's worth of memory is never needed)."""
-    path = checkpoint_file(directory, WEIGHTS_FILE, "safetensors file")
+def non_finite_tensors(directory, name: str = WEIGHTS_FILE) -> list[str]:
+    """The names of the tensors in the safetensors file ``directory/name`` (the weights by default)
+    holding a NaN or an infinity (read one tensor at a time: a model's worth of memory is never needed)."""
+    path = checkpoint_file(directory, name, "safetensors file")
     try:
         with safe_open(str(path), framework="pt") as f:
             return [name for name in f.keys() if not torch.isfinite(f.get_tensor(name)).all()]

@@ -31,6 +31,7 @@ from tokenizers_bpe.errors import SettingError
 
 TARGETS = {"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")}
 ADAPTER_SUFFIXES = (".lora_A", ".lora_B")
+MAX_ALPHA = 1e6  # alpha / rank scales the update: usual values are rank to 2 x rank
 
 
 @dataclass
@@ -46,8 +47,8 @@ class LoRAConfig:
     def validate(self) -> None:
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise SettingError("lora_rank", f"{{lora_rank}} must be an integer >= 1, got {self.rank!r}")
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not self.alpha > 0:
-            raise SettingError("lora_alpha", f"{{lora_alpha}} must be > 0, got {self.alpha!r}")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not 0 < self.alpha <= MAX_ALPHA:
+            raise SettingError("lora_alpha", f"{{lora_alpha}} must be > 0 and at most {MAX_ALPHA:g}, got {self.alpha!r}")
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
             raise SettingError("lora_targets", f"{{lora_targets}} must be a comma-separated subset of {','.join(TARGETS)}, "

@@ -11,6 +11,7 @@ from gpt.device import resolve_device
 from gpt.finetune_data import collate_classification
 from tokenizers_bpe import UnknownCharacterError
 from tools.cli import ArgumentParser, CLIError, command, text_argument
+from tools.models import check_finite_weights
 
 PROG = "gpt-classify"
 
@@ -32,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise CLIError("no text to classify")
     device = resolve_device(args.device)
     model, max_length = load_classifier(args.model, device=device)
+    check_finite_weights(model, args.model)
     tokenizer = model.gpt.tokenizer
     pad_id = tokenizer.eot_token if tokenizer.eot_token is not None else 0
     try:
@@ -42,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for start in range(0, len(examples), 32):
             idx, lengths, _ = collate_classification(examples[start : start + 32], pad_id)
             probs = model(idx.to(device), lengths.to(device)).softmax(-1).cpu()
+            if not torch.isfinite(probs).all():
+                raise CLIError("the model's output is not finite (NaN or inf): its weights or its LoRA scaling are damaged")
             for text, p_row in zip(texts[start : start + 32], probs):
                 best = int(p_row.argmax())
                 print(f"{model.labels[best]}\t{p_row[best].item():.4f}\t{text if len(text) <= 60 else text[:57] + '...'}")

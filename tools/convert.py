@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import gpt2_kernels
 import tokenizers_bpe
-from gpt.checkpoint import CHECKPOINT_STAMP, check_vocab, write_checkpoint
+from gpt.checkpoint import CHECKPOINT_STAMP, check_vocab, non_finite_tensors, write_checkpoint
 from gpt.classifier import CLASSIFIER_FILE, HEAD_FILE
 from gpt.config import GPTConfig
 from gpt.device import dtype_name
@@ -390,6 +390,8 @@ def merge_checkpoint(src: Path, out: Path) -> None:
         raise ValueError(f"{src}: this checkpoint has no LoRA adapters (no \"lora\" section in config.json); nothing to merge")
     if resolve_path(src) == resolve_path(out):
         raise ValueError(f"OUT must differ from SRC ({src}); the merged model is a new checkpoint")
+    if (src / HEAD_FILE).exists() and (damaged := non_finite_tensors(src, HEAD_FILE)):
+        raise CLIError(f"{src / HEAD_FILE}: NaN or inf in {', '.join(damaged)}: the classifier head is damaged")
     merge_lora(model)
     with atomic_directory(out, CHECKPOINT_STAMP) as tmp:
         write_checkpoint(tmp, model, model.tokenizer, model.generation_config)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from gpt import checkpoint
+from gpt.classifier import HEAD_FILE
 from gpt.model import GPT
 from tokenizers_bpe.fileio import recorded_version
 from tools.cli import ArgumentParser, command
@@ -39,7 +40,9 @@ def run_checks(directory: Path, meta: dict):
         expected = GPT.expected_shapes(meta["model"])
         checkpoint.check_weights(directory, meta, expected)
         results.append((f"weights: {len(expected)} tensors with the shapes and dtype config.json implies", None))
-        damaged = checkpoint.non_finite_tensors(directory)
+        damaged = [name for file in (checkpoint.WEIGHTS_FILE, checkpoint.ADAPTERS_FILE, HEAD_FILE)
+                   if file == checkpoint.WEIGHTS_FILE or (directory / file).is_file()
+                   for name in checkpoint.non_finite_tensors(directory, file)]
         results.append(("values: every weight finite", None) if not damaged else
                        ("values", f"NaN or inf in {len(damaged)} tensor(s): {', '.join(damaged[:3])}{', ...' if len(damaged) > 3 else ''} "
                                   "(damaged weights, or a diverged training run)"))

@@ -553,3 +553,31 @@ def test_a_symlink_loop_is_named_as_one_wherever_a_path_goes(where, ckpt, data_d
            "gpt-genre-experiment --work": lambda: genre(["--work", "loop", "--data-only"])}[where]
     one_line(capsys, run(), "loop: a symbolic link loop")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["i.jsonl", "loop", "t.txt"]
+
+
+def test_a_damaged_classifier_is_refused_by_classify_merge_and_inspect(ckpt, tmp_path, capsys):
+    """NaN in a classifier's head or adapters, or a LoRA alpha that scales the update to inf: no
+    command prints NaN probabilities or writes a merged model from them."""
+    from tools.classify import main as classify
+    from tools.inspect_checkpoint import main as inspect
+
+    (tmp_path / "c.csv").write_text("text,label\n" + "".join(f"line {i} {'ab'[i % 2] * 5},{'ab'[i % 2]}\n" for i in range(16)))
+    assert finetune(["classify", "--model", str(ckpt), "--train", str(tmp_path / "c.csv"), "--val", str(tmp_path / "c.csv"),
+                     "--out", str(tmp_path / "cls"), "--max-steps", "2", "--lora-rank", "2", "--progress", "false"]) == 0
+    good = tmp_path / "cls" / "final"
+    capsys.readouterr()
+    for part in ("classifier.safetensors", "adapters.safetensors"):
+        bad = tmp_path / f"bad-{part}"
+        shutil.copytree(good, bad)
+        state = load_file(str(bad / part))
+        save_file({k: torch.full_like(v, math.nan) for k, v in state.items()}, str(bad / part))
+        one_line(capsys, classify(["--model", str(bad), "some text"]), "NaN or inf")
+        one_line(capsys, convert(["merge-lora", str(bad), str(tmp_path / "merged")]), "NaN or inf")
+        assert inspect([str(bad)]) == ExitCode.CHECK_FAILED and "FAIL  values: NaN or inf" in capsys.readouterr().out
+    assert not (tmp_path / "merged").exists()
+    bad = tmp_path / "bad-alpha"
+    shutil.copytree(good, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["lora"]["alpha"] = 1e30
+    (bad / "config.json").write_text(json.dumps(config))
+    one_line(capsys, classify(["--model", str(bad), "some text"]), "lora-alpha must be > 0 and at most")
