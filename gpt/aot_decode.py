@@ -104,6 +104,7 @@ def _package(module: _Flat, args: tuple, dynamic: dict, path: Path) -> None:
         shapes[tensor] = dims
     with torch.no_grad():
         program = torch.export.export(module, args, dynamic_shapes=shapes.dynamic_shapes(module, args))
+    made = not path.parent.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp.pt2", dir=path.parent)
     os.close(fd)
@@ -116,6 +117,8 @@ def _package(module: _Flat, args: tuple, dynamic: dict, path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+            if made and not any(path.parent.iterdir()):  # stopped before anything was kept: no empty cache left
+                path.parent.rmdir()
 
 
 @torch.inference_mode()  # the decoder's caches are inference tensors, written in place by the step

@@ -186,9 +186,15 @@ def _drain_encoded(counts: dict[str, int]) -> Iterator[tuple[bytes, int]]:
         yield piece.encode("utf-8"), n
 
 
+MAX_WORKERS_PER_CORE = 4  # more processes than this only thrash (and each takes memory)
+
+
 def _plan(vocab_size, pattern, special_tokens, min_frequency, workers, max_memory) -> MemoryPlan | None:
     """Every setting checked (the budget too) before any text is read or any progress bar shown."""
     check_train_settings(vocab_size, special_tokens, pattern, min_frequency, max_memory)
+    most = MAX_WORKERS_PER_CORE * (os.cpu_count() or 1)
+    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= most):
+        raise SettingError("workers", f"{{workers}} must be an integer from 1 to {most} ({MAX_WORKERS_PER_CORE} per core), got {workers!r}")
     return None if max_memory is None else plan_memory(max_memory, workers or os.cpu_count() or 1)
 
 

@@ -21,7 +21,7 @@ from tokenizers_bpe.patterns import PATTERNS
 from tokenizers_bpe.tokenizer import TOKENIZER_STAMP
 from tokenizers_bpe.trainer import DEFAULT_MIN_FREQUENCY, DEFAULT_SPECIAL_TOKENS, check_train_settings
 from tools.bpe_inspect import describe_sizes
-from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_seed_argument, command, pattern_argument
+from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_seed_argument, command, integer, max_threads, pattern_argument
 from tools.corpus import BUILTIN_CORPORA, iter_builtin_texts
 from tools.outputs import check_output
 
@@ -51,7 +51,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--min-frequency", type=int, default=DEFAULT_MIN_FREQUENCY, help="stop when the best pair occurs fewer times")
     p.add_argument("--char", action="store_true", help="a character-level tokenizer (one id per character) instead of BPE")
     p.add_argument("--errors", choices=("strict", "replace"), default="strict", help="invalid UTF-8: fail, or replace with U+FFFD")
-    p.add_argument("--workers", type=int, help="pre-tokenization processes (default: all cores; 1 for files under 4 MB)")
+    p.add_argument("--workers", type=integer(1, max_threads()), help="pre-tokenization processes (default: all cores; 1 for files under 4 MB)")
     p.add_argument("--max-memory", type=memory_size, metavar="SIZE",
                    help="keep the resident memory of training (workers included) under SIZE (e.g. 256MB, 2GB, 512MiB): "
                         "piece counts that outgrow it are spilled to $TMPDIR (at most about 1.5x the corpus, usually "

@@ -22,6 +22,7 @@ Every console script is a module of ``tools`` whose ``main(argv) -> int`` is wra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import enum
 import errno
 import functools
@@ -31,6 +32,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Callable, Mapping, Sequence
 
 from tqdm import tqdm
@@ -117,7 +119,19 @@ def close_progress_bars() -> None:
 
 
 def _raise_interrupt(signum, frame) -> None:
+    """SIGINT and SIGTERM while a command runs: a KeyboardInterrupt, so that its cleanup runs. A console
+    script first stops the programs it runs (torch.compile's C++ compiler): subprocess.run SIGKILLs its
+    child on any exception, and a compiler driver killed so leaves its temporary files and an orphaned
+    compiler behind; stopped by SIGTERM first, it removes them."""
+    if tools.console_script:
+        _stop_descendants(spare=_pool_workers())
     raise KeyboardInterrupt
+
+
+def _pool_workers() -> set[int]:
+    """The multiprocessing workers of this process (its pools stop them themselves)."""
+    children = sys.modules.get("multiprocessing")
+    return {child.pid for child in children.active_children()} if children else set()
 
 
 def _end_now_if_console(in_main_thread: bool, code: int) -> None:
@@ -132,12 +146,68 @@ def _end_now_if_console(in_main_thread: bool, code: int) -> None:
     children = sys.modules.get("multiprocessing")
     for child in children.active_children() if children else ():
         child.kill()
+    _stop_descendants()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):
             pass
     os._exit(int(code))
+
+
+def _descendants(pid: int, spare: set[int] = frozenset()) -> list[int]:
+    """The processes under ``pid`` (children first), from /proc, but for those in ``spare`` and under
+    them; none where there is no /proc."""
+    parents: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry))
+    found, queue = [], [pid]
+    while queue:
+        for child in parents.get(queue.pop(), []):
+            if child not in spare:
+                found.append(child)
+                queue.append(child)
+    return found
+
+
+def _stop_descendants(grace: float = 2.0, spare: set[int] = frozenset()) -> None:
+    """SIGTERM to every process this one started that still runs (torch.compile's compiler workers and
+    their C++ compilers, which remove their temporary files on SIGTERM), SIGKILL to any left after
+    ``grace`` seconds: a command leaves no process behind. Scanned again until none is found, since
+    a thread of this process may start one meanwhile. ``spare``: processes (and what runs under them)
+    left alone."""
+    signalled: set[int] = set()
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:  # (an ended child stays a zombie until its owner reaps it: ended)
+        running = [pid for pid in _descendants(os.getpid(), spare) if not _is_zombie(pid)]
+        if not running:
+            return
+        for pid in set(running) - signalled:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+        signalled.update(running)
+        time.sleep(0.02)
+    for pid in _descendants(os.getpid(), spare):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 def command(prog: str, *, flags: Mapping[str, str] | None = None, text_hint: str = DEFAULT_TEXT_HINT):
@@ -159,8 +229,7 @@ def command(prog: str, *, flags: Mapping[str, str] | None = None, text_hint: str
             in_main_thread = threading.current_thread() is threading.main_thread()
             saved_signals = {}
             if in_main_thread:  # while the command runs, both are a KeyboardInterrupt: its cleanup runs
-                saved_signals = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
-                                 signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_interrupt)}
+                saved_signals = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
             try:
                 return int(fn(argv) or ExitCode.OK)
             except SystemExit as e:  # argparse: --help (0) and usage errors (2)
@@ -218,8 +287,9 @@ def add_seed_argument(parser: argparse.ArgumentParser, default: int = 1337, help
 
 
 def max_threads() -> int:
-    """The most CPU threads an option may ask for: 4 per core (a thread pool far larger than the
-    machine only thrashes, and OpenMP aborts the process when it cannot allocate one)."""
+    """The most CPU threads or worker processes an option may ask for: 4 per core (a pool far larger
+    than the machine only thrashes, OpenMP aborts the process when it cannot allocate a thread, and
+    each process takes memory)."""
     return 4 * (os.cpu_count() or 1)
 
 

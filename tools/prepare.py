@@ -34,7 +34,7 @@ from tokenizers_bpe import TOKENIZER_FILE, BPETokenizer, UnknownCharacterError
 from tokenizers_bpe.fileio import atomic_directory, atomic_write, check_not_a_broken_link, check_text_file, read_file_blocks, resolve_path
 from tokenizers_bpe.trainer import quiet_worker, start_pool
 from tokenizers_bpe.patterns import CHUNK_CUT_LOOKAHEAD, CHUNK_CUT_LOOKBEHIND, chunk_cut_regex, chunk_cut_rule
-from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_tokenizer_arguments, command, integer, number
+from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_tokenizer_arguments, command, integer, max_threads, number
 from tools.corpus import BUILTIN_CORPORA, plays
 from tools.outputs import check_output
 
@@ -292,7 +292,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--val-fraction", type=number(0, 1, low_open=True, high_open=True), default=0.1,
                    help="fraction of the bytes (the end of the corpus) held out for validation")
     p.add_argument("--append-eot", action="store_true", help="append the <|endoftext|> token after every document")
-    p.add_argument("--workers", type=integer(1, 1024), default=min(8, os.cpu_count() or 1), help="encoding processes")
+    p.add_argument("--workers", type=integer(1, max_threads()), default=min(8, os.cpu_count() or 1), help="encoding processes")
     p.add_argument("--chunk-mb", type=number(0, 1024, low_open=True), default=1.0,
                    help="approximate size of the text chunks encoded in parallel, in MB (memory grows with it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -12,6 +12,7 @@ import signal
 import shutil
 import subprocess
 import sys
+import time
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -223,6 +224,34 @@ def test_a_console_script_is_never_killed_by_a_late_interrupt(tmp_path):
     run = subprocess.run([sys.executable, "-c", script.replace("sys.exit(3)", "os.kill(os.getpid(), signal.SIGTERM)")],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert (run.returncode, run.stderr) == (130, "gpt-test: interrupted\n")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="processes are found through /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_an_interrupted_console_script_stops_the_programs_it_runs_first(tmp_path, sig):
+    """subprocess.run SIGKILLs its child on any exception: a C++ compiler driver (torch.compile's) was
+    killed so, leaving its temporary files and an orphaned compiler. The command now sends SIGTERM to
+    what it runs before the KeyboardInterrupt unwinds, so the child cleans up; nothing is left running."""
+    child = ("trap 'rm -f marker; exit 143' TERM INT; touch marker; sleep 60 & echo $! > sleeper; wait")
+    script = ("import subprocess, sys\n"
+              "sys.argv[0] = 'gpt-test'\n"
+              "import tools\n"
+              "from tools.cli import command\n"
+              f"main = command('gpt-test')(lambda argv: subprocess.run(['sh', '-c', {child!r}]))\n"
+              "sys.exit(main([]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "sleeper").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (130, "gpt-test: interrupted\n")
+    assert not (tmp_path / "marker").exists()  # the child's own cleanup ran
+    sleeper = int((tmp_path / "sleeper").read_text())
+    time.sleep(0.5)
+    assert not os.path.exists(f"/proc/{sleeper}") or open(f"/proc/{sleeper}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
 
 
 def test_pool_workers_leave_interrupts_to_the_parent():
@@ -581,3 +610,20 @@ def test_a_damaged_classifier_is_refused_by_classify_merge_and_inspect(ckpt, tmp
     config["lora"]["alpha"] = 1e30
     (bad / "config.json").write_text(json.dumps(config))
     one_line(capsys, classify(["--model", str(bad), "some text"]), "lora-alpha must be > 0 and at most")
+
+
+def test_worker_counts_are_bounded_by_the_machine(tmp_path, capsys):
+    """--workers 10000 forked ten thousand processes (no answer in 60 s): at most 4 per core."""
+    import tokenizers_bpe
+    from tokenizers_bpe.errors import SettingError
+    from tools.bpe_train import main as bpe_train
+    from tools.cli import max_threads
+
+    (tmp_path / "t.txt").write_text("some text " * 100)
+    one_line(capsys, bpe_train([str(tmp_path / "t.txt"), "--vocab-size", "300", "-o", str(tmp_path / "t.json"),
+                                "--workers", str(max_threads() + 1)]), "--workers")
+    one_line(capsys, prepare([str(tmp_path / "t.txt"), "--tokenizer", str(tmp_path / "x.json"), "-o", str(tmp_path / "d"),
+                              "--workers", str(max_threads() + 1)]), "--workers")
+    with pytest.raises(SettingError, match="workers"):
+        tokenizers_bpe.train_from_iterator(["abc"], 300, workers=10**6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
