@@ -130,7 +130,7 @@ def test_full_disk_message_says_how_much_the_write_needed_at_least(tmp_path):
             f.write(b"x" * 3_000_000)
             f.flush()
             raise OSError(errno.ENOSPC, "No space left on device")
-    assert "needs more than 3.0 MB, " in str(caught.value) and " MB free)" in str(caught.value)
+    assert "needs more than 3.0 MB, " in str(caught.value) and " free)" in str(caught.value)
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(NoSpaceError) as caught:  # a directory output: every file in it counts
         with atomic_directory(tmp_path / "d") as d:

@@ -16,6 +16,7 @@ import tokenizers_bpe
 import tools.prepare as prepare_module
 from gpt.data import load_meta, open_split
 from tokenizers_bpe.patterns import chunk_cut_regex
+from tools.cli import max_threads
 from tools.corpus import plays
 from tokenizers_bpe.fileio import read_file_blocks as file_blocks
 from tools.prepare import Document, chunks, text_blocks
@@ -141,7 +142,7 @@ def test_bad_inputs_are_one_line_errors_that_touch_nothing(corpus, tmp_path, cap
     for value in ("inf", "nan", "0", "-1", "x", "2000"):
         cases[f"argument --chunk-mb: must be a number in (0, 1024], got '{value}'"] = [*ok, "-o", out, "--chunk-mb", value]
     for value in ("0", "-3", "1.5", "x"):
-        cases[f"argument --workers: must be an integer in [1, 1024], got '{value}'"] = [*ok, "-o", out, "--workers", value]
+        cases[f"argument --workers: must be an integer in [1, {max_threads()}], got '{value}'"] = [*ok, "-o", out, "--workers", value]
     for value in ("0", "1", "1.5", "-0.1", "nan", "inf", "x"):
         cases[f"argument --val-fraction: must be a number in (0, 1), got '{value}'"] = [*ok, "-o", out, "--val-fraction", value]
     before = tree(tmp_path)

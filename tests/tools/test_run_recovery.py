@@ -134,7 +134,7 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays_resumable(data_di
     monkeypatch.setattr(gpt.run_state, "free_bytes", lambda path: next(free, 1000))
     assert train_main(args(data_dir, run, "--max-steps", "6", "--eval-interval", "2")) == ExitCode.USER_ERROR
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("gpt-train: error: ") and "no space left on the device" in err and "(1 KB free)" in err
+    assert err.startswith("gpt-train: error: ") and "no space left on the device" in err and " 1 KB free)" in err
     assert "the last good checkpoint" in err and "step-000002 is intact" in err and f"gpt-train --resume {run}" in err
     monkeypatch.undo()
     assert [s for s, _ in checkpoint_dirs(run)] == [2] and leftovers(run) == []
