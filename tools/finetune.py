@@ -68,7 +68,7 @@ from gpt.run_state import RUN_CONFIG_FILE
 from gpt.sampling import generate
 from gpt.trainer import Trainer, lm_loss
 from tokenizers_bpe import UnknownCharacterError
-from tokenizers_bpe.fileio import atomic_write, read_json
+from tokenizers_bpe.fileio import atomic_write, read_json, resolve_path
 from tools.cli import ArgumentParser, CLIError, command
 from tools.models import check_finite_weights, model_argument
 from tools.outputs import check_writable_dir
@@ -80,6 +80,16 @@ FLAGS = {"block_size": "--max-length"}  # a micro-batch's length is set by --max
 EVALUATION_FILE = "evaluation.json"
 RUN_DEFINING = ("model", "train", "val", "test", "data", "val_fraction", "text_column", "label_column", "trainable",
                 "mask_prompt", "max_length", "lora_rank", "lora_alpha", "lora_targets", "seed")
+PATH_OPTIONS = ("model", "train", "val", "test", "data")  # recorded resolved: the same files from any directory
+
+
+def _resolved(key: str, value):
+    return str(resolve_path(value)) if key in PATH_OPTIONS and isinstance(value, (str, Path)) and value else value
+
+
+def recorded(args) -> dict:
+    """The options as run_config.json records them (--resume left out), the paths resolved."""
+    return {k: _resolved(k, v) for k, v in vars(args).items() if k != "resume"}
 
 
 def format_confusion(labels: list[str], confusion: list[list[int]]) -> str:
@@ -178,7 +188,7 @@ def check_resume(args, run_config: dict) -> None:
     if not isinstance(saved, dict):
         raise CLIError(f"--resume: {path} is not a gpt-finetune run configuration")
     for key in RUN_DEFINING:
-        if key in run_config and saved.get(key) != run_config[key]:
+        if key in run_config and _resolved(key, saved.get(key)) != _resolved(key, run_config[key]):
             raise CLIError(f"--{key.replace('_', '-')} cannot change when resuming (the run used {saved.get(key)!r})")
 
 
@@ -231,7 +241,7 @@ def run_classify(args) -> int:
     model = GPTClassifier(gpt, labels)
     args.trainable = args.trainable or ("head" if lora else "last-block")
     set_trainable(model, args.trainable)
-    run_config = {**{k: v for k, v in vars(args).items() if k != "resume"}, "labels": labels, "max_length": max_length}
+    run_config = {**recorded(args), "labels": labels, "max_length": max_length}
     if args.resume:
         check_resume(args, run_config)
 
@@ -305,7 +315,7 @@ def run_instruct(args) -> int:
     torch.manual_seed(cfg.seed)
     if lora:
         apply_lora(model, lora)
-    run_config = {**{k: v for k, v in vars(args).items() if k != "resume"}, "max_length": max_length}
+    run_config = {**recorded(args), "max_length": max_length}
     if args.resume:
         check_resume(args, run_config)
     dist = init_distributed(cfg.device)

@@ -76,6 +76,8 @@ def build_parser() -> ArgumentParser:
 
 
 NOT_OPTIONS = ("derived", "format", "format_version")  # what run_config.json records besides the options
+# Recorded resolved: a run resumed from another directory finds the same files, not ones of the same name there.
+PATH_OPTIONS = ("data", "tokenizer", "init_from")
 
 
 def read_config_file(path: str | Path, flag: str = "--config") -> dict[str, Any]:
@@ -154,11 +156,19 @@ def effective_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict | 
     return opts, saved
 
 
+def recorded(opts: dict) -> dict:
+    """The options as run_config.json records them: the paths of files and directories resolved."""
+    return {**opts, **{name: str(resolve_path(opts[name])) for name in PATH_OPTIONS if opts.get(name)},
+            "files": [str(resolve_path(f)) for f in opts["files"]] if opts.get("files") else opts.get("files")}
+
+
 def _normal(name: str, value):
     """An option's value for comparing a resumed run's with the command's (an absent list is an empty
     one, a file is itself by whichever path it is named)."""
     if name == "files":
         return [str(resolve_path(f)) for f in value or ()]
+    if name in PATH_OPTIONS and value:
+        return str(resolve_path(value))
     if name == "special":
         return list(value or ())
     if name in ("char", "append_eot"):
@@ -262,7 +272,7 @@ def run(opts: dict, resume: bool, saved: dict | None) -> int:
                     check_model_options(opts, vocab, cfg)
                 check_writable_dir(out, "--out")
                 run_dir.open()  # the run's lock from the first stage on, and its stamp
-                run_dir.write_config({**opts, "data": str(stages.data_dir), "derived": saved["derived"] if saved else {}})
+                run_dir.write_config(recorded({**opts, "data": str(stages.data_dir), "derived": saved["derived"] if saved else {}}))
                 stages.run(PROG)
             opts, tokenizer_path = {**opts, "data": str(stages.data_dir)}, None  # the data directory's copy
         else:
@@ -300,7 +310,7 @@ def train(opts: dict, resume: bool, saved: dict | None, cfg, tokenizer_path: str
             "model": model.config.to_dict(), "parameters": model.num_parameters(),
             "tokenizer_fingerprint": meta.tokenizer_fingerprint, "data_tokens": {s: i.tokens for s, i in meta.splits.items()},
         }
-        run_config = {**{k: v for k, v in opts.items()}, "grad_accum": cfg.grad_accum, "derived": derived}
+        run_config = {**recorded(opts), "grad_accum": cfg.grad_accum, "derived": derived}
         sampler = make_sampler(tokenizer, opts["sample_prompt"], opts["sample_tokens"], cfg.seed) if opts["sample_tokens"] > 0 else None
         trainer = Trainer(model, cfg, train_batch, eval_batches, out_dir=out, tokenizer=tokenizer, sample_fn=sampler,
                           bytes_per_token=meta.bytes_per_token("val"), run_config=run_config, dist=dist)

@@ -627,3 +627,39 @@ def test_worker_counts_are_bounded_by_the_machine(tmp_path, capsys):
     with pytest.raises(SettingError, match="workers"):
         tokenizers_bpe.train_from_iterator(["abc"], 300, workers=10**6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
+
+
+def test_a_run_resumed_from_another_directory_trains_on_its_own_data(tok_data, tmp_path, monkeypatch, capsys):
+    """run_config.json records paths resolved: `--data data` given in one directory and `--resume` from
+    another that holds a different `data` (same tokenizer) silently trained on the other one."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tok_data, tmp_path / "a" / "data")
+    monkeypatch.chdir(tmp_path / "a")
+    assert train(["--data", "data", "--out", "../run", "--preset", "tiny", "--batch-size", "2", "--block-size", "16",
+                  "--max-steps", "1", *QUICK]) == 0
+    assert json.loads((tmp_path / "run" / "run_config.json").read_text())["data"] == str(tmp_path / "a" / "data")
+    monkeypatch.chdir(tmp_path / "b")
+    shutil.copytree(tok_data, "data")
+    with open("data/train.bin", "r+b") as f:  # other text, same tokenizer
+        f.write(bytes(64))
+    shutil.rmtree(tmp_path / "a" / "data")
+    capsys.readouterr()
+    one_line(capsys, train(["--resume", "../run", "--max-steps", "2", *QUICK]), str(tmp_path / "a" / "data"))
+
+
+def test_a_fine_tuning_run_resumes_from_another_directory(ckpt, tmp_path, monkeypatch, capsys):
+    """Its model and data are recorded resolved: the same files by another relative path are the same
+    run; other files are refused."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "i.jsonl").write_text("".join(json.dumps({"instruction": f"say {i}", "output": f"ok {i}"}) + "\n" for i in range(8)))
+    (tmp_path / "j.jsonl").write_text((tmp_path / "i.jsonl").read_text() + json.dumps({"instruction": "x", "output": "y"}) + "\n")
+    shutil.copytree(ckpt, tmp_path / "model")
+    monkeypatch.chdir(tmp_path / "a")
+    base = ["instruct", "--model", "../model", "--out", "../sft", "--progress", "false", "--checkpoint-interval", "1"]
+    assert finetune([*base, "--data", "../i.jsonl", "--max-steps", "1"]) == 0
+    monkeypatch.chdir(tmp_path / "b")
+    assert finetune([*base, "--data", str(tmp_path / "i.jsonl"), "--max-steps", "2", "--resume"]) == 0
+    capsys.readouterr()
+    one_line(capsys, finetune([*base, "--data", "../j.jsonl", "--max-steps", "3", "--resume"]), "--data cannot change")

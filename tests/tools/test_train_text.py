@@ -35,7 +35,7 @@ def test_one_command_from_text_to_a_model(corpus, tmp_path, capsys, monkeypatch)
     assert sorted(p.name for p in (run / "data").iterdir()) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
     assert (run / "final" / "config.json").is_file() and (run / "run_config.json").is_file()
     saved = json.loads((run / "run_config.json").read_text())
-    assert saved["files"] == ["corpus.txt"] and saved["data"] == str(Path("runs/x/data")) and saved["format"] == "gpt-run"
+    assert saved["files"] == [str(Path("corpus.txt").resolve())] and saved["data"] == str(Path("runs/x/data").resolve()) and saved["format"] == "gpt-run"
     assert generate(["--model", "runs/x/final", "Hello", "-n", "5"]) == 0
     # The same files as the three separate commands write with the same options.
     assert bpe_train(["corpus.txt", "-o", "tok.json", "--quiet"]) == 0
