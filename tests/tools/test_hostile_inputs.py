@@ -663,3 +663,24 @@ def test_a_fine_tuning_run_resumes_from_another_directory(ckpt, tmp_path, monkey
     assert finetune([*base, "--data", str(tmp_path / "i.jsonl"), "--max-steps", "2", "--resume"]) == 0
     capsys.readouterr()
     one_line(capsys, finetune([*base, "--data", "../j.jsonl", "--max-steps", "3", "--resume"]), "--data cannot change")
+
+
+@pytest.mark.parametrize("field, value", [(("splits", "train", "file"), 0), (("splits", "val", "file"), None),
+                                          (("splits", "train", "file"), "../../../etc/passwd"), (("splits", "train", "file"), "/dev/zero"),
+                                          (("splits", "train", "tokens"), "x"), (("splits", "val", "tokens"), None),
+                                          (("splits", "train", "tokens"), 2**60), (("splits",), []), (("n_vocab",), "512"),
+                                          (("eot_token",), 10**9), (("append_eot",), "yes"), (("val_fraction",), True),
+                                          (("tokenizer_fingerprint",), ["a"]), (("sources",), 3)])
+def test_a_data_directory_whose_meta_json_lies_is_one_line(data_dir, tmp_path, capsys, field, value):
+    """meta.json's fields are checked for kind and range, and a split's file must be a name in the data
+    directory (a path out of it, or a device, is refused before anything is opened)."""
+    bad = tmp_path / "data"
+    shutil.copytree(data_dir, bad)
+    meta = json.loads((bad / "meta.json").read_text())
+    target = meta
+    for key in field[:-1]:
+        target = target[key]
+    target[field[-1]] = value
+    (bad / "meta.json").write_text(json.dumps(meta))
+    one_line(capsys, train(["--data", str(bad), "--out", str(tmp_path / "run"), "--max-steps", "1", *QUICK]), "meta.json")
+    assert not (tmp_path / "run").exists()
