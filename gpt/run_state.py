@@ -164,6 +164,10 @@ def read_train_state(path: Path, device) -> tuple[dict, dict[str, torch.Tensor],
     if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT or recorded_version(meta) != STATE_VERSION:
         raise ValueError(f"{path / STATE_FILE}: not a {STATE_FORMAT} v{STATE_VERSION} file; the run directory is corrupt or from another program")
     try:
+        _check_state(meta)
+    except TypeError as e:
+        raise ValueError(f"{path / STATE_FILE}: malformed trainer state ({e}); the run directory is corrupt") from None
+    try:
         optimizer_tensors = load_file(str(path / OPTIMIZER_FILE), device=str(device))
         rng = load_file(str(path / RNG_FILE))
     except Exception as e:  # safetensors raises its own error types
@@ -185,6 +189,39 @@ def read_metrics(path: Path) -> list[tuple[str, dict]]:
         if isinstance(record, dict):
             records.append((line, record))
     return records
+
+
+def _count(value, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**62:
+        raise TypeError(f"{name} must be a count, got {json.dumps(value)[:40]}")
+    return value
+
+
+def _number(value, name: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {json.dumps(value)[:40]}")
+    return value
+
+
+def _check_state(meta: dict) -> None:
+    """The counters and the "best" and "last_eval" entries a resumed run goes on with (the optimizer's
+    and the RNG's are checked where they are loaded)."""
+    for name in ("step", "tokens"):
+        _count(meta.get(name), name)
+    if not isinstance(meta.get("world_size"), int) or isinstance(meta["world_size"], bool) or meta["world_size"] < 1:
+        raise TypeError(f"world_size must be a positive integer, got {json.dumps(meta.get('world_size'))[:40]}")
+    best = meta.get("best")
+    if best is not None:
+        if not isinstance(best, dict) or not isinstance(best.get("metric"), str) or not isinstance(best.get("dir"), str):
+            raise TypeError(f"best must be an object with metric, value, step and dir, got {json.dumps(best)[:60]}")
+        _number(best.get("value"), "best.value")
+        _count(best.get("step"), "best.step")
+    last_eval = meta.get("last_eval")
+    if last_eval is not None:
+        if not isinstance(last_eval, dict):
+            raise TypeError(f"last_eval must be an object, got {json.dumps(last_eval)[:60]}")
+        for key, value in last_eval.items():
+            (_count if key == "step" else _number)(value, f"last_eval.{key}")
 
 
 def truncate_metrics(out_dir: Path, step: int) -> None:

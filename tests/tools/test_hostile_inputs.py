@@ -684,3 +684,22 @@ def test_a_data_directory_whose_meta_json_lies_is_one_line(data_dir, tmp_path, c
     (bad / "meta.json").write_text(json.dumps(meta))
     one_line(capsys, train(["--data", str(bad), "--out", str(tmp_path / "run"), "--max-steps", "1", *QUICK]), "meta.json")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("field, value", [("best", 0), ("best", {}), ("best", {"metric": "val_loss", "value": None, "step": 1, "dir": "x"}),
+                                          ("last_eval", [1]), ("step", "3"), ("tokens", -1), ("world_size", 0)])
+def test_a_trainer_state_that_lies_is_a_damaged_checkpoint(tok_data, tmp_path, capsys, field, value):
+    """trainer_state.json's counters and best/last_eval entries are checked when read: a bad one was a
+    TypeError traceback at the first evaluation; now that checkpoint is set aside (.corrupt) and the run
+    resumes from the one before."""
+    run = tmp_path / "run"
+    assert train(["--data", str(tok_data), "--out", str(run), "--preset", "tiny", "--batch-size", "2", "--block-size", "16",
+                  "--max-steps", "2", "--checkpoint-interval", "1", "--eval-interval", "1", "--eval-iters", "1", *QUICK]) == 0
+    state = run / "checkpoints" / "step-000002" / "trainer_state.json"
+    meta = json.loads(state.read_text())
+    meta[field] = value
+    state.write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert train(["--resume", str(run), "--max-steps", "3", *QUICK]) == 0, capsys.readouterr().err
+    assert "Traceback" not in capsys.readouterr().err
+    assert (run / "checkpoints" / "step-000002.corrupt").is_dir() and (run / "checkpoints" / "step-000003").is_dir()
