@@ -56,15 +56,17 @@ MAX_VOCAB = 2**32  # the ids are stored as uint16 or uint32
 MAX_TOKENS = 2**48  # a split's token count: far beyond any disk
 
 
-def _kind(value, kinds: type | tuple[type, ...], name: str):
-    """``value`` if it is of ``kinds`` (true and false count as numbers only where bool is named)."""
+def field_of_kind(value, kinds: type | tuple[type, ...], name: str):
+    """``value`` (a field read from a JSON file) if it is of ``kinds``, else a TypeError naming it;
+    true and false count as numbers only where bool is named."""
     kinds = kinds if isinstance(kinds, tuple) else (kinds,)
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         raise TypeError(f"{name} is {json.dumps(value)[:40]}")
     return value
 
 
-def _integer(value, name: str, low: int, high: int) -> int:
+def integer_field(value, name: str, low: int, high: int) -> int:
+    """``value`` (a field read from a JSON file) if it is an integer in [low, high], else a TypeError."""
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise TypeError(f"{name} must be an integer in [{low}, {high}], got {json.dumps(value)[:40]}")
     return value
@@ -77,9 +79,9 @@ def _split(d, name: str) -> SplitInfo:
     info = SplitInfo(**d)
     if not isinstance(info.file, str) or not info.file or info.file in (".", "..") or "/" in info.file or "\\" in info.file:
         raise TypeError(f"{name}.file must be a file name in the data directory, got {json.dumps(info.file)[:40]}")
-    _integer(info.tokens, f"{name}.tokens", 0, MAX_TOKENS)
-    _integer(info.bytes, f"{name}.bytes", 0, 4 * MAX_TOKENS * 64)
-    _integer(info.documents, f"{name}.documents", 0, MAX_TOKENS)
+    integer_field(info.tokens, f"{name}.tokens", 0, MAX_TOKENS)
+    integer_field(info.bytes, f"{name}.bytes", 0, 4 * MAX_TOKENS * 64)
+    integer_field(info.documents, f"{name}.documents", 0, MAX_TOKENS)
     return info
 
 
@@ -109,16 +111,16 @@ class DataMeta:
             raise ValueError(f"{where}: data format version {recorded_version(d)!r} is not supported (expected {DATA_VERSION}); re-run gpt-prepare")
         try:
             splits = {name: _split(d["splits"][name], f"splits.{name}") for name in SPLITS}
-            n_vocab = _integer(d["n_vocab"], "n_vocab", 1, MAX_VOCAB)
+            n_vocab = integer_field(d["n_vocab"], "n_vocab", 1, MAX_VOCAB)
             meta = cls(
-                tokenizer_fingerprint=_kind(d["tokenizer_fingerprint"], str, "tokenizer_fingerprint"),
+                tokenizer_fingerprint=field_of_kind(d["tokenizer_fingerprint"], str, "tokenizer_fingerprint"),
                 n_vocab=n_vocab,
-                eot_token=None if d["eot_token"] is None else _integer(d["eot_token"], "eot_token", 0, n_vocab - 1),
-                dtype=_kind(d["dtype"], str, "dtype"),
-                append_eot=_kind(d["append_eot"], bool, "append_eot"),
-                val_fraction=float(_kind(d["val_fraction"], (int, float), "val_fraction")),
+                eot_token=None if d["eot_token"] is None else integer_field(d["eot_token"], "eot_token", 0, n_vocab - 1),
+                dtype=field_of_kind(d["dtype"], str, "dtype"),
+                append_eot=field_of_kind(d["append_eot"], bool, "append_eot"),
+                val_fraction=float(field_of_kind(d["val_fraction"], (int, float), "val_fraction")),
                 splits=splits,
-                sources=_kind(d.get("sources", []), list, "sources"),
+                sources=field_of_kind(d.get("sources", []), list, "sources"),
             )
         except (KeyError, TypeError) as e:
             raise ValueError(f"{where}: malformed ({type(e).__name__}: {e}); re-run gpt-prepare") from None

@@ -36,6 +36,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from gpt.checkpoint import CHECKPOINT_STAMP, CONFIG_FILE
+from gpt.data import field_of_kind, integer_field
 from tokenizers_bpe.errors import InputFileError, NoSpaceError
 from tokenizers_bpe.fileio import (
     Stamp,
@@ -191,37 +192,30 @@ def read_metrics(path: Path) -> list[tuple[str, dict]]:
     return records
 
 
-def _count(value, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**62:
-        raise TypeError(f"{name} must be a count, got {json.dumps(value)[:40]}")
-    return value
-
-
-def _number(value, name: str) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a number, got {json.dumps(value)[:40]}")
-    return value
+MAX_COUNT = 2**62  # steps and tokens of a run
 
 
 def _check_state(meta: dict) -> None:
     """The counters and the "best" and "last_eval" entries a resumed run goes on with (the optimizer's
     and the RNG's are checked where they are loaded)."""
     for name in ("step", "tokens"):
-        _count(meta.get(name), name)
-    if not isinstance(meta.get("world_size"), int) or isinstance(meta["world_size"], bool) or meta["world_size"] < 1:
-        raise TypeError(f"world_size must be a positive integer, got {json.dumps(meta.get('world_size'))[:40]}")
+        integer_field(meta.get(name), name, 0, MAX_COUNT)
+    integer_field(meta.get("world_size"), "world_size", 1, MAX_COUNT)
     best = meta.get("best")
     if best is not None:
         if not isinstance(best, dict) or not isinstance(best.get("metric"), str) or not isinstance(best.get("dir"), str):
             raise TypeError(f"best must be an object with metric, value, step and dir, got {json.dumps(best)[:60]}")
-        _number(best.get("value"), "best.value")
-        _count(best.get("step"), "best.step")
+        field_of_kind(best.get("value"), (int, float), "best.value")
+        integer_field(best.get("step"), "best.step", 0, MAX_COUNT)
     last_eval = meta.get("last_eval")
     if last_eval is not None:
         if not isinstance(last_eval, dict):
             raise TypeError(f"last_eval must be an object, got {json.dumps(last_eval)[:60]}")
         for key, value in last_eval.items():
-            (_count if key == "step" else _number)(value, f"last_eval.{key}")
+            if key == "step":
+                integer_field(value, "last_eval.step", 0, MAX_COUNT)
+            else:
+                field_of_kind(value, (int, float), f"last_eval.{key}")
 
 
 def truncate_metrics(out_dir: Path, step: int) -> None:

@@ -68,28 +68,24 @@ from gpt.run_state import RUN_CONFIG_FILE
 from gpt.sampling import generate
 from gpt.trainer import Trainer, lm_loss
 from tokenizers_bpe import UnknownCharacterError
-from tokenizers_bpe.fileio import atomic_write, read_json, resolve_path
+from tokenizers_bpe.fileio import atomic_write, read_json
 from tools.cli import ArgumentParser, CLIError, command
 from tools.models import check_finite_weights, model_argument
 from tools.outputs import check_writable_dir
-from tools.training import (add_train_options, check_memory, check_run_dir, exit_code, removed_after_early_error, run_training,
-                            train_config)
+from tools.training import (add_train_options, check_memory, check_run_dir, exit_code, removed_after_early_error, resolved,
+                            run_training, train_config)
 
 PROG = "gpt-finetune"
 FLAGS = {"block_size": "--max-length"}  # a micro-batch's length is set by --max-length here
 EVALUATION_FILE = "evaluation.json"
 RUN_DEFINING = ("model", "train", "val", "test", "data", "val_fraction", "text_column", "label_column", "trainable",
                 "mask_prompt", "max_length", "lora_rank", "lora_alpha", "lora_targets", "seed")
-PATH_OPTIONS = ("model", "train", "val", "test", "data")  # recorded resolved: the same files from any directory
-
-
-def _resolved(key: str, value):
-    return str(resolve_path(value)) if key in PATH_OPTIONS and isinstance(value, (str, Path)) and value else value
+PATH_OPTIONS = ("model", "train", "val", "test", "data")  # recorded resolved (tools.training.resolved)
 
 
 def recorded(args) -> dict:
     """The options as run_config.json records them (--resume left out), the paths resolved."""
-    return {k: _resolved(k, v) for k, v in vars(args).items() if k != "resume"}
+    return {k: resolved(v) if k in PATH_OPTIONS else v for k, v in vars(args).items() if k != "resume"}
 
 
 def format_confusion(labels: list[str], confusion: list[list[int]]) -> str:
@@ -188,7 +184,8 @@ def check_resume(args, run_config: dict) -> None:
     if not isinstance(saved, dict):
         raise CLIError(f"--resume: {path} is not a gpt-finetune run configuration")
     for key in RUN_DEFINING:
-        if key in run_config and _resolved(key, saved.get(key)) != _resolved(key, run_config[key]):
+        used = resolved(saved.get(key)) if key in PATH_OPTIONS else saved.get(key)  # (a run recorded before paths were)
+        if key in run_config and used != run_config[key]:
             raise CLIError(f"--{key.replace('_', '-')} cannot change when resuming (the run used {saved.get(key)!r})")
 
 

@@ -51,6 +51,7 @@ from tools.training import (
     exit_code,
     option_table,
     removed_after_early_error,
+    resolved,
     run_training,
     train_config,
 )
@@ -76,8 +77,7 @@ def build_parser() -> ArgumentParser:
 
 
 NOT_OPTIONS = ("derived", "format", "format_version")  # what run_config.json records besides the options
-# Recorded resolved: a run resumed from another directory finds the same files, not ones of the same name there.
-PATH_OPTIONS = ("data", "tokenizer", "init_from")
+PATH_OPTIONS = ("data", "tokenizer", "init_from")  # (and "files"): recorded resolved (tools.training.resolved)
 
 
 def read_config_file(path: str | Path, flag: str = "--config") -> dict[str, Any]:
@@ -158,17 +158,16 @@ def effective_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict | 
 
 def recorded(opts: dict) -> dict:
     """The options as run_config.json records them: the paths of files and directories resolved."""
-    return {**opts, **{name: str(resolve_path(opts[name])) for name in PATH_OPTIONS if opts.get(name)},
-            "files": [str(resolve_path(f)) for f in opts["files"]] if opts.get("files") else opts.get("files")}
+    return {**opts, **{name: resolved(opts.get(name)) for name in (*PATH_OPTIONS, "files")}}
 
 
 def _normal(name: str, value):
     """An option's value for comparing a resumed run's with the command's (an absent list is an empty
     one, a file is itself by whichever path it is named)."""
     if name == "files":
-        return [str(resolve_path(f)) for f in value or ()]
-    if name in PATH_OPTIONS and value:
-        return str(resolve_path(value))
+        return resolved(list(value or ()))
+    if name in PATH_OPTIONS:
+        return resolved(value)
     if name == "special":
         return list(value or ())
     if name in ("char", "append_eot"):

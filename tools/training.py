@@ -21,7 +21,7 @@ from gpt.train_config import TrainConfig
 from gpt.trainer import Trainer, TrainingDiverged
 from gpt2_kernels import BACKENDS
 from tokenizers_bpe.errors import NoSpaceError, OutputError, SettingError
-from tokenizers_bpe.fileio import MAX_SEED, check_not_a_broken_link, check_replaceable, free_bytes
+from tokenizers_bpe.fileio import MAX_SEED, check_not_a_broken_link, check_replaceable, free_bytes, resolve_path
 from tools.bpe_train import memory_size
 from tools.cli import CLIError, ExitCode, choice, device_name, flag, integer, max_threads, number, parse_bool, pattern_argument
 from tools.corpus import BUILTIN_CORPORA
@@ -167,6 +167,14 @@ def check_disk(prog: str, model, cfg: TrainConfig, out: Path) -> None:
         print(f"{prog}: warning: the run's checkpoints need about {need / 1e6:,.0f} MB ({cfg.keep_last + 1} step checkpoints "
               f"of {(weights + moments) / 1e6:,.0f} MB, best/ and final/) but {out} has {free / 1e6:,.0f} MB free; "
               "lower --keep-last or free some space", file=sys.stderr)
+
+
+def resolved(path_or_paths):
+    """A path option's value as run_config.json records it and a resume compares it: resolved (each of
+    a list), so that a run resumed from another directory means the same files; anything else as is."""
+    if isinstance(path_or_paths, (list, tuple)):
+        return [str(resolve_path(p)) for p in path_or_paths]
+    return str(resolve_path(path_or_paths)) if isinstance(path_or_paths, (str, Path)) and path_or_paths else path_or_paths
 
 
 @contextlib.contextmanager
