@@ -30,7 +30,7 @@ import torch
 from gpt import memory
 from gpt.prompt_template import format_instruction_prompt
 from tokenizers_bpe.errors import InputFileError, SettingError
-from tokenizers_bpe.fileio import check_nesting, check_regular_file, decode_utf8
+from tokenizers_bpe.fileio import check_regular_file, decode_utf8, parse_json
 
 _BOM = "\ufeff"
 # A data file is held whole, parsed and tokenized: measured ~11x its size at the peak (a 40 MB Alpaca
@@ -67,12 +67,7 @@ def read_jsonl(path: Path) -> list[tuple[str, Any]]:
     rows = []
     for number, line in enumerate(io.StringIO(read_text(path), newline=None), 1):  # lines as open() splits them
         if line.strip():
-            try:
-                rows.append((f"{path} line {number}", check_nesting(json.loads(line), f"{path} line {number}")))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
-            except RecursionError:
-                raise ValueError(f"{path} line {number}: nested too deeply to be a record") from None
+            rows.append((f"{path} line {number}", parse_json(line, f"{path} line {number}")))
     return rows
 
 
@@ -154,12 +149,7 @@ def read_instructions(path: str | Path) -> list[dict[str, str]]:
     if path.suffix.lower() == ".jsonl":
         rows = read_jsonl(path)
     else:
-        try:
-            records = check_nesting(json.loads(read_text(path)), str(path))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {e.lineno} column {e.colno}: not valid JSON ({e.msg})") from None
-        except RecursionError:
-            raise ValueError(f"{path}: nested too deeply to be a list of records") from None
+        records = parse_json(read_text(path), str(path))
         if not isinstance(records, list):
             raise ValueError(f"{path}: expected a JSON list of {{\"instruction\", \"input\", \"output\"}} records")
         rows = [(f"{path} record {i}", r) for i, r in enumerate(records, 1)]

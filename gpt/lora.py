@@ -27,11 +27,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gpt.config import MAX_SIZES
 from tokenizers_bpe.errors import SettingError
 
 TARGETS = {"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")}
 ADAPTER_SUFFIXES = (".lora_A", ".lora_B")
 MAX_ALPHA = 1e6  # alpha / rank scales the update: usual values are rank to 2 x rank
+MAX_RANK = MAX_SIZES["n_embd"]  # a rank is at most the smaller side of the layers it adapts (checked in apply_lora)
 
 
 @dataclass
@@ -45,8 +47,8 @@ class LoRAConfig:
         self.validate()
 
     def validate(self) -> None:
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-            raise SettingError("lora_rank", f"{{lora_rank}} must be an integer >= 1, got {self.rank!r}")
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or not 1 <= self.rank <= MAX_RANK:
+            raise SettingError("lora_rank", f"{{lora_rank}} must be an integer in [1, {MAX_RANK}], got {self.rank!r}")
         if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not 0 < self.alpha <= MAX_ALPHA:
             raise SettingError("lora_alpha", f"{{lora_alpha}} must be > 0 and at most {MAX_ALPHA:g}, got {self.alpha!r}")
         unknown = [t for t in self.targets if t not in TARGETS]

@@ -84,6 +84,17 @@ def holds_run(out_dir: Path) -> bool:
     return bool(checkpoint_dirs(out_dir)) or (Path(out_dir) / FINAL_DIR).is_dir()
 
 
+def read_run_config(run_dir: Path, hint: str) -> dict:
+    """The options a run recorded (``RUN_DIR/run_config.json``: a ``gpt-run`` v1 object), for a resume
+    to compare with its own; an InputFileError naming the file (+ ``hint``) when it is missing,
+    unreadable or not a run configuration this toolkit wrote."""
+    path = Path(run_dir) / RUN_CONFIG_FILE
+    config = read_json(path, hint)
+    if not isinstance(config, dict) or config.get("format") != RUN_FORMAT or recorded_version(config) != RUN_VERSION:
+        raise InputFileError(path, f"{path}: not a {RUN_FORMAT} v{RUN_VERSION} run configuration; {hint}")
+    return config
+
+
 def optimizer_state(opt: torch.optim.Optimizer, names: dict[nn.Parameter, str]) -> tuple[dict, dict]:
     """AdamW state as (tensors for safetensors, JSON): moments keyed ``name/exp_avg`` etc."""
     ordered = [names[p] for g in opt.param_groups for p in g["params"]]

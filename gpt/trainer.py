@@ -29,7 +29,7 @@ a bad run directory before printing anything. The contract:
 ``metrics.jsonl`` has one JSON object per line: training lines ``step, loss, lr, grad_norm,
 tokens_per_s, tokens, elapsed_s``; evaluation lines ``step, val_loss, val_ppl[, val_bpb, sample]``,
 also logged (``logging``, logger ``gpt.trainer``). SIGINT/SIGTERM finish the current step, write a
-checkpoint and return (``result.interrupted``); a second Ctrl-C aborts at once. A non-finite loss
+checkpoint and return (``result.interrupted``); a second signal (Ctrl-C or SIGTERM) stops at once. A non-finite loss
 raises ``TrainingDiverged`` before anything is written for that step, so the last good checkpoint
 stays the newest one.
 """
@@ -194,11 +194,11 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     def _handle_signal(self, signum, frame) -> None:
-        if self._stop_signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        if self._stop_signal is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C or SIGTERM: stop now (a long step is not waited for)
         self._stop_signal = signum
         if self.dist.is_main:
-            log.info(f"{signal.Signals(signum).name}: finishing step {self.step + 1}, then writing a checkpoint (Ctrl-C again to abort)")
+            log.info(f"{signal.Signals(signum).name}: finishing step {self.step + 1}, then writing a checkpoint (Ctrl-C again to stop at once)")
 
     def _out_of_memory(self, e: BaseException) -> SettingError:
         return SettingError("batch_size", f"a micro-batch of {{batch_size}} {self.config.batch_size} does not fit in memory on "

@@ -304,6 +304,7 @@ def _replace_directory(path: Path, new: Path, stamp: Stamp | None) -> None:
 MAX_SEED = 2**31 - 1  # seeds of torch, numpy (< 2**32, with the rank added) and random alike
 MAX_NESTING = 32  # nothing we write nests deeper; a deeper file is hostile (the parsers recurse)
 MAX_CONFIG_BYTES = 16 << 20  # config.json, generation.json, meta.json, run_config.json, --config files...
+MAX_FILE_INT = 1 << 64  # no count, size or id in a file we read is larger (see _bounded_int)
 MAX_TOKENIZER_BYTES = 1 << 30  # tokenizer.json, encoder.json, .tiktoken (a 2**20-token vocabulary is ~100 MB)
 
 
@@ -335,41 +336,42 @@ def _check_kind(path: Path, is_kind, what: str, hint: str, missing: str) -> Path
 
 
 def check_nesting(value: object, where: str, limit: int = MAX_NESTING) -> object:
-    """``value`` (parsed JSON/TOML) if its lists and objects nest at most ``limit`` deep, else an
-    InputFileError (walked without recursion)."""
+    """``value`` (parsed JSON/TOML) if its lists and objects nest at most ``limit`` deep and no integer
+    in it exceeds MAX_FILE_INT, else an InputFileError (walked without recursion)."""
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
+        if isinstance(item, int) and abs(item) > MAX_FILE_INT:  # (400 digits overflow every float conversion)
+            raise InputFileError(where, f"{where}: an integer of {len(str(abs(item)))} digits, larger than any value this toolkit reads")
         children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
         if children is None:
             continue
         if depth > limit:
             raise InputFileError(where, f"{where}: nested more than {limit} levels deep; not a file this toolkit reads")
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+        stack.extend((child, depth + 1) for child in children)
     return value
 
 
-def _parse(loads, decode_error: type[Exception], kind: str, text: str, where: str, hint: str, limit: int):
-    suffix = f"; {hint}" if hint else ""
+def _parse(loads, kind: str, text: str, where: str, hint: str, limit: int):
     try:
         value = loads(text)
-    except decode_error as e:
-        raise InputFileError(where, f"{where}: not valid {kind} ({e}){suffix}") from None
     except RecursionError:
         raise InputFileError(where, f"{where}: nested more than {limit} levels deep; not a file this toolkit reads") from None
+    except ValueError as e:  # malformed (JSONDecodeError, TOMLDecodeError), or an integer beyond 4300 digits
+        raise InputFileError(where, f"{where}: not valid {kind} ({str(e).split(';')[0]}){f'; {hint}' if hint else ''}") from None
     return check_nesting(value, where, limit)
 
 
 def parse_json(text: str, where: str, hint: str = "", limit: int = MAX_NESTING) -> object:
     """JSON text; malformed or too deeply nested is an InputFileError naming ``where``."""
-    return _parse(json.loads, json.JSONDecodeError, "JSON", text, where, hint, limit)
+    return _parse(json.loads, "JSON", text, where, hint, limit)
 
 
 def parse_toml(text: str, where: str, hint: str = "", limit: int = MAX_NESTING) -> dict:
     """TOML text; malformed or too deeply nested is an InputFileError naming ``where``."""
     import tomllib  # (only --config files are TOML: not imported by every command)
 
-    return _parse(tomllib.loads, tomllib.TOMLDecodeError, "TOML", text, where, hint, limit)
+    return _parse(tomllib.loads, "TOML", text, where, hint, limit)
 
 
 def read_text(path: str | os.PathLike, what: str = "file", hint: str = "", max_bytes: int = MAX_CONFIG_BYTES) -> str:

@@ -6,14 +6,13 @@ and names the file and the problem in its error."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from .char import CharTokenizer
 from .errors import SettingError
 from .errors import InputFileError
-from .fileio import check_nesting, check_regular_file, recorded_version
+from .fileio import check_regular_file, parse_json, recorded_version
 from .patterns import GPT2_PATTERN, GPT4_PATTERN, O200K_PATTERN
 from .rankfiles import looks_like_tiktoken, read_gpt2, read_text_file, read_tiktoken
 from .tokenizer import ENDOFTEXT, FORMAT_NAME, FORMAT_VERSION, MAX_UNUSED_IDS, TOKENIZER_FILE, BPETokenizer, Tokenizer
@@ -39,17 +38,14 @@ def load(path: str | os.PathLike) -> Tokenizer:
     """Read a ``tokenizer.json`` written by ``save`` (BPE or char-level, by its type field)."""
     text = read_text_file(path, "tokenizer.json")
     try:
-        d = json.loads(text)
-    except RecursionError:
-        raise InputFileError(path, f"{path}: nested too deeply to be a tokenizer.json; re-create it with bpe-train") from None
-    except json.JSONDecodeError as e:
+        d = parse_json(text, str(path), "a corrupt or truncated tokenizer.json; re-create it with bpe-train")
+    except InputFileError:
         if looks_like_tiktoken(text):
             raise ValueError(f"{path}: a .tiktoken rank file (ranks only: no pattern, no special tokens), not a "
                              "tokenizer.json; load it with tokenizers_bpe.load_any(path) (tiktoken's definition for a "
                              "known file name, else the gpt2 pattern) or tokenizers_bpe.load_tiktoken(path, pattern=..., "
                              "special_tokens=...)") from None
-        raise ValueError(f"{path}: corrupt or truncated tokenizer.json ({e}); re-create it with bpe-train") from None
-    check_nesting(d, str(path))
+        raise
     if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
         raise ValueError(f"{path}: not a {FORMAT_NAME} tokenizer.json (no \"format\": \"{FORMAT_NAME}\" field)")
     if recorded_version(d) != FORMAT_VERSION:

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .fileio import MAX_TOKENIZER_BYTES, atomic_write, check_regular_file
+from .fileio import MAX_TOKENIZER_BYTES, atomic_write, check_regular_file, parse_json
 
 
 def read_text_file(path, what: str) -> str:
@@ -98,10 +98,7 @@ def read_gpt2(encoder_json, vocab_bpe) -> tuple[dict[bytes, int], dict[str, int]
     """(ranks, special tokens) of GPT-2's ``encoder.json`` + ``vocab.bpe``. Entries of encoder.json
     that are neither single bytes nor merge results (GPT-2's ``<|endoftext|>`` = 50256) are the
     special tokens."""
-    try:
-        encoder = json.loads(read_text_file(encoder_json, "encoder.json"))
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise ValueError(f"{encoder_json}: corrupt encoder.json ({type(e).__name__})") from None
+    encoder = parse_json(read_text_file(encoder_json, "encoder.json"), str(encoder_json), "a corrupt encoder.json")
     if not isinstance(encoder, dict) or not all(type(v) is int for v in encoder.values()):
         raise ValueError(f"{encoder_json}: encoder.json must map token strings to integer ids")
     lines = read_text_file(vocab_bpe, "vocab.bpe").split("\n")

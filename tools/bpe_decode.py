@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     raw = text_argument(args.ids, "IDS")
     try:
         ids = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # (ValueError: also an integer of more than 4300 digits)
         raise CLIError(f"IDS must be a JSON list of integers such as [15496, 995], got {raw.strip()[:40]!r}") from None
     if not isinstance(ids, list) or not all(type(i) is int for i in ids):
         raise CLIError(f"IDS must be a JSON list of integers such as [15496, 995], got {raw.strip()[:40]!r}")

@@ -43,12 +43,12 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, formatter_class=HelpFormatter, description=__doc__.split(": ", 1)[1].strip(), epilog=EXAMPLES)
     p.add_argument("files", nargs="*", metavar="FILE", help="UTF-8 text files (default: the built-in corpus)")
     p.add_argument("--builtin", choices=BUILTIN_CORPORA, help="train on a built-in corpus (used when no FILE is given)")
-    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="total ids: 256 bytes + merges + special tokens")
+    p.add_argument("--vocab-size", type=integer(), default=DEFAULT_VOCAB_SIZE, help="total ids: 256 bytes + merges + special tokens")
     p.add_argument("-o", "--output", default=TOKENIZER_FILE, help="where to write the tokenizer")
     p.add_argument("--pattern", default="gpt2", type=pattern_argument, help=f"pre-tokenization regex: {' or '.join(PATTERNS)} (tiktoken's) or a regex")
     p.add_argument("--special", action="append", metavar="TOKEN", help=f"a special token (repeatable; default {' '.join(DEFAULT_SPECIAL_TOKENS)})")
     p.add_argument("--no-special", action="store_true", help="no special tokens at all")
-    p.add_argument("--min-frequency", type=int, default=DEFAULT_MIN_FREQUENCY, help="stop when the best pair occurs fewer times")
+    p.add_argument("--min-frequency", type=integer(), default=DEFAULT_MIN_FREQUENCY, help="stop when the best pair occurs fewer times")
     p.add_argument("--char", action="store_true", help="a character-level tokenizer (one id per character) instead of BPE")
     p.add_argument("--errors", choices=("strict", "replace"), default="strict", help="invalid UTF-8: fail, or replace with U+FFFD")
     p.add_argument("--workers", type=integer(1, max_threads()), help="pre-tokenization processes (default: all cores; 1 for files under 4 MB)")
@@ -72,10 +72,10 @@ def memory_size(text: str) -> int:
     unit = m and m.group(2).upper()
     if not m or unit not in _UNITS:
         raise argparse.ArgumentTypeError(f"must be a size such as 256MB, 2GB or 512MiB, got {text!r}")
-    size = int(float(m.group(1)) * _UNITS[unit])
+    size = float(m.group(1)) * _UNITS[unit]  # (inf for a number of 400 digits: refused below)
     if not 0 < size < 2**62:
         raise argparse.ArgumentTypeError(f"must be a size above 0 and below 4 EB, got {text!r}")
-    return size
+    return int(size)
 
 
 @dataclass

@@ -70,8 +70,18 @@ DEFAULT_TEXT_HINT = "convert it to UTF-8"
 MAX_STDIN_BYTES = 256 << 20
 
 
+MAX_OPTION_INT = 2**63 - 1  # an integer option beyond int64 fits no tensor, count or float conversion
+MAX_MESSAGE_CHARS = 1000  # a message echoing a huge value read from a file or an option is cut in the middle
+
+
 def one_line(message: object) -> str:
-    return " ".join(str(message).split())
+    """``message`` on one line, at most about MAX_MESSAGE_CHARS: its start (what it is about) and its
+    end (what to do) are kept."""
+    text = " ".join(str(message).split())
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    head, tail = MAX_MESSAGE_CHARS * 2 // 3, MAX_MESSAGE_CHARS // 4
+    return f"{text[:head]} [... {len(text) - head - tail:,} characters ...] {text[-tail:]}"
 
 
 def flag(setting: str, flags: Mapping[str, str] | None = None) -> str:
@@ -278,7 +288,7 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(ExitCode.USER_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(ExitCode.USER_ERROR, f"{self.prog}: error: {one_line(message)} (see --help)\n")
 
 
 def add_seed_argument(parser: argparse.ArgumentParser, default: int = 1337, help_text: str | None = None) -> None:
@@ -319,13 +329,14 @@ def _ranged(convert: Callable[[str], float], kind: str, low, high, low_open: boo
             value = convert(text)
         except ValueError:
             value = None
-        ok = value is not None and math.isfinite(value)
+        ok = value is not None and (abs(value) <= MAX_OPTION_INT if isinstance(value, int) else math.isfinite(value))
         if ok and low is not None:
             ok = value > low if low_open else value >= low
         if ok and high is not None:
             ok = value < high if high_open else value <= high
         if not ok:
-            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
+            bound = f" (at most {MAX_OPTION_INT:,})" if isinstance(value, int) and high is None and value > 0 else ""
+            raise argparse.ArgumentTypeError(f"must be {requirement}{bound}, got {text!r}")
         return value
 
     parse.requirement = requirement

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import reprlib
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -64,12 +65,12 @@ from gpt.finetune_data import (
 from gpt.lora import LoRAConfig, apply_lora, count_trainable
 from gpt.model import GPT
 from gpt.prompt_template import format_instruction_prompt
-from gpt.run_state import RUN_CONFIG_FILE
+from gpt.run_state import RUN_CONFIG_FILE, read_run_config
 from gpt.sampling import generate
 from gpt.trainer import Trainer, lm_loss
 from tokenizers_bpe import UnknownCharacterError
-from tokenizers_bpe.fileio import atomic_write, read_json
-from tools.cli import ArgumentParser, CLIError, command
+from tokenizers_bpe.fileio import atomic_write
+from tools.cli import ArgumentParser, CLIError, command, integer, number
 from tools.models import check_finite_weights, model_argument
 from tools.outputs import check_writable_dir
 from tools.training import (add_train_options, check_memory, check_run_dir, exit_code, removed_after_early_error, resolved,
@@ -103,10 +104,10 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="pretrained checkpoint directory (gpt-train final/, gpt-convert output)")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory: metrics, checkpoints, best/ and final/ (the model)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint (same options)")
-    p.add_argument("--max-length", type=int, metavar="N", help="cut examples to N tokens (default: the model's n_ctx)")
+    p.add_argument("--max-length", type=integer(), metavar="N", help="cut examples to N tokens (default: the model's n_ctx)")
     lora = p.add_argument_group("LoRA (train low-rank adapters instead of the base weights)")
-    lora.add_argument("--lora-rank", type=int, metavar="R", help="adapter rank; enables LoRA")
-    lora.add_argument("--lora-alpha", type=float, metavar="A", help="adapter scale alpha: the update is scaled by A/R (default: 2R)")
+    lora.add_argument("--lora-rank", type=integer(), metavar="R", help="adapter rank; enables LoRA")
+    lora.add_argument("--lora-alpha", type=number(), metavar="A", help="adapter scale alpha: the update is scaled by A/R (default: 2R)")
     lora.add_argument("--lora-targets", default="attn", metavar="LIST",
                       help="comma-separated layer groups: attn (c_attn, c_proj), mlp (c_fc, c_proj) (default: %(default)s)")
 
@@ -133,10 +134,10 @@ def build_parser() -> ArgumentParser:
     add_common_options(i)
     i.add_argument("--data", required=True, metavar="FILE", help="instruction records (.json list or .jsonl)")
     i.add_argument("--val", metavar="FILE", help="validation records (default: the last --val-fraction of --data)")
-    i.add_argument("--val-fraction", type=float, default=0.1,
+    i.add_argument("--val-fraction", type=number(), default=0.1,
                    help="the last this share of --data is held out for validation when --val is not given (default: %(default)s)")
     i.add_argument("--mask-prompt", action="store_true", help="learn only the response: prompt targets get -100")
-    i.add_argument("--show", type=int, default=3, metavar="N",
+    i.add_argument("--show", type=integer(), default=3, metavar="N",
                    help="print greedy answers to the first N validation instructions at the end (default: %(default)s)")
     add_train_options(i, helps={"eval_iters": "validation batches per evaluation (default: all)"}, max_steps=300, batch_size=8, lr=1e-4, warmup_steps=20, eval_interval=50, eval_iters=None, weight_decay=0.1)
     return p
@@ -178,15 +179,17 @@ def check_out(args) -> None:
 def check_resume(args, run_config: dict) -> None:
     """Refuse to resume a run with options that define it changed (data, model, adapters)."""
     path = Path(args.out) / RUN_CONFIG_FILE
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise CLIError(f"--resume: {path} is missing; {args.out} is not a gpt-finetune run directory")
-    saved = read_json(path, f"{args.out} is not a usable gpt-finetune run directory")
-    if not isinstance(saved, dict):
-        raise CLIError(f"--resume: {path} is not a gpt-finetune run configuration")
+    saved = read_run_config(Path(args.out), f"{args.out} is not a usable gpt-finetune run directory")
+    if saved.get("command") != run_config["command"]:
+        raise CLIError(f"--resume: {args.out} is a run of gpt-finetune {reprlib.repr(saved.get('command'))}, not of "
+                       f"gpt-finetune {run_config['command']}; resume it with the subcommand that started it")
     for key in RUN_DEFINING:
         used = resolved(saved.get(key)) if key in PATH_OPTIONS else saved.get(key)  # (a run recorded before paths were)
-        if key in run_config and used != run_config[key]:
-            raise CLIError(f"--{key.replace('_', '-')} cannot change when resuming (the run used {saved.get(key)!r})")
+        # compared as run_config.json records them: a recorded `true` is not the number 1
+        if key in run_config and json.dumps(used, sort_keys=True) != json.dumps(run_config[key], sort_keys=True):
+            raise CLIError(f"--{key.replace('_', '-')} cannot change when resuming (the run used {reprlib.repr(saved.get(key))})")
 
 
 def describe(model: nn.Module, lora) -> str:

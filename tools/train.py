@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
+import reprlib
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,12 +33,12 @@ from gpt.config import GPTConfig
 from gpt.data import RandomWindows, SlidingWindows, check_token_ids, load_meta, open_split
 from gpt.device import init_distributed, resolve_device
 from gpt.model import GPT
-from gpt.run_state import RUN_CONFIG_FILE, RunDirectory
+from gpt.run_state import RUN_CONFIG_FILE, RunDirectory, read_run_config
 from gpt.sampling import SAMPLING_DEFAULTS, generate
 from gpt.trainer import Trainer
 from tokenizers_bpe import TOKENIZER_FILE
 from tokenizers_bpe.errors import InputFileError
-from tokenizers_bpe.fileio import check_not_a_broken_link, read_json, read_options_file, resolve_path
+from tokenizers_bpe.fileio import check_not_a_broken_link, read_options_file, resolve_path
 from tools.cli import ArgumentParser, CLIError, command, parse_bool
 from tools.models import check_finite_weights, check_kernels_backend, model_argument
 from tools.outputs import check_not_an_input, check_writable_dir
@@ -124,12 +124,16 @@ def effective_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict | 
         check_not_a_broken_link(run_dir)
         if not run_dir.is_dir():
             raise CLIError(f"--resume {run_dir}: no such run directory")
-        if not path.is_file():
+        if not path.exists() and not path.is_symlink():
             raise CLIError(f"--resume {run_dir}: {path.name} is missing; this is not a gpt-train run directory")
+        try:
+            saved_raw = read_run_config(run_dir, "this is not a usable gpt-train run directory")
+        except InputFileError as e:
+            raise CLIError(f"--resume {e}") from None
         options = read_config_file(path, "--resume")
-        saved_raw = read_json(path)
         opts.update(options)
-        saved = {"options": options, "derived": saved_raw.get("derived", {})}
+        derived = saved_raw.get("derived")
+        saved = {"options": options, "derived": derived if isinstance(derived, dict) else {}}
         if "out" in given and resolve_path(given["out"]) != resolve_path(run_dir):
             raise CLIError(f"--out {given['out']} differs from --resume {run_dir}; give only --resume")
         opts["out"] = str(run_dir)
@@ -142,11 +146,12 @@ def effective_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict | 
                 used = saved["options"].get(name)
                 if used is None:  # the run took it from its preset or data: say which value that was
                     derived = saved["derived"]
-                    used = derived.get("model", {}).get(name, derived.get(name))
+                    model = derived.get("model") if isinstance(derived.get("model"), dict) else {}
+                    used = model.get(name, derived.get(name))
                 if name == "files":
                     raise CLIError(f"the text FILEs cannot change when resuming (the run was made of {' '.join(used or ()) or 'no FILEs'}); "
                                    "give only --resume RUN_DIR, or start a new run")
-                used = "its default" if used is None else repr(used)
+                used = "its default" if used is None else reprlib.repr(used)
                 raise CLIError(f"--{name.replace('_', '-')} cannot change when resuming (the run used {used})")
     if not (opts["data"] or opts["files"] or opts["builtin"]):
         raise CLIError("nothing to train on: give text FILEs (a tokenizer and the data are made from them), --builtin shakespeare, "

@@ -103,6 +103,26 @@ def test_exact_resume_after_sigint_reproduces_the_losses_bit_for_bit(data_dir, t
     assert len(losses(tmp_path / "full")) == 12
 
 
+@pytest.mark.parametrize("first, second", [(signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, signal.SIGTERM), (signal.SIGTERM, signal.SIGINT)])
+def test_a_second_signal_stops_a_long_step_at_once(data_dir, tmp_path, first, second):
+    """One signal finishes the step (exact resume); a second one, of either kind, does not wait for a
+    step of many micro-batches: the run stops at once."""
+    calls = []
+
+    def signalling_loss(model, batch):
+        if trainer.step == 0:  # step 1, of many micro-batches: signals at its first and second
+            calls.append(1)
+            if len(calls) in (1, 2):
+                signal.raise_signal(first if len(calls) == 1 else second)
+        return lm_loss(model, batch)
+
+    trainer = tiny_trainer(data_dir, tmp_path / "run", signalling_loss, grad_accum=1000)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert len(calls) == 2  # not the 1000 micro-batches of the step
+    assert checkpoint_dirs(tmp_path / "run") == []  # nor a checkpoint of half a step
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
     def exploding_loss(model, batch):
         loss = lm_loss(model, batch)

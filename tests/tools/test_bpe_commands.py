@@ -136,7 +136,7 @@ def test_train_reports_non_utf8_with_offset_and_offers_replace(tmp_path, capsys)
         (["--vocab-size", "258", "--special", "<|a|>", "--special", "<|b|>", "--special", "<|c|>"], "the minimum is 259"),
         (["--pattern", "(unclosed"], "invalid pattern '(unclosed'"),
         (["--pattern", "x*"], "matches the empty string"),
-        (["--vocab-size", "many"], "invalid int value"),
+        (["--vocab-size", "many"], "must be an integer, got 'many'"),
         (["--min-frequency", "0"], "--min-frequency must be at least 1"),
     ],
     ids=["vocab-below-256", "vocab-below-specials", "bad-regex", "empty-match-regex", "not-a-number", "min-frequency"],

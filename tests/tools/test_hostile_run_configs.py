@@ -1,0 +1,145 @@
+"""A run directory's run_config.json is read back by --resume (gpt-train and gpt-finetune): a file that
+lies, whatever it holds, is one line and exit 2 before any work, never a traceback nor a resume that
+takes a changed option for the same (issue 23)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.gpt.test_sampling import make_tiny_model, small_tokenizer
+from tools.cli import MAX_MESSAGE_CHARS, ExitCode
+from tools.finetune import main as finetune
+from tools.train import main as train
+
+QUICK = ["--progress", "false", "--sample-tokens", "0"]
+
+
+def one_line(capsys, rc, *words):
+    err = capsys.readouterr().err
+    assert rc == ExitCode.USER_ERROR, err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert len(lines[0]) < MAX_MESSAGE_CHARS + 100, lines[0]  # a long recorded value is shown cut, not whole
+    for word in words:
+        assert word in lines[0], err
+    return lines[0]
+
+
+def edited(run: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the run directory ``run`` whose run_config.json is ``edit(config)`` (edited in place)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    config = json.loads((copy / "run_config.json").read_text())
+    edit(config)
+    (copy / "run_config.json").write_text(json.dumps(config))
+    return copy
+
+
+def listing(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """A finished instruction fine-tuning run of a tiny model (and its model and data)."""
+    root = tmp_path_factory.mktemp("sft")
+    make_tiny_model(small_tokenizer()).save_pretrained(root / "model")
+    (root / "i.jsonl").write_text("".join(json.dumps({"instruction": f"say {i}", "output": f"ok {i}"}) + "\n" for i in range(8)))
+    assert finetune(["instruct", "--model", str(root / "model"), "--data", str(root / "i.jsonl"), "--out", str(root / "run"),
+                     "--max-steps", "1", "--checkpoint-interval", "1", "--progress", "false"]) == 0
+    return root
+
+
+def resume_sft(root: Path, run: Path) -> int:
+    return finetune(["instruct", "--model", str(root / "model"), "--data", str(root / "i.jsonl"), "--out", str(run), "--resume",
+                     "--max-steps", "2", "--checkpoint-interval", "1", "--progress", "false"])
+
+
+@pytest.mark.parametrize("key, value, word", [
+    ("format", "gpt-trainer-state", "not a gpt-run v1"), ("format_version", True, "not a gpt-run v1"),
+    ("format_version", 2, "not a gpt-run v1"), ("model", [1], "--model cannot change"), ("data", ["a", {"b": 1}], "--data cannot change"),
+    ("data", {"a": 1}, "--data cannot change"), ("seed", True, "--seed cannot change"), ("max_length", "a" * 100_000, "--max-length"),
+    ("lora_rank", 0.0, "--lora-rank cannot change")])
+def test_a_fine_tuning_run_config_that_lies_is_one_line(sft_run, tmp_path, capsys, key, value, word):
+    """A list in a path option was a TypeError traceback; format and version were never checked, so a
+    file of another kind resumed; `true` passed for a seed of 1 (Python's True == 1)."""
+    copy = edited(sft_run / "run", tmp_path, lambda config: config.update({key: value}))
+    before = listing(copy)
+    capsys.readouterr()
+    if key == "seed":  # a run recorded with seed `true` resumed with --seed 1 must not pass for the same
+        rc = finetune(["instruct", "--model", str(sft_run / "model"), "--data", str(sft_run / "i.jsonl"), "--out", str(copy),
+                       "--resume", "--seed", "1", "--max-steps", "2", "--progress", "false"])
+    else:
+        rc = resume_sft(sft_run, copy)
+    one_line(capsys, rc, word)
+    assert listing(copy) == before
+
+
+@pytest.mark.parametrize("what", ["fifo", "directory", "loop", "deep", "not an object"])
+def test_a_fine_tuning_run_config_that_is_not_a_file_or_not_json(sft_run, tmp_path, capsys, what):
+    copy = tmp_path / "copy"
+    shutil.copytree(sft_run / "run", copy)
+    path = copy / "run_config.json"
+    path.unlink()
+    if what == "fifo":
+        import os
+        os.mkfifo(path)
+    elif what == "directory":
+        path.mkdir()
+    elif what == "loop":
+        path.symlink_to(path.name)
+    else:
+        path.write_text("[" * 100_000 + "]" * 100_000 if what == "deep" else "[]")
+    capsys.readouterr()
+    one_line(capsys, resume_sft(sft_run, copy), "run_config.json")
+
+
+@pytest.mark.parametrize("recorded", ["classify", None, ["instruct"]])
+def test_a_fine_tuning_run_resumes_only_with_its_own_subcommand(sft_run, tmp_path, capsys, recorded):
+    """`command` was not compared: an instruct run resumed by `classify` was refused for another reason
+    ("--train cannot change (the run used None)"), and a recorded command that lies was not noticed."""
+    copy = edited(sft_run / "run", tmp_path, lambda config: config.update(command=recorded))
+    capsys.readouterr()
+    one_line(capsys, resume_sft(sft_run, copy), "resume it with the subcommand that started it")
+
+
+def test_the_same_fine_tuning_run_resumes(sft_run, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(sft_run / "run", copy)
+    assert resume_sft(sft_run, copy) == 0, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def train_run(data_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("train") / "run"
+    assert train(["--data", str(data_dir), "--out", str(run), "--preset", "tiny", "--batch-size", "2", "--block-size", "16",
+                  "--max-steps", "1", "--checkpoint-interval", "1", *QUICK]) == 0
+    return run
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda c: c.update(format="x"), ("not a gpt-run v1",)), (lambda c: c.update(format_version=None), ("not a gpt-run v1",)),
+    (lambda c: c.pop("format"), ("not a gpt-run v1",)),
+    # the run's model shape, recorded only under "derived", is what a changed option is compared against
+    (lambda c: c.update(n_layer=None, derived=[1]), ("--n-layer cannot change", "its default")),
+    (lambda c: c.update(n_layer=None, derived={"model": [1], "n_layer": 1}), ("--n-layer cannot change", "1")),
+    (lambda c: c.update(seed="a" * 100_000), ("option 'seed'",))])
+def test_a_training_run_config_that_lies_is_one_line(train_run, tmp_path, capsys, edit, words):
+    copy = edited(train_run, tmp_path, edit)
+    before = listing(copy)
+    capsys.readouterr()
+    one_line(capsys, train(["--resume", str(copy), "--n-layer", "3", "--max-steps", "2", *QUICK]), *words)
+    assert listing(copy) == before
+
+
+def test_a_huge_value_is_cut_in_the_one_line_message(capsys, tmp_path):
+    """An option or a recorded value of 100,000 characters is echoed cut in the middle: the line still
+    starts with what it is about and ends with what to do."""
+    one_line(capsys, train(["--seed", "7" * 100_000]), "--seed", "(see --help)")
+    one_line(capsys, train(["--batch-size", "9" * 400, "--data", "d", "--out", str(tmp_path / "r")]), "--batch-size", "at most")
+    (tmp_path / "i.jsonl").write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
+    one_line(capsys, finetune(["instruct", "--model", "m" * 100_000, "--data", str(tmp_path / "i.jsonl"), "--out", str(tmp_path / "o")]))
