@@ -30,7 +30,7 @@ import torch
 from gpt import memory
 from gpt.prompt_template import format_instruction_prompt
 from tokenizers_bpe.errors import InputFileError, SettingError
-from tokenizers_bpe.fileio import check_regular_file, decode_utf8, parse_json
+from tokenizers_bpe.fileio import check_nesting, check_regular_file, decode_utf8
 
 _BOM = "\ufeff"
 # A data file is held whole, parsed and tokenized: measured ~11x its size at the peak (a 40 MB Alpaca
@@ -67,7 +67,15 @@ def read_jsonl(path: Path) -> list[tuple[str, Any]]:
     rows = []
     for number, line in enumerate(io.StringIO(read_text(path), newline=None), 1):  # lines as open() splits them
         if line.strip():
-            rows.append((f"{path} line {number}", parse_json(line, f"{path} line {number}")))
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise ValueError(f"{path} line {number}: nested too deeply to be a record") from None
+            except ValueError as e:  # an integer of more than 4300 digits
+                raise ValueError(f"{path} line {number}: not valid JSON ({str(e).split(';')[0]})") from None
+            rows.append((f"{path} line {number}", check_nesting(value, f"{path} line {number}")))
     return rows
 
 
@@ -149,7 +157,16 @@ def read_instructions(path: str | Path) -> list[dict[str, str]]:
     if path.suffix.lower() == ".jsonl":
         rows = read_jsonl(path)
     else:
-        records = parse_json(read_text(path), str(path))
+        text = read_text(path)
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {e.lineno} column {e.colno}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise ValueError(f"{path}: nested too deeply to be a list of records") from None
+        except ValueError as e:  # an integer of more than 4300 digits
+            raise ValueError(f"{path}: not valid JSON ({str(e).split(';')[0]})") from None
+        check_nesting(records, str(path))
         if not isinstance(records, list):
             raise ValueError(f"{path}: expected a JSON list of {{\"instruction\", \"input\", \"output\"}} records")
         rows = [(f"{path} record {i}", r) for i, r in enumerate(records, 1)]

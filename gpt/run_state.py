@@ -146,6 +146,21 @@ def set_local_rng_state(tensors: dict[str, torch.Tensor], states: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
+def rng_snapshot() -> tuple:
+    """The random states a micro-batch draws from (dropout, sampling), to undo a step cut short."""
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda, random.getstate(), np.random.get_state()
+
+
+def restore_rng(snapshot: tuple) -> None:
+    cpu, cuda, python, numpy = snapshot
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
+    random.setstate(python)
+    np.random.set_state(numpy)
+
+
 def checkpoint_dirs(out_dir: Path) -> list[tuple[int, Path]]:
     """RUN_DIR/checkpoints/step-NNNNNN directories, oldest first."""
     root = Path(out_dir) / CHECKPOINTS_DIR

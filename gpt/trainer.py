@@ -28,10 +28,11 @@ a bad run directory before printing anything. The contract:
 
 ``metrics.jsonl`` has one JSON object per line: training lines ``step, loss, lr, grad_norm,
 tokens_per_s, tokens, elapsed_s``; evaluation lines ``step, val_loss, val_ppl[, val_bpb, sample]``,
-also logged (``logging``, logger ``gpt.trainer``). SIGINT/SIGTERM finish the current step, write a
-checkpoint and return (``result.interrupted``); a second signal (Ctrl-C or SIGTERM) stops at once. A non-finite loss
-raises ``TrainingDiverged`` before anything is written for that step, so the last good checkpoint
-stays the newest one.
+also logged (``logging``, logger ``gpt.trainer``). SIGINT/SIGTERM stop the run at the next
+micro-batch (a step cut short is dropped, its random draws undone; with DDP the ranks finish the step
+together), write a checkpoint of the last whole step and return (``result.interrupted``); a second
+signal stops at once. A non-finite loss raises ``TrainingDiverged`` before anything is written for
+that step, so the last good checkpoint stays the newest one.
 """
 
 from __future__ import annotations
@@ -60,25 +61,9 @@ from gpt.device import Dist, resolve_device, resolve_dtype, to_device
 from gpt.memory import SMALLER_BATCH_ADVICE
 from gpt.plot import plot_metrics
 from gpt.run_state import (
-    BEST_DIR,
-    FINAL_DIR,
-    METRICS_FILE,
-    PLOT_FILE,
-    STATE_FILE,
-    STATE_FORMAT,
-    STATE_VERSION,
-    RunDirectory,
-    TrainResult,
-    checkpoint_dirs,
-    holds_run,
-    load_optimizer_state,
-    local_rng_state,
-    optimizer_state,
-    read_train_state,
-    set_local_rng_state,
-    step_dir,
-    truncate_metrics,
-    write_train_state,
+    BEST_DIR, FINAL_DIR, METRICS_FILE, PLOT_FILE, STATE_FILE, STATE_FORMAT, STATE_VERSION, checkpoint_dirs, holds_run,
+    load_optimizer_state, local_rng_state, optimizer_state, read_train_state, restore_rng, rng_snapshot, RunDirectory,
+    set_local_rng_state, step_dir, TrainResult, truncate_metrics, write_train_state
 )
 from gpt.train_config import TrainConfig, build_optimizer, lr_at
 from tokenizers_bpe.errors import SettingError
@@ -198,7 +183,8 @@ class Trainer:
             raise KeyboardInterrupt  # a second Ctrl-C or SIGTERM: stop now (a long step is not waited for)
         self._stop_signal = signum
         if self.dist.is_main:
-            log.info(f"{signal.Signals(signum).name}: finishing step {self.step + 1}, then writing a checkpoint (Ctrl-C again to stop at once)")
+            log.info(f"{signal.Signals(signum).name}: stopping after this micro-batch, then writing a checkpoint of step {self.step} "
+                     f"or {self.step + 1} (Ctrl-C again to stop at once)")
 
     def _out_of_memory(self, e: BaseException) -> SettingError:
         return SettingError("batch_size", f"a micro-batch of {{batch_size}} {self.config.batch_size} does not fit in memory on "
@@ -206,14 +192,22 @@ class Trainer:
 
     # -- one optimiser step
 
-    def train_step(self) -> dict:
+    def train_step(self) -> dict | None:
+        """One optimiser step; None when a signal cut it short (one process only: its gradients are
+        dropped and its random draws undone, so the run resumes exactly at this step)."""
         cfg = self.config
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
         tokens = 0
+        rng_at_start = rng_snapshot() if cfg.grad_accum > 1 and not self.dist.enabled else None
         for micro in range(cfg.grad_accum):
+            if micro and rng_at_start is not None and self._stop_signal is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+                restore_rng(rng_at_start)
+                self.stop_requested = True
+                return None
             batch = to_device(self.train_batch(self.step, micro), self.device)
             tokens += self.count_tokens(batch)
             # DDP: all-reduce gradients only on the last micro-step of the accumulation.
@@ -439,6 +433,8 @@ class Trainer:
             while self.step < cfg.max_steps and not self.stop_requested:
                 try:
                     record = self.train_step()
+                    if record is None:  # cut short by a signal: checkpoint the last whole step (below)
+                        break
                 except torch.OutOfMemoryError as e:
                     raise self._out_of_memory(e) from None
                 except RuntimeError as e:
@@ -458,6 +454,9 @@ class Trainer:
                 if self.step % checkpoint_interval == 0 or done:
                     self.save_checkpoint()
                     saved_at = self.step
+            if self.stop_requested and saved_at != self.step and self.step > 0:
+                self.save_checkpoint()
+                saved_at = self.step
         finally:
             bar.close()
             for sig, handler in restore:
@@ -492,3 +491,4 @@ class Trainer:
         if better:
             self._write_model_dir(self.out_dir / BEST_DIR)
         plot_metrics(self.out_dir / METRICS_FILE, self.out_dir / PLOT_FILE)
+

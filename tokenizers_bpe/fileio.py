@@ -304,7 +304,7 @@ def _replace_directory(path: Path, new: Path, stamp: Stamp | None) -> None:
 MAX_SEED = 2**31 - 1  # seeds of torch, numpy (< 2**32, with the rank added) and random alike
 MAX_NESTING = 32  # nothing we write nests deeper; a deeper file is hostile (the parsers recurse)
 MAX_CONFIG_BYTES = 16 << 20  # config.json, generation.json, meta.json, run_config.json, --config files...
-MAX_FILE_INT = 1 << 64  # no count, size or id in a file we read is larger (see _bounded_int)
+MAX_FILE_INT = 1 << 1000  # beyond a float's range (~1.8e308) an integer overflows every conversion (check_nesting)
 MAX_TOKENIZER_BYTES = 1 << 30  # tokenizer.json, encoder.json, .tiktoken (a 2**20-token vocabulary is ~100 MB)
 
 

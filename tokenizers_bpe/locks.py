@@ -27,6 +27,7 @@ from .errors import NoSpaceError, OutputError
 log = logging.getLogger(__name__)
 
 MAX_LOCK_BYTES = 4096  # a lock file of ours is one short JSON object: a larger one is not a holder
+MAX_PID = 1 << 22  # Linux's largest pid_max: a lock naming another pid names no process
 
 
 @contextlib.contextmanager
@@ -99,7 +100,8 @@ class OutputLock:
         for _ in range(3):  # a lock being written right now reads empty for a moment
             try:
                 holder = json.loads(self._read_text())
-                if isinstance(holder, dict) and isinstance(holder.get("pid"), int):
+                pid = holder.get("pid") if isinstance(holder, dict) else None
+                if type(pid) is int and 0 < pid <= MAX_PID:  # (0 and -1 would signal groups; 10**400 overflows)
                     return holder
             except FileNotFoundError:
                 return None

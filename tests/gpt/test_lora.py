@@ -118,7 +118,7 @@ def test_bad_lora_checkpoints_are_rejected(tmp_path):
     config = json.loads(config_path.read_text())
 
     config_path.write_text(json.dumps({**config, "lora": {"rank": 0, "alpha": 1.0, "targets": ["attn"]}}))
-    with pytest.raises(CheckpointError, match="lora-rank must be an integer >= 1"):
+    with pytest.raises(CheckpointError, match="lora-rank must be an integer in \[1, 65536\]"):
         GPT.from_pretrained(tmp_path / "ok")
     config_path.write_text(json.dumps({**config, "lora": {**config["lora"], "rank": 4}}))  # adapters have rank 2
     with pytest.raises(CheckpointError, match="adapters.safetensors: tensor .* has shape"):
@@ -130,7 +130,7 @@ def test_bad_lora_checkpoints_are_rejected(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(rank=0), "--lora-rank must be an integer >= 1"),
+    (dict(rank=0), "--lora-rank must be an integer in [1, 65536]"),
     (dict(alpha=-1.0), "--lora-alpha must be > 0"),
     (dict(targets=("attn", "ffn")), "--lora-targets must be a comma-separated subset of attn,mlp"),
     (dict(targets=()), "--lora-targets must be"),

@@ -103,24 +103,42 @@ def test_exact_resume_after_sigint_reproduces_the_losses_bit_for_bit(data_dir, t
     assert len(losses(tmp_path / "full")) == 12
 
 
-@pytest.mark.parametrize("first, second", [(signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, signal.SIGTERM), (signal.SIGTERM, signal.SIGINT)])
-def test_a_second_signal_stops_a_long_step_at_once(data_dir, tmp_path, first, second):
-    """One signal finishes the step (exact resume); a second one, of either kind, does not wait for a
-    step of many micro-batches: the run stops at once."""
+def test_a_signal_cuts_a_long_step_short_and_the_resume_is_exact(data_dir, tmp_path):
+    """A signal in the middle of a step of many micro-batches does not wait for the step: it is dropped
+    (gradients and random draws undone), the last whole step is checkpointed, and the resumed run
+    reproduces the uninterrupted one bit for bit (dropout on)."""
+    full = tiny_trainer(data_dir, tmp_path / "full", dropout=0.1, grad_accum=3, max_steps=8)
+    assert not full.fit().interrupted
     calls = []
 
-    def signalling_loss(model, batch):
-        if trainer.step == 0:  # step 1, of many micro-batches: signals at its first and second
+    def interrupting_loss(model, batch):
+        if trainer.step == 5:  # step 6: SIGTERM in its first micro-batch
             calls.append(1)
-            if len(calls) in (1, 2):
-                signal.raise_signal(first if len(calls) == 1 else second)
+            if len(calls) == 1:
+                signal.raise_signal(signal.SIGTERM)
         return lm_loss(model, batch)
 
-    trainer = tiny_trainer(data_dir, tmp_path / "run", signalling_loss, grad_accum=1000)
+    trainer = tiny_trainer(data_dir, tmp_path / "cut", interrupting_loss, dropout=0.1, grad_accum=3, max_steps=8)
+    result = trainer.fit()
+    assert result.interrupted and result.step == 5 and result.stop_signal == signal.SIGTERM and len(calls) == 1
+    assert (tmp_path / "cut" / "checkpoints" / "step-000005").is_dir()
+    assert tiny_trainer(data_dir, tmp_path / "cut", dropout=0.1, grad_accum=3, max_steps=8).fit(resume=True).step == 8
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+
+
+@pytest.mark.parametrize("first, second", [(signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, signal.SIGTERM), (signal.SIGTERM, signal.SIGINT)])
+def test_a_second_signal_stops_at_once(data_dir, tmp_path, first, second):
+    """One signal lets the micro-batch end (then a checkpoint); a second one, of either kind, stops now."""
+    def signalling_loss(model, batch):
+        if trainer.step == 2:
+            signal.raise_signal(first)
+            signal.raise_signal(second)
+        return lm_loss(model, batch)
+
+    trainer = tiny_trainer(data_dir, tmp_path / "run", signalling_loss)
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
-    assert len(calls) == 2  # not the 1000 micro-batches of the step
-    assert checkpoint_dirs(tmp_path / "run") == []  # nor a checkpoint of half a step
+    assert [p.name for _, p in checkpoint_dirs(tmp_path / "run")] == ["step-000002"]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):

@@ -141,3 +141,14 @@ def test_one_writer_per_lock_and_a_dead_holders_lock_is_taken_over(tmp_path, cap
     with OutputLock(lock_path, "run x"):
         assert json.loads(lock_path.read_text())["pid"] == os.getpid()
     assert "took over the lock of process" in caplog.text and not lock_path.exists()
+
+
+@pytest.mark.parametrize("pid", [0, -1, True, 10**400, 2**63, "1", None, 1.5])
+def test_a_lock_naming_no_possible_process_is_taken_over(tmp_path, caplog, pid):
+    """A lock whose pid names no process (0 and -1 made os.kill test a whole process group, so the
+    output stayed "in use" for ever; 10**400 was an OverflowError) is an unreadable lock: taken over."""
+    lock_path = tmp_path / ".lock"
+    lock_path.write_text(json.dumps({"pid": pid, "host": os.uname().nodename, "command": "x", "started": "now"}))
+    with OutputLock(lock_path, "run x"):
+        assert json.loads(lock_path.read_text())["pid"] == os.getpid()
+    assert not lock_path.exists()

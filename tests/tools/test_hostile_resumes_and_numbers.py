@@ -1,6 +1,8 @@
-"""A run directory's run_config.json is read back by --resume (gpt-train and gpt-finetune): a file that
-lies, whatever it holds, is one line and exit 2 before any work, never a traceback nor a resume that
-takes a changed option for the same (issue 23)."""
+"""Two classes of hostile input (issue 23), each one line and exit 2 before any work, never a
+traceback: a run directory's run_config.json that lies, read back by --resume (gpt-train and
+gpt-finetune), whatever it holds, and never a resume that takes a changed option for the same; and
+numbers too large for any machine type (an option of 400 digits, a file integer beyond a float's range,
+an integer beyond Python's 4300 digits), which overflowed float conversions deep in the commands."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ import pytest
 
 from tests.gpt.test_sampling import make_tiny_model, small_tokenizer
 from tools.cli import MAX_MESSAGE_CHARS, ExitCode
+from tools.bpe_train import main as bpe_train
 from tools.finetune import main as finetune
+from tools.generate import main as generate
 from tools.train import main as train
 
 QUICK = ["--progress", "false", "--sample-tokens", "0"]
@@ -143,3 +147,50 @@ def test_a_huge_value_is_cut_in_the_one_line_message(capsys, tmp_path):
     one_line(capsys, train(["--batch-size", "9" * 400, "--data", "d", "--out", str(tmp_path / "r")]), "--batch-size", "at most")
     (tmp_path / "i.jsonl").write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
     one_line(capsys, finetune(["instruct", "--model", "m" * 100_000, "--data", str(tmp_path / "i.jsonl"), "--out", str(tmp_path / "o")]))
+
+
+BIG = "9" * 400
+
+
+@pytest.mark.parametrize("args, word", [
+    (["--batch-size", BIG], "--batch-size"), (["--grad-accum", BIG], "--grad-accum"), (["--keep-last", BIG], "--keep-last"),
+    (["--batch-tokens", BIG], "--batch-tokens"), (["--max-steps", "9223372036854775808"], "--max-steps"),
+    (["--max-memory", BIG + "MB", "--vocab-size", "300"], "--max-memory"), (["--lr", "1e400"], "--lr")])
+def test_an_option_beyond_int64_is_refused_by_its_parser(data_dir, tmp_path, capsys, args, word):
+    """400 digits were OverflowError tracebacks (the memory check's float division, torch's int64)."""
+    text = tmp_path / "t.txt"
+    text.write_text("some text to train on " * 50)
+    source = [str(text)] if "--max-memory" in args else ["--data", str(data_dir)]
+    one_line(capsys, train([*source, "--out", str(tmp_path / "run"), *args, *QUICK]), word)
+    assert not (tmp_path / "run").exists()
+
+
+def test_options_of_other_commands_beyond_int64(sft_run, tmp_path, capsys):
+    one_line(capsys, finetune(["instruct", "--model", str(sft_run / "model"), "--data", str(sft_run / "i.jsonl"),
+                               "--out", str(tmp_path / "o"), "--lora-rank", BIG]), "--lora-rank")
+    one_line(capsys, finetune(["instruct", "--model", str(sft_run / "model"), "--data", str(sft_run / "i.jsonl"),
+                               "--out", str(tmp_path / "o"), "--lora-rank", "9223372036854775807"]), "--lora-rank", "65536")
+    (tmp_path / "t.txt").write_text("abc " * 100)
+    one_line(capsys, bpe_train([str(tmp_path / "t.txt"), "-o", str(tmp_path / "t.json"), "--max-memory", "1" + "0" * 400]), "--max-memory")
+    one_line(capsys, bpe_train([str(tmp_path / "t.txt"), "-o", str(tmp_path / "t.json"), "--vocab-size", BIG]), "--vocab-size")
+    one_line(capsys, generate(["--model", str(sft_run / "model"), "hi", "--top-k", "9" * 5000]), "--top-k")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
+
+
+@pytest.mark.parametrize("literal, word", [("9" * 400, "an integer of 400 digits"), ("-" + "9" * 400, "an integer of 400 digits"),
+                                           ("9" * 5000, "4300 digits")])
+def test_a_file_integer_beyond_any_float_is_one_line(sft_run, tmp_path, capsys, literal, word):
+    """In a checkpoint's config.json, instruction data, a --config file (JSON and TOML): a number that
+    overflows every float conversion is refused where the file is read, naming it."""
+    model = tmp_path / "model"
+    shutil.copytree(sft_run / "model", model)
+    config = (model / "config.json").read_text()
+    (model / "config.json").write_text(config.replace('"n_layer": ', f'"n_layer": {literal}, "was": ', 1))
+    one_line(capsys, generate(["--model", str(model), "hi"]), "config.json", word)
+    (tmp_path / "i.json").write_text(f'[{{"instruction": "a", "output": {literal}}}]')
+    one_line(capsys, finetune(["instruct", "--model", str(sft_run / "model"), "--data", str(tmp_path / "i.json"),
+                               "--out", str(tmp_path / "o")]), "i.json")
+    for name, text in (("c.json", f'{{"seed": {literal}}}'), ("c.toml", f"seed = {literal}")):
+        (tmp_path / name).write_text(text)
+        one_line(capsys, train(["--config", str(tmp_path / name), "--data", str(tmp_path), "--out", str(tmp_path / "r")]), name)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "r").exists()
