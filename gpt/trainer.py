@@ -183,8 +183,8 @@ class Trainer:
             raise KeyboardInterrupt  # a second Ctrl-C or SIGTERM: stop now (a long step is not waited for)
         self._stop_signal = signum
         if self.dist.is_main:
-            log.info(f"{signal.Signals(signum).name}: stopping after this micro-batch, then writing a checkpoint of step {self.step} "
-                     f"or {self.step + 1} (Ctrl-C again to stop at once)")
+            log.info(f"{signal.Signals(signum).name}: stopping after this micro-batch and checkpointing the last whole step "
+                     "(Ctrl-C again to stop at once)")
 
     def _out_of_memory(self, e: BaseException) -> SettingError:
         return SettingError("batch_size", f"a micro-batch of {{batch_size}} {self.config.batch_size} does not fit in memory on "

@@ -22,8 +22,11 @@ occurs fewer than ``min_frequency`` times.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
+import threading
+import time
 import warnings
 from collections import Counter, deque
 from typing import Iterable, Iterator, Sequence
@@ -90,6 +93,18 @@ def quiet_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # (held back while forked)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_end_with_parent, args=(parent.pid,), daemon=True).start()
+
+
+def _end_with_parent(parent_pid: int) -> None:
+    """A worker ends itself once its parent is gone. Out of its group, no signal to the command reaches
+    it, and the pool's own thread may fork a replacement for a worker an interrupt killed just as the
+    command exits: that one waited on the task queue for ever, holding the command's stdout and stderr."""
+    while os.getppid() == parent_pid:
+        time.sleep(0.2)
+    os._exit(0)
 
 
 def start_pool(pool_factory):

@@ -92,6 +92,7 @@ def read_config_file(path: str | Path, flag: str = "--config") -> dict[str, Any]
     if not isinstance(raw, dict):
         raise CLIError(f"{flag} {p}: expected a table of options")
     types = {name: typ for name, typ, _, _ in option_table()}
+    defaults = {name: default for name, _, default, _ in option_table()}
     out = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
@@ -99,6 +100,8 @@ def read_config_file(path: str | Path, flag: str = "--config") -> dict[str, Any]
             continue
         if name not in types:
             raise CLIError(f"{flag} {p}: unknown option {key!r}; see gpt-train --help")
+        if value is None and defaults[name] is not None:  # null means "unset" only where unset is the default
+            raise CLIError(f"{flag} {p}: option {key!r} cannot be null (its default is {defaults[name]!r})")
         if value is not None and types[name] is list:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise CLIError(f"{flag} {p}: option {key!r} must be a list of strings, got {value!r}")

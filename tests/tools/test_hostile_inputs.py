@@ -263,6 +263,36 @@ def test_pool_workers_leave_interrupts_to_the_parent():
     assert group != os.getpgid(0)
 
 
+def test_pool_workers_end_when_their_parent_is_gone(tmp_path):
+    """Out of the group, no signal reaches a worker: one that outlived its parent (a replacement the
+    pool's thread forked just as an interrupted command exited) waited on the task queue for ever,
+    holding the command's stdout and stderr open (the caller saw a hang). Now a worker ends itself."""
+    pids = tmp_path / "pids"
+    # Both workers killed (one held the task queue's lock), the pool's thread forks two replacements,
+    # which wait on that lock; the parent then goes without ending its pool.
+    script = ("import os, multiprocessing, signal, time; from tokenizers_bpe.trainer import quiet_worker; "
+              "pool = multiprocessing.Pool(2, initializer=quiet_worker); time.sleep(0.5); "
+              "[os.kill(p.pid, signal.SIGKILL) for p in multiprocessing.active_children()]; time.sleep(1); "
+              f"open({str(pids)!r}, 'w').write(' '.join(str(p.pid) for p in multiprocessing.active_children())); "
+              "os._exit(0)")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    workers = [int(p) for p in pids.read_text().split()]
+    assert len(workers) == 2
+    deadline = time.time() + 5
+    while time.time() < deadline and any(_running(pid) for pid in workers):
+        time.sleep(0.1)
+    assert not [pid for pid in workers if _running(pid)]
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def _handlers():
     return (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)), os.getpgid(0)
 
