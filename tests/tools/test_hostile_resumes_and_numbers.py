@@ -131,7 +131,10 @@ def train_run(data_dir, tmp_path_factory):
     # the run's model shape, recorded only under "derived", is what a changed option is compared against
     (lambda c: c.update(n_layer=None, derived=[1]), ("--n-layer cannot change", "its default")),
     (lambda c: c.update(n_layer=None, derived={"model": [1], "n_layer": 1}), ("--n-layer cannot change", "1")),
-    (lambda c: c.update(seed="a" * 100_000), ("option 'seed'",))])
+    (lambda c: c.update(seed="a" * 100_000), ("option 'seed'",)),
+    # null is "unset" only for an option unset by default (these were TypeError/AttributeError tracebacks)
+    (lambda c: c.update(device=None), ("option 'device' cannot be null",)),
+    (lambda c: c.update(sample_prompt=None), ("option 'sample_prompt' cannot be null",))])
 def test_a_training_run_config_that_lies_is_one_line(train_run, tmp_path, capsys, edit, words):
     copy = edited(train_run, tmp_path, edit)
     before = listing(copy)
