@@ -30,7 +30,7 @@ from gpt.config import GPTConfig
 from gpt.device import DTYPES, dtype_name
 from gpt.lora import LoRAConfig, adapter_shapes, apply_lora, check_unmerged, split_adapters
 from gpt.memory import check_model_fits
-from gpt.token_choice import SAMPLING_DEFAULTS
+from gpt.token_choice import MAX_NEW_TOKENS, SAMPLING_DEFAULTS, check_count, check_sampling_settings
 from tokenizers_bpe import TOKENIZER_FILE
 from tokenizers_bpe.errors import InputFileError, SettingError
 from tokenizers_bpe.fileio import Stamp, atomic_directory, check_directory, check_regular_file, format_stamp, recorded_version
@@ -238,6 +238,12 @@ def read_generation(directory) -> dict[str, Any]:
     unknown = sorted(set(generation) - set(SAMPLING_DEFAULTS))
     if unknown:
         raise CheckpointError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(SAMPLING_DEFAULTS)}")
+    settings = {**SAMPLING_DEFAULTS, **generation}
+    try:  # the sampler's own checks, so that every reader (gpt-inspect too) refuses what gpt-generate would
+        check_sampling_settings(settings["temperature"], settings["top_k"], settings["top_p"], settings["repetition_penalty"])
+        check_count("max_new_tokens", settings["max_new_tokens"], MAX_NEW_TOKENS)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     return generation
 
 

@@ -164,7 +164,9 @@ def generate(
     else:
         generator.manual_seed(seed)
 
-    rule = SamplingRule(temperature, top_k, top_p, repetition_penalty)
+    # floats from here on: a Python int (say 10**30) in a tensor division overflows torch's int64
+    rule = SamplingRule(float(temperature), top_k, None if top_p is None else float(top_p),
+                        None if repetition_penalty is None else float(repetition_penalty))
     seen = None
     if rule.penalised:
         seen = torch.zeros(num_samples, vocab_size, dtype=torch.bool, device=device)

@@ -93,18 +93,26 @@ def probabilities(logits: torch.Tensor, temperature: float, top_k: int | None, t
     return torch.softmax(logits, dim=-1).reshape(shape)
 
 
+def _real(value) -> float | None:
+    """``value`` as a float when it is a finite real number (not a bool; an int of 400 digits is none)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
+
+
 def check_sampling_settings(temperature, top_k, top_p, repetition_penalty) -> None:
     """ValueError naming the first setting out of range."""
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0 or math.isinf(temperature):
+    if (real := _real(temperature)) is None or real < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise ValueError(f"top_k must be an integer >= 1 (or None for no limit), got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1):
+    if top_p is not None and ((real := _real(top_p)) is None or not 0 < real <= 1):
         raise ValueError(f"top_p must be in (0, 1] (or None for no limit), got {top_p!r}")
-    if repetition_penalty is not None and (
-        not isinstance(repetition_penalty, (int, float)) or isinstance(repetition_penalty, bool)
-        or not 0 < repetition_penalty < math.inf
-    ):
+    if repetition_penalty is not None and ((real := _real(repetition_penalty)) is None or real <= 0):
         raise ValueError(f"repetition_penalty must be a finite number > 0 (1 is off), got {repetition_penalty!r}")
 
 

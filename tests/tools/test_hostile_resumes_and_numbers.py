@@ -197,3 +197,28 @@ def test_a_file_integer_beyond_any_float_is_one_line(sft_run, tmp_path, capsys, 
         (tmp_path / name).write_text(text)
         one_line(capsys, train(["--config", str(tmp_path / name), "--data", str(tmp_path), "--out", str(tmp_path / "r")]), name)
     assert not (tmp_path / "o").exists() and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("setting, value", [("temperature", None), ("temperature", -1), ("top_p", 2), ("top_k", 0.5),
+                                            ("repetition_penalty", True), ("max_new_tokens", 10**30)])
+def test_a_generation_json_out_of_range_fails_inspect_as_it_fails_generate(sft_run, tmp_path, capsys, setting, value):
+    """gpt-inspect reported "ok" for sampling defaults that gpt-generate refuses: both now check them
+    where the file is read (gpt.checkpoint.read_generation)."""
+    from tools.inspect_checkpoint import main as inspect
+
+    model = tmp_path / "model"
+    shutil.copytree(sft_run / "model", model)
+    (model / "generation.json").write_text(json.dumps({setting: value}))
+    one_line(capsys, generate(["--model", str(model), "hi"]), "generation.json", setting)
+    assert inspect([str(model)]) == 1
+    assert "FAIL  generation.json" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("setting", ["temperature", "repetition_penalty"])
+def test_an_integer_setting_beyond_int64_samples_as_a_float(sft_run, tmp_path, capsys, setting):
+    """A temperature of 10**30 (an int, from generation.json or the Python API) was an OverflowError in
+    torch's division; it is that float."""
+    model = tmp_path / "model"
+    shutil.copytree(sft_run / "model", model)
+    (model / "generation.json").write_text(json.dumps({setting: 10**30}))
+    assert generate(["--model", str(model), "hi", "-n", "3", "--no-stream"]) == 0, capsys.readouterr().err
