@@ -272,7 +272,9 @@ def test_pool_workers_end_when_their_parent_is_gone(tmp_path):
     # which wait on that lock; the parent then goes without ending its pool.
     script = ("import os, multiprocessing, signal, time; from tokenizers_bpe.trainer import quiet_worker; "
               "pool = multiprocessing.Pool(2, initializer=quiet_worker); time.sleep(0.5); "
-              "[os.kill(p.pid, signal.SIGKILL) for p in multiprocessing.active_children()]; time.sleep(1); "
+              "killed = [p.pid for p in multiprocessing.active_children()]; [os.kill(pid, signal.SIGKILL) for pid in killed]; "
+              "deadline = time.time() + 20\n"  # (the pool's thread replaces dead workers every 0.1 s)
+              "while time.time() < deadline and len({p.pid for p in multiprocessing.active_children()} - set(killed)) < 2: time.sleep(0.1)\n"
               f"open({str(pids)!r}, 'w').write(' '.join(str(p.pid) for p in multiprocessing.active_children())); "
               "os._exit(0)")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
