@@ -491,4 +491,3 @@ class Trainer:
         if better:
             self._write_model_dir(self.out_dir / BEST_DIR)
         plot_metrics(self.out_dir / METRICS_FILE, self.out_dir / PLOT_FILE)
-

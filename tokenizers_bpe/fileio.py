@@ -338,17 +338,16 @@ def _check_kind(path: Path, is_kind, what: str, hint: str, missing: str) -> Path
 def check_nesting(value: object, where: str, limit: int = MAX_NESTING) -> object:
     """``value`` (parsed JSON/TOML) if its lists and objects nest at most ``limit`` deep and no integer
     in it exceeds MAX_FILE_INT, else an InputFileError (walked without recursion)."""
-    stack = [(value, 1)]
+    stack = [([value], 0)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, int) and abs(item) > MAX_FILE_INT:  # (400 digits overflow every float conversion)
-            raise InputFileError(where, f"{where}: an integer of {len(str(abs(item)))} digits, larger than any value this toolkit reads")
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is None:
-            continue
         if depth > limit:
             raise InputFileError(where, f"{where}: nested more than {limit} levels deep; not a file this toolkit reads")
-        stack.extend((child, depth + 1) for child in children)
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+            elif type(child) is int and not -MAX_FILE_INT <= child <= MAX_FILE_INT:  # (would overflow every float conversion)
+                raise InputFileError(where, f"{where}: an integer of {len(str(abs(child)))} digits, larger than any value this toolkit reads")
     return value
 
 

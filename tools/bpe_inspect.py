@@ -7,7 +7,7 @@ from typing import Sequence
 from tokenizers_bpe import BPETokenizer, Tokenizer, load_any
 from tokenizers_bpe.fileio import iter_file_texts
 from tokenizers_bpe.patterns import PATTERNS
-from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_tokenizer_arguments, command, integer
+from tools.cli import ArgumentParser, HelpFormatter, add_tokenizer_arguments, command, integer
 from tools.corpus import plays
 
 PROG = "bpe-inspect"
@@ -34,10 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog=PROG, formatter_class=HelpFormatter, description=__doc__.split(": ", 1)[1].strip())
     add_tokenizer_arguments(p, "tokenizer")
     p.add_argument("--sample", metavar="FILE", help="measure compression on this UTF-8 file (default: about 1 MB of the built-in corpus)")
-    p.add_argument("--top", type=integer(), default=10, help="how many tokens/merges to list")
+    p.add_argument("--top", type=integer(1), default=10, help="how many tokens/merges to list")
     args = p.parse_args(argv)
-    if args.top < 1:
-        raise CLIError(f"--top must be at least 1, got {args.top}")
     tok = load_any(args.tokenizer, pattern=args.pattern)
     print(f"{args.tokenizer}: {tok.type} tokenizer, fingerprint {tok.fingerprint()[:16]}")
     print(f"  vocabulary     {describe_sizes(tok)}")

@@ -89,10 +89,16 @@ def read_config_file(path: str | Path, flag: str = "--config") -> dict[str, Any]
         raw = read_options_file(p)
     except InputFileError as e:
         raise CLIError(f"{flag} {e}") from None
+    return checked_options(raw, p, flag)
+
+
+def checked_options(raw: object, p: Path, flag: str) -> dict[str, Any]:
+    """The options of a parsed --config file or run_config.json (``p``), each value checked by its flag's parser."""
     if not isinstance(raw, dict):
         raise CLIError(f"{flag} {p}: expected a table of options")
-    types = {name: typ for name, typ, _, _ in option_table()}
-    defaults = {name: default for name, _, default, _ in option_table()}
+    table = option_table()
+    types = {name: typ for name, typ, _, _ in table}
+    defaults = {name: default for name, _, default, _ in table}
     out = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
@@ -133,7 +139,7 @@ def effective_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict | 
             saved_raw = read_run_config(run_dir, "this is not a usable gpt-train run directory")
         except InputFileError as e:
             raise CLIError(f"--resume {e}") from None
-        options = read_config_file(path, "--resume")
+        options = checked_options(saved_raw, path, "--resume")
         opts.update(options)
         derived = saved_raw.get("derived")
         saved = {"options": options, "derived": derived if isinstance(derived, dict) else {}}

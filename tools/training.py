@@ -173,7 +173,7 @@ def resolved(path_or_paths):
     """A path option's value as run_config.json records it and a resume compares it: resolved (each of
     a list), so that a run resumed from another directory means the same files; anything else as is."""
     if isinstance(path_or_paths, (list, tuple)):
-        return [resolved(p) if isinstance(p, (str, Path)) else p for p in path_or_paths]
+        return [resolved(p) for p in path_or_paths]
     return str(resolve_path(path_or_paths)) if isinstance(path_or_paths, (str, Path)) and path_or_paths else path_or_paths
 
 
