@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -109,7 +110,9 @@ def _package(module: _Flat, args: tuple, dynamic: dict, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp.pt2", dir=path.parent)
     os.close(fd)
     try:
-        torch._inductor.aoti_compile_and_package(program, package_path=tmp)
+        with warnings.catch_warnings():  # PyTorch's own deprecation (a LeafSpec pickled): nothing a user can act on
+            warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
+            torch._inductor.aoti_compile_and_package(program, package_path=tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; a package is as readable as any output

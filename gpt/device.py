@@ -4,12 +4,15 @@ a ``torchrun`` job (DDP: NCCL on GPUs, gloo on CPUs)."""
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
 
 from tokenizers_bpe.errors import SettingError
+from tokenizers_bpe.fileio import is_out_of_space
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -103,3 +106,22 @@ def to_device(batch, device: torch.device):
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
+
+
+def compile_failure(e: BaseException) -> SettingError | None:
+    """``e`` as an error naming the setting ``compile`` when torch.compile raised it (its C++ build
+    failed, or $TMPDIR, where it builds, is full); None for any other error."""
+    dynamo = sys.modules.get("torch._dynamo.exc")  # (not imported: nothing was compiled)
+    if dynamo is None or not isinstance(e, dynamo.TorchDynamoException):
+        return None
+    chain, cause = [], e
+    while cause is not None and len(chain) < 16:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if any(is_out_of_space(c) for c in chain):
+        where = os.environ.get("TMPDIR") or tempfile.gettempdir()  # (the C++ compiler's, where Python's had to look elsewhere)
+        return SettingError("compile", f"torch.compile could not write its build files under {where}: no space "
+                                       "left on the device; free some space there, set TMPDIR to a disk with more, or run "
+                                       "without {compile}")
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    return SettingError("compile", f"torch.compile failed on this machine ({first[:200]}); run without {{compile}}")

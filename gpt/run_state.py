@@ -44,6 +44,7 @@ from tokenizers_bpe.fileio import (
     atomic_write,
     format_stamp,
     free_bytes,
+    no_space_as_error,
     parse_json,
     read_json,
     read_text,
@@ -255,6 +256,23 @@ def truncate_metrics(out_dir: Path, step: int) -> None:
         f.write("".join(line + "\n" for line in keep))
 
 
+def append_metrics(out_dir: Path, record: dict) -> None:
+    """One line of ``metrics.jsonl``. A full disk is a NoSpaceError naming the last good checkpoint (the
+    line it cut short is dropped when the run resumes)."""
+    path = Path(out_dir) / METRICS_FILE
+    try:
+        with no_space_as_error(path), open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    except NoSpaceError as e:
+        raise NoSpaceError(path, e.free, e.needed, checkpoint_advice(out_dir)) from None
+
+
+def checkpoint_advice(run_dir: Path) -> str:
+    """What a run that cannot write on can still resume from, for a message."""
+    found = checkpoint_dirs(run_dir)
+    return f"the last good checkpoint {found[-1][1]} is intact" if found else "no checkpoint was written yet"
+
+
 def resolve_model_dir(path: str | os.PathLike) -> tuple[Path, str | None]:
     """A checkpoint directory as given, or a run directory standing for its model: ``final/``, else
     ``best/``, else the newest step checkpoint. Returns (directory, a note saying what was picked, or
@@ -344,8 +362,7 @@ class RunDirectory:
         """A checkpoint directory of the run, written atomically by ``write(tmp)``; ``size`` is about the
         bytes it takes. A disk too full for it is a NoSpaceError naming the last good checkpoint, raised
         before writing when the free space is known to be short."""
-        found = checkpoint_dirs(self.path)
-        advice = f"the last good checkpoint {found[-1][1]} is intact" if found else "no checkpoint was written yet"
+        advice = checkpoint_advice(self.path)
         if free_bytes(directory.parent) < size:
             raise NoSpaceError(directory, free_bytes(directory.parent), size, advice)
         try:

@@ -42,6 +42,7 @@ import torch
 
 import gpt2_kernels
 from gpt import aot_decode
+from gpt.device import compile_failure
 from gpt.decode import Decoder
 from gpt.speculative import check_draft, speculative_decode
 from gpt.token_choice import (  # noqa: F401  (re-exported: the rules are part of this module's interface)
@@ -201,6 +202,11 @@ def generate(
             x = rule.choose(_finite(logits), outputs.seen, generator)
             if outputs.add(x):
                 break
+    except Exception as e:
+        failure = compile_failure(e)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import math
 import random
@@ -57,11 +56,11 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from gpt.checkpoint import write_checkpoint
-from gpt.device import Dist, resolve_device, resolve_dtype, to_device
+from gpt.device import Dist, compile_failure, resolve_device, resolve_dtype, to_device
 from gpt.memory import SMALLER_BATCH_ADVICE
 from gpt.plot import plot_metrics
 from gpt.run_state import (
-    BEST_DIR, FINAL_DIR, METRICS_FILE, PLOT_FILE, STATE_FILE, STATE_FORMAT, STATE_VERSION, checkpoint_dirs, holds_run,
+    append_metrics, BEST_DIR, FINAL_DIR, METRICS_FILE, PLOT_FILE, STATE_FILE, STATE_FORMAT, STATE_VERSION, checkpoint_dirs, holds_run,
     load_optimizer_state, local_rng_state, optimizer_state, read_train_state, restore_rng, rng_snapshot, RunDirectory,
     set_local_rng_state, step_dir, TrainResult, truncate_metrics, write_train_state
 )
@@ -175,8 +174,7 @@ class Trainer:
 
     def _log(self, record: dict) -> None:
         if self.dist.is_main:
-            with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            append_metrics(self.out_dir, record)
 
     def _handle_signal(self, signum, frame) -> None:
         if self._stop_signal is not None:
@@ -406,6 +404,11 @@ class Trainer:
         checkpoint = self.prepare(resume)
         try:
             return self._fit(checkpoint)
+        except Exception as e:
+            failure = compile_failure(e)
+            if failure is None:
+                raise
+            raise failure from None
         finally:
             self.run_dir.close()
 

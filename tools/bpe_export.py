@@ -27,6 +27,7 @@ is written.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -114,9 +115,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         if not isinstance(tok, BPETokenizer):
             refuse(tok, "tiktoken", "tiktoken's encodings are byte-level BPE")
-        tok.save_tiktoken(out)
         with atomic_write(sidecar_path(out), "w", stamp=SIDECAR_STAMP) as f:
+            # The sidecar is on the disk before the rank file replaces OUT, and is renamed right after it:
+            # a full disk or an error at either leaves the old pair (or nothing), never half a pair.
             f.write(json.dumps(tiktoken_sidecar(tok, out), ensure_ascii=False, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            tok.save_tiktoken(out)
         names = [out.name, sidecar_path(out).name]
     print(f"{PROG}: wrote {out} ({', '.join(names)})")
     return 0

@@ -10,12 +10,14 @@ import sys
 import tempfile
 import time
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from tokenizers_bpe import TOKENIZER_FILE, Tokenizer, load, train, train_char, train_from_iterator
-from tokenizers_bpe.membudget import current_rss
+from tokenizers_bpe.errors import byte_size
+from tokenizers_bpe.membudget import current_rss, default_budget
 from tokenizers_bpe.fileio import check_text_file, iter_file_texts
 from tokenizers_bpe.patterns import PATTERNS
 from tokenizers_bpe.tokenizer import TOKENIZER_STAMP
@@ -56,7 +58,8 @@ def build_parser() -> ArgumentParser:
                    help="keep the resident memory of training (workers included) under SIZE (e.g. 256MB, 2GB, 512MiB): "
                         "piece counts that outgrow it are spilled to $TMPDIR (at most about 1.5x the corpus, usually "
                         "far less) and merged at the end, and the merge phase's arrays are mapped from a file there; "
-                        "the tokenizer is the same byte for byte")
+                        "the tokenizer is the same byte for byte (default: none, unless the files may not fit in "
+                        "the available memory unbounded: then 3/4 of it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_seed_argument(p, help_text="accepted like every command's --seed; training has no randomness, so any seed gives the same file")
     return p
@@ -115,8 +118,20 @@ class TokenizerRecipe:
         check_train_settings(self.vocab_size if not self.char else 256 + len(self.specials), self.specials,
                              self.pattern, self.min_frequency, self.max_memory)
 
-    def train(self, progress: bool) -> tuple[Tokenizer, list[str]]:
+    def budget(self) -> int | None:
+        """--max-memory; where none is given and the corpus files may not fit in memory unbounded, a
+        share of the available memory (membudget.default_budget): spilled to disk, never killed."""
+        if self.max_memory is not None or self.char or self.corpus:
+            return self.max_memory
+        return default_budget(sum(Path(f).stat().st_size for f in self.files))
+
+    def train(self, progress: bool, prog: str = PROG) -> tuple[Tokenizer, list[str]]:
         """The tokenizer, and the warnings of training (e.g. a vocabulary the corpus cannot fill)."""
+        budget = self.budget()
+        if budget != self.max_memory:
+            print(f"{prog}: note: the corpus may not fit in memory unbounded; training in a budget of {byte_size(budget)} "
+                  "(counts spilled to $TMPDIR, the same tokenizer; --max-memory sets it)", file=sys.stderr)
+            return dataclasses.replace(self, max_memory=budget).train(progress, prog)
         if self.max_memory is not None and current_rss() > self.max_memory // 4 and not os.environ.get(FRESH_PROCESS_ENV):
             return self._train_in_fresh_process(progress), []
         with warnings.catch_warnings(record=True) as caught:

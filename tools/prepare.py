@@ -158,11 +158,13 @@ def plan_splits(docs: list[Document], train_bytes: int, chunk_bytes: int, cuts: 
 _worker_tokenizer = None
 
 
-def _init_worker(tokenizer_path: str, pattern: str | None, quiet: bool = True) -> None:
+def _init_worker(tokenizer, quiet: bool = True) -> None:
+    # The workers take the loaded tokenizer, not its file: a worker started while the command ends
+    # (the pool replaces a killed one) finds the file removed with an output directory it was in.
     global _worker_tokenizer
     if quiet:
         quiet_worker()
-    _worker_tokenizer = tokenizers_bpe.load_any(tokenizer_path, pattern=pattern)
+    _worker_tokenizer = tokenizer
 
 
 def _encode(text: str) -> list[int]:
@@ -205,17 +207,17 @@ def plan_data(files: Sequence[str], builtin: str | None, pattern: str | None, *,
 
 
 def prepare(plan: DataPlan, tokenizer, tokenizer_path: str, out: Path, *, append_eot: bool, workers: int,
-            pattern: str | None = None, progress: bool = True) -> DataMeta:
-    """Encode the planned input into ``out`` (replaced atomically only once everything is written).
-    ``pattern``: the one load_any needs for a .tiktoken ``tokenizer_path``."""
+            progress: bool = True) -> DataMeta:
+    """Encode the planned input into ``out`` (replaced atomically only once everything is written) with
+    ``tokenizer``, loaded from ``tokenizer_path`` (named in messages)."""
     dtype = token_dtype(tokenizer.n_vocab)
     docs, total, train_bytes, chunk_bytes = plan.docs, plan.total, plan.train_bytes, plan.chunk_bytes
     cuts = chunk_cut_regex(tokenizer_pattern(tokenizer))
     splits = {name: SplitInfo(file=f"{name}.bin") for name in SPLITS}
     eot = np.array([tokenizer.eot_token], dtype=dtype) if append_eot else None
-    pool = start_pool(lambda: Pool(workers, initializer=_init_worker, initargs=(tokenizer_path, pattern))) if workers > 1 else None
+    pool = start_pool(lambda: Pool(workers, initializer=_init_worker, initargs=(tokenizer,))) if workers > 1 else None
     if pool is None:
-        _init_worker(tokenizer_path, pattern, quiet=False)
+        _init_worker(tokenizer, quiet=False)
     try:
         with atomic_directory(out, DATA_STAMP) as tmp, tqdm(total=total, unit="B", unit_scale=True, desc="gpt-prepare", disable=not progress) as bar:
             files = {name: open(tmp / info.file, "wb") for name, info in splits.items()}
@@ -314,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = plan_data(args.files, args.builtin, tokenizer_pattern(tokenizer), val_fraction=args.val_fraction,
                      chunk_mb=args.chunk_mb, progress=not args.quiet)
     meta = prepare(plan, tokenizer, args.tokenizer, out, append_eot=args.append_eot, workers=args.workers,
-                   pattern=args.pattern, progress=not args.quiet)
+                   progress=not args.quiet)
     for name in SPLITS:
         s = meta.splits[name]
         print(f"{name}: {s.tokens:,} tokens ({s.bytes:,} bytes, {s.bytes / s.tokens:.2f} bytes/token)")

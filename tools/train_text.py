@@ -61,7 +61,7 @@ class TextStages:
         if self.recipe is not None:
             kind = "char-level" if self.recipe.char else f"{self.recipe.vocab_size}-token BPE"
             print(f"{prog}: 1/3 tokenizer: training a {kind} tokenizer on {self.recipe.source}", file=sys.stderr)
-            tokenizer, caught = self.recipe.train(progress=self.progress)
+            tokenizer, caught = self.recipe.train(progress=self.progress, prog=prog)
             for message in caught:
                 print(f"{prog}: warning: {message}", file=sys.stderr)
             tokenizer.save(self.tokenizer_path)

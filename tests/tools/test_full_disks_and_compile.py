@@ -1,0 +1,209 @@
+"""Writes that fail part-way and torch.compile failing (issue 23), found by running every writing
+command on small tmpfs mounts and with a full $TMPDIR: each is one line and exit 2, never a traceback,
+and leaves nothing half-written.
+
+- bpe-export --format tiktoken writes two files: a full disk at either leaves the previous pair (or
+  nothing), never a new rank file without its sidecar.
+- gpt-train FILE with a full disk while preparing its data: the pool's workers took the tokenizer from
+  its file, which the failed run's directory took with it; a worker the pool started while the command
+  ended printed a traceback for every try.
+- A full disk at a line of metrics.jsonl: a bare `[Errno 28]` without a path; now the file, the last good
+  checkpoint and the command that resumes.
+- torch.compile's C++ build failing (a full $TMPDIR, or any compiler error): a torch traceback; now one
+  line naming --compile.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import gpt.run_state
+import tokenizers_bpe
+from tests.conftest import ROOT
+from tests.gpt.test_sampling import make_tiny_model, small_tokenizer
+from tools.bpe_export import main as bpe_export
+from tools.cli import ExitCode
+from tools.train import main as train
+
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--n-ctx", "16", "--batch-size", "2", "--sample-tokens", "0",
+        "--progress", "false", "--warmup-steps", "1", "--log-interval", "1"]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------ bpe-export tiktoken
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tok") / "tok.json"
+    tokenizers_bpe.train_from_iterator(["hello world, hello there " * 50], 270).save(path)
+    return path
+
+
+@pytest.mark.parametrize("fails", ["sidecar", "rank file"])
+@pytest.mark.parametrize("previous", [False, True])
+def test_tiktoken_export_on_a_full_disk_leaves_the_old_pair_or_nothing(tokenizer_file, tmp_path, monkeypatch, capsys,
+                                                                      fails, previous):
+    out = tmp_path / "e.tiktoken"
+    if previous:
+        assert bpe_export([str(tokenizer_file), "--format", "tiktoken", "-o", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    capsys.readouterr()
+    if fails == "sidecar":
+        monkeypatch.setattr("tools.bpe_export.os.fsync", no_space)  # the sidecar's bytes reach the disk first
+    else:
+        monkeypatch.setattr(tokenizers_bpe.BPETokenizer, "save_tiktoken", lambda self, path: no_space())
+    assert bpe_export([str(tokenizer_file), "--format", "tiktoken", "-o", str(out)]) == ExitCode.USER_ERROR
+    line = error_line(capsys.readouterr().err)
+    assert "no space left on the device" in line and str(out) in line
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no lock, temporary or half pair
+
+
+# ------------------------------------------------------------------------------------------ gpt-train FILE, data stage
+
+# gpt-train FILE as a console script (which ends at once after an error, killing its pool's workers), on
+# a disk that fills up while the data is prepared by two workers.
+FULL_IN_DATA = """
+import builtins, errno, sys
+sys.argv[0] = "gpt-train"
+import tools.prepare
+def full_open(path, mode="r", *args, **kwargs):
+    f = builtins.open(path, mode, *args, **kwargs)
+    if "w" in mode and str(path).endswith(".bin"):
+        def write(data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        f.write = write
+    return f
+tools.prepare.open = full_open
+from tools.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_while_a_text_run_prepares_its_data_is_one_line(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"line {i} of some text to train on, with words.\n" for i in range(3000)))
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-c", FULL_IN_DATA, str(text), "--out", str(run), "--vocab-size", "300", *TINY,
+                           "--max-steps", "1"], env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == ExitCode.USER_ERROR, done.stderr[-3000:]
+    line = error_line(done.stderr)
+    assert "no space left on the device" in line and "data" in line
+    assert not run.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
+
+
+# ------------------------------------------------------------------------------------------ metrics.jsonl
+
+
+def test_a_full_disk_at_a_metrics_line_names_it_and_the_checkpoint_to_resume_from(data_dir, tmp_path, monkeypatch, capsys):
+    real_open = open
+
+    def full_from_step_3(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if Path(path).name == "metrics.jsonl" and "a" in mode:
+            write = f.write
+
+            def full_write(text):
+                if json.loads(text).get("step", 0) >= 3:
+                    write(text[:5])  # a line cut short, as a full disk leaves it
+                    raise OSError(errno.ENOSPC, "No space left on device")  # (no file name, as at a close)
+                return write(text)
+
+            f.write = full_write
+        return f
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(gpt.run_state, "open", full_from_step_3, raising=False)
+    argv = ["--data", str(data_dir), "--out", str(run), *TINY, "--max-steps", "4", "--eval-interval", "2"]
+    assert train(argv) == ExitCode.USER_ERROR
+    line = error_line(capsys.readouterr().err)
+    assert f"{run / 'metrics.jsonl'}: no space left on the device" in line
+    assert "step-000002 is intact" in line and f"gpt-train --resume {run}" in line
+    monkeypatch.undo()
+    assert train(["--resume", str(run)]) == 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and max(steps) == 4  # the cut line dropped, nothing logged twice out of order
+
+
+# ------------------------------------------------------------------------------------------ torch.compile
+
+# A C++ compiler that answers torch's version probes and fails every build, as a full $TMPDIR makes g++ fail.
+FAILING_CXX = """#!/bin/sh
+for a in "$@"; do case "$a" in --version|-v|-dumpversion|-dumpmachine|-E) exec g++ "$@";; esac; done
+echo "<built-in>: fatal error: when writing output to /tmp/x/header.i: {message}" >&2
+exit 1
+"""
+
+needs_gxx = pytest.mark.skipif(shutil.which("g++") is None or sys.platform != "linux",
+                               reason="torch.compile's CPU build needs g++ (the failing compiler probes it)")
+
+
+def failing_compiler(tmp_path: Path, message: str) -> dict:
+    cxx = tmp_path / "failing-g++"
+    cxx.write_text(FAILING_CXX.format(message=message))
+    cxx.chmod(0o755)
+    return {**ENV, "CXX": str(cxx), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}  # (no cached build to reuse)
+
+
+@needs_gxx
+def test_torch_compile_on_a_full_tmpdir_is_one_line_naming_compile(data_dir, tmp_path):
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "tools.train", "--data", str(data_dir), "--out", str(run), *TINY,
+                           "--max-steps", "2", "--compile", "true"], env=failing_compiler(tmp_path, "No space left on device"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == ExitCode.USER_ERROR, done.stderr[-3000:]
+    line = error_line(done.stderr)
+    assert "torch.compile could not write its build files" in line and "no space left" in line and "--compile" in line
+    assert not run.exists()  # the run had written nothing useful
+
+
+@needs_gxx
+def test_a_failing_torch_compile_in_generation_is_one_line_naming_compile(tmp_path):
+    model = tmp_path / "model"
+    make_tiny_model(small_tokenizer()).save_pretrained(model)
+    env = failing_compiler(tmp_path, "internal compiler error")
+    before = {p.name for p in tmp_path.iterdir()}
+    done = subprocess.run([sys.executable, "-m", "tools.generate", "--model", str(model), "hi", "-n", "3", "--compile"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == ExitCode.USER_ERROR, done.stderr[-3000:]
+    line = error_line(done.stderr)
+    assert "torch.compile failed on this machine" in line and "run without --compile" in line
+    assert {p.name for p in tmp_path.iterdir()} - before <= {"inductor"}  # no compile cache left beside the model
+
+
+# ------------------------------------------------------------------------------------------ bpe-train's memory
+
+
+def test_a_corpus_that_may_not_fit_in_memory_trains_in_a_default_budget(tmp_path, monkeypatch, capsys):
+    """Without --max-memory, training held every distinct piece in memory, and a corpus too varied for
+    the machine got the process killed. Where the files may not fit (40 bytes per corpus byte at
+    worst), a budget of 3/4 of the available memory applies: the same tokenizer, spilled to disk."""
+    import tokenizers_bpe.membudget as membudget
+    from tools.bpe_train import main as bpe_train
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"word{i % 5000} and line {i} of text.\n" for i in range(120_000)))  # ~4 MB
+    assert bpe_train([str(corpus), "-o", str(tmp_path / "free.json"), "--vocab-size", "400", "--quiet"]) == 0
+    assert "budget" not in capsys.readouterr().err  # this machine has the memory: no budget
+    monkeypatch.setattr(membudget, "available_memory", lambda: 200 * 10**6)  # 4 MB x 40 > 3/4 of 200 MB
+    assert bpe_train([str(corpus), "-o", str(tmp_path / "budget.json"), "--vocab-size", "400", "--quiet"]) == 0
+    assert "training in a budget of 150.0 MB" in capsys.readouterr().err
+    assert (tmp_path / "budget.json").read_bytes() == (tmp_path / "free.json").read_bytes()
