@@ -99,7 +99,7 @@ def byte_size(n: int) -> str:
         return f"{n / 1e9:,.1f} GB"
     if n >= 1e6:
         return f"{n / 1e6:,.1f} MB"
-    return f"{n / 1e3:,.0f} KB" if n >= 1e3 else f"{n:,} bytes"
+    return f"{n / 1e3:,.0f} KB" if n >= 1e3 else f"{n:,} byte{'' if n == 1 else 's'}"
 
 
 class InputFileError(ValueError):

@@ -15,7 +15,7 @@ import os
 import resource
 from dataclasses import dataclass
 
-from .errors import SettingError
+from .errors import SettingError, byte_size
 
 MB = 1 << 20
 WORKER_WORK = 40 * MB  # a worker's chunk: its pieces as strings, their Counter, the pickled result
@@ -83,7 +83,7 @@ def plan_memory(max_memory: int, workers: int) -> MemoryPlan:
         if counts >= MIN_COUNTS:
             return MemoryPlan(w, counts, usable, int(max_memory * MERGE_RESIDENT))
     needed = (base + WORKER_WORK + MIN_COUNTS) / SAFETY
-    raise SettingError("max_memory", f"{{max_memory}} {max_memory / 1e6:.0f} MB is too small to train in: this "
+    raise SettingError("max_memory", f"{{max_memory}} {byte_size(max_memory)} is too small to train in: this "
                                      f"process alone takes {base / 1e6:.0f} MB; give at least {needed / 1e6:.0f} MB")
 
 

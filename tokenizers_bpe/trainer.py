@@ -32,7 +32,7 @@ from collections import Counter, deque
 from typing import Iterable, Iterator, Sequence
 
 from .char import CharTokenizer
-from .errors import SettingError
+from .errors import SettingError, byte_size
 from .membudget import MemoryPlan, plan_memory, release_free_memory
 from .merging import DEFAULT_MIN_FREQUENCY, MemoryBudgetError, learn_merges
 from .fileio import READ_BYTES, check_errors_handler, check_text_file, read_text_blocks
@@ -233,7 +233,7 @@ def _train_on_chunks(chunks, vocab_size, pattern, special_tokens, min_frequency,
             merges = learn_merges(items, n_merges, min_frequency=min_frequency, progress=progress, max_bytes=budget.merges,
                                   scratch_dir=spill.dir, rss_limit=budget.resident)
         except MemoryBudgetError as e:
-            raise SettingError("max_memory", f"{{max_memory}} {max_memory / 1e6:.0f} MB is too small: {e}; "
+            raise SettingError("max_memory", f"{{max_memory}} {byte_size(max_memory)} is too small: {e}; "
                                f"give at least {(e.needed + max_memory - budget.merges) / 1e6:.0f} MB") from None
     return _build(merges, pattern, special_tokens, vocab_size, min_frequency)
 

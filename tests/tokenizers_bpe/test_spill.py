@@ -60,8 +60,10 @@ def test_a_budget_gives_the_byte_identical_tokenizer(tmp_path, play_text, shared
 
 
 def test_a_budget_too_small_is_a_setting_error(tmp_path, play_text):
-    with pytest.raises(SettingError, match="max_memory 1 MB is too small to train in.*give at least"):
+    with pytest.raises(SettingError, match="max_memory 1.0 MB is too small to train in.*give at least"):
         tokenizers_bpe.train_from_iterator([play_text], 300, max_memory=10**6, spill_dir=tmp_path)
+    with pytest.raises(SettingError, match="max_memory 1 byte is too small to train in"):  # (was "0 MB")
+        tokenizers_bpe.train_from_iterator([play_text], 300, max_memory=1, spill_dir=tmp_path)
     with pytest.raises(SettingError, match="positive number of bytes"):
         tokenizers_bpe.train_from_iterator([play_text], 300, max_memory=0)
     assert list(tmp_path.iterdir()) == []
