@@ -58,16 +58,26 @@ def init_distributed(device: str = "auto") -> Dist:
     """Join the process group that ``torchrun`` describes in the environment (NCCL on CUDA, gloo
     on CPU); without torchrun, a single process. Each rank gets its own GPU (``cuda:LOCAL_RANK``)."""
     device = resolve_device(device)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = _environment_int("WORLD_SIZE", "1", 1 << 20)
     if world_size <= 1:
         return Dist(device=device)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = _environment_int("RANK", None, world_size - 1), _environment_int("LOCAL_RANK", "0", world_size - 1)
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     if not torch_dist.is_initialized():
         torch_dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def _environment_int(name: str, default: str | None, most: int) -> int:
+    """An integer torchrun sets in the environment, checked: a stray or garbled one is a one-line error."""
+    text = os.environ.get(name, default)
+    if text is None or len(text) > 20 or not text.strip().isdigit() or int(text) > most:
+        got = "unset" if text is None else f"{text[:40]!r}"
+        raise ValueError(f"the environment variable {name} must be an integer from 0 to {most} as torchrun sets it, got "
+                         f"{got}; unset WORLD_SIZE to train in one process, or start the run with torchrun")
+    return int(text)
 
 
 def _check_dtype_name(dtype: str) -> None:

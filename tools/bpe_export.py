@@ -55,7 +55,7 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, formatter_class=HelpFormatter, description=summary.split(": ", 1)[1].strip(), epilog=details)
     add_tokenizer_arguments(p, "tokenizer")
     p.add_argument("--format", required=True, choices=FORMATS, help="hf, tiktoken or gpt2 (see below)")
-    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT",
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="directory to write (hf, gpt2) or the .tiktoken file (tiktoken; OUT.json beside it)")
     return p
 
@@ -87,7 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path(args.tokenizer).exists():
         raise CLIError(f"{args.tokenizer}: no such file or directory; pass a tokenizer.json, a .tiktoken file or a data "
                        "or checkpoint directory")
-    out, inputs = args.output, [args.tokenizer]
+    out, inputs = Path(args.output), [args.tokenizer]
+    if args.format == "tiktoken" and args.output.endswith(("/", os.sep)):
+        raise CLIError(f"-o {args.output} names a directory (it ends with '/'); --format tiktoken writes a file: give its path")
     if args.format == "tiktoken":
         check_tiktoken_outputs(out, inputs)
     else:

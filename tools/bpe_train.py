@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     recipe = TokenizerRecipe(args.files, args.builtin, args.vocab_size, args.pattern, specials, args.min_frequency, args.char,
                              args.errors, args.workers, args.max_memory)
     recipe.check()
-    if Path(args.output).is_dir():
+    if Path(args.output).is_dir() or args.output.endswith(("/", os.sep)):  # (Path() would drop the slash)
         raise CLIError(f"-o {args.output}: is a directory; give a file name such as {Path(args.output) / TOKENIZER_FILE}")
     out = check_output(args.output, TOKENIZER_STAMP, "-o", inputs=args.files)
 

@@ -33,6 +33,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from tqdm import tqdm
@@ -301,6 +302,14 @@ def max_threads() -> int:
     than the machine only thrashes, OpenMP aborts the process when it cannot allocate a thread, and
     each process takes memory)."""
     return 4 * (os.cpu_count() or 1)
+
+
+def file_path(text: str) -> Path:
+    """An argparse type for a file to write: a path ending with '/' names a directory (Path() would drop
+    the slash and write a file of the directory's name)."""
+    if text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"{text} names a directory (it ends with '/'); give the path of a file")
+    return Path(text)
 
 
 def parse_bool(text: str) -> bool:

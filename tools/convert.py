@@ -45,7 +45,7 @@ from gpt.memory import check_model_fits
 from gpt.model import GPT
 from tokenizers_bpe.errors import InputFileError
 from tokenizers_bpe.fileio import Stamp, atomic_directory, check_directory, check_regular_file, format_stamp, read_json, resolve_path
-from tools.cli import ArgumentParser, CLIError, command
+from tools.cli import ArgumentParser, CLIError, command, file_path
 from tools.models import check_finite_weights, model_argument
 from tools.exports import check_gguf_output, gguf_exportable, hf_tokenizer_content, write_gguf_atomically, write_hf_tokenizer
 from tools.outputs import check_not_an_input, check_output, check_writable_dir
@@ -440,7 +440,7 @@ def build_parser() -> ArgumentParser:
                                         "GPT-4's or a custom pattern, nor a char-level vocabulary (those are refused). Run it "
                                         "with: llama-completion -m OUT.gguf -p 'ROMEO:' -n 100 --temp 0")
     p.add_argument("src", type=Path, metavar="RUN_OR_MODEL", help="checkpoint directory, or a run directory (its final checkpoint)")
-    p.add_argument("out", type=Path, metavar="OUT.gguf", help="GGUF file to write")
+    p.add_argument("out", type=file_path, metavar="OUT.gguf", help="GGUF file to write")
     p.add_argument("--dtype", choices=GGUF_DTYPES, default="f16",
                    help="weights type: f32, f16 or q8_0 (8-bit blocks of 32; rows not a multiple of 32 "
                         "stay f16); LayerNorms, biases and the position embedding stay f32, as llama.cpp's converter writes them")

@@ -179,6 +179,8 @@ def check_out(args) -> None:
 def check_resume(args, run_config: dict) -> None:
     """Refuse to resume a run with options that define it changed (data, model, adapters)."""
     path = Path(args.out) / RUN_CONFIG_FILE
+    if not Path(args.out).is_dir():
+        raise CLIError(f"--resume: --out {args.out}: no such run directory; drop --resume to start the run")
     if not path.exists() and not path.is_symlink():
         raise CLIError(f"--resume: {path} is missing; {args.out} is not a gpt-finetune run directory")
     saved = read_run_config(Path(args.out), f"{args.out} is not a usable gpt-finetune run directory")

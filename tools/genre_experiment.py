@@ -35,7 +35,7 @@ from gpt.config import MAX_SIZES
 from gpt.data import META_FILE
 from gpt.run_state import FINAL_DIR, METRICS_FILE, read_metrics
 from tokenizers_bpe import TOKENIZER_FILE
-from tokenizers_bpe.fileio import atomic_write, check_not_a_broken_link, read_json
+from tokenizers_bpe.fileio import Stamp, atomic_write, check_not_a_broken_link, check_replaceable, format_stamp, is_stamped, read_json
 from tools.bpe_train import main as bpe_train_main
 from tools.cli import ArgumentParser, CLIError, add_seed_argument, command, integer
 from tools.corpus import plays
@@ -48,6 +48,11 @@ GENRES = ("comedies", "histories", "tragedies")
 MAX_PASSAGES = 100_000  # per genre: the plays hold a few thousand
 MAX_PASSAGE_CHARS = 100_000
 N_VAL, N_TEST = 1, 2  # plays per genre
+# The work directory's stamp, with the options it was made with: its steps are kept and skipped by later
+# runs, so a run with other options (or a directory that is not ours) would mix in work it did not ask for.
+WORK_STAMP = Stamp("gpt-genre-work", "a gpt-genre-experiment work directory", "gpt2_toolkit_work.json")
+RUN_ONLY_OPTIONS = ("work", "variants", "data_only")  # what a later run may change
+
 WORD = re.compile(r"[a-z]+(?:'[a-z]+)*")
 
 
@@ -207,6 +212,28 @@ def finetune(work: Path, model: Path, variant: str, extra: list, args) -> dict:
     return {"options": " ".join(map(str, extra)), **accuracy, "test_confusion": confusion, "run": str(run)}
 
 
+def check_work_directory(work: Path, options: dict) -> None:
+    """--work may be new, empty, or a work directory of this command made with the same options."""
+    try:
+        check_replaceable(work, WORK_STAMP)
+    except ValueError as e:
+        raise CLIError(f"--work {e}") from None
+    if not is_stamped(work, WORK_STAMP):
+        return
+    recorded = read_json(work / WORK_STAMP.file, f"remove {work} to start the experiment again")
+    if recorded.get("format_version") != 1:
+        raise CLIError(f"--work {work}: {WORK_STAMP.file} has format version {str(recorded.get('format_version'))[:20]}, "
+                       "not 1 (another version of this toolkit made it); use a new --work")
+    made_with = recorded.get("options")
+    if not isinstance(made_with, dict):
+        raise CLIError(f"--work {work}: {WORK_STAMP.file} records no options; remove {work} to start the experiment again")
+    for name, value in options.items():
+        if made_with.get(name) != value:
+            flag = "--" + name.replace("_", "-")
+            raise CLIError(f"--work {work} was made with {flag} {str(made_with.get(name))[:40]} (not {value}): its steps are kept "
+                           f"and reused; give the same {flag}, or a new --work")
+
+
 VARIANTS = {
     "last-block": ["--trainable", "last-block", "--lr", "1e-3"],
     "all": ["--trainable", "all", "--lr", "3e-4"],
@@ -246,11 +273,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_not_a_broken_link(work)
     if work.exists() and not work.is_dir():
         raise CLIError(f"--work {work} exists and is not a directory; choose another path")
+    options = {k: v for k, v in sorted(vars(args).items()) if k not in RUN_ONLY_OPTIONS}
+    check_work_directory(work, options)
 
     splits = split_plays(args.seed)
     examples = build_examples(splits, args.per_genre_train, args.min_chars, args.max_chars, args.seed)
     with removed_after_early_error(work):  # a work directory this run made holds nothing until the data is written
         work.mkdir(parents=True, exist_ok=True)
+        if not is_stamped(work, WORK_STAMP):
+            with atomic_write(work / WORK_STAMP.file) as f:
+                json.dump({**format_stamp(WORK_STAMP.format, 1), "options": options}, f, indent=2)
         for name, ex in examples.items():
             if not (work / f"{name}.csv").is_file():
                 write_csv(work / f"{name}.csv", ex)

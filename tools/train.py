@@ -132,7 +132,7 @@ def effective_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict | 
         path = run_dir / RUN_CONFIG_FILE
         check_not_a_broken_link(run_dir)
         if not run_dir.is_dir():
-            raise CLIError(f"--resume {run_dir}: no such run directory")
+            raise CLIError(f"--resume {run_dir}: no such run directory (to start a run there: --out {run_dir})")
         if not path.exists() and not path.is_symlink():
             raise CLIError(f"--resume {run_dir}: {path.name} is missing; this is not a gpt-train run directory")
         try:

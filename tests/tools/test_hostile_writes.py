@@ -1,6 +1,6 @@
-"""Writes that fail part-way and torch.compile failing (issue 23), found by running every writing
-command on small tmpfs mounts and with a full $TMPDIR: each is one line and exit 2, never a traceback,
-and leaves nothing half-written.
+"""Writes that fail part-way, outputs named wrongly, and what the machine gives (issue 23), found by
+running every writing command on small tmpfs mounts, with a full $TMPDIR, and with odd output paths:
+each is one line and exit 2, never a traceback, and leaves nothing half-written.
 
 - bpe-export --format tiktoken writes two files: a full disk at either leaves the previous pair (or
   nothing), never a new rank file without its sidecar.
@@ -11,6 +11,11 @@ and leaves nothing half-written.
   checkpoint and the command that resumes.
 - torch.compile's C++ build failing (a full $TMPDIR, or any compiler error): a torch traceback; now one
   line naming --compile.
+- bpe-train without --max-memory on a corpus that may not fit in memory: a default budget.
+- torchrun's variables set by mistake: a KeyError traceback or Python's int() message.
+- A file output named with a trailing '/' (a directory) was written as a file of that name; any
+  existing directory as gpt-genre-experiment's --work (".", a checkpoint) got its CSVs written into it,
+  and a work directory made with other options had its steps reused silently.
 """
 
 from __future__ import annotations
@@ -207,3 +212,63 @@ def test_a_corpus_that_may_not_fit_in_memory_trains_in_a_default_budget(tmp_path
     assert bpe_train([str(corpus), "-o", str(tmp_path / "budget.json"), "--vocab-size", "400", "--quiet"]) == 0
     assert "training in a budget of 150.0 MB" in capsys.readouterr().err
     assert (tmp_path / "budget.json").read_bytes() == (tmp_path / "free.json").read_bytes()
+
+
+# ------------------------------------------------------------------------------------------ torchrun's variables
+
+
+@pytest.mark.parametrize("env, name", [({"WORLD_SIZE": "x"}, "WORLD_SIZE"), ({"WORLD_SIZE": "2"}, "RANK"),
+                                       ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK"), ({"WORLD_SIZE": "9" * 5000}, "WORLD_SIZE"),
+                                       ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "-1"}, "LOCAL_RANK")])
+def test_stray_torchrun_variables_are_one_line_before_anything_is_written(data_dir, tmp_path, monkeypatch, capsys, env, name):
+    """WORLD_SIZE without RANK was a KeyError traceback, a garbled one Python's int() message."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    run = tmp_path / "run"
+    assert train(["--data", str(data_dir), "--out", str(run), *TINY, "--max-steps", "1"]) == ExitCode.USER_ERROR
+    line = error_line(capsys.readouterr().err)
+    assert f"the environment variable {name} must be an integer" in line and "torchrun" in line and len(line) < 400
+    assert not run.exists()
+
+
+# ------------------------------------------------------------------------------------------ output paths
+
+
+@pytest.mark.parametrize("argv", [["bpe-train", "{text}", "-o", "{tmp}/new/"],
+                                  ["bpe-export", "{tok}", "--format", "tiktoken", "-o", "{tmp}/new/"],
+                                  ["gpt-convert", "gguf", "{model}", "{tmp}/new/"]])
+def test_a_file_output_ending_with_a_slash_is_refused(tokenizer_file, tmp_path, capsys, argv):
+    """Path("new/") is Path("new"): the file was written under the directory's name."""
+    from tools.bpe_train import main as bpe_train
+    from tools.convert import main as convert
+
+    model = tmp_path / "model"
+    make_tiny_model(small_tokenizer()).save_pretrained(model)
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 200)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    main = {"bpe-train": bpe_train, "bpe-export": bpe_export, "gpt-convert": convert}[argv[0]]
+    args = [a.format(text=text, tok=tokenizer_file, model=model, tmp=tmp_path) for a in argv[1:]]
+    assert main(args) == ExitCode.USER_ERROR
+    assert "new/" in error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_genre_experiment_works_only_in_its_own_work_directory(tmp_path, capsys):
+    from tools.genre_experiment import main as genre
+
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    for work in (checkpoint, tmp_path):  # a directory of other things, the current one among them
+        assert genre(["--work", str(work), "--data-only"]) == ExitCode.USER_ERROR
+        assert "is not a gpt-genre-experiment work directory" in error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["config.json"]
+    work = tmp_path / "work"
+    assert genre(["--work", str(work), "--data-only"]) == 0
+    assert genre(["--work", str(work), "--data-only"]) == 0  # its own: the steps done are kept
+    made = {p.name: p.read_bytes() for p in work.iterdir()}
+    capsys.readouterr()
+    assert genre(["--work", str(work), "--data-only", "--seed", "3"]) == ExitCode.USER_ERROR
+    assert "made with --seed 1337 (not 3)" in error_line(capsys.readouterr().err)
+    assert {p.name: p.read_bytes() for p in work.iterdir()} == made
