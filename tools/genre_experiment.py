@@ -245,7 +245,7 @@ VARIANTS = {
 @command("gpt-genre-experiment")
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="gpt-genre-experiment", description=__doc__.split("\n\n")[0])
-    p.add_argument("--work", required=True, type=Path, help="working directory (steps whose output exists are skipped)")
+    p.add_argument("--work", required=True, type=Path, help="working directory: new, empty, or one this command made with the same options (its steps done are skipped)")
     p.add_argument("--variants", default="last-block,all,lora", help=f"fine-tuning variants, comma-separated from {', '.join(VARIANTS)}")
     p.add_argument("--vocab-size", type=integer(257, MAX_SIZES["vocab_size"]), default=2048,
                    help="BPE vocabulary of the tokenizer trained on the pre-training plays")

@@ -31,6 +31,8 @@ import tokenizers_bpe
 import tools
 from gpt.data import DATA_STAMP, META_FILE, SPLITS, DataMeta, SplitInfo, token_dtype
 from tokenizers_bpe import TOKENIZER_FILE, BPETokenizer, UnknownCharacterError
+from tokenizers_bpe.errors import byte_size
+from tokenizers_bpe.membudget import available_memory
 from tokenizers_bpe.fileio import atomic_directory, atomic_write, check_not_a_broken_link, check_text_file, read_file_blocks, resolve_path
 from tokenizers_bpe.trainer import quiet_worker, start_pool
 from tokenizers_bpe.patterns import CHUNK_CUT_LOOKAHEAD, CHUNK_CUT_LOOKBEHIND, chunk_cut_regex, chunk_cut_rule
@@ -285,6 +287,23 @@ def check_splits(planned: dict[str, int], train_bytes: int, total: int, val_frac
                 "--val-fraction")
 
 
+# Memory per byte of text being encoded, at worst: the text, its ids as a Python list (one token per
+# byte with a small vocabulary, 36 bytes each) and their copy on the way back from a worker. Measured:
+# ~29 (617 MB for one 20 MB chunk of distinct words, 400-token vocabulary).
+ENCODING_BYTES_PER_TEXT_BYTE = 40
+
+
+def check_encoding_memory(plan: DataPlan, workers: int) -> None:
+    """The text in flight (a batch of 4 chunks per worker, their ids, and a chunk in each worker) must fit
+    in the memory available: a --chunk-mb far too large got the process killed."""
+    in_flight = min(plan.total, plan.chunk_bytes * 5 * max(1, workers))
+    need, available = in_flight * ENCODING_BYTES_PER_TEXT_BYTE, available_memory()
+    if available is not None and need > 0.75 * available:
+        raise CLIError(f"--chunk-mb {plan.chunk_bytes / 2**20:g} with --workers {workers}: the chunks encoded at once need about "
+                       f"{byte_size(need)} of memory, more than 3/4 of the {byte_size(available)} available; lower --chunk-mb "
+                       "(1 is plenty) or --workers")
+
+
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="gpt-prepare", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("files", nargs="*", metavar="FILE", help="UTF-8 text files (each one a document)")
@@ -315,6 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = check_output(args.out, DATA_STAMP, "--out", inputs=[*args.files, args.tokenizer])
     plan = plan_data(args.files, args.builtin, tokenizer_pattern(tokenizer), val_fraction=args.val_fraction,
                      chunk_mb=args.chunk_mb, progress=not args.quiet)
+    check_encoding_memory(plan, args.workers)
     meta = prepare(plan, tokenizer, args.tokenizer, out, append_eot=args.append_eot, workers=args.workers,
                    progress=not args.quiet)
     for name in SPLITS:
