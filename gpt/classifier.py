@@ -9,6 +9,7 @@ body) plus ``classifier.safetensors`` (the head, in the body's dtype) and ``clas
 from __future__ import annotations
 
 import json
+import reprlib
 from pathlib import Path
 from typing import Sequence
 
@@ -78,32 +79,51 @@ def save_classifier(model: GPTClassifier, directory: Path, tokenizer, *, max_len
     (Path(directory) / CLASSIFIER_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
-def load_classifier(directory, *, device="cpu") -> tuple[GPTClassifier, int]:
-    """(classifier, max_length) from a directory written by save_classifier."""
+def classifier_directory(directory) -> Path:
+    """``directory``, or the final model of a gpt-finetune classify run directory."""
     directory = Path(directory)
     if not (directory / CLASSIFIER_FILE).is_file() and (directory / FINAL_DIR / CLASSIFIER_FILE).is_file():
-        directory = directory / FINAL_DIR  # a gpt-finetune run directory: its final model
+        return directory / FINAL_DIR
+    return directory
+
+
+def read_classifier_meta(directory) -> tuple[list[str], int]:
+    """(labels, max_length) from ``directory``'s classifier.json, checked."""
     path = checkpoint_file(directory, CLASSIFIER_FILE, "file", f"is {directory} a gpt-finetune classify output?")
     meta = read_json(path)
     if not isinstance(meta, dict) or meta.get("format") != CLASSIFIER_FORMAT:
         raise CheckpointError(f"{path}: not a {CLASSIFIER_FORMAT} file")
     if recorded_version(meta) != CLASSIFIER_VERSION:
-        raise CheckpointError(f"{path}: unknown format_version {recorded_version(meta)!r}; this version reads {CLASSIFIER_VERSION}")
+        raise CheckpointError(f"{path}: unknown format_version {reprlib.repr(recorded_version(meta))}; this version reads "
+                              f"{CLASSIFIER_VERSION}")
     labels, max_length = meta.get("labels"), meta.get("max_length")
     if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels) or len(set(labels)) != len(labels):
         raise CheckpointError(f"{path}: \"labels\" must be a list of at least two distinct strings")
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
         raise CheckpointError(f"{path}: \"max_length\" must be a positive integer")
-    gpt = GPT.from_pretrained(directory, device=device)
-    model = GPTClassifier(gpt, labels).to(device)
-    checkpoint_file(directory, HEAD_FILE, "safetensors file", "the classifier head is missing")
+    return labels, max_length
+
+
+def read_head(directory, model: GPTClassifier, device="cpu") -> dict[str, torch.Tensor]:
+    """The head's tensors from ``directory``, checked against ``model``'s head (which may be on the meta device)."""
+    path = checkpoint_file(directory, HEAD_FILE, "safetensors file", "the classifier head is missing")
     try:
-        head = load_file(str(directory / HEAD_FILE), device=str(device))
+        head = load_file(str(path), device=str(device))
     except Exception as e:  # safetensors' own error types for a corrupt file
-        raise CheckpointError(f"{directory / HEAD_FILE}: not a readable safetensors file ({e})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     expected = {k: tuple(v.shape) for k, v in model.head.state_dict().items()}
     if {k: tuple(v.shape) for k, v in head.items()} != expected:
-        raise CheckpointError(f"{directory / HEAD_FILE}: expected tensors {expected} for {len(labels)} labels")
+        raise CheckpointError(f"{path}: expected tensors {expected} for {len(model.labels)} labels")
+    return head
+
+
+def load_classifier(directory, *, device="cpu") -> tuple[GPTClassifier, int]:
+    """(classifier, max_length) from a directory written by save_classifier."""
+    directory = classifier_directory(directory)
+    labels, max_length = read_classifier_meta(directory)
+    gpt = GPT.from_pretrained(directory, device=device)
+    model = GPTClassifier(gpt, labels).to(device)
+    head = read_head(directory, model, device)
     model.head.load_state_dict({k: v.to(model.head.weight.dtype) for k, v in head.items()})
     return model.to(next(gpt.parameters()).dtype).eval(), max_length
 

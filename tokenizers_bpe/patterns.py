@@ -85,7 +85,31 @@ def resolve_pattern(pattern: str) -> str:
     compiled = compile_pattern(pattern)
     if compiled.match(""):
         raise ValueError(f"invalid pattern {pattern!r}: it matches the empty string; every piece must be non-empty")
+    skipped = _first_skipped(compiled, pattern)
+    if skipped is not None:
+        raise ValueError(f"invalid pattern {pattern!r}: its pieces skip {skipped!r} (in a test text of letters, digits, "
+                         "spaces, line ends, punctuation and symbols): text no piece matches is dropped when encoding; "
+                         "make every character part of a piece, e.g. by ending the pattern with |\\s+|(?s:.)")
     return pattern
+
+
+# Text every pre-tokenization pattern must cover whole: the kinds of characters a corpus holds.
+COVERAGE_PROBE = ("Hello, World! It's 3.14 o'clock:\n\tx_1 = [y*2]; // ünïcödé 日本語 ½ 😀 \x00\x1b\x7f\u2028"
+                  "\r\n  two  spaces, a tab\there; 'quotes' \"and\" (parens) {braces} <tags> #hash $5 100% a+b=c ~^`|@&\n")
+
+
+def _first_skipped(compiled: regex.Pattern, pattern: str) -> str | None:
+    """The first character of COVERAGE_PROBE that no piece of ``pattern`` covers, or None."""
+    end = 0
+    try:
+        for m in compiled.finditer(COVERAGE_PROBE, timeout=PATTERN_SECONDS):
+            if m.start() != end:
+                return COVERAGE_PROBE[end]
+            end = m.end()
+    except TimeoutError:
+        raise ValueError(f"invalid pattern {pattern!r}: it took more than {PATTERN_SECONDS:.0f} s on a line of test text "
+                         "(it backtracks catastrophically): simplify it, e.g. without nested repetition such as (a|aa)*") from None
+    return None if end == len(COVERAGE_PROBE) else COVERAGE_PROBE[end]
 
 
 def compile_pattern(pattern: str) -> regex.Pattern:

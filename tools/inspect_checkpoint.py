@@ -1,7 +1,8 @@
 """gpt-inspect DIR: what a checkpoint holds and whether it is consistent.
 
 Prints the config, parameter counts, size on disk, dtype and tokenizer, then runs every check that
-GPT.from_pretrained runs (weights, LoRA adapters, tokenizer, generation.json) and that every weight is finite, each reported on its own line. Exit status: 0 all checks pass, 1 a check
+GPT.from_pretrained runs (weights, LoRA adapters, tokenizer, generation.json; a classifier's labels and head, as
+gpt-classify reads them) and that every weight is finite, each reported on its own line. Exit status: 0 all checks pass, 1 a check
 failed, 2 DIR is not a readable checkpoint at all (no usable config.json) or a usage error.
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 from gpt import checkpoint
-from gpt.classifier import HEAD_FILE
+from gpt.classifier import CLASSIFIER_FILE, HEAD_FILE, GPTClassifier, read_classifier_meta, read_head
 from gpt.model import GPT
 from tokenizers_bpe.fileio import recorded_version
 from tools.cli import ArgumentParser, command
@@ -56,6 +57,15 @@ def run_checks(directory: Path, meta: dict):
             results.append((f"adapters: {checkpoint.ADAPTERS_FILE} fits the \"lora\" section of config.json", None))
         except ValueError as e:
             results.append(("adapters", str(e)))
+    if (directory / CLASSIFIER_FILE).exists() or (directory / HEAD_FILE).exists():  # a gpt-finetune classify model
+        try:
+            labels, max_length = read_classifier_meta(directory)
+            with torch.device("meta"):
+                classifier = GPTClassifier(GPT(meta["model"]), labels)
+            read_head(directory, classifier)
+            results.append((f"classifier: {len(labels)} labels, max_length {max_length}; {HEAD_FILE} fits them", None))
+        except ValueError as e:
+            results.append(("classifier", str(e)))
     try:
         tokenizer = checkpoint.load_tokenizer(directory, meta)
         results.append((f"tokenizer: {tokenizer.n_vocab} tokens == vocab_size, the one the model was saved with", None))

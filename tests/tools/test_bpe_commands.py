@@ -136,10 +136,13 @@ def test_train_reports_non_utf8_with_offset_and_offers_replace(tmp_path, capsys)
         (["--vocab-size", "258", "--special", "<|a|>", "--special", "<|b|>", "--special", "<|c|>"], "the minimum is 259"),
         (["--pattern", "(unclosed"], "invalid pattern '(unclosed'"),
         (["--pattern", "x*"], "matches the empty string"),
+        (["--pattern", r"\w+"], "its pieces skip ','"),  # encoding would drop every such character
+        (["--pattern", "(a|aa)*c|."], "its pieces skip '\\n'"),
         (["--vocab-size", "many"], "must be an integer, got 'many'"),
         (["--min-frequency", "0"], "--min-frequency must be at least 1"),
     ],
-    ids=["vocab-below-256", "vocab-below-specials", "bad-regex", "empty-match-regex", "not-a-number", "min-frequency"],
+    ids=["vocab-below-256", "vocab-below-specials", "bad-regex", "empty-match-regex", "skipping-regex", "skipping-newlines",
+         "not-a-number", "min-frequency"],
 )
 def test_train_rejects_bad_arguments(tmp_path, corpus, capsys, args, expected):
     out = tmp_path / "out.json"
@@ -292,6 +295,7 @@ def test_bad_tokenizer_arguments_are_one_line_errors_that_touch_nothing(tmp_path
         "--pattern applies to a .tiktoken rank file only": [str(tokenizer_file), "--pattern", "gpt4"],
         "argument --pattern: invalid pattern '(unclosed'": [str(tokenizer_file), "--pattern", "(unclosed"],
         "argument --pattern: invalid pattern 'x*': it matches the empty string": [str(tokenizer_file), "--pattern", "x*"],
+        "argument --pattern: invalid pattern '[a-z]+': its pieces skip 'H'": [str(tmp_path / "gaps.tiktoken"), "--pattern", "[a-z]+"],
         "no_tokenizer: a directory without a tokenizer.json": [str(tmp_path / "no_tokenizer")],
         "bad.tiktoken:2: expected 'BASE64TOKEN RANK'": [str(tmp_path / "bad.tiktoken")],
         "gaps.tiktoken: token ranks must be the contiguous ids": [str(tmp_path / "gaps.tiktoken")],

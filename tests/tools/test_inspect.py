@@ -109,3 +109,30 @@ def test_lora_checkpoint(tmp_path, tokenizer, capsys):
     model.save_pretrained(tmp_path / "lora", tokenizer=tokenizer)
     rc, out, _ = inspect(capsys, tmp_path / "lora")
     assert rc == 0 and "lora         rank=2 alpha=16.0 targets=['attn'] (adapters in adapters.safetensors)" in out
+
+
+@pytest.mark.parametrize("edit, words", [
+    (None, None),
+    (lambda meta: meta.update(format_version="x" * 10_000), "unknown format_version"),
+    (lambda meta: meta.update(labels=["a"]), "at least two distinct strings"),
+    (lambda meta: meta.update(max_length=0), "positive integer"),
+    (lambda meta: meta.update(labels=["a", "b", "c"]), "for 3 labels"),  # the head was saved for two
+])
+def test_a_classifier_is_checked_as_gpt_classify_reads_it(model, tokenizer, tmp_path, capsys, edit, words):
+    """gpt-inspect said "ok" for a classifier.json that gpt-classify refuses."""
+    from gpt.classifier import CLASSIFIER_FILE, GPTClassifier, load_classifier, save_classifier
+
+    (tmp_path / "cls").mkdir()
+    save_classifier(GPTClassifier(model, ["neg", "pos"]), tmp_path / "cls", tokenizer, max_length=32)
+    if edit is not None:
+        meta = json.loads((tmp_path / "cls" / CLASSIFIER_FILE).read_text())
+        edit(meta)
+        (tmp_path / "cls" / CLASSIFIER_FILE).write_text(json.dumps(meta))
+    rc, out, _ = inspect(capsys, tmp_path / "cls")
+    if words is None:
+        assert rc == 0 and "ok    classifier: 2 labels, max_length 32" in out
+        return
+    line = next(line for line in out.splitlines() if "classifier:" in line)
+    assert rc == 1 and line.startswith("  FAIL  classifier") and words in line and len(line) < 300
+    with pytest.raises(ValueError, match=words):  # the same verdict as gpt-classify's loader
+        load_classifier(tmp_path / "cls")
