@@ -153,8 +153,8 @@ def test_gpt2_vocabulary_itself(shared_file, tmp_path, shakespeare):
 # ------------------------------------------------------------------------------------------ refusals
 
 
-@pytest.mark.parametrize("pattern, construct", [(r"\b\w+\b|\s+", r"\b"), (r"(?m)^\w+|\s+", "(?m)"),
-                                                (r"[[a-z]--[aeiou]]+|.", "'[a'"), (r"(?P<w>\w+)|\s", "(?P<")])
+@pytest.mark.parametrize("pattern, construct", [(r"\b\w+\b|\s+|[^\w\s]", r"\b"), (r"(?m)^\w+|\w+|\s+|[^\w\s]", "(?m)"),
+                                                (r"[[a-z]--[aeiou]]+|.|\n", "'[a'"), (r"(?P<w>\w+)|\s|[^\w\s]", "(?P<")])
 def test_pattern_without_exact_equivalent_is_refused(tmp_path, capsys, builtin_text, pattern, construct):
     tok = tokenizers_bpe.train_from_iterator([builtin_text[:5000]], 270, pattern=pattern, progress=False)
     tok.save(tmp_path / "tok.json")
