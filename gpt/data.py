@@ -126,6 +126,8 @@ class DataMeta:
             raise ValueError(f"{where}: malformed ({type(e).__name__}: {e}); re-run gpt-prepare") from None
         if meta.dtype not in ("uint16", "uint32") or np.dtype(meta.dtype) != token_dtype(meta.n_vocab):
             raise ValueError(f"{where}: dtype {meta.dtype!r} does not fit a vocabulary of {meta.n_vocab}; re-run gpt-prepare")
+        if not 0 < meta.val_fraction < 1:  # (gpt-prepare's --val-fraction range; NaN fails too)
+            raise ValueError(f"{where}: val_fraction {meta.val_fraction!r} is not in (0, 1); re-run gpt-prepare")
         for name, s in splits.items():
             if s.tokens <= 0:
                 raise ValueError(f"{where}: the {name} split is empty; re-run gpt-prepare with more text or another validation fraction")

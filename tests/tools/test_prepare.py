@@ -5,6 +5,7 @@ meta.json, bounded memory on one huge line, and errors found before any work tha
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -345,3 +346,16 @@ def test_chunks_that_cannot_fit_in_memory_are_refused_before_encoding(corpus, tm
     err = capsys.readouterr().err
     assert "--chunk-mb 64 with --workers 2" in err and "lower --chunk-mb" in err and "Traceback" not in err
     assert not (tmp_path / "big").exists()
+
+
+@pytest.mark.parametrize("field, value, words", [("val_fraction", -1, "val_fraction -1.0 is not in (0, 1)"),
+                                                 ("val_fraction", 1e308, "is not in (0, 1)"),
+                                                 ("n_vocab", 10**30, "n_vocab must be an integer"),
+                                                 ("tokenizer_fingerprint", None, "tokenizer_fingerprint is null")])
+def test_a_data_directory_whose_meta_lies_is_refused_on_load(corpus, tmp_path, field, value, words):
+    assert prepare(corpus, tmp_path / "data") == 0
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    meta[field] = value
+    (tmp_path / "data" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=re.escape(words)):
+        load_meta(tmp_path / "data")
