@@ -18,6 +18,7 @@ projects; here it is an error naming both sizes). No pickle anywhere.
 from __future__ import annotations
 
 import json
+import reprlib
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,7 @@ def read_meta(directory) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a {FORMAT} config (missing \"format\": \"{FORMAT}\"); is this a Hugging Face directory? use gpt-convert hf-import")
     version = recorded_version(meta)
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: unknown format_version {version!r}; this version of the toolkit reads version {FORMAT_VERSION}")
+        raise CheckpointError(f"{path}: unknown format_version {reprlib.repr(version)}; this version of the toolkit reads version {FORMAT_VERSION}")
     if not isinstance(meta.get("dtype"), str) or meta["dtype"] not in DTYPES:
         raise CheckpointError(f"{path}: dtype must be one of {', '.join(DTYPES)}, got {meta.get('dtype')!r}")
     try:

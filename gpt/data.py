@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -108,7 +109,7 @@ class DataMeta:
         if not isinstance(d, dict) or d.get("format") != DATA_FORMAT:
             raise ValueError(f"{where}: not a gpt-prepare data file (format is not {DATA_FORMAT!r}); run gpt-prepare")
         if recorded_version(d) != DATA_VERSION:
-            raise ValueError(f"{where}: data format version {recorded_version(d)!r} is not supported (expected {DATA_VERSION}); re-run gpt-prepare")
+            raise ValueError(f"{where}: data format version {reprlib.repr(recorded_version(d))} is not supported (expected {DATA_VERSION}); re-run gpt-prepare")
         try:
             splits = {name: _split(d["splits"][name], f"splits.{name}") for name in SPLITS}
             n_vocab = integer_field(d["n_vocab"], "n_vocab", 1, MAX_VOCAB)

@@ -7,6 +7,7 @@ and names the file and the problem in its error."""
 from __future__ import annotations
 
 import os
+import reprlib
 from pathlib import Path
 
 from .char import CharTokenizer
@@ -50,7 +51,7 @@ def load(path: str | os.PathLike) -> Tokenizer:
         raise ValueError(f"{path}: not a {FORMAT_NAME} tokenizer.json (no \"format\": \"{FORMAT_NAME}\" field)")
     if recorded_version(d) != FORMAT_VERSION:
         raise ValueError(
-            f"{path}: unknown tokenizer format version {recorded_version(d)!r} (this version reads {FORMAT_VERSION}); "
+            f"{path}: unknown tokenizer format version {reprlib.repr(recorded_version(d))} (this version reads {FORMAT_VERSION}); "
             "upgrade tokenizers_bpe or re-train the tokenizer"
         )
     kind = d.get("type")
