@@ -5,8 +5,11 @@ The two named patterns are exactly tiktoken's (``r50k_base``/``gpt2`` and ``cl10
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import re
+import sys
 from typing import Callable, Iterator
 
 import regex
@@ -85,7 +88,10 @@ def resolve_pattern(pattern: str) -> str:
     compiled = compile_pattern(pattern)
     if compiled.match(""):
         raise ValueError(f"invalid pattern {pattern!r}: it matches the empty string; every piece must be non-empty")
-    skipped = _first_skipped(compiled, pattern)
+    empty_before, skipped = _probe(compiled, pattern)
+    if empty_before is not None:  # (tiktoken's engine steps over the character after an empty match: dropped)
+        raise ValueError(f"invalid pattern {pattern!r}: it matches the empty string (before {empty_before!r} in a test "
+                         "text); every piece must be non-empty")
     if skipped is not None:
         raise ValueError(f"invalid pattern {pattern!r}: its pieces skip {skipped!r} (in a test text of letters, digits, "
                          "spaces, line ends, punctuation and symbols): text no piece matches is dropped when encoding; "
@@ -98,18 +104,44 @@ COVERAGE_PROBE = ("Hello, World! It's 3.14 o'clock:\n\tx_1 = [y*2]; // ünïcöd
                   "\r\n  two  spaces, a tab\there; 'quotes' \"and\" (parens) {braces} <tags> #hash $5 100% a+b=c ~^`|@&\n")
 
 
-def _first_skipped(compiled: regex.Pattern, pattern: str) -> str | None:
-    """The first character of COVERAGE_PROBE that no piece of ``pattern`` covers, or None."""
+def _probe(compiled: regex.Pattern, pattern: str) -> tuple[str | None, str | None]:
+    """``pattern`` on COVERAGE_PROBE: (the character before which it matches the empty string, the first
+    character no piece covers), each None where there is none."""
     end = 0
     try:
         for m in compiled.finditer(COVERAGE_PROBE, timeout=PATTERN_SECONDS):
+            if m.start() == m.end():
+                return COVERAGE_PROBE[m.start():m.start() + 1] or "the end", None
             if m.start() != end:
-                return COVERAGE_PROBE[end]
+                return None, COVERAGE_PROBE[end]
             end = m.end()
     except TimeoutError:
         raise ValueError(f"invalid pattern {pattern!r}: it took more than {PATTERN_SECONDS:.0f} s on a line of test text "
                          "(it backtracks catastrophically): simplify it, e.g. without nested repetition such as (a|aa)*") from None
-    return None if end == len(COVERAGE_PROBE) else COVERAGE_PROBE[end]
+    return None, (None if end == len(COVERAGE_PROBE) else COVERAGE_PROBE[end])
+
+
+@contextlib.contextmanager
+def rust_panics_unprinted(pattern: str) -> Iterator[None]:
+    """For a custom pattern, stderr (fd 2) at /dev/null while tiktoken runs it: fancy-regex gives up on a
+    pattern that backtracks past its limit, and tiktoken's panic then prints its Rust message there
+    directly before Python sees a PanicException (which the caller answers)."""
+    if pattern in PATTERNS.values():
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    except (OSError, ValueError, AttributeError):  # no stderr to keep quiet
+        yield
+        return
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def compile_pattern(pattern: str) -> regex.Pattern:

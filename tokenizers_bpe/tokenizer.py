@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import base64
+import contextlib
 import functools
 import hashlib
 import json
@@ -28,7 +29,7 @@ from itertools import chain
 from typing import AbstractSet, Collection, Iterable, Literal, Mapping, Sequence
 
 from .fileio import Stamp, atomic_write, format_stamp
-from .patterns import GPT2_PATTERN, GPT4_PATTERN, piece_splitter, resolve_pattern, special_token_regex
+from .patterns import GPT2_PATTERN, GPT4_PATTERN, piece_splitter, resolve_pattern, rust_panics_unprinted, special_token_regex
 from .pybpe import PieceCache, encode_piece, split_token
 from .rankfiles import gpt2_conflicts, write_gpt2, write_tiktoken
 
@@ -368,7 +369,14 @@ class BPETokenizer(Tokenizer):
         core = self._encoder_core()
         try:
             if core is not None:
-                return core(text)
+                try:
+                    with rust_panics_unprinted(self.pattern) if self._backend == "tiktoken" else contextlib.nullcontext():
+                        return core(text)
+                except BaseException as e:  # tiktoken's regex engine giving up panics (a BaseException)
+                    if type(e).__name__ != "PanicException":
+                        raise
+                    # A custom pattern that backtracks past fancy-regex's limit on this text: the Python
+                    # path splits with the `regex` module, the same pieces, in bounded time (or a ValueError).
             return list(chain.from_iterable(map(self._cache.__getitem__, self._findall(text))))
         except UnicodeEncodeError:
             # lone surrogates cannot be UTF-8 encoded; replace them as tiktoken does

@@ -198,6 +198,26 @@ def test_a_pattern_that_backtracks_catastrophically_is_an_error_in_time(monkeypa
     patterns.piece_splitter.cache_clear()
 
 
+def test_a_pattern_tiktoken_gives_up_on_is_encoded_in_python_or_an_error_in_time(monkeypatch, capfd):
+    """With a lookahead, fancy-regex backtracks, stops at its limit and tiktoken panics: a PanicException
+    (a BaseException) with Rust's message and a traceback. The Python path takes over: the same pieces,
+    in bounded time or a ValueError, and Rust's message is kept off stderr."""
+    from tokenizers_bpe import patterns
+
+    monkeypatch.setattr(patterns, "PATTERN_SECONDS", 0.5)
+    patterns.piece_splitter.cache_clear()
+    pattern = r"(a|aa)+(?=c)|(?s:.)"
+    trained = tokenizers_bpe.train_from_iterator(["aaab cab " * 50], vocab_size=270, pattern=pattern)
+    tok = tokenizers_bpe.BPETokenizer(trained.mergeable_ranks, pattern, backend="tiktoken")
+    assert tok.encode("aac b") == tokenizers_bpe.BPETokenizer(tok.mergeable_ranks, pattern, backend="python").encode("aac b")
+    assert tok.backend == "tiktoken"
+    with pytest.raises(ValueError, match="backtracks catastrophically"):
+        tok.encode("a" * 3000 + "!")
+    err = capfd.readouterr().err
+    assert "panicked" not in err and "RUST_BACKTRACE" not in err
+    patterns.piece_splitter.cache_clear()
+
+
 @pytest.mark.parametrize("field, value, words", [
     ("special_tokens", {f"<|s{i}|>": 300 + i for i in range(5000)}, "special tokens"),
     ("pattern", "a|" * 20_000 + "b", "pattern of 40,001 characters"),

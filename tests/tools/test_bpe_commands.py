@@ -138,10 +138,12 @@ def test_train_reports_non_utf8_with_offset_and_offers_replace(tmp_path, capsys)
         (["--pattern", "x*"], "matches the empty string"),
         (["--pattern", r"\w+"], "its pieces skip ','"),  # encoding would drop every such character
         (["--pattern", "(a|aa)*c|."], "its pieces skip '\\n'"),
+        (["--pattern", "a*(?=c)|(?s:.)"], "matches the empty string (before 'c'"),  # tiktoken then drops the 'c'
         (["--vocab-size", "many"], "must be an integer, got 'many'"),
         (["--min-frequency", "0"], "--min-frequency must be at least 1"),
     ],
     ids=["vocab-below-256", "vocab-below-specials", "bad-regex", "empty-match-regex", "skipping-regex", "skipping-newlines",
+         "empty-match-inside",
          "not-a-number", "min-frequency"],
 )
 def test_train_rejects_bad_arguments(tmp_path, corpus, capsys, args, expected):
