@@ -98,19 +98,28 @@ def read_examples(path: str | Path, text_column: str = "text", label_column: str
                                    "set {text_column}/{label_column}")
             examples.append((_text_field(row[text_column], text_column, where), _text_field(row[label_column], label_column, where).strip()))
         return examples
-    with io.StringIO(read_text(path), newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-        header = reader.fieldnames or []
-        missing = [c for c in (text_column, label_column) if c not in header]
-        if missing:
-            raise SettingError("text_column" if missing[0] == text_column else "label_column",
-                               f"{path}: no column {missing[0]!r} in the header (columns: {', '.join(header) or 'none'}); "
-                               "set {text_column}/{label_column}")
-        for row in reader:
-            where = f"{path} line {reader.line_num}"
-            if None in row or any(row[c] is None for c in (text_column, label_column)):
-                raise ValueError(f"{where}: expected {len(header)} fields like the header, got another number")
-            examples.append((_text_field(row[text_column], text_column, where), _text_field(row[label_column], label_column, where).strip()))
+    text = read_text(path)
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text)))  # a passage may be as long as the file, held whole already
+    try:
+        with io.StringIO(text, newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            header = reader.fieldnames or []
+            missing = [c for c in (text_column, label_column) if c not in header]
+            if missing:
+                raise SettingError("text_column" if missing[0] == text_column else "label_column",
+                                   f"{path}: no column {missing[0]!r} in the header (columns: "
+                                   f"{', '.join(header) or 'none'}); set {{text_column}}/{{label_column}}")
+            for row in reader:
+                where = f"{path} line {reader.line_num}"
+                if None in row or any(row[c] is None for c in (text_column, label_column)):
+                    raise ValueError(f"{where}: expected {len(header)} fields like the header, got another number")
+                examples.append((_text_field(row[text_column], text_column, where),
+                                 _text_field(row[label_column], label_column, where).strip()))
+    except csv.Error as e:
+        raise ValueError(f"{path} line {reader.line_num}: not valid {suffix[1:].upper()} ({e})") from None
+    finally:
+        csv.field_size_limit(limit)
     return examples
 
 

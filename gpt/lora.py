@@ -51,7 +51,7 @@ class LoRAConfig:
             raise SettingError("lora_rank", f"{{lora_rank}} must be an integer in [1, {MAX_RANK}], got {self.rank!r}")
         if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not 0 < self.alpha <= MAX_ALPHA:
             raise SettingError("lora_alpha", f"{{lora_alpha}} must be > 0 and at most {MAX_ALPHA:g}, got {self.alpha!r}")
-        unknown = [t for t in self.targets if t not in TARGETS]
+        unknown = [t for t in self.targets if not isinstance(t, str) or t not in TARGETS]  # (a list in a file: unhashable)
         if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
             raise SettingError("lora_targets", f"{{lora_targets}} must be a comma-separated subset of {','.join(TARGETS)}, "
                                                f"got {','.join(map(str, self.targets)) or 'nothing'}")

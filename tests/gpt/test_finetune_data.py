@@ -84,3 +84,25 @@ def test_a_data_path_that_is_not_a_file_is_named_for_what_it_is(tmp_path, reader
         reader(tmp_path / name)
     with pytest.raises(ValueError, match=f"{name}: file not found"):
         reader(tmp_path / "missing" / name)
+
+
+def test_a_csv_passage_longer_than_the_csv_module_s_field_limit_is_read(tmp_path):
+    """Python's csv module stops at fields of 131,072 characters (a `_csv.Error` traceback): a long
+    passage is data like any other (the model reads its first --max-length tokens), up to the file's size."""
+    import csv
+
+    long_text = "word " * 60_000  # 300,000 characters
+    (tmp_path / "d.csv").write_text(f'text,label\n"{long_text}",pos\nshort,neg\n')
+    limit = csv.field_size_limit()
+    assert read_examples(tmp_path / "d.csv") == [(long_text, "pos"), ("short", "neg")]
+    assert csv.field_size_limit() == limit  # the process-wide limit is put back
+
+
+def test_lora_targets_of_another_type_in_a_file_are_a_setting_error():
+    """A list inside "targets" (config.json's lora section) was an unhashable-type TypeError traceback."""
+    from gpt.lora import LoRAConfig
+    from tokenizers_bpe.errors import SettingError
+
+    for targets in ([["attn"]], [{}], [1], ["attn", None]):
+        with pytest.raises(SettingError, match="lora_targets must be a comma-separated subset"):
+            LoRAConfig.from_dict({"rank": 2, "alpha": 4.0, "targets": targets})
