@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from tokenizers_bpe.errors import SettingError
-from tokenizers_bpe.fileio import Stamp, check_not_a_broken_link, format_stamp, read_json, recorded_version
+from tokenizers_bpe.fileio import Stamp, check_not_a_broken_link, check_regular_file, format_stamp, read_json, recorded_version
 
 DATA_FORMAT = "gpt-toolkit-tokens"
 DATA_VERSION = 1
@@ -155,8 +155,7 @@ def open_split(data_dir: str | Path, split: str, meta: DataMeta | None = None) -
     info = meta.splits[split]
     path = Path(data_dir) / info.file
     dtype = np.dtype(meta.dtype)
-    if not path.is_file():
-        raise ValueError(f"{path} is missing; re-run gpt-prepare")
+    check_regular_file(path, "token file", "re-run gpt-prepare")  # (a FIFO or a device is named as one, never opened)
     if path.stat().st_size != info.tokens * dtype.itemsize:
         raise ValueError(f"{path}: size {path.stat().st_size} bytes does not match meta.json ({info.tokens} {dtype} tokens); re-run gpt-prepare")
     return np.memmap(path, dtype=dtype, mode="r")

@@ -5,6 +5,7 @@ meta.json, bounded memory on one huge line, and errors found before any work tha
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -359,3 +360,16 @@ def test_a_data_directory_whose_meta_lies_is_refused_on_load(corpus, tmp_path, f
     (tmp_path / "data" / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=re.escape(words)):
         load_meta(tmp_path / "data")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_a_token_file_that_is_not_a_file_is_named_for_what_it_is(corpus, tmp_path):
+    """A FIFO as train.bin was reported "missing"."""
+    assert prepare(corpus, tmp_path / "data") == 0
+    (tmp_path / "data" / "train.bin").unlink()
+    os.mkfifo(tmp_path / "data" / "train.bin")
+    with pytest.raises(ValueError, match="train.bin: is a FIFO"):
+        open_split(tmp_path / "data", "train")
+    (tmp_path / "data" / "train.bin").unlink()
+    with pytest.raises(ValueError, match="train.bin: file not found; re-run gpt-prepare"):
+        open_split(tmp_path / "data", "train")
