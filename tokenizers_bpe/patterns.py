@@ -88,7 +88,7 @@ def resolve_pattern(pattern: str) -> str:
     compiled = compile_pattern(pattern)
     if compiled.match(""):
         raise ValueError(f"invalid pattern {pattern!r}: it matches the empty string; every piece must be non-empty")
-    empty_before, skipped = _probe(compiled, pattern)
+    empty_before, skipped = _probe(pattern)
     if empty_before is not None:  # (tiktoken's engine steps over the character after an empty match: dropped)
         raise ValueError(f"invalid pattern {pattern!r}: it matches the empty string (before {empty_before!r} in a test "
                          "text); every piece must be non-empty")
@@ -104,12 +104,13 @@ COVERAGE_PROBE = ("Hello, World! It's 3.14 o'clock:\n\tx_1 = [y*2]; // ünïcöd
                   "\r\n  two  spaces, a tab\there; 'quotes' \"and\" (parens) {braces} <tags> #hash $5 100% a+b=c ~^`|@&\n")
 
 
-def _probe(compiled: regex.Pattern, pattern: str) -> tuple[str | None, str | None]:
+@functools.lru_cache(maxsize=64)
+def _probe(pattern: str) -> tuple[str | None, str | None]:
     """``pattern`` on COVERAGE_PROBE: (the character before which it matches the empty string, the first
     character no piece covers), each None where there is none."""
     end = 0
     try:
-        for m in compiled.finditer(COVERAGE_PROBE, timeout=PATTERN_SECONDS):
+        for m in compile_pattern(pattern).finditer(COVERAGE_PROBE, timeout=PATTERN_SECONDS):
             if m.start() == m.end():
                 return COVERAGE_PROBE[m.start():m.start() + 1] or "the end", None
             if m.start() != end:
