@@ -10,7 +10,7 @@ from gpt.classifier import load_classifier
 from gpt.device import resolve_device
 from gpt.finetune_data import collate_classification
 from tokenizers_bpe import UnknownCharacterError
-from tools.cli import ArgumentParser, CLIError, command, text_argument
+from tools.cli import ArgumentParser, CLIError, command, path_argument, text_argument
 from tools.models import check_finite_weights
 
 PROG = "gpt-classify"
@@ -21,7 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog=PROG, description=__doc__.split(": ", 1)[1].strip(),
                        epilog="example:  gpt-classify --model runs/cls/final 'O Romeo, Romeo!' 'Once more unto the breach'")
     p.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify ('-' reads one text per line from stdin)")
-    p.add_argument("--model", required=True, metavar="DIR", help="gpt-finetune classify output (RUN_DIR/final, or RUN_DIR itself)")
+    p.add_argument("--model", required=True, type=path_argument, metavar="DIR", help="gpt-finetune classify output (RUN_DIR/final, or RUN_DIR itself)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
     args = p.parse_args(argv)
     texts = []

@@ -304,12 +304,20 @@ def max_threads() -> int:
     return 4 * (os.cpu_count() or 1)
 
 
+def path_argument(text: str) -> str:
+    """An argparse type for a path: an empty one is an error (it would mean the current directory, or
+    be taken for an option not given)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"an empty path ({text!r}); give a file or directory")
+    return text
+
+
 def file_path(text: str) -> Path:
     """An argparse type for a file to write: a path ending with '/' names a directory (Path() would drop
     the slash and write a file of the directory's name)."""
     if text.endswith(("/", os.sep)):
         raise argparse.ArgumentTypeError(f"{text} names a directory (it ends with '/'); give the path of a file")
-    return Path(text)
+    return Path(path_argument(text))
 
 
 def parse_bool(text: str) -> bool:

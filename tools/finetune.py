@@ -70,7 +70,7 @@ from gpt.sampling import generate
 from gpt.trainer import Trainer, lm_loss
 from tokenizers_bpe import UnknownCharacterError
 from tokenizers_bpe.fileio import atomic_write
-from tools.cli import ArgumentParser, CLIError, command, integer, number
+from tools.cli import ArgumentParser, CLIError, command, integer, number, path_argument
 from tools.models import check_finite_weights, model_argument
 from tools.outputs import check_writable_dir
 from tools.training import (add_train_options, check_memory, check_run_dir, exit_code, removed_after_early_error, resolved,
@@ -101,8 +101,8 @@ def format_confusion(labels: list[str], confusion: list[list[int]]) -> str:
 
 
 def add_common_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="DIR", help="pretrained checkpoint directory (gpt-train final/, gpt-convert output)")
-    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory: metrics, checkpoints, best/ and final/ (the model)")
+    p.add_argument("--model", required=True, type=path_argument, metavar="DIR", help="pretrained checkpoint directory (gpt-train final/, gpt-convert output)")
+    p.add_argument("--out", required=True, type=path_argument, metavar="RUN_DIR", help="run directory: metrics, checkpoints, best/ and final/ (the model)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint (same options)")
     p.add_argument("--max-length", type=integer(), metavar="N", help="cut examples to N tokens (default: the model's n_ctx)")
     lora = p.add_argument_group("LoRA (train low-rank adapters instead of the base weights)")
@@ -120,9 +120,9 @@ def build_parser() -> ArgumentParser:
     c = commands.add_parser("classify", help="train a text classifier (a linear head on the GPT)", formatter_class=raw,
                             description="Train a classifier: the GPT body and a linear head over the last token's hidden state.")
     add_common_options(c)
-    c.add_argument("--train", required=True, metavar="FILE", help="training examples (.csv, .tsv or .jsonl)")
-    c.add_argument("--val", required=True, metavar="FILE", help="validation examples (same format)")
-    c.add_argument("--test", metavar="FILE", help="test examples, evaluated at the end")
+    c.add_argument("--train", required=True, type=path_argument, metavar="FILE", help="training examples (.csv, .tsv or .jsonl)")
+    c.add_argument("--val", required=True, type=path_argument, metavar="FILE", help="validation examples (same format)")
+    c.add_argument("--test", type=path_argument, metavar="FILE", help="test examples, evaluated at the end")
     c.add_argument("--text-column", default="text", help="column (or JSON field) with the text (default: %(default)s)")
     c.add_argument("--label-column", default="label", help="column (or JSON field) with the label (default: %(default)s)")
     c.add_argument("--trainable", choices=TRAINABLE, default=None,
@@ -132,8 +132,8 @@ def build_parser() -> ArgumentParser:
     i = commands.add_parser("instruct", help="instruction fine-tuning on Alpaca-style JSON", formatter_class=raw,
                             description="Instruction fine-tuning on Alpaca-style {instruction, input, output} records.")
     add_common_options(i)
-    i.add_argument("--data", required=True, metavar="FILE", help="instruction records (.json list or .jsonl)")
-    i.add_argument("--val", metavar="FILE", help="validation records (default: the last --val-fraction of --data)")
+    i.add_argument("--data", required=True, type=path_argument, metavar="FILE", help="instruction records (.json list or .jsonl)")
+    i.add_argument("--val", type=path_argument, metavar="FILE", help="validation records (default: the last --val-fraction of --data)")
     i.add_argument("--val-fraction", type=number(), default=0.1,
                    help="the last this share of --data is held out for validation when --val is not given (default: %(default)s)")
     i.add_argument("--mask-prompt", action="store_true", help="learn only the response: prompt targets get -100")

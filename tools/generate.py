@@ -24,7 +24,7 @@ from gpt.sampling import MAX_NEW_TOKENS, SAMPLING_DEFAULTS, check_count, check_s
 from tokenizers_bpe import UnknownCharacterError
 from tokenizers_bpe.errors import InputFileError
 from tokenizers_bpe.fileio import check_directory
-from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_seed_argument, command, integer, max_threads, number, or_none, text_argument
+from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_seed_argument, command, integer, max_threads, number, or_none, path_argument, text_argument
 from tools.models import check_kernels_backend, model_argument
 
 PROG = "gpt-generate"
@@ -81,7 +81,7 @@ def build_parser() -> ArgumentParser:
     unset = argparse.SUPPRESS
     p.add_argument("prompt", nargs="?", default=unset, metavar="PROMPT",
                    help="prompt text, or '-' to read it (UTF-8) from stdin; empty: start from the end-of-text token")
-    p.add_argument("--model", required=True, default=unset, metavar="DIR", help="checkpoint directory (gpt-train, gpt-convert or gpt-finetune output)")
+    p.add_argument("--model", required=True, default=unset, type=path_argument, metavar="DIR", help="checkpoint directory (gpt-train, gpt-convert or gpt-finetune output)")
     p.add_argument("-n", "--max-new-tokens", default=unset, metavar="N", type=integer(1, MAX_NEW_TOKENS),
                    help=f"tokens to generate per sample (default {SAMPLING_DEFAULTS['max_new_tokens']})")
     p.add_argument("--temperature", default=unset, metavar="T", type=number(0),
@@ -115,7 +115,7 @@ def build_parser() -> ArgumentParser:
                    help="weight-only int8 (per-output-channel scales; embeddings and LayerNorms stay as they are): "
                    "int8 also quantizes the output head (an int8 copy of the tied embedding), int8-blocks keeps it; "
                    "on a CPU it runs eagerly through a C kernel built once (it compiles only where that kernel cannot run)")
-    p.add_argument("--draft", metavar="DIR",
+    p.add_argument("--draft", type=path_argument, metavar="DIR",
                    help="speculative decoding with this smaller checkpoint (it must use the model's tokenizer; "
                    "--quantize applies to --model only)")
     p.add_argument("--draft-tokens", type=integer(1, 64), default=None, metavar="K",

@@ -39,7 +39,7 @@ from gpt.trainer import Trainer
 from tokenizers_bpe import TOKENIZER_FILE
 from tokenizers_bpe.errors import InputFileError
 from tokenizers_bpe.fileio import check_not_a_broken_link, read_options_file, resolve_path
-from tools.cli import ArgumentParser, CLIError, command, parse_bool
+from tools.cli import ArgumentParser, CLIError, command, parse_bool, path_argument
 from tools.models import check_finite_weights, check_kernels_backend, model_argument
 from tools.outputs import check_not_an_input, check_writable_dir
 from tools.train_text import TEXT_OPTIONS, check_no_text_options, plan_resumed_text_stages, plan_text_stages, text_mode, trained_fingerprint
@@ -68,7 +68,7 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--config", metavar="FILE", help="TOML or JSON file of options (keys as below)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--resume", type=path_argument, metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     for name, typ, default, help_text in option_table():
         shown = "" if default is None else f" (default: {default!r})"
         # SUPPRESS: only options given on the command line appear, so they can override the file.

@@ -23,7 +23,7 @@ from gpt2_kernels import BACKENDS
 from tokenizers_bpe.errors import NoSpaceError, OutputError, SettingError
 from tokenizers_bpe.fileio import MAX_SEED, check_not_a_broken_link, check_replaceable, free_bytes, resolve_path
 from tools.bpe_train import memory_size
-from tools.cli import CLIError, ExitCode, choice, device_name, flag, integer, max_threads, number, parse_bool, pattern_argument
+from tools.cli import CLIError, ExitCode, choice, device_name, flag, integer, max_threads, number, parse_bool, path_argument, pattern_argument
 from tools.corpus import BUILTIN_CORPORA
 
 DEFAULT_PRESET = "shakespeare-cpu"
@@ -38,9 +38,9 @@ def option_table() -> list[tuple[str, Any, Any, str]]:
         # and gpt-prepare would) or the data (--data: a gpt-prepare data directory)
         ("files", list, None, "text files to train on (FILE arguments)"),
         ("builtin", choice(*BUILTIN_CORPORA), None, "train on a built-in corpus instead of FILEs (the same three stages)"),
-        ("data", str, None, "data directory written by gpt-prepare (instead of FILEs)"),
-        ("out", str, None, "run directory for the tokenizer and data (with FILEs), metrics, checkpoints, best/ and final/ (required for a new run)"),
-        ("tokenizer", str, None, "with FILEs: an existing tokenizer (tokenizer.json, .tiktoken, or a directory holding one) instead of "
+        ("data", path_argument, None, "data directory written by gpt-prepare (instead of FILEs)"),
+        ("out", path_argument, None, "run directory for the tokenizer and data (with FILEs), metrics, checkpoints, best/ and final/ (required for a new run)"),
+        ("tokenizer", path_argument, None, "with FILEs: an existing tokenizer (tokenizer.json, .tiktoken, or a directory holding one) instead of "
                                  "training one; with --data: tokenizer.json to use instead of DATA/tokenizer.json (the same tokenizer)"),
         ("pattern", pattern_argument, None, "with FILEs: the tokenizer's pre-tokenization regex: gpt2 (default), gpt4 or a regex"),
         ("special", list, None, "with FILEs: a special token of the tokenizer (repeatable; default <|endoftext|>)"),
@@ -50,7 +50,7 @@ def option_table() -> list[tuple[str, Any, Any, str]]:
         ("val_fraction", number(0, 1, low_open=True, high_open=True), None, "with FILEs: the share of the text (its end) held out for validation (default 0.1)"),
         ("append_eot", parse_bool, None, "with FILEs: an <|endoftext|> token after every document"),
         ("preset", choice(*PRESETS), DEFAULT_PRESET, "model size (gpt.config.PRESETS); the shape options below override it"),
-        ("init_from", str, None, "start from this checkpoint (or run) directory (fine-tune/continue pre-training) instead of a random model"),
+        ("init_from", path_argument, None, "start from this checkpoint (or run) directory (fine-tune/continue pre-training) instead of a random model"),
         ("n_layer", integer(1), None, "transformer blocks"),
         ("n_head", integer(1), None, "attention heads"),
         ("n_embd", integer(1), None, "embedding width (divisible by --n-head)"),

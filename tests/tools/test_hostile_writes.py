@@ -272,3 +272,19 @@ def test_genre_experiment_works_only_in_its_own_work_directory(tmp_path, capsys)
     assert genre(["--work", str(work), "--data-only", "--seed", "3"]) == ExitCode.USER_ERROR
     assert "made with --seed 1337 (not 3)" in error_line(capsys.readouterr().err)
     assert {p.name: p.read_bytes() for p in work.iterdir()} == made
+
+
+@pytest.mark.parametrize("argv", [["gpt-train", "--init-from", "", "--data", "{data}", "--out", "{tmp}/run"],
+                                  ["gpt-train", "--data", "", "--out", "{tmp}/run"],
+                                  ["gpt-generate", "--model", "", "hi"],
+                                  ["gpt-finetune", "instruct", "--model", "", "--data", "{tmp}/i.jsonl", "--out", "{tmp}/run"]])
+def test_an_empty_path_is_refused_not_taken_for_the_current_directory_or_no_option(data_dir, tmp_path, capsys, argv):
+    """`--init-from ''` trained a fresh model for 2,000 steps (the option taken as not given); `--model ''`
+    looked for config.json in the current directory."""
+    from tools.finetune import main as finetune
+    from tools.generate import main as generate
+
+    main = {"gpt-train": train, "gpt-generate": generate, "gpt-finetune": finetune}[argv[0]]
+    assert main([a.format(data=data_dir, tmp=tmp_path) for a in argv[1:]]) == ExitCode.USER_ERROR
+    assert "an empty path" in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
