@@ -4,6 +4,7 @@ another tokenizer's ids."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -295,6 +296,22 @@ def _running(pid: int) -> bool:
         return False
 
 
+def _session_processes(sid: int) -> list[tuple[int, str]]:
+    """(pid, "state wchan cmdline") of the live processes in session ``sid`` (workers leave the process
+    group, not the session)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+            if entry.isdigit() and int(fields[3]) == sid and fields[0] != "Z":
+                wchan = open(f"/proc/{entry}/wchan").read()
+                cmd = open(f"/proc/{entry}/cmdline").read().replace("\0", " ")[:80]
+                found.append((int(entry), f"{fields[0]} {wchan} {cmd}"))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
 def _handlers():
     return (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)), os.getpgid(0)
 
@@ -323,8 +340,15 @@ def test_a_group_signal_at_any_moment_of_prepare_exits_130(tmp_path, sig):
         try:
             _, err = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
+            # What is still there, for the next one to look at: the command itself, or a worker holding its pipes.
+            left = _session_processes(proc.pid)
             os.killpg(proc.pid, signal.SIGKILL)
-            raise AssertionError(f"gpt-prepare hung after {signal.Signals(sig).name} at {delay} s") from None
+            for pid, _ in left:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            raise AssertionError(f"gpt-prepare hung after {signal.Signals(sig).name} at {delay} s; the command "
+                                 f"{'had exited' if proc.poll() is not None else 'still ran'}; processes of its session: "
+                                 f"{left}") from None
         assert proc.returncode in (0, ExitCode.INTERRUPTED) and "Traceback" not in err, err
         assert proc.returncode == 0 or not out.exists() or (out / "meta.json").is_file()  # nothing, or all of it
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary or lock left
