@@ -3,10 +3,12 @@ a ``torchrun`` job (DDP: NCCL on GPUs, gloo on CPUs)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as torch_dist
@@ -118,9 +120,20 @@ def to_device(batch, device: torch.device):
     return batch
 
 
-def compile_failure(e: BaseException) -> SettingError | None:
-    """``e`` as an error naming the setting ``compile`` when torch.compile raised it (its C++ build
-    failed, or $TMPDIR, where it builds, is full); None for any other error."""
+@contextlib.contextmanager
+def compile_failures_named() -> Iterator[None]:
+    """torch.compile's failures inside the block (its C++ build, a full $TMPDIR where it builds) as a
+    SettingError naming the setting ``compile``; any other error as it is."""
+    try:
+        yield
+    except Exception as e:
+        failure = _compile_failure(e)
+        if failure is None:
+            raise
+        raise failure from None
+
+
+def _compile_failure(e: BaseException) -> SettingError | None:
     dynamo = sys.modules.get("torch._dynamo.exc")  # (not imported: nothing was compiled)
     if dynamo is None or not isinstance(e, dynamo.TorchDynamoException):
         return None

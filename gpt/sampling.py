@@ -42,7 +42,7 @@ import torch
 
 import gpt2_kernels
 from gpt import aot_decode
-from gpt.device import compile_failure
+from gpt.device import compile_failures_named
 from gpt.decode import Decoder
 from gpt.speculative import check_draft, speculative_decode
 from gpt.token_choice import (  # noqa: F401  (re-exported: the rules are part of this module's interface)
@@ -181,32 +181,28 @@ def generate(
     for m in models:
         m.eval()
     try:
-        decoder = Decoder(model, num_samples, compile=compile, cache_weights=not modes[0])
-        if compile and compiled_package is not None:
-            aot_decode.attach(decoder, Path(compiled_package))
-        window = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)
-        x = rule.choose(_finite(decoder.prefill(window)), outputs.seen, generator)
-        if outputs.add(x) or max_new_tokens == 1:
-            return outputs.tokens
-        if draft is not None:
-            draft_decoder = Decoder(draft, num_samples, compile=compile, cache_weights=not modes[1])
-            speculative_decode(decoder, draft_decoder, x, rule=rule, draft_tokens=draft_tokens,
-                               remaining=max_new_tokens - 1, outputs=outputs, generator=generator, stats=stats)
-            return outputs.tokens
-        for _ in range(max_new_tokens - 1):
-            if decoder.room() == 0:  # full: slide the window and rebuild the cache
-                window = torch.cat([decoder.tokens[:, : decoder.length], x[:, None]], dim=1)[:, -keep_on_slide:]
-                logits = decoder.prefill(window)
-            else:
-                logits = decoder.step(x)
-            x = rule.choose(_finite(logits), outputs.seen, generator)
-            if outputs.add(x):
-                break
-    except Exception as e:
-        failure = compile_failure(e)
-        if failure is None:
-            raise
-        raise failure from None
+        with compile_failures_named():
+            decoder = Decoder(model, num_samples, compile=compile, cache_weights=not modes[0])
+            if compile and compiled_package is not None:
+                aot_decode.attach(decoder, Path(compiled_package))
+            window = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)
+            x = rule.choose(_finite(decoder.prefill(window)), outputs.seen, generator)
+            if outputs.add(x) or max_new_tokens == 1:
+                return outputs.tokens
+            if draft is not None:
+                draft_decoder = Decoder(draft, num_samples, compile=compile, cache_weights=not modes[1])
+                speculative_decode(decoder, draft_decoder, x, rule=rule, draft_tokens=draft_tokens,
+                                   remaining=max_new_tokens - 1, outputs=outputs, generator=generator, stats=stats)
+                return outputs.tokens
+            for _ in range(max_new_tokens - 1):
+                if decoder.room() == 0:  # full: slide the window and rebuild the cache
+                    window = torch.cat([decoder.tokens[:, : decoder.length], x[:, None]], dim=1)[:, -keep_on_slide:]
+                    logits = decoder.prefill(window)
+                else:
+                    logits = decoder.step(x)
+                x = rule.choose(_finite(logits), outputs.seen, generator)
+                if outputs.add(x):
+                    break
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)

@@ -56,11 +56,11 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from gpt.checkpoint import write_checkpoint
-from gpt.device import Dist, compile_failure, resolve_device, resolve_dtype, to_device
+from gpt.device import Dist, compile_failures_named, resolve_device, resolve_dtype, to_device
 from gpt.memory import SMALLER_BATCH_ADVICE
 from gpt.plot import plot_metrics
 from gpt.run_state import (
-    append_metrics, BEST_DIR, FINAL_DIR, METRICS_FILE, PLOT_FILE, STATE_FILE, STATE_FORMAT, STATE_VERSION, checkpoint_dirs, holds_run,
+    BEST_DIR, FINAL_DIR, METRICS_FILE, PLOT_FILE, STATE_FILE, STATE_FORMAT, STATE_VERSION, append_metrics, checkpoint_dirs, holds_run,
     load_optimizer_state, local_rng_state, optimizer_state, read_train_state, restore_rng, rng_snapshot, RunDirectory,
     set_local_rng_state, step_dir, TrainResult, truncate_metrics, write_train_state
 )
@@ -403,12 +403,8 @@ class Trainer:
         """Train to ``max_steps`` (from the newest intact checkpoint with ``resume``); see the module docstring."""
         checkpoint = self.prepare(resume)
         try:
-            return self._fit(checkpoint)
-        except Exception as e:
-            failure = compile_failure(e)
-            if failure is None:
-                raise
-            raise failure from None
+            with compile_failures_named():
+                return self._fit(checkpoint)
         finally:
             self.run_dir.close()
 

@@ -5,11 +5,9 @@ The two named patterns are exactly tiktoken's (``r50k_base``/``gpt2`` and ``cl10
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import re
-import sys
 from typing import Callable, Iterator
 
 import regex
@@ -122,27 +120,31 @@ def _probe(pattern: str) -> tuple[str | None, str | None]:
     return None, (None if end == len(COVERAGE_PROBE) else COVERAGE_PROBE[end])
 
 
-@contextlib.contextmanager
-def rust_panics_unprinted(pattern: str) -> Iterator[None]:
-    """For a custom pattern, stderr (fd 2) at /dev/null while tiktoken runs it: fancy-regex gives up on a
-    pattern that backtracks past its limit, and tiktoken's panic then prints its Rust message there
-    directly before Python sees a PanicException (which the caller answers)."""
-    if pattern in PATTERNS.values():
-        yield
-        return
-    try:
-        sys.stderr.flush()
-        saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    except (OSError, ValueError, AttributeError):  # no stderr to keep quiet
-        yield
-        return
-    os.dup2(devnull, 2)
-    os.close(devnull)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+_devnull_fd: int | None = None
+
+
+def rust_panics_unprinted(encode: Callable[[str], list[int]]) -> Callable[[str], list[int]]:
+    """``encode`` (tiktoken's, for a custom pattern) run with stderr (fd 2) at /dev/null: fancy-regex gives
+    up on a pattern that backtracks past its limit, and tiktoken's panic then prints its Rust message
+    there directly, before Python sees the PanicException (which the caller answers). Python's own
+    buffered stderr is untouched (it reaches the real fd 2 when flushed); two dup2 calls a text."""
+
+    def run(text: str) -> list[int]:
+        global _devnull_fd
+        try:
+            if _devnull_fd is None:
+                _devnull_fd = os.open(os.devnull, os.O_WRONLY)
+            saved = os.dup(2)
+        except OSError:  # no stderr to keep quiet
+            return encode(text)
+        os.dup2(_devnull_fd, 2)
+        try:
+            return encode(text)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+    return run
 
 
 def compile_pattern(pattern: str) -> regex.Pattern:

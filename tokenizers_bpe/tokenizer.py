@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import abc
 import base64
-import contextlib
 import functools
 import hashlib
 import json
@@ -356,7 +355,8 @@ class BPETokenizer(Tokenizer):
                                  + ("its C module is not built (reinstall the package with a C compiler)"
                                     if self.pattern in _NATIVE_PATTERNS else "it knows the GPT-2 and GPT-4 patterns only"))
         try:
-            self._core = self.to_tiktoken().encode_ordinary
+            encode = self.to_tiktoken().encode_ordinary
+            self._core = encode if self.pattern in _NATIVE_PATTERNS else rust_panics_unprinted(encode)
             self._backend = "tiktoken"
         except Exception as e:  # noqa: BLE001 (fancy-regex's errors reach Python as several types)
             if self._backend == "tiktoken":
@@ -370,8 +370,7 @@ class BPETokenizer(Tokenizer):
         try:
             if core is not None:
                 try:
-                    with rust_panics_unprinted(self.pattern) if self._backend == "tiktoken" else contextlib.nullcontext():
-                        return core(text)
+                    return core(text)
                 except BaseException as e:  # tiktoken's regex engine giving up panics (a BaseException)
                     if type(e).__name__ != "PanicException":
                         raise

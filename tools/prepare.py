@@ -30,9 +30,9 @@ from tqdm import tqdm
 import tokenizers_bpe
 import tools
 from gpt.data import DATA_STAMP, META_FILE, SPLITS, DataMeta, SplitInfo, token_dtype
+from gpt.memory import available_memory_bytes
 from tokenizers_bpe import TOKENIZER_FILE, BPETokenizer, UnknownCharacterError
 from tokenizers_bpe.errors import byte_size
-from tokenizers_bpe.membudget import available_memory
 from tokenizers_bpe.fileio import atomic_directory, atomic_write, check_not_a_broken_link, check_text_file, read_file_blocks, resolve_path
 from tokenizers_bpe.trainer import quiet_worker, start_pool
 from tokenizers_bpe.patterns import CHUNK_CUT_LOOKAHEAD, CHUNK_CUT_LOOKBEHIND, chunk_cut_regex, chunk_cut_rule
@@ -297,7 +297,7 @@ def check_encoding_memory(plan: DataPlan, workers: int) -> None:
     """The text in flight (a batch of 4 chunks per worker, their ids, and a chunk in each worker) must fit
     in the memory available: a --chunk-mb far too large got the process killed."""
     in_flight = min(plan.total, plan.chunk_bytes * 5 * max(1, workers))
-    need, available = in_flight * ENCODING_BYTES_PER_TEXT_BYTE, available_memory()
+    need, available = in_flight * ENCODING_BYTES_PER_TEXT_BYTE, available_memory_bytes()
     if available is not None and need > 0.75 * available:
         raise CLIError(f"--chunk-mb {plan.chunk_bytes / 2**20:g} with --workers {workers}: the chunks encoded at once need about "
                        f"{byte_size(need)} of memory, more than 3/4 of the {byte_size(available)} available; lower --chunk-mb "

@@ -341,7 +341,7 @@ def test_chunks_that_cannot_fit_in_memory_are_refused_before_encoding(corpus, tm
     """--chunk-mb (up to 1024) times the batch of chunks in flight, at ~40 bytes of memory per byte of text
     encoded, was never checked: a large one on a large input got the process killed."""
     total = sum(Path(f).stat().st_size for f in corpus["files"])  # ~50 KB: about 2 MB in flight at worst
-    monkeypatch.setattr(prepare_module, "available_memory", lambda: total * 40)
+    monkeypatch.setattr(prepare_module, "available_memory_bytes", lambda: total * 40)
     assert prepare(corpus, tmp_path / "data", "--chunk-mb", "0.002", "--workers", "1") == 0  # 2 KB x 5 in flight: fits
     assert prepare(corpus, tmp_path / "big", "--chunk-mb", "64", "--workers", "2") == 2  # the whole input at once: not
     err = capsys.readouterr().err
