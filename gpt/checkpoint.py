@@ -17,8 +17,11 @@ projects; here it is an error naming both sizes). No pickle anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import reprlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -176,12 +179,35 @@ def check_same_tokenizer(directory, other) -> None:
                               f"{directory} ({mine['tokenizer']['fingerprint']}); a draft model must be trained with the same tokenizer")
 
 
+@contextlib.contextmanager
+def safetensors_name(path) -> Iterator[str]:
+    """``path`` as safetensors' reader takes it, a name of valid UTF-8 (it refuses any other). A name
+    that is not (its bytes kept by Python as surrogates: a run directory called so was written, then
+    could not be read back) is passed as /proc/self/fd/N of the file, opened here for the block."""
+    name = os.fspath(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    else:
+        yield name
+        return
+    if not os.path.isdir("/proc/self/fd"):
+        raise InputFileError(f"{name}: the safetensors reader takes file names of valid UTF-8 only; rename the file or "
+                             "its directory")
+    fd = os.open(name, os.O_RDONLY)
+    try:
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
 def check_weights(directory, meta: dict[str, Any], expected: dict[str, tuple[int, ...]]) -> None:
     """Every ``expected`` tensor (name -> shape, as ``state_dict_shapes``) present, none extra, right
     shape and the recorded dtype (read from the header only)."""
     path = checkpoint_file(directory, WEIGHTS_FILE, "safetensors file")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safetensors_name(path) as name, safe_open(name, framework="pt") as f:
             found = {}
             for name in f.keys():
                 sl = f.get_slice(name)
@@ -202,7 +228,7 @@ def non_finite_tensors(directory, name: str = WEIGHTS_FILE) -> list[str]:
     holding a NaN or an infinity (read one tensor at a time: a model's worth of memory is never needed)."""
     path = checkpoint_file(directory, name, "safetensors file")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safetensors_name(path) as file_name, safe_open(file_name, framework="pt") as f:
             return [name for name in f.keys() if not torch.isfinite(f.get_tensor(name)).all()]
     except Exception as e:  # safetensors raises its own error types for a corrupt file
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
@@ -254,7 +280,8 @@ def read_adapters(directory, model, meta: dict[str, Any], device) -> dict[str, t
     path = checkpoint_file(directory, ADAPTERS_FILE, "safetensors file",
                             f"{CONFIG_FILE} has a \"lora\" section, so the adapters are needed")
     try:
-        adapters = load_file(str(path), device=str(device))
+        with safetensors_name(path) as name:
+            adapters = load_file(name, device=str(device))
     except Exception as e:  # safetensors raises its own error types for a corrupt header
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     apply_lora(model, meta["lora"])
@@ -316,7 +343,8 @@ class PretrainedMixin:
         tokenizer = load_tokenizer(directory, meta)
         generation = read_generation(directory)
         try:
-            state = load_file(str(directory / WEIGHTS_FILE), device=str(device))
+            with safetensors_name(directory / WEIGHTS_FILE) as name:
+                state = load_file(name, device=str(device))
         except Exception as e:  # safetensors' own error types for data cut short or corrupt
             raise CheckpointError(f"{directory / WEIGHTS_FILE}: not a readable safetensors file ({e})") from None
         model = cls.from_state_dict(meta["model"], state, what=str(directory / WEIGHTS_FILE))

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from gpt.checkpoint import CheckpointError, checkpoint_file, read_json, write_checkpoint
+from gpt.checkpoint import CheckpointError, checkpoint_file, read_json, safetensors_name, write_checkpoint
 from gpt.finetune_data import collate_classification, in_batches
 from gpt.model import GPT
 from gpt.run_state import FINAL_DIR
@@ -108,7 +108,8 @@ def read_head(directory, model: GPTClassifier, device="cpu") -> dict[str, torch.
     """The head's tensors from ``directory``, checked against ``model``'s head (which may be on the meta device)."""
     path = checkpoint_file(directory, HEAD_FILE, "safetensors file", "the classifier head is missing")
     try:
-        head = load_file(str(path), device=str(device))
+        with safetensors_name(path) as name:
+            head = load_file(name, device=str(device))
     except Exception as e:  # safetensors' own error types for a corrupt file
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     expected = {k: tuple(v.shape) for k, v in model.head.state_dict().items()}

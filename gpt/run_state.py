@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from gpt.checkpoint import CHECKPOINT_STAMP, CONFIG_FILE
+from gpt.checkpoint import CHECKPOINT_STAMP, CONFIG_FILE, safetensors_name
 from gpt.data import field_of_kind, integer_field
 from tokenizers_bpe.errors import InputFileError, NoSpaceError
 from tokenizers_bpe.fileio import (
@@ -196,8 +196,10 @@ def read_train_state(path: Path, device) -> tuple[dict, dict[str, torch.Tensor],
     except TypeError as e:
         raise ValueError(f"{path / STATE_FILE}: malformed trainer state ({e}); the run directory is corrupt") from None
     try:
-        optimizer_tensors = load_file(str(path / OPTIMIZER_FILE), device=str(device))
-        rng = load_file(str(path / RNG_FILE))
+        with safetensors_name(path / OPTIMIZER_FILE) as name:
+            optimizer_tensors = load_file(name, device=str(device))
+        with safetensors_name(path / RNG_FILE) as name:
+            rng = load_file(name)
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"{path}: unreadable optimizer/RNG state ({type(e).__name__}: {e}); the run directory is corrupt") from None
     return meta, optimizer_tensors, rng

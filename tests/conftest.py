@@ -11,9 +11,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
+
+# A suite started in the background of a script (`make test &`, nohup) inherits SIGINT ignored, and so
+# does every process a test starts: a test sending one SIGINT then waited for a process that ignored it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 try:
     import torch

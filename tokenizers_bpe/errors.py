@@ -113,3 +113,13 @@ class InputFileError(ValueError):
 
     def __str__(self) -> str:
         return self.message
+
+
+def is_unicode(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8: no lone surrogate, which is what Python makes of bytes
+    that are not UTF-8 in a command's arguments, and json of a "\\udcXX" escape."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

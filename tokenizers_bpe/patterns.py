@@ -12,6 +12,8 @@ from typing import Callable, Iterator
 
 import regex
 
+from .errors import is_unicode
+
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 GPT4_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
@@ -79,6 +81,8 @@ def resolve_pattern(pattern: str) -> str:
     never match the empty string, which would make splitting loop or drop text)."""
     if not isinstance(pattern, str) or not pattern:
         raise ValueError("pattern must be 'gpt2', 'gpt4' or a non-empty regex string")
+    if not is_unicode(pattern):
+        raise ValueError(f"invalid pattern {pattern!r}: not valid UTF-8 text (a byte of another encoding); give it in UTF-8")
     pattern = PATTERNS.get(pattern, pattern)
     if len(pattern) > MAX_PATTERN_CHARS:
         raise ValueError(f"a pattern of {len(pattern):,} characters, more than a pre-tokenization regex needs "

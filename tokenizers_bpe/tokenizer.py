@@ -27,6 +27,7 @@ import os
 from itertools import chain
 from typing import AbstractSet, Collection, Iterable, Literal, Mapping, Sequence
 
+from .errors import is_unicode
 from .fileio import Stamp, atomic_write, format_stamp
 from .patterns import GPT2_PATTERN, GPT4_PATTERN, piece_splitter, resolve_pattern, rust_panics_unprinted, special_token_regex
 from .pybpe import PieceCache, encode_piece, split_token
@@ -66,8 +67,8 @@ class Tokenizer(abc.ABC):
             raise ValueError(f"{len(special_tokens):,} special tokens, more than a tokenizer can use ({MAX_SPECIAL_TOKENS:,}: "
                              "every encode searches the text for each of them)")
         for tok, i in special_tokens.items():
-            if not isinstance(tok, str) or not tok:
-                raise ValueError(f"special token {tok!r} must be a non-empty string")
+            if not isinstance(tok, str) or not tok or not is_unicode(tok):
+                raise ValueError(f"special token {tok!r} must be a non-empty string of valid UTF-8 text")
             if not isinstance(i, int) or isinstance(i, bool) or i < 0:
                 raise ValueError(f"special token {tok!r} has an invalid id {i!r}")
             if i in token_bytes:

@@ -32,7 +32,7 @@ from collections import Counter, deque
 from typing import Iterable, Iterator, Sequence
 
 from .char import CharTokenizer
-from .errors import SettingError, byte_size
+from .errors import SettingError, byte_size, is_unicode
 from .membudget import MemoryPlan, plan_memory, release_free_memory
 from .merging import DEFAULT_MIN_FREQUENCY, MemoryBudgetError, learn_merges
 from .fileio import READ_BYTES, check_errors_handler, check_text_file, read_text_blocks
@@ -78,6 +78,18 @@ def _count_chunk(text: str, pattern: str, special_tokens: Sequence[str]) -> Coun
     return counts
 
 
+_process_ending = False  # set (in the parent) by no_more_workers; a worker forked after it sees it
+
+
+def no_more_workers() -> None:
+    """The process is ending (its work interrupted or failed): a pool worker started from now on exits
+    at once, before it takes a task. A pool's own thread replaces the workers the ending kills; a
+    replacement that took a task after its parent had gone printed a BrokenPipeError traceback (the
+    result had no reader) onto the command's stderr."""
+    global _process_ending
+    _process_ending = True
+
+
 def quiet_worker() -> None:
     """The start of a pool worker: it leaves its parent's process group, so that Ctrl-C or a SIGTERM
     sent to the command's group reaches the parent alone, which stops the pool (Pool.terminate takes
@@ -86,6 +98,8 @@ def quiet_worker() -> None:
     A worker killed by a group signal at an arbitrary point left a queue locked or a result
     half-written, and the parent waited for it forever; neither can happen now, and no worker prints
     a traceback."""
+    if _process_ending:
+        os._exit(0)
     try:
         os.setpgid(0, 0)
     except OSError:
@@ -169,6 +183,9 @@ def check_train_settings(vocab_size: int, special_tokens: Sequence[str], pattern
         raise SettingError("min_frequency", f"{{min_frequency}} must be at least 1, got {min_frequency}")
     if any(not isinstance(t, str) or not t for t in special_tokens):
         raise SettingError("special", "{special} needs a non-empty token")
+    if not all(map(is_unicode, special_tokens)):
+        raise SettingError("special", f"{{special}} {next(t for t in special_tokens if not is_unicode(t))!r} is not valid "
+                                      "UTF-8 text (a byte of another encoding); give the token in UTF-8")
     if len(dict.fromkeys(special_tokens)) > MAX_SPECIAL_TOKENS:
         raise SettingError("special", f"{len(dict.fromkeys(special_tokens)):,} special tokens ({{special}}), more than a "
                                       f"tokenizer can use ({MAX_SPECIAL_TOKENS:,})")

@@ -36,11 +36,27 @@ def _ignore_interrupts_at_exit() -> None:
         _signal.signal(sig, _signal.SIG_IGN)
 
 
+def _standard_streams_opened() -> None:
+    """A standard stream the caller closed (`<&-`, `>&-`) reads or writes /dev/null. Python left
+    sys.stdin or sys.stdout None (reading or writing it failed with an AttributeError traceback), and
+    the first file the command opened took that descriptor, so what it printed went into that file."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            _os.fstat(fd)
+        except OSError:
+            null = _os.open(_os.devnull, _os.O_RDWR)  # (the lowest free descriptor: fd itself)
+            if null != fd:
+                _os.dup2(null, fd)
+                _os.close(null)
+            setattr(_sys, name, open(fd, mode, encoding="utf-8", closefd=False))
+
+
 # A console script, not a test calling main(argv): its process is the command's own, so after an
 # interrupt or an error the command ends it at once (tools.cli.command), without the libraries' exit
 # handlers (a multiprocessing pool's could wait forever on a worker it had just ended).
 console_script = bool(_sys.argv) and _os.path.basename(_sys.argv[0]).startswith(("gpt-", "bpe-"))
 if console_script:
+    _standard_streams_opened()
     for _sig in (_signal.SIGINT, _signal.SIGTERM):
         _signal.signal(_sig, _exit_interrupted)
     _atexit.register(_ignore_interrupts_at_exit)

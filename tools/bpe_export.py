@@ -66,6 +66,11 @@ def sidecar_path(rank_file: Path) -> Path:
 
 def check_tiktoken_outputs(out: Path, inputs) -> None:
     """The rank file has no stamp of its own: OUT may be replaced only together with its sidecar, ours."""
+    try:
+        out.name.encode("utf-8")
+    except UnicodeEncodeError:  # (bytes Python keeps as surrogates) JSON text cannot hold them
+        raise CLIError(f"-o {out}: the name is not valid UTF-8, and {out.name}.json records it for the reader; choose a "
+                       "UTF-8 name") from None
     sidecar = sidecar_path(out)
     check_output(sidecar, SIDECAR_STAMP, "-o", inputs=inputs)
     check_not_an_input(out, inputs, "-o")

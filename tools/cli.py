@@ -22,6 +22,7 @@ Every console script is a module of ``tools`` whose ``main(argv) -> int`` is wra
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import enum
 import errno
@@ -40,9 +41,10 @@ from tqdm import tqdm
 
 import tools
 from tokenizers_bpe import TIKTOKEN_ENCODINGS
-from tokenizers_bpe.errors import InvalidTextError, SettingError
+from tokenizers_bpe.errors import InvalidTextError, SettingError, is_unicode
 from tokenizers_bpe.fileio import MAX_SEED, decode_utf8
 from tokenizers_bpe.patterns import resolve_pattern
+from tokenizers_bpe.trainer import no_more_workers
 
 
 class ExitCode(enum.IntEnum):
@@ -129,6 +131,25 @@ def close_progress_bars() -> None:
         bar.close()
 
 
+def _escape_unencodable(error: UnicodeEncodeError) -> tuple[str | bytes, int]:
+    """The error handler of a console script's stdout: a name's bytes that are not UTF-8 (which Python
+    keeps as lone surrogates) written back as they were, as ls does; a character the output's encoding
+    lacks (PYTHONIOENCODING=ascii) as a backslash escape. Under the strict stdout of a UTF-8 locale
+    other than C.UTF-8, printing such a name after the work was done made the command fail."""
+    if all("\udc80" <= c <= "\udcff" for c in error.object[error.start:error.end]):
+        with contextlib.suppress(UnicodeEncodeError):  # (an encoding such as ASCII cannot take the bytes)
+            return codecs.lookup_error("surrogateescape")(error)
+    return codecs.lookup_error("backslashreplace")(error)
+
+
+codecs.register_error("gpt_toolkit_escape", _escape_unencodable)
+
+
+def _stdout_never_fails_on_text() -> None:
+    with contextlib.suppress(AttributeError, ValueError, OSError):  # (not a text stream we may reconfigure)
+        sys.stdout.reconfigure(errors="gpt_toolkit_escape")
+
+
 def _raise_interrupt(signum, frame) -> None:
     """SIGINT and SIGTERM while a command runs: a KeyboardInterrupt, so that its cleanup runs. A console
     script first stops the programs it runs (torch.compile's C++ compiler): subprocess.run SIGKILLs its
@@ -154,6 +175,7 @@ def _end_now_if_console(in_main_thread: bool, code: int) -> None:
         return
     for sig in (signal.SIGINT, signal.SIGTERM):  # the process is ending: a further signal changes nothing
         signal.signal(sig, signal.SIG_IGN)
+    no_more_workers()  # (before the workers are killed: a pool's thread starts replacements)
     children = sys.modules.get("multiprocessing")
     for child in children.active_children() if children else ():
         child.kill()
@@ -238,6 +260,8 @@ def command(prog: str, *, flags: Mapping[str, str] | None = None, text_hint: str
                 lg.setLevel(logging.INFO)
                 lg.propagate = False
             in_main_thread = threading.current_thread() is threading.main_thread()
+            if tools.console_script:  # (a test or a program calling main() keeps its stdout as it set it)
+                _stdout_never_fails_on_text()
             saved_signals = {}
             if in_main_thread:  # while the command runs, both are a KeyboardInterrupt: its cleanup runs
                 saved_signals = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -447,6 +471,14 @@ def text_argument(text: str, name: str) -> str:
         except UnicodeEncodeError:
             pass
         raise InvalidTextError(name, len(text[: e.start].encode("utf-8")), e.reason) from None
+    return text
+
+
+def unicode_text(text: str) -> str:
+    """An argparse type: text as given, refused where it holds bytes that are not UTF-8 (which Python
+    keeps as lone surrogates; a tokenizer would have made U+FFFD of them silently)."""
+    if not is_unicode(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid UTF-8 text (a byte of another encoding); give it in UTF-8")
     return text
 
 

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import gpt2_kernels
 import tokenizers_bpe
-from gpt.checkpoint import CHECKPOINT_STAMP, check_vocab, non_finite_tensors, write_checkpoint
+from gpt.checkpoint import CHECKPOINT_STAMP, check_vocab, non_finite_tensors, safetensors_name, write_checkpoint
 from gpt.classifier import CLASSIFIER_FILE, HEAD_FILE
 from gpt.config import GPTConfig
 from gpt.device import dtype_name
@@ -254,7 +254,7 @@ def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
     for name in files:
         path = check_regular_file(src / name, "safetensors file", f"listed in {index.name}")
         try:
-            with safe_open(str(path), framework="pt") as f:
+            with safetensors_name(path) as file_name, safe_open(file_name, framework="pt") as f:
                 state.update({k: f.get_tensor(k) for k in f.keys()})
         except Exception as e:  # safetensors raises its own error types for a corrupt header
             raise CLIError(f"{path}: not a readable safetensors file ({e})") from None

@@ -118,6 +118,11 @@ def gguf_exportable(model: GPT, src: Path) -> None:
         raise CLIError(f"{src}: {e}") from None
 
 
+def display_name(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (kept by Python as surrogates) shown as U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def write_gguf_atomically(model: GPT, out: Path, dtype: str) -> None:
     """write_gguf into a temporary file beside ``out``, renamed over it when complete."""
     parent = out.parent if str(out.parent) else Path(".")
@@ -127,7 +132,7 @@ def write_gguf_atomically(model: GPT, out: Path, dtype: str) -> None:
         try:
             with no_space_as_error(out, Path(tmp)):
                 os.chmod(tmp, 0o666 & ~current_umask())
-                write_gguf(model, tmp, dtype=dtype, name=out.stem)
+                write_gguf(model, tmp, dtype=dtype, name=display_name(out.stem))
             check_gguf_output(out)  # again: something may have appeared there meanwhile
             os.replace(tmp, out)
         except BaseException:

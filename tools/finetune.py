@@ -81,6 +81,7 @@ FLAGS = {"block_size": "--max-length"}  # a micro-batch's length is set by --max
 EVALUATION_FILE = "evaluation.json"
 RUN_DEFINING = ("model", "train", "val", "test", "data", "val_fraction", "text_column", "label_column", "trainable",
                 "mask_prompt", "max_length", "lora_rank", "lora_alpha", "lora_targets", "seed")
+DEFAULT_LORA_TARGETS = "attn"
 PATH_OPTIONS = ("model", "train", "val", "test", "data")  # recorded resolved (tools.training.resolved)
 
 
@@ -108,8 +109,8 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     lora = p.add_argument_group("LoRA (train low-rank adapters instead of the base weights)")
     lora.add_argument("--lora-rank", type=integer(), metavar="R", help="adapter rank; enables LoRA")
     lora.add_argument("--lora-alpha", type=number(), metavar="A", help="adapter scale alpha: the update is scaled by A/R (default: 2R)")
-    lora.add_argument("--lora-targets", default="attn", metavar="LIST",
-                      help="comma-separated layer groups: attn (c_attn, c_proj), mlp (c_fc, c_proj) (default: %(default)s)")
+    lora.add_argument("--lora-targets", metavar="LIST",
+                      help=f"comma-separated layer groups: attn (c_attn, c_proj), mlp (c_fc, c_proj) (default: {DEFAULT_LORA_TARGETS})")
 
 
 def build_parser() -> ArgumentParser:
@@ -143,10 +144,20 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+def check_lora_options(args) -> None:
+    """--lora-alpha and --lora-targets only with --lora-rank (without it they were ignored: a full
+    fine-tune); the default targets filled in, as run_config.json records them."""
+    if args.lora_rank is None:
+        given = next((flag for flag, value in (("--lora-alpha", args.lora_alpha), ("--lora-targets", args.lora_targets))
+                      if value is not None), None)
+        if given:
+            raise CLIError(f"{given} needs --lora-rank")
+    if args.lora_targets is None:
+        args.lora_targets = DEFAULT_LORA_TARGETS
+
+
 def lora_config_from_args(args):
     if args.lora_rank is None:
-        if args.lora_alpha is not None:
-            raise CLIError("--lora-alpha needs --lora-rank")
         return None
     alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
     return LoRAConfig(rank=args.lora_rank, alpha=alpha, targets=LoRAConfig.parse_targets(args.lora_targets))
@@ -364,6 +375,7 @@ def run_instruct(args) -> int:
 @command(PROG, flags=FLAGS)
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_lora_options(args)
     try:
         with removed_after_early_error(args.out):
             return run_classify(args) if args.command == "classify" else run_instruct(args)

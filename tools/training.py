@@ -23,7 +23,7 @@ from gpt2_kernels import BACKENDS
 from tokenizers_bpe.errors import NoSpaceError, OutputError, SettingError
 from tokenizers_bpe.fileio import MAX_SEED, check_not_a_broken_link, check_replaceable, free_bytes, resolve_path
 from tools.bpe_train import memory_size
-from tools.cli import CLIError, ExitCode, choice, device_name, flag, integer, max_threads, number, parse_bool, path_argument, pattern_argument
+from tools.cli import CLIError, ExitCode, choice, device_name, flag, integer, max_threads, number, parse_bool, path_argument, pattern_argument, unicode_text
 from tools.corpus import BUILTIN_CORPORA
 
 DEFAULT_PRESET = "shakespeare-cpu"
@@ -88,7 +88,7 @@ def option_table() -> list[tuple[str, Any, Any, str]]:
         ("sample_tokens", integer(0), 100, "tokens of the sample generated at each evaluation (0: none); sampled with "
                                            f"temperature {SAMPLING_DEFAULTS['temperature']}, top-k {SAMPLING_DEFAULTS['top_k']}, "
                                            f"top-p {SAMPLING_DEFAULTS['top_p']}, as gpt-generate"),
-        ("sample_prompt", str, "\n", "prompt of that sample"),
+        ("sample_prompt", unicode_text, "\n", "prompt of that sample"),
         ("progress", parse_bool, t.progress, "show a progress bar (true/false)"),
         ("threads", integer(1, max_threads()), None, "CPU threads for PyTorch (default: PyTorch's choice, one per core); 1 is much faster on a machine busy with other work"),
     ]

@@ -197,6 +197,24 @@ def test_an_endless_stdin_is_refused_at_its_bound(command, ckpt, tmp_path):
                                                    "(for a corpus, gpt-prepare streams any size)")
 
 
+@pytest.mark.parametrize("closed, command, args, code, says", [
+    ("<&-", "bpe-encode", ["-"], ExitCode.OK, "[]"),  # as an empty stdin
+    ("<&-", "bpe-decode", ["-"], ExitCode.USER_ERROR, ""),
+    (">&-", "bpe-decode", ["[104, 105]"], ExitCode.OK, ""),
+    ("2>&-", "bpe-decode", ["[104, 10**9]"], ExitCode.USER_ERROR, ""),
+])
+def test_a_closed_standard_stream_is_dev_null(ckpt, tmp_path, closed, command, args, code, says):
+    """`<&-` or `>&-` left sys.stdin or sys.stdout None: an AttributeError traceback in every command
+    reading stdin or writing it directly, and `2>&-` turned an error's exit status 2 into 1."""
+    module = {"bpe-encode": "bpe_encode", "bpe-decode": "bpe_decode"}[command]
+    script = (f"import sys; sys.argv[0] = {command!r}; import tools; from tools.{module} import main; "
+              f"raise SystemExit(main({['-t', str(ckpt), *args]!r}))")
+    done = subprocess.run(["sh", "-c", f'exec "$@" {closed}', "sh", sys.executable, "-c", script], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == code and "Traceback" not in done.stderr + done.stdout, done.stderr
+    assert done.stdout.strip() == says
+
+
 def test_sigterm_is_an_interrupt_in_every_command(capsys):
     @command("gpt-test")
     def main(argv=None):
@@ -288,6 +306,18 @@ def test_pool_workers_end_when_their_parent_is_gone(tmp_path):
     assert not [pid for pid in workers if _running(pid)]
 
 
+def test_no_pool_worker_takes_a_task_once_the_command_is_ending():
+    """A pool's thread replaces the workers an ending command kills; a replacement that took a task
+    after the command had gone printed a BrokenPipeError traceback on its stderr (about one group
+    SIGINT in forty to gpt-prepare). Started after no_more_workers, a worker exits at once."""
+    script = ("import multiprocessing, sys; from tokenizers_bpe.trainer import no_more_workers, quiet_worker\n"
+              "def work():\n    quiet_worker(); print('took a task', flush=True)\n"
+              "p = multiprocessing.Process(target=work); p.start(); p.join(); assert p.exitcode == 0\n"
+              "no_more_workers(); p = multiprocessing.Process(target=work); p.start(); p.join(); sys.exit(p.exitcode)")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "took a task\n" and not proc.stderr, (proc.stdout, proc.stderr)
+
+
 def _running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -349,7 +379,7 @@ def test_a_group_signal_at_any_moment_of_prepare_exits_130(tmp_path, sig):
             raise AssertionError(f"gpt-prepare hung after {signal.Signals(sig).name} at {delay} s; the command "
                                  f"{'had exited' if proc.poll() is not None else 'still ran'}; processes of its session: "
                                  f"{left}") from None
-        assert proc.returncode in (0, ExitCode.INTERRUPTED) and "Traceback" not in err, err
+        assert proc.returncode in (0, ExitCode.INTERRUPTED) and "Traceback" not in err, (proc.returncode, delay, err)
         assert proc.returncode == 0 or not out.exists() or (out / "meta.json").is_file()  # nothing, or all of it
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary or lock left
 

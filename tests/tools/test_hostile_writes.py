@@ -288,3 +288,89 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_directory_or_no_opti
     assert main([a.format(data=data_dir, tmp=tmp_path) for a in argv[1:]]) == ExitCode.USER_ERROR
     assert "an empty path" in error_line(capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------ names not in UTF-8
+
+NOT_UTF8 = os.fsdecode(b"caf\xe9")  # a Latin-1 name: Python keeps the byte as a surrogate
+
+
+def console(prog: str, module: str, *args: str) -> subprocess.CompletedProcess:
+    """``prog`` run as its console script is, with the strict stdout of a UTF-8 locale other than C.UTF-8."""
+    script = f"import sys; sys.argv[0] = {prog!r}; import tools; from {module} import main; raise SystemExit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", script, *args], env={**ENV, "PYTHONIOENCODING": "utf-8"},
+                          capture_output=True, timeout=300)
+
+
+def test_a_run_directory_named_in_latin1_is_written_and_read_back(data_dir, tmp_path):
+    """Written, then unreadable: safetensors' reader takes UTF-8 names only, so --resume called the run
+    "corrupt" and gpt-generate, gpt-inspect and gpt-convert refused its models; and every line naming
+    the directory on a strict stdout failed the command after its work was done."""
+    run = str(tmp_path / f"run-{NOT_UTF8}")
+    steps = [("gpt-train", "tools.train", "--data", str(data_dir), "--out", run, *TINY, "--max-steps", "2"),
+             ("gpt-train", "tools.train", "--resume", run, "--max-steps", "3"),
+             ("gpt-inspect", "tools.inspect_checkpoint", run),
+             ("gpt-generate", "tools.generate", "--model", f"{run}/final", "-n", "2", "To"),
+             ("gpt-convert", "tools.convert", "hf-export", f"{run}/final", str(tmp_path / f"hf-{NOT_UTF8}")),
+             ("gpt-convert", "tools.convert", "hf-import", str(tmp_path / f"hf-{NOT_UTF8}"), str(tmp_path / NOT_UTF8),
+              "--tokenizer", f"{run}/final/tokenizer.json")]
+    for prog, module, *args in steps:
+        done = console(prog, module, *args)
+        assert done.returncode == 0 and b"Traceback" not in done.stderr, (args, done.stderr[-3000:])
+        assert os.fsencode(NOT_UTF8) in done.stdout + done.stderr or prog == "gpt-generate"
+    assert (Path(run) / "checkpoints" / "step-000003").is_dir() and (tmp_path / NOT_UTF8 / "model.safetensors").is_file()
+
+
+def test_latin1_output_names_for_exports(tokenizer_file, tmp_path):
+    """A GGUF file's model name is its file name, shown as text; a tiktoken sidecar records its rank
+    file's name, which JSON cannot hold in another encoding: refused, nothing written."""
+    import gguf
+
+    model = tmp_path / "model"
+    make_tiny_model(small_tokenizer()).save_pretrained(model)
+    out = tmp_path / f"{NOT_UTF8}.gguf"
+    done = console("gpt-convert", "tools.convert", "gguf", str(model), str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert gguf.GGUFReader(out).fields["general.name"].contents() == "caf\ufffd"
+    done = console("bpe-export", "tools.bpe_export", str(tokenizer_file), "--format", "tiktoken", "-o", str(tmp_path / f"{NOT_UTF8}.tiktoken"))
+    assert done.returncode == ExitCode.USER_ERROR and "not valid UTF-8" in error_line(done.stderr.decode())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", out.name])
+
+
+@pytest.mark.parametrize("argv", [
+    ["bpe-train", "--special", NOT_UTF8], ["bpe-train", "--pattern", NOT_UTF8 + "|(?s:.)"], ["bpe-train", "--char", "--special", NOT_UTF8],
+    ["gpt-train", "--special", NOT_UTF8], ["gpt-train", "--sample-prompt", NOT_UTF8],
+])
+def test_text_options_in_another_encoding_are_refused_before_any_work(tmp_path, capsys, argv):
+    """A special token, pattern or prompt holding a byte that is not UTF-8: the tokenizer was trained and
+    then could not be saved (a raw codec message), or the prompt's byte became U+FFFD silently."""
+    from tools.bpe_train import main as bpe_train
+
+    text = tmp_path / "t.txt"
+    text.write_text("some words to train on, and more words.\n" * 50)
+    prog, *options = argv
+    if prog == "bpe-train":
+        rc = bpe_train([str(text), "-o", str(tmp_path / "tok.json"), *options])
+    else:
+        rc = train([str(text), "--out", str(tmp_path / "run"), *options, *TINY, "--max-steps", "1"])
+    assert rc == ExitCode.USER_ERROR and "not valid UTF-8" in error_line(capsys.readouterr().err)
+    assert [p.name for p in tmp_path.iterdir()] == ["t.txt"]
+
+
+def test_a_tokenizer_file_with_a_lone_surrogate_is_refused_on_load(tokenizer_file, tmp_path):
+    meta = json.loads(tokenizer_file.read_text())
+    meta["special_tokens"] = {"\udce9": max(meta["special_tokens"].values())}
+    bad = tmp_path / "tok.json"
+    bad.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="valid UTF-8"):
+        tokenizers_bpe.load(bad)
+
+
+def test_lora_options_without_a_rank_are_refused(tmp_path, capsys):
+    """--lora-targets without --lora-rank was ignored: a full fine-tune."""
+    from tools.finetune import main as finetune
+
+    rc = finetune(["instruct", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.json"), "--out", str(tmp_path / "o"),
+                   "--lora-targets", "mlp"])
+    assert rc == ExitCode.USER_ERROR and "--lora-targets needs --lora-rank" in error_line(capsys.readouterr().err)
+    assert not list(tmp_path.iterdir())
