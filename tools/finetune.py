@@ -29,6 +29,7 @@ longest sequence with the end-of-text id; padded targets are -100 (ignored by th
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import reprlib
 import sys
@@ -187,6 +188,20 @@ def check_out(args) -> None:
     check_writable_dir(args.out, "--out", keep=False)  # the Trainer creates it once every check has passed
 
 
+def data_digests(args) -> dict[str, str]:
+    """The SHA-256 of each example file, as run_config.json records them: a resume checks that the
+    files it is given by the same names still hold the examples the run was trained on."""
+    digests = {}
+    for name in ("train", "val", "test", "data"):
+        if getattr(args, name, None):
+            digest = hashlib.sha256()
+            with open(getattr(args, name), "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+            digests[name] = digest.hexdigest()
+    return digests
+
+
 def check_resume(args, run_config: dict) -> None:
     """Refuse to resume a run with options that define it changed (data, model, adapters)."""
     path = Path(args.out) / RUN_CONFIG_FILE
@@ -203,6 +218,11 @@ def check_resume(args, run_config: dict) -> None:
         # compared as run_config.json records them: a recorded `true` is not the number 1
         if key in run_config and json.dumps(used, sort_keys=True) != json.dumps(run_config[key], sort_keys=True):
             raise CLIError(f"--{key.replace('_', '-')} cannot change when resuming (the run used {reprlib.repr(saved.get(key))})")
+    for name, digest in run_config["data_digests"].items():
+        if isinstance(saved.get("data_digests"), dict) and saved["data_digests"].get(name, digest) != digest:
+            raise CLIError(f"--{name} {getattr(args, name)}: its content changed since the run started (the run was trained "
+                           "on other examples, and resumed it would compare losses on different ones); resume with the "
+                           "file as it was, or start a new run with another --out")
 
 
 def describe(model: nn.Module, lora) -> str:
@@ -254,7 +274,7 @@ def run_classify(args) -> int:
     model = GPTClassifier(gpt, labels)
     args.trainable = args.trainable or ("head" if lora else "last-block")
     set_trainable(model, args.trainable)
-    run_config = {**recorded(args), "labels": labels, "max_length": max_length}
+    run_config = {**recorded(args), "labels": labels, "max_length": max_length, "data_digests": data_digests(args)}
     if args.resume:
         check_resume(args, run_config)
 
@@ -328,7 +348,7 @@ def run_instruct(args) -> int:
     torch.manual_seed(cfg.seed)
     if lora:
         apply_lora(model, lora)
-    run_config = {**recorded(args), "max_length": max_length}
+    run_config = {**recorded(args), "max_length": max_length, "data_digests": data_digests(args)}
     if args.resume:
         check_resume(args, run_config)
     dist = init_distributed(cfg.device)

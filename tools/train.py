@@ -301,6 +301,12 @@ def train(opts: dict, resume: bool, saved: dict | None, cfg, tokenizer_path: str
     meta, tokenizer, train_tokens, val_tokens = check_data(data_dir, tokenizer_path)
     if resume and trained_fingerprint(out, saved) not in (None, meta.tokenizer_fingerprint):
         raise CLIError(f"--resume {out}: the run was trained with another tokenizer than the one {data_dir} was prepared with")
+    trained_on = saved["derived"].get("data_tokens") if resume and saved else None
+    if trained_on is not None and trained_on != {s: i.tokens for s, i in meta.splits.items()}:
+        raise CLIError(f"--resume {out}: {data_dir} was prepared again since the run started (it now holds "
+                       f"{meta.splits['train'].tokens:,} train tokens, the run was trained on {reprlib.repr(trained_on)}); its "
+                       "validation losses would not compare. Resume on the data the run was trained on, or start a new run "
+                       f"from one of its checkpoints (--init-from {out / 'checkpoints'}/step-N)")
     model = build_model(opts, meta, tokenizer)
     model.tokenizer = tokenizer
     block_size = opts["block_size"] or model.config.n_ctx

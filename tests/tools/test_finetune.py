@@ -233,6 +233,11 @@ def test_instruct_with_lora_saves_adapters_apart(base, tmp_path, capsys):
     rc, _, err = run(capsys, main, ["instruct", "--model", base, "--data", data, "--out", out, "--lora-rank", 8, "--max-steps", 6,
                                     "--resume", *TRAIN_ARGS])
     assert rc == 2 and "--lora-rank cannot change when resuming" in err
+    # the same file name with other examples: resumed, the run would have trained and compared on them silently
+    data.write_text("".join(json.dumps(r) + "\n" for r in instruction_records(11)), encoding="utf-8")
+    rc, _, err = run(capsys, main, ["instruct", "--model", base, "--data", data, "--out", out, "--lora-rank", 4, "--max-steps", 6,
+                                    "--eval-interval", 2, "--batch-size", 4, "--show", 0, "--resume", *TRAIN_ARGS])
+    assert rc == 2 and f"--data {data}: its content changed since the run started" in err
     rc, _, err = run(capsys, main, ["instruct", "--model", base, "--data", data, "--out", out, *TRAIN_ARGS])
     assert rc == 2 and "already holds a run; continue it with --resume" in err
 

@@ -734,6 +734,25 @@ def test_a_run_resumed_from_another_directory_trains_on_its_own_data(tok_data, t
     one_line(capsys, train(["--resume", "../run", "--max-steps", "2", *QUICK]), str(tmp_path / "a" / "data"))
 
 
+def test_a_run_does_not_resume_on_data_prepared_again(tok, tmp_path, capsys):
+    """gpt-prepare replaces its own output: a run's data directory prepared again from other text (same
+    tokenizer) was resumed on silently, its best/ then chosen by validation losses on two val sets."""
+    tok.save(tmp_path / "tok.json")
+    text = plays()[0].text()
+    for name, part in (("a.txt", text), ("b.txt", text[: len(text) // 2])):
+        (tmp_path / name).write_text(part)
+    data = str(tmp_path / "data")
+    assert prepare([str(tmp_path / "a.txt"), "--tokenizer", str(tmp_path / "tok.json"), "-o", data, "--quiet"]) == 0
+    run = str(tmp_path / "run")
+    assert train(["--data", data, "--out", run, "--preset", "tiny", "--batch-size", "2", "--block-size", "16", "--max-steps", "1",
+                  *QUICK]) == 0
+    assert train(["--resume", run, "--max-steps", "2", *QUICK]) == 0  # the same data: resumed
+    assert prepare([str(tmp_path / "b.txt"), "--tokenizer", str(tmp_path / "tok.json"), "-o", data, "--quiet"]) == 0
+    capsys.readouterr()
+    one_line(capsys, train(["--resume", run, "--max-steps", "3", *QUICK]), "was prepared again since the run started")
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+
+
 def test_a_fine_tuning_run_resumes_from_another_directory(ckpt, tmp_path, monkeypatch, capsys):
     """Its model and data are recorded resolved: the same files by another relative path are the same
     run; other files are refused."""
