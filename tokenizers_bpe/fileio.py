@@ -438,11 +438,14 @@ def read_file_blocks(path: str | os.PathLike, errors: str = "strict", progress=N
     """(text, bytes) of the file in blocks of about ``size`` bytes, cut anywhere but inside a character,
     so a file that is one huge line is read in bounded memory; ``progress.update(n)`` is called with
     the bytes read. Invalid UTF-8 is an InvalidTextError with its byte offset in the file
-    (``errors="replace"`` substitutes U+FFFD)."""
+    (``errors="replace"`` substitutes U+FFFD). A file still written to is read as it was when opened
+    (a log appended to faster than it was read was read for ever)."""
     offset, tail = 0, b""
     with open(path, "rb") as f:
+        left = os.fstat(f.fileno()).st_size
         while True:
-            block = f.read(size)
+            block = f.read(min(size, left))
+            left -= len(block)
             if progress is not None:
                 progress.update(len(block))
             data = tail + block

@@ -254,8 +254,8 @@ def prepare(plan: DataPlan, tokenizer, tokenizer_path: str, out: Path, *, append
                 pool.join()
                 pool = None
             if {name: info.bytes for name, info in splits.items()} != plan.planned:
-                raise ValueError("the input changed while gpt-prepare read it (the splits differ from the first pass); "
-                                 "run it again on files that stay as they are")
+                raise ValueError("the text changed while it was read (the splits differ from the first pass: is a file still "
+                                 "being written?); run again once the files stay as they are")
             meta = DataMeta(
                 tokenizer_fingerprint=tokenizer.fingerprint(), n_vocab=tokenizer.n_vocab, eot_token=tokenizer.eot_token,
                 dtype=dtype.name, append_eot=append_eot, val_fraction=plan.val_fraction, splits=splits, sources=plan.sources)

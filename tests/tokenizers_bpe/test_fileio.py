@@ -152,3 +152,17 @@ def test_a_lock_naming_no_possible_process_is_taken_over(tmp_path, caplog, pid):
     with OutputLock(lock_path, "run x"):
         assert json.loads(lock_path.read_text())["pid"] == os.getpid()
     assert not lock_path.exists()
+
+
+def test_a_file_still_written_to_is_read_as_it_was_when_opened(tmp_path):
+    """A log appended to faster than it was read (`yes >> corpus.txt`) kept bpe-train reading for ever."""
+    from tokenizers_bpe.fileio import read_file_blocks
+
+    path = tmp_path / "log.txt"
+    path.write_text("first line\n" * 10)
+    blocks = read_file_blocks(path, size=16)
+    read = [next(blocks)]
+    with open(path, "a") as f:
+        f.write("appended while read\n" * 1000)
+    read.extend(blocks)
+    assert "".join(text for text, _ in read) == "first line\n" * 10 and sum(n for _, n in read) == 110

@@ -373,3 +373,23 @@ def test_a_token_file_that_is_not_a_file_is_named_for_what_it_is(corpus, tmp_pat
     (tmp_path / "data" / "train.bin").unlink()
     with pytest.raises(ValueError, match="train.bin: file not found; re-run gpt-prepare"):
         open_split(tmp_path / "data", "train")
+
+
+def test_a_file_written_to_while_it_is_read_is_one_line_and_leaves_nothing(corpus, tmp_path, capsys, monkeypatch):
+    """The splits are planned on a first pass over the text and cut on the second: a file that grew
+    in between (a log still written) is refused, never cut where the plan no longer holds."""
+    growing = tmp_path / "growing.txt"
+    growing.write_text(corpus["texts"][0])
+    planned = prepare_module.plan_data
+
+    def plan_then_grow(*args, **kwargs):
+        plan = planned(*args, **kwargs)
+        with open(growing, "a") as f:
+            f.write("a line written after the first pass\n" * 100)
+        return plan
+
+    monkeypatch.setattr(prepare_module, "plan_data", plan_then_grow)
+    rc = prepare_main([str(growing), "--tokenizer", str(corpus["bpe"]), "-o", str(tmp_path / "data"), "--quiet"])
+    assert rc == 2
+    assert_one_line_error(capsys, "the text changed while it was read")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["growing.txt"]
