@@ -58,7 +58,8 @@ def read_text(path: Path) -> str:
         raise InputFileError(path, f"{path}: {size / 1e6:,.0f} MB; reading it and its tokens needs about "
                                    f"{size * MEMORY_PER_FILE_BYTE / 1e9:,.1f} GB of memory, more than the "
                                    f"{available / 1e9:,.1f} GB available: fine-tune on a part of it")
-    text = decode_utf8(path.read_bytes(), str(path))
+    with open(path, "rb") as f:  # (as it was when checked: a file still written to could be read for ever)
+        text = decode_utf8(f.read(size), str(path))
     return text[len(_BOM):] if text.startswith(_BOM) else text
 
 

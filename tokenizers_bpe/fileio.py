@@ -309,9 +309,8 @@ MAX_TOKENIZER_BYTES = 1 << 30  # tokenizer.json, encoder.json, .tiktoken (a 2**2
 
 
 def check_regular_file(path: str | os.PathLike, what: str = "file", hint: str = "", max_bytes: int | None = None) -> Path:
-    """``path`` as a Path if it is a regular file (followed through links) of at most ``max_bytes``;
-    else an InputFileError saying what it is, without opening it (a FIFO would block, a device
-    never end)."""
+    """``path`` as a Path if it is a regular file (through links) of at most ``max_bytes``, else an
+    InputFileError saying what it is, without opening it (a FIFO would block, a device never end)."""
     path = _check_kind(Path(path), stat.S_ISREG, what, hint, "file not found")
     if max_bytes is not None and (size := path.stat().st_size) > max_bytes:
         raise InputFileError(path, f"{path}: {size:,} bytes, more than a {what} can need ({max_bytes:,}); "
@@ -320,8 +319,7 @@ def check_regular_file(path: str | os.PathLike, what: str = "file", hint: str = 
 
 
 def check_directory(path: str | os.PathLike, what: str = "directory", hint: str = "") -> Path:
-    """``path`` as a Path if it is a directory (followed through links); else an InputFileError saying
-    what is there instead (nothing, a file, a link loop)."""
+    """``path`` as a Path if it is a directory (through links), else an InputFileError saying what is there."""
     return _check_kind(Path(path), stat.S_ISDIR, what, hint, f"no such {what}")
 
 
@@ -374,9 +372,10 @@ def parse_toml(text: str, where: str, hint: str = "", limit: int = MAX_NESTING) 
 
 
 def read_text(path: str | os.PathLike, what: str = "file", hint: str = "", max_bytes: int = MAX_CONFIG_BYTES) -> str:
-    """A whole small UTF-8 file, checked by check_regular_file first; invalid UTF-8 is an InvalidTextError."""
+    """A whole small UTF-8 file, checked by check_regular_file (and read up to ``max_bytes``, should it grow)."""
     path = check_regular_file(path, what, hint, max_bytes)
-    return decode_utf8(path.read_bytes(), str(path))
+    with open(path, "rb") as f:
+        return decode_utf8(f.read(max_bytes), str(path))
 
 
 def read_json(path: str | os.PathLike, hint: str = "", max_bytes: int = MAX_CONFIG_BYTES) -> object:
@@ -385,7 +384,8 @@ def read_json(path: str | os.PathLike, hint: str = "", max_bytes: int = MAX_CONF
     InputFileError (a ValueError) naming it (+ ``hint``, what to do about it)."""
     path = check_regular_file(path, "JSON file", hint, max_bytes)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:  # (no further than max_bytes: a file still written to could be read for ever)
+            text = f.read(max_bytes).decode("utf-8")
     except UnicodeDecodeError as e:
         raise InputFileError(path, f"{path}: not valid JSON (not UTF-8 at byte {e.start}){f'; {hint}' if hint else ''}") from None
     return parse_json(text, str(path), hint)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import reprlib
 import sys
 from pathlib import Path
@@ -196,8 +197,10 @@ def data_digests(args) -> dict[str, str]:
         if getattr(args, name, None):
             digest = hashlib.sha256()
             with open(getattr(args, name), "rb") as f:
-                while block := f.read(1 << 20):
+                left = os.fstat(f.fileno()).st_size  # (a file still written to is hashed as it was when opened)
+                while left > 0 and (block := f.read(min(left, 1 << 20))):
                     digest.update(block)
+                    left -= len(block)
             digests[name] = digest.hexdigest()
     return digests
 

@@ -328,6 +328,7 @@ def train(opts: dict, resume: bool, saved: dict | None, cfg, tokenizer_path: str
             "tokens_per_step": cfg.batch_size * block_size * cfg.grad_accum * dist.world_size,
             "model": model.config.to_dict(), "parameters": model.num_parameters(),
             "tokenizer_fingerprint": meta.tokenizer_fingerprint, "data_tokens": {s: i.tokens for s, i in meta.splits.items()},
+            "data_bytes": {s: i.bytes for s, i in meta.splits.items()},
         }
         run_config = {**recorded(opts), "grad_accum": cfg.grad_accum, "derived": derived}
         sampler = make_sampler(tokenizer, opts["sample_prompt"], opts["sample_tokens"], cfg.seed) if opts["sample_tokens"] > 0 else None

@@ -148,10 +148,15 @@ def plan_resumed_text_stages(opts: dict, out: Path, saved: dict | None) -> TextS
         raise CLIError(f"--resume {out}: its data must be prepared again, but {tokenizer_path} is "
                        f"{'missing or unreadable' if tokenizer is None else 'another tokenizer'}, not the one the run's "
                        "checkpoints were trained with; restore it (a checkpoint directory holds a copy)")
-    print(f"gpt-train: note: {data_dir} is missing or incomplete; preparing it again from the text with the run's tokenizer "
-          f"{tokenizer_path}", file=sys.stderr)
     plan = plan_data(list(opts["files"] or ()), opts["builtin"], tokenizer_pattern(tokenizer),
                      val_fraction=opts["val_fraction"] or DEFAULT_VAL_FRACTION, chunk_mb=1.0, progress=opts["progress"])
+    trained_on = (saved or {}).get("derived", {}).get("data_bytes")
+    if trained_on is not None and trained_on != plan.planned:
+        raise CLIError(f"--resume {out}: its data must be prepared again, but the text is not the one the run was trained on "
+                       f"({sum(plan.planned.values()):,} bytes, the run's had {sum(trained_on.values()):,}); resume with "
+                       f"that text, or start a new run from one of its checkpoints (--init-from {out / 'checkpoints'}/step-N)")
+    print(f"gpt-train: note: {data_dir} is missing or incomplete; preparing it again from the text with the run's tokenizer "
+          f"{tokenizer_path}", file=sys.stderr)
     return TextStages(out, None, tokenizer_path, plan, bool(opts["append_eot"]), opts["progress"])
 
 

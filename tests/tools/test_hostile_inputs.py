@@ -575,12 +575,20 @@ def test_resume_refuses_changed_text_options_and_keeps_its_tokenizer(finished_ru
     # Its text gone, a run whose data is complete still resumes.
     Path("small.txt").rename("gone.txt")
     assert train(["--resume", "run", "--max-steps", "3", *QUICK]) == 0
-    # Its data gone and its text changed: the data is prepared again with the run's own tokenizer.
+    # Its data gone and its text changed: refused before anything is written (the run would continue on
+    # other data, its best/ chosen by losses on two validation sets); the same text: prepared again with
+    # the run's own tokenizer.
     Path("gone.txt").rename("small.txt")
+    original = Path("small.txt").read_bytes()
     with open("small.txt", "a", encoding="utf-8") as f:
         f.write("zebra quokka " * 200)
     tokenizer = (finished_run / "tokenizer.json").read_bytes()
     shutil.rmtree(finished_run / "data")
+    before = sorted(p.name for p in finished_run.iterdir())
+    capsys.readouterr()
+    one_line(capsys, train(["--resume", "run", "--max-steps", "4", *QUICK]), "the text is not the one the run was trained on")
+    assert sorted(p.name for p in finished_run.iterdir()) == before
+    Path("small.txt").write_bytes(original)
     assert train(["--resume", "run", "--max-steps", "4", *QUICK]) == 0
     assert (finished_run / "tokenizer.json").read_bytes() == tokenizer
     final = json.loads((finished_run / "final" / "config.json").read_text())["tokenizer"]["fingerprint"]
