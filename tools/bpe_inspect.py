@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from tokenizers_bpe import BPETokenizer, Tokenizer, load_any
-from tokenizers_bpe.fileio import iter_file_texts
+from tokenizers_bpe.errors import byte_size
+from tokenizers_bpe.fileio import check_text_file, read_file_blocks
 from tokenizers_bpe.patterns import PATTERNS
 from tools.cli import ArgumentParser, HelpFormatter, add_tokenizer_arguments, command, integer
 from tools.corpus import plays
@@ -33,7 +34,7 @@ def _show_merges(merges, by_rank) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog=PROG, formatter_class=HelpFormatter, description=__doc__.split(": ", 1)[1].strip())
     add_tokenizer_arguments(p, "tokenizer")
-    p.add_argument("--sample", metavar="FILE", help="measure compression on this UTF-8 file (default: about 1 MB of the built-in corpus)")
+    p.add_argument("--sample", metavar="FILE", help="measure compression on this UTF-8 file (its first 16 MB; default: about 1 MB of the built-in corpus)")
     p.add_argument("--top", type=integer(1), default=10, help="how many tokens/merges to list")
     args = p.parse_args(argv)
     tok = load_any(args.tokenizer, pattern=args.pattern)
@@ -69,9 +70,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+SAMPLE_BYTES = 16 << 20  # plenty to measure compression (a 5 GB --sample, encoded whole, held some 45 GB of ids)
+
+
 def _sample(path: str | None) -> tuple[str, str]:
     if path is not None:
-        return "".join(iter_file_texts([path])), path
+        texts, size = [], 0
+        for text, n in read_file_blocks(check_text_file(path)):
+            texts.append(text)
+            size += n
+            if size >= SAMPLE_BYTES:
+                return "".join(texts), f"{path} (its first {byte_size(size)})"
+        return "".join(texts), path
     texts, size = [], 0
     for play in plays():
         texts.append(play.text())

@@ -38,7 +38,7 @@ def check_kernels_backend(backend: str, device: str) -> None:
     except (RuntimeError, ValueError) as e:
         override = gpt2_kernels.backend_override()
         source = f"{override[0]}={override[1]}" if backend == "auto" and override else f"--backend {backend}"
-        if isinstance(e, ValueError):
-            raise CLIError(f"{source}: {e}") from None
+        if isinstance(e, ValueError):  # (an override's error names its variable already)
+            raise CLIError(str(e) if backend == "auto" and override else f"{source}: {e}") from None
         raise CLIError(f"{source}: the Triton kernels need a CUDA GPU ({device} here), or TRITON_INTERPRET=1 to run "
                        f"them on the CPU interpreter (slow, for tests); use --backend torch or auto") from None

@@ -52,6 +52,20 @@ def test_train_encode_decode_inspect(tmp_path, corpus, tokenizer_file, capsys):
     assert "300 ids = 256 bytes + 43 merges + 1 special" in out and "bytes/token" in out and "longest tokens" in out
 
 
+def test_inspect_measures_a_large_sample_on_its_start(tmp_path, corpus, tokenizer_file, capsys, monkeypatch):
+    """--sample was read and encoded whole: a 5 GB file would have held some 45 GB of ids."""
+    import tools.bpe_inspect
+
+    monkeypatch.setattr(tools.bpe_inspect, "SAMPLE_BYTES", 1000)
+    large = tmp_path / "large.txt"
+    large.write_text(corpus.read_text() * 1000)  # read in blocks of about 1 MB: the first one is measured
+    capsys.readouterr()
+    assert inspect_main([str(tokenizer_file), "--sample", str(large)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "compression" in x)
+    measured = int(line.split("(its first ")[1].split(":")[1].split()[0].replace(",", ""))
+    assert 1000 <= measured < large.stat().st_size and "bytes/token" in line
+
+
 def test_train_output_is_byte_identical_across_runs(tmp_path, corpus):
     outs = []
     for workers in ("1", "2"):
