@@ -372,10 +372,10 @@ def parse_toml(text: str, where: str, hint: str = "", limit: int = MAX_NESTING) 
 
 
 def read_text(path: str | os.PathLike, what: str = "file", hint: str = "", max_bytes: int = MAX_CONFIG_BYTES) -> str:
-    """A whole small UTF-8 file, checked by check_regular_file (and read up to ``max_bytes``, should it grow)."""
+    """A whole small UTF-8 file, checked by check_regular_file (read as it was when opened, should it grow)."""
     path = check_regular_file(path, what, hint, max_bytes)
-    with open(path, "rb") as f:
-        return decode_utf8(f.read(max_bytes), str(path))
+    with open(path, "rb") as f:  # (f.read(max_bytes) would reserve max_bytes, up to a GiB, whatever the file)
+        return decode_utf8(f.read(min(max_bytes, os.fstat(f.fileno()).st_size)), str(path))
 
 
 def read_json(path: str | os.PathLike, hint: str = "", max_bytes: int = MAX_CONFIG_BYTES) -> object:
@@ -384,8 +384,8 @@ def read_json(path: str | os.PathLike, hint: str = "", max_bytes: int = MAX_CONF
     InputFileError (a ValueError) naming it (+ ``hint``, what to do about it)."""
     path = check_regular_file(path, "JSON file", hint, max_bytes)
     try:
-        with open(path, "rb") as f:  # (no further than max_bytes: a file still written to could be read for ever)
-            text = f.read(max_bytes).decode("utf-8")
+        with open(path, "rb") as f:  # (as it was when opened: a file still written to could be read for ever)
+            text = f.read(min(max_bytes, os.fstat(f.fileno()).st_size)).decode("utf-8")
     except UnicodeDecodeError as e:
         raise InputFileError(path, f"{path}: not valid JSON (not UTF-8 at byte {e.start}){f'; {hint}' if hint else ''}") from None
     return parse_json(text, str(path), hint)

@@ -65,7 +65,7 @@ class CLIError(Exception):
         self.code = code
 
 
-USER_ERRORS = (ValueError, OSError)  # the libraries' typed errors are ValueErrors
+USER_ERRORS = (ValueError, OSError, MemoryError)  # the libraries' typed errors are ValueErrors; the machine's limits
 LIBRARY_LOGGERS = ("gpt", "tokenizers_bpe", "gpt2_kernels")
 DEFAULT_TEXT_HINT = "convert it to UTF-8"
 # The most text a command reads from stdin (it is held whole, with its ids: ~10x its size in memory);
@@ -101,6 +101,12 @@ def error_message(e: BaseException, flags: Mapping[str, str] | None = None, text
         msg = e.render(lambda name: flag(name, flags))
     elif isinstance(e, InvalidTextError):
         msg = f"{e}; {text_hint}"
+    elif isinstance(e, MemoryError):  # (the memory checks read what the machine has, not a limit such as ulimit -v)
+        msg = ("out of memory: this process could not get the memory it needs; free some, raise its limit (ulimit -v) or "
+               "ask for less (a smaller model, batch or input)")
+    elif isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.EFBIG):
+        limit, what = ("-n", "open files") if e.errno == errno.EMFILE else ("-f", "file size")
+        msg = f"{f'{e.filename}: ' if e.filename else ''}the limit on {what} of this process (ulimit {limit}) is reached; raise it"
     else:
         msg = str(e) or type(e).__name__
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) and not e.filename:  # (stdout, redirected)
@@ -453,10 +459,13 @@ def text_argument(text: str, name: str) -> str:
     argument itself, which Python keeps as lone surrogates) is an InvalidTextError naming ``name``."""
     if text == "-":
         stdin = getattr(sys.stdin, "buffer", None)  # None: stdin replaced by a text stream (tests)
-        if stdin is None:
-            data = sys.stdin.read(MAX_STDIN_BYTES + 1)
-        else:
-            data = stdin.read(MAX_STDIN_BYTES + 1)
+        parts, size = [], 0
+        while size <= MAX_STDIN_BYTES:  # in parts: read(MAX_STDIN_BYTES + 1) reserved that much for any input
+            parts.append((stdin or sys.stdin).read(min(1 << 20, MAX_STDIN_BYTES + 1 - size)))
+            if not parts[-1]:
+                break
+            size += len(parts[-1])
+        data = (b"" if stdin is not None else "").join(parts)
         if len(data) > MAX_STDIN_BYTES:
             raise CLIError(f"{name} on stdin: more than {MAX_STDIN_BYTES >> 20} MiB, which this command holds in memory "
                            "whole; give it less (for a corpus, gpt-prepare streams any size)")

@@ -374,3 +374,30 @@ def test_lora_options_without_a_rank_are_refused(tmp_path, capsys):
                    "--lora-targets", "mlp"])
     assert rc == ExitCode.USER_ERROR and "--lora-targets needs --lora-rank" in error_line(capsys.readouterr().err)
     assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------ the process's limits
+
+
+@pytest.mark.parametrize("limit, says", [("RLIMIT_FSIZE", "the limit on file size of this process (ulimit -f) is reached"),
+                                         ("RLIMIT_NOFILE", "the limit on open files of this process (ulimit -n) is reached")])
+def test_a_process_limit_reached_is_one_line_and_leaves_nothing(tokenizer_file, tmp_path, limit, says):
+    """`ulimit -f` or `ulimit -n` set low: a raw `[Errno 27] File too large` or `[Errno 24] Too many open files`."""
+    import resource
+
+    text = tmp_path / "t.txt"
+    text.write_text("some words to train on, and more words.\n" * 20000)
+    value = {"RLIMIT_FSIZE": 100_000, "RLIMIT_NOFILE": 12}[limit]
+    script = ("import resource, sys; sys.argv[0] = 'gpt-prepare'; import tools; from tools.prepare import main\n"
+              f"resource.setrlimit(resource.{limit}, ({value}, resource.getrlimit(resource.{limit})[1]))\n"
+              f"raise SystemExit(main([{str(text)!r}, '--tokenizer', {str(tokenizer_file)!r}, '-o', {str(tmp_path / 'data')!r}, "
+              "'--quiet', '--workers', '2']))")
+    done = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == ExitCode.USER_ERROR and says in error_line(done.stderr), done.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
+
+
+def test_out_of_memory_is_one_line():
+    from tools.cli import error_message
+
+    assert error_message(MemoryError()).startswith("out of memory: this process could not get the memory it needs")
