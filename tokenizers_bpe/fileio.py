@@ -167,9 +167,7 @@ def is_out_of_space(e: BaseException) -> bool:
 
 
 def free_bytes(path: str | os.PathLike) -> int:
-    path = Path(path)
-    while not path.exists() and path != path.parent:
-        path = path.parent
+    path = next((p for p in (Path(path), *Path(path).parents) if p.exists()), Path(path).anchor or ".")
     return shutil.disk_usage(path).free
 
 
@@ -195,6 +193,8 @@ def no_space_as_error(path: Path, written: Path | None = None) -> Iterator[None]
         if is_out_of_space(e):
             needed = _bytes_in(written) if written is not None else None
             raise NoSpaceError(path, free_bytes(path.parent), needed, at_least=True) from None
+        if not isinstance(e, OSError) and "File too large" in str(e):  # (a library's I/O error: ulimit -f reached)
+            raise OSError(errno.EFBIG, "File too large", str(path)) from None
         raise
 
 

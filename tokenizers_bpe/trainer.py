@@ -127,7 +127,13 @@ def start_pool(pool_factory):
     the fork's callbacks, where the KeyboardInterrupt was printed as an ignored exception and lost (the
     command then ran on). Held back, it is handled as soon as the workers exist."""
     with signals_held():
-        return pool_factory()
+        try:
+            return pool_factory()
+        except OSError as e:  # (ulimit -n or -u reached)
+            error = OSError(e.errno, e.strerror)
+    # Raised anew, out of the except block: its traceback held the half-made pool's frames and so its
+    # pipes, which left no file descriptor to remove the failed run's directory with.
+    raise error
 
 
 def count_pieces(chunks: Iterable[str], pattern: str, special_tokens: Sequence[str] = (), workers: int | None = None,

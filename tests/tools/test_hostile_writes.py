@@ -401,3 +401,29 @@ def test_out_of_memory_is_one_line():
     from tools.cli import error_message
 
     assert error_message(MemoryError()).startswith("out of memory: this process could not get the memory it needs")
+
+
+def test_a_text_run_short_of_file_descriptors_leaves_no_run_directory(tmp_path):
+    """The pool that could not start kept its pipes open through the traceback: the failed run's
+    directory could not be removed (no descriptor left), and stayed with its tokenizer in it."""
+    text = tmp_path / "t.txt"
+    text.write_text("some words to train on, and more words.\n" * 2000)
+    script = ("import resource, sys; sys.argv[0] = 'gpt-train'; import tools; from tools.train import main\n"
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (10, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+              f"raise SystemExit(main([{str(text)!r}, '--out', {str(tmp_path / 'run')!r}, '--vocab-size', '280', *{TINY!r}, "
+              "'--max-steps', '1']))")
+    done = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == ExitCode.USER_ERROR and "ulimit -n" in error_line(done.stderr), done.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
+
+
+def test_a_library_write_past_the_file_size_limit_is_named():
+    """safetensors' writer reports `ulimit -f` as its own error type: a traceback, now the limit's line."""
+    from tokenizers_bpe.fileio import no_space_as_error
+
+    class SafetensorError(Exception):
+        pass
+
+    with pytest.raises(OSError) as e, no_space_as_error(Path("run/best")):
+        raise SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
+    assert e.value.errno == errno.EFBIG and e.value.filename == "run/best"
