@@ -36,7 +36,7 @@ from gpt.lora import LoRAConfig, adapter_shapes, apply_lora, check_unmerged, spl
 from gpt.memory import check_model_fits
 from gpt.token_choice import MAX_NEW_TOKENS, SAMPLING_DEFAULTS, check_count, check_sampling_settings
 from tokenizers_bpe import TOKENIZER_FILE
-from tokenizers_bpe.errors import InputFileError, SettingError
+from tokenizers_bpe.errors import InputFileError, SettingError, is_unicode
 from tokenizers_bpe.fileio import Stamp, atomic_directory, check_directory, check_regular_file, format_stamp, recorded_version
 from tokenizers_bpe.fileio import read_json as parse_json_file
 
@@ -185,16 +185,12 @@ def safetensors_name(path) -> Iterator[str]:
     that is not (its bytes kept by Python as surrogates: a run directory called so was written, then
     could not be read back) is passed as /proc/self/fd/N of the file, opened here for the block."""
     name = os.fspath(path)
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        pass
-    else:
+    if is_unicode(name):
         yield name
         return
     if not os.path.isdir("/proc/self/fd"):
-        raise InputFileError(f"{name}: the safetensors reader takes file names of valid UTF-8 only; rename the file or "
-                             "its directory")
+        raise InputFileError(name, f"{name}: the safetensors reader takes file names of valid UTF-8 only; rename the file "
+                                   "or its directory")
     fd = os.open(name, os.O_RDONLY)
     try:
         yield f"/proc/self/fd/{fd}"

@@ -48,7 +48,7 @@ def _standard_streams_opened() -> None:
             if null != fd:
                 _os.dup2(null, fd)
                 _os.close(null)
-            setattr(_sys, name, open(fd, mode, encoding="utf-8", closefd=False))
+            setattr(_sys, name, open(fd, mode, encoding="utf-8", errors="backslashreplace", closefd=False))
 
 
 # A console script, not a test calling main(argv): its process is the command's own, so after an

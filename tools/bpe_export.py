@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Sequence
 
 from tokenizers_bpe import BPETokenizer, load_any
+from tokenizers_bpe.errors import is_unicode
 from tokenizers_bpe.fileio import Stamp, atomic_directory, atomic_write, check_not_a_broken_link, format_stamp, is_stamped
 from tokenizers_bpe.hf_tokenizer import dumps, hf_gpt2_files_exact
 from tokenizers_bpe.patterns import GPT2_PATTERN
@@ -66,11 +67,9 @@ def sidecar_path(rank_file: Path) -> Path:
 
 def check_tiktoken_outputs(out: Path, inputs) -> None:
     """The rank file has no stamp of its own: OUT may be replaced only together with its sidecar, ours."""
-    try:
-        out.name.encode("utf-8")
-    except UnicodeEncodeError:  # (bytes Python keeps as surrogates) JSON text cannot hold them
+    if not is_unicode(out.name):  # (bytes Python keeps as surrogates) JSON text cannot hold them
         raise CLIError(f"-o {out}: the name is not valid UTF-8, and {out.name}.json records it for the reader; choose a "
-                       "UTF-8 name") from None
+                       "UTF-8 name")
     sidecar = sidecar_path(out)
     check_output(sidecar, SIDECAR_STAMP, "-o", inputs=inputs)
     check_not_an_input(out, inputs, "-o")
