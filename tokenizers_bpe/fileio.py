@@ -382,12 +382,10 @@ def read_json(path: str | os.PathLike, hint: str = "", max_bytes: int = MAX_CONF
     """Parse a UTF-8 JSON file (every JSON file we read comes through here, or parse_json): missing,
     not a regular file, larger than ``max_bytes``, malformed or nested deeper than MAX_NESTING is an
     InputFileError (a ValueError) naming it (+ ``hint``, what to do about it)."""
-    path = check_regular_file(path, "JSON file", hint, max_bytes)
     try:
-        with open(path, "rb") as f:  # (as it was when opened: a file still written to could be read for ever)
-            text = f.read(min(max_bytes, os.fstat(f.fileno()).st_size)).decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InputFileError(path, f"{path}: not valid JSON (not UTF-8 at byte {e.start}){f'; {hint}' if hint else ''}") from None
+        text = read_text(path, "JSON file", hint, max_bytes)
+    except InvalidTextError as e:
+        raise InputFileError(path, f"{path}: not valid JSON (not UTF-8 at byte {e.offset}){f'; {hint}' if hint else ''}") from None
     return parse_json(text, str(path), hint)
 
 
