@@ -90,6 +90,18 @@ def no_more_workers() -> None:
     _process_ending = True
 
 
+def _no_fork_while_ending() -> None:
+    """Run before every fork: once the process is ending, a pool's own thread may not fork a
+    replacement for a worker the ending killed. Each replacement exited at once and was replaced
+    again, so the ending never found its workers gone and left the last ones behind; the thread now
+    waits here until the process exits (the main thread, which ends it, does not fork)."""
+    if _process_ending and threading.current_thread() is not threading.main_thread():
+        threading.Event().wait()
+
+
+os.register_at_fork(before=_no_fork_while_ending)
+
+
 def quiet_worker() -> None:
     """The start of a pool worker: it leaves its parent's process group, so that Ctrl-C or a SIGTERM
     sent to the command's group reaches the parent alone, which stops the pool (Pool.terminate takes

@@ -186,6 +186,9 @@ def _end_now_if_console(in_main_thread: bool, code: int) -> None:
     for child in children.active_children() if children else ():
         child.kill()
     _stop_descendants()
+    with contextlib.suppress(ChildProcessError):  # reaped here: an ended child left to init stays a zombie a while
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -318,6 +318,19 @@ def test_no_pool_worker_takes_a_task_once_the_command_is_ending():
     assert proc.returncode == 0 and proc.stdout == "took a task\n" and not proc.stderr, (proc.stdout, proc.stderr)
 
 
+def test_no_pool_forks_a_worker_once_the_command_is_ending():
+    """The workers an ending command kills are not replaced: each replacement exited at once (above) and
+    was replaced again, so the ending never saw its workers gone, waited its whole grace and left the
+    last replacements to init (gpt-train FILE interrupted while preparing its data took 2 s to exit)."""
+    script = ("import os, multiprocessing, time; from tokenizers_bpe.trainer import no_more_workers, quiet_worker\n"
+              "forks = []; os.register_at_fork(after_in_parent=lambda: forks.append(1))\n"
+              "pool = multiprocessing.Pool(2, initializer=quiet_worker); time.sleep(0.5)\n"
+              "no_more_workers(); [p.kill() for p in multiprocessing.active_children()]\n"
+              "before = len(forks); time.sleep(1); print(len(forks) - before, flush=True); os._exit(0)")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "0\n" and not proc.stderr, (proc.stdout, proc.stderr)
+
+
 def _running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -326,14 +339,14 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _session_processes(sid: int) -> list[tuple[int, str]]:
-    """(pid, "state wchan cmdline") of the live processes in session ``sid`` (workers leave the process
-    group, not the session)."""
+def _session_processes(sid: int, zombies: bool = False) -> list[tuple[int, str]]:
+    """(pid, "state wchan cmdline") of the live processes (and the zombies too, with ``zombies``) in
+    session ``sid`` (workers leave the process group, not the session)."""
     found = []
     for entry in os.listdir("/proc"):
         try:
             fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
-            if entry.isdigit() and int(fields[3]) == sid and fields[0] != "Z":
+            if entry.isdigit() and int(fields[3]) == sid and (zombies or fields[0] != "Z"):
                 wchan = open(f"/proc/{entry}/wchan").read()
                 cmd = open(f"/proc/{entry}/cmdline").read().replace("\0", " ")[:80]
                 found.append((int(entry), f"{fields[0]} {wchan} {cmd}"))
@@ -381,6 +394,13 @@ def test_a_group_signal_at_any_moment_of_prepare_exits_130(tmp_path, sig):
                                  f"{left}") from None
         assert proc.returncode in (0, ExitCode.INTERRUPTED) and "Traceback" not in err, (proc.returncode, delay, err)
         assert proc.returncode == 0 or not out.exists() or (out / "meta.json").is_file()  # nothing, or all of it
+        # Nothing of it runs on, nor waits as a zombie: the pool's thread no longer forks replacements that
+        # exit at once (the ending then waited its whole grace and left the last ones to init), and the
+        # command reaps the workers it killed.
+        deadline = time.time() + 2
+        while (left := _session_processes(proc.pid, zombies=True)) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not left, (delay, left)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary or lock left
 
 
