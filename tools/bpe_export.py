@@ -36,7 +36,7 @@ from tokenizers_bpe.errors import is_unicode
 from tokenizers_bpe.fileio import Stamp, atomic_directory, atomic_write, check_not_a_broken_link, format_stamp, is_stamped
 from tokenizers_bpe.hf_tokenizer import dumps, hf_gpt2_files_exact
 from tokenizers_bpe.patterns import GPT2_PATTERN
-from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_tokenizer_arguments, command
+from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_tokenizer_arguments, command, output_path
 from tools.exports import TIKTOKEN_SIDECAR_FORMAT, hf_tokenizer_content, tiktoken_sidecar, tokenizer_kind, write_hf_tokenizer
 from tools.outputs import check_not_an_input, check_output
 
@@ -56,7 +56,7 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, formatter_class=HelpFormatter, description=summary.split(": ", 1)[1].strip(), epilog=details)
     add_tokenizer_arguments(p, "tokenizer")
     p.add_argument("--format", required=True, choices=FORMATS, help="hf, tiktoken or gpt2 (see below)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT",
+    p.add_argument("-o", "--output", required=True, type=output_path, metavar="OUT",
                    help="directory to write (hf, gpt2) or the .tiktoken file (tiktoken; OUT.json beside it)")
     return p
 

@@ -23,7 +23,7 @@ from tokenizers_bpe.patterns import PATTERNS
 from tokenizers_bpe.tokenizer import TOKENIZER_STAMP
 from tokenizers_bpe.trainer import DEFAULT_MIN_FREQUENCY, DEFAULT_SPECIAL_TOKENS, check_train_settings
 from tools.bpe_inspect import describe_sizes
-from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_seed_argument, command, integer, max_threads, pattern_argument
+from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_seed_argument, command, integer, max_threads, output_path, pattern_argument
 from tools.corpus import BUILTIN_CORPORA, iter_builtin_texts
 from tools.outputs import check_output
 
@@ -46,7 +46,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("files", nargs="*", metavar="FILE", help="UTF-8 text files (default: the built-in corpus)")
     p.add_argument("--builtin", choices=BUILTIN_CORPORA, help="train on a built-in corpus (used when no FILE is given)")
     p.add_argument("--vocab-size", type=integer(), default=DEFAULT_VOCAB_SIZE, help="total ids: 256 bytes + merges + special tokens")
-    p.add_argument("-o", "--output", default=TOKENIZER_FILE, help="where to write the tokenizer")
+    p.add_argument("-o", "--output", default=TOKENIZER_FILE, type=output_path, help="where to write the tokenizer")
     p.add_argument("--pattern", default="gpt2", type=pattern_argument, help=f"pre-tokenization regex: {' or '.join(PATTERNS)} (tiktoken's) or a regex")
     p.add_argument("--special", action="append", metavar="TOKEN", help=f"a special token (repeatable; default {' '.join(DEFAULT_SPECIAL_TOKENS)})")
     p.add_argument("--no-special", action="store_true", help="no special tokens at all")

@@ -104,6 +104,9 @@ def error_message(e: BaseException, flags: Mapping[str, str] | None = None, text
     elif isinstance(e, MemoryError):  # (the memory checks read what the machine has, not a limit such as ulimit -v)
         msg = ("out of memory: this process could not get the memory it needs; free some, raise its limit (ulimit -v) or "
                "ask for less (a smaller model, batch or input)")
+    elif isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:
+        msg = (f"{e.filename or 'a path'}: a name longer than the file system allows (most allow 255 bytes a name, "
+               "4096 a path); choose a shorter one")
     elif isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.EFBIG):
         limit, what = ("-n", "open files") if e.errno == errno.EMFILE else ("-f", "file size")
         msg = f"{f'{e.filename}: ' if e.filename else ''}the limit on {what} of this process (ulimit {limit}) is reached; raise it"
@@ -345,12 +348,26 @@ def path_argument(text: str) -> str:
     return text
 
 
+def output_path(text: str) -> str:
+    """An argparse type for a path to write (a file or a directory): not empty, and not '-', which these
+    commands read as stdin; as an output it made a file named '-' where stdout was meant."""
+    if text == "-":
+        raise argparse.ArgumentTypeError("'-' (stdout): this command writes files, not stdout; give a path "
+                                         "(./- for a file named '-')")
+    return path_argument(text)
+
+
+def output_directory(text: str) -> Path:
+    """An argparse type for a directory to write (see output_path)."""
+    return Path(output_path(text))
+
+
 def file_path(text: str) -> Path:
-    """An argparse type for a file to write: a path ending with '/' names a directory (Path() would drop
-    the slash and write a file of the directory's name)."""
+    """An argparse type for a file to write (see output_path): a path ending with '/' names a directory
+    (Path() would drop the slash and write a file of the directory's name)."""
     if text.endswith(("/", os.sep)):
         raise argparse.ArgumentTypeError(f"{text} names a directory (it ends with '/'); give the path of a file")
-    return Path(path_argument(text))
+    return Path(output_path(text))
 
 
 def parse_bool(text: str) -> bool:

@@ -45,7 +45,7 @@ from gpt.memory import check_model_fits
 from gpt.model import GPT
 from tokenizers_bpe.errors import InputFileError
 from tokenizers_bpe.fileio import Stamp, atomic_directory, check_directory, check_regular_file, format_stamp, read_json, resolve_path
-from tools.cli import ArgumentParser, CLIError, command, file_path
+from tools.cli import ArgumentParser, CLIError, command, file_path, output_directory
 from tools.models import check_finite_weights, model_argument
 from tools.exports import check_gguf_output, gguf_exportable, hf_tokenizer_content, write_gguf_atomically, write_hf_tokenizer
 from tools.outputs import check_not_an_input, check_output, check_writable_dir
@@ -411,13 +411,13 @@ def build_parser() -> ArgumentParser:
     p = commands.add_parser("openai", help="import OpenAI's TensorFlow GPT-2 checkpoint (needs tensorflow)",
                             description="Import OpenAI's GPT-2 release: SRC holds checkpoint, model.ckpt.*, hparams.json, encoder.json, vocab.bpe.")
     p.add_argument("src", type=Path, metavar="SRC", help="directory of OpenAI's files (e.g. models/124M)")
-    p.add_argument("out", type=Path, metavar="OUT", help="checkpoint directory to write")
+    p.add_argument("out", type=output_directory, metavar="OUT", help="checkpoint directory to write")
     p.set_defaults(run=lambda a: openai_import(a.src, a.out))
 
     p = commands.add_parser("hf-import", help="import a Hugging Face transformers GPT-2 directory",
                             description="Import a transformers GPT-2 directory (config.json + model.safetensors or pytorch_model.bin).")
     p.add_argument("src", type=Path, metavar="SRC", help="transformers GPT-2 directory")
-    p.add_argument("out", type=Path, metavar="OUT", help="checkpoint directory to write")
+    p.add_argument("out", type=output_directory, metavar="OUT", help="checkpoint directory to write")
     p.add_argument("--tokenizer", type=Path, metavar="FILE", default=None,
                    help="tokenizer.json to use instead of SRC's vocab.json + merges.txt")
     p.set_defaults(run=lambda a: hf_import(a.src, a.out, a.tokenizer))
@@ -430,7 +430,7 @@ def build_parser() -> ArgumentParser:
                                         "tokenizers.Tokenizer.from_file work for every kind of tokenizer trained here. "
                                         "config.json carries n_ctx too, for llama.cpp's convert_hf_to_gguf.py.")
     p.add_argument("src", type=Path, metavar="SRC", help="checkpoint directory (config.json, model.safetensors, tokenizer.json)")
-    p.add_argument("out", type=Path, metavar="OUT", help="directory to write")
+    p.add_argument("out", type=output_directory, metavar="OUT", help="directory to write")
     p.set_defaults(run=lambda a: hf_export(a.src, a.out))
 
     p = commands.add_parser("gguf", help="export a checkpoint as a GGUF file for llama.cpp",
@@ -450,7 +450,7 @@ def build_parser() -> ArgumentParser:
                             description="Fold LoRA adapters (adapters.safetensors, from gpt-finetune --lora-rank) into the base weights; "
                                         "OUT is an ordinary checkpoint (a classifier's head and labels are copied along).")
     p.add_argument("src", type=Path, metavar="SRC", help="checkpoint directory with adapters (e.g. RUN_DIR/final)")
-    p.add_argument("out", type=Path, metavar="OUT", help="checkpoint directory to write")
+    p.add_argument("out", type=output_directory, metavar="OUT", help="checkpoint directory to write")
     p.set_defaults(run=lambda a: merge_checkpoint(a.src, a.out))
     return parser
 

@@ -72,7 +72,7 @@ from gpt.sampling import generate
 from gpt.trainer import Trainer, lm_loss
 from tokenizers_bpe import UnknownCharacterError
 from tokenizers_bpe.fileio import atomic_write
-from tools.cli import ArgumentParser, CLIError, command, integer, number, path_argument
+from tools.cli import ArgumentParser, CLIError, command, integer, number, output_path, path_argument
 from tools.models import check_finite_weights, model_argument
 from tools.outputs import check_writable_dir
 from tools.training import (add_train_options, check_memory, check_run_dir, exit_code, removed_after_early_error, resolved,
@@ -105,7 +105,7 @@ def format_confusion(labels: list[str], confusion: list[list[int]]) -> str:
 
 def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, type=path_argument, metavar="DIR", help="pretrained checkpoint directory (gpt-train final/, gpt-convert output)")
-    p.add_argument("--out", required=True, type=path_argument, metavar="RUN_DIR", help="run directory: metrics, checkpoints, best/ and final/ (the model)")
+    p.add_argument("--out", required=True, type=output_path, metavar="RUN_DIR", help="run directory: metrics, checkpoints, best/ and final/ (the model)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint (same options)")
     p.add_argument("--max-length", type=integer(), metavar="N", help="cut examples to N tokens (default: the model's n_ctx)")
     lora = p.add_argument_group("LoRA (train low-rank adapters instead of the base weights)")

@@ -4,6 +4,7 @@ holds none of them, and its directory is writable."""
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -28,7 +29,12 @@ def check_writable_dir(path: str | os.PathLike, what: str = "--out", *, keep: bo
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
-        raise ValueError(f"{what} {path}: cannot write there ({e.strerror or e}); choose another directory") from None
+        if e.errno == errno.ENAMETOOLONG:
+            raise
+        reason = e.strerror or e
+        if e.errno in (errno.ENOTDIR, errno.EEXIST):  # a file where a directory of the path should be
+            reason = next((f"{p} is a file, not a directory" for p in (*reversed(path.parents), path) if p.is_file()), reason)
+        raise ValueError(f"{what} {path}: cannot write there ({reason}); choose another directory") from None
     finally:
         if not keep:
             for directory in missing:

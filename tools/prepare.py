@@ -36,7 +36,7 @@ from tokenizers_bpe.errors import byte_size
 from tokenizers_bpe.fileio import atomic_directory, atomic_write, check_not_a_broken_link, check_text_file, read_file_blocks, resolve_path
 from tokenizers_bpe.trainer import quiet_worker, start_pool
 from tokenizers_bpe.patterns import CHUNK_CUT_LOOKAHEAD, CHUNK_CUT_LOOKBEHIND, chunk_cut_regex, chunk_cut_rule
-from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_tokenizer_arguments, command, integer, max_threads, number
+from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_tokenizer_arguments, command, integer, max_threads, number, output_path
 from tools.corpus import BUILTIN_CORPORA, plays
 from tools.outputs import check_output
 
@@ -65,9 +65,7 @@ def documents(files: Sequence[str], builtin: str | None) -> list[Document]:
     docs: list[Document] = []
     for name in files:
         p = Path(name)
-        if p.exists() and not p.is_dir() and not p.is_file():  # a device, a FIFO: no size to place the split by
-            raise ValueError(f"{p}: not a regular file; pass a text file")
-        check_text_file(p)  # a directory, a missing or an empty file: an error saying which
+        check_text_file(p)  # a directory, a device, a FIFO (no size to place the split by), a missing or an empty file
         if not os.access(p, os.R_OK):
             raise ValueError(f"{p}: the file is not readable")
         docs.append(Document(str(p), p.stat().st_size, lambda p=p: read_file_blocks(p)))
@@ -309,7 +307,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("files", nargs="*", metavar="FILE", help="UTF-8 text files (each one a document)")
     p.add_argument("--builtin", choices=BUILTIN_CORPORA, help="use a built-in corpus (each play a document)")
     add_tokenizer_arguments(p, "--tokenizer", required=True)
-    p.add_argument("-o", "--out", required=True, help="output data directory (created; a previous gpt-prepare output there is replaced)")
+    p.add_argument("-o", "--out", required=True, type=output_path, help="output data directory (created; a previous gpt-prepare output there is replaced)")
     p.add_argument("--val-fraction", type=number(0, 1, low_open=True, high_open=True), default=0.1,
                    help="fraction of the bytes (the end of the corpus) held out for validation")
     p.add_argument("--append-eot", action="store_true", help="append the <|endoftext|> token after every document")

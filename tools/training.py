@@ -23,7 +23,7 @@ from gpt2_kernels import BACKENDS
 from tokenizers_bpe.errors import NoSpaceError, OutputError, SettingError
 from tokenizers_bpe.fileio import MAX_SEED, check_not_a_broken_link, check_replaceable, free_bytes, resolve_path
 from tools.bpe_train import memory_size
-from tools.cli import CLIError, ExitCode, choice, device_name, flag, integer, max_threads, number, parse_bool, path_argument, pattern_argument, unicode_text
+from tools.cli import CLIError, ExitCode, choice, device_name, flag, integer, max_threads, number, output_path, parse_bool, path_argument, pattern_argument, unicode_text
 from tools.corpus import BUILTIN_CORPORA
 
 DEFAULT_PRESET = "shakespeare-cpu"
@@ -39,7 +39,7 @@ def option_table() -> list[tuple[str, Any, Any, str]]:
         ("files", list, None, "text files to train on (FILE arguments)"),
         ("builtin", choice(*BUILTIN_CORPORA), None, "train on a built-in corpus instead of FILEs (the same three stages)"),
         ("data", path_argument, None, "data directory written by gpt-prepare (instead of FILEs)"),
-        ("out", path_argument, None, "run directory for the tokenizer and data (with FILEs), metrics, checkpoints, best/ and final/ (required for a new run)"),
+        ("out", output_path, None, "run directory for the tokenizer and data (with FILEs), metrics, checkpoints, best/ and final/ (required for a new run)"),
         ("tokenizer", path_argument, None, "with FILEs: an existing tokenizer (tokenizer.json, .tiktoken, or a directory holding one) instead of "
                                  "training one; with --data: tokenizer.json to use instead of DATA/tokenizer.json (the same tokenizer)"),
         ("pattern", pattern_argument, None, "with FILEs: the tokenizer's pre-tokenization regex: gpt2 (default), gpt4 or a regex"),

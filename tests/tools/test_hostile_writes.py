@@ -290,6 +290,54 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_directory_or_no_opti
     assert not (tmp_path / "run").exists()
 
 
+MAIN = {"bpe-train": "tools.bpe_train", "bpe-export": "tools.bpe_export", "gpt-prepare": "tools.prepare",
+        "gpt-convert": "tools.convert", "gpt-train": "tools.train", "gpt-finetune": "tools.finetune"}
+OUTPUTS = [["bpe-train", "{text}", "-o", "{out}"],
+           ["bpe-export", "{tok}", "--format", "hf", "-o", "{out}"],
+           ["gpt-prepare", "{text}", "--tokenizer", "{tok}", "-o", "{out}"],
+           ["gpt-convert", "hf-export", "{model}", "{out}"],
+           ["gpt-convert", "gguf", "{model}", "{out}"],
+           ["gpt-train", "--data", "{data}", "--out", "{out}"],
+           ["gpt-finetune", "instruct", "--model", "{model}", "--data", "{tmp}/i.jsonl", "--out", "{out}"]]
+
+
+def _run_with_output(argv, out, data_dir, tokenizer_file, tmp_path, capsys) -> str:
+    import importlib
+
+    model = tmp_path / "model"
+    if not model.exists():
+        make_tiny_model(small_tokenizer()).save_pretrained(model)
+        (tmp_path / "t.txt").write_text("hello world " * 200)
+        (tmp_path / "i.jsonl").write_text("".join(json.dumps({"instruction": f"Say {w}.", "input": "", "output": w}) + "\n"
+                                                  for w in ("hi", "yo", "ho", "ha")))
+    args = [a.format(text=tmp_path / "t.txt", tok=tokenizer_file, model=model, data=data_dir, tmp=tmp_path, out=out)
+            for a in argv[1:]]
+    assert importlib.import_module(MAIN[argv[0]]).main(args) == ExitCode.USER_ERROR
+    return error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv", OUTPUTS, ids=lambda a: " ".join(a[:2]))
+def test_stdout_is_not_an_output_path(argv, data_dir, tokenizer_file, tmp_path, capsys, monkeypatch):
+    """`-o -` wrote a file named '-' in the current directory where stdout was meant."""
+    monkeypatch.chdir(tmp_path)
+    assert "this command writes files, not stdout" in _run_with_output(argv, "-", data_dir, tokenizer_file, tmp_path, capsys)
+    assert not (tmp_path / "-").exists()
+
+
+@pytest.mark.parametrize("argv", OUTPUTS, ids=lambda a: " ".join(a[:2]))
+def test_an_output_under_a_file_or_with_too_long_a_name_is_one_line(argv, data_dir, tokenizer_file, tmp_path, capsys,
+                                                                     monkeypatch):
+    """A file where a directory of the output path should be: "cannot write there (File exists)"; a
+    name past the file system's limit: a bare `[Errno 36] File name too long`."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    line = _run_with_output(argv, "afile/sub/out", data_dir, tokenizer_file, tmp_path, capsys)
+    assert "afile is a file, not a directory" in line
+    line = _run_with_output(argv, "n" * 300, data_dir, tokenizer_file, tmp_path, capsys)
+    assert "a name longer than the file system allows" in line and "Errno" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "i.jsonl", "model", "t.txt"]
+
+
 # ------------------------------------------------------------------------------------------ names not in UTF-8
 
 NOT_UTF8 = os.fsdecode(b"caf\xe9")  # a Latin-1 name: Python keeps the byte as a surrogate

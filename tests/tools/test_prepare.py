@@ -130,7 +130,7 @@ def test_bad_inputs_are_one_line_errors_that_touch_nothing(corpus, tmp_path, cap
         "no input": ["--tokenizer", tok, "-o", out],
         "missing.txt: no such file": [str(tmp_path / "missing.txt"), "--tokenizer", tok, "-o", out],
         "a_directory: is a directory": [str(tmp_path / "a_directory"), "--tokenizer", tok, "-o", out],
-        "/dev/null: not a regular file": ["/dev/null", "--tokenizer", tok, "-o", out],
+        "/dev/null: is a device, not a text file": ["/dev/null", "--tokenizer", tok, "-o", out],
         "empty.txt: the file is empty": [*corpus["files"], str(tmp_path / "empty.txt"), "--tokenizer", tok, "-o", out],
         "--tokenizer": [*corpus["files"], "--tokenizer", str(tmp_path / "none.json"), "-o", out],
         "latin1.txt: not UTF-8 at byte offset 3": [str(tmp_path / "latin1.txt"), "--tokenizer", tok, "-o", out],
