@@ -9,15 +9,16 @@ from dataclasses import dataclass
 import torch
 
 from gpt.device import resolve_device, resolve_dtype
-from gpt2_kernels import memory_plan
 from gpt2_kernels.memory_plan import recompute_gelu
+from tokenizers_bpe import membudget
 from tokenizers_bpe.errors import SettingError
 
 
 def available_memory_bytes() -> int | None:
-    """Memory the OS can give without swapping (Linux ``MemAvailable``); None where unknown. The one
-    reader is gpt2_kernels.memory_plan's; this name is the seam the commands' checks (and tests) use."""
-    return memory_plan.available_memory_bytes("cpu")
+    """Memory this process can still get (tokenizers_bpe.membudget.available_memory: the machine's, or
+    its memory cgroup's where that is less); None where unknown. The seam the commands' checks (and
+    tests) use."""
+    return membudget.available_memory()
 
 
 def micro_batch_bytes(n_layer: int, n_embd: int, vocab_size: int, batch_size: int, block_size: int, dtype: torch.dtype) -> int:
@@ -49,21 +50,35 @@ class MicroBatchMemory:
         return self.need > self.available / 2
 
 
+def training_state_bytes(trained_parameters: int, unbuilt_parameters: int = 0) -> int:
+    """The memory training takes for the parameters beyond what is allocated now: for each trained one
+    a fp32 gradient and AdamW's two fp32 moments (allocated at the first step), and the fp32 weights
+    of a model not built yet (a built model's are in memory, out of the available memory already)."""
+    return trained_parameters * 12 + unbuilt_parameters * 4
+
+
 def check_micro_batch_fits(n_layer: int, n_embd: int, vocab_size: int, batch_size: int, block_size: int, device: str,
-                           dtype: str) -> MicroBatchMemory | None:
-    """On a CPU, refuse (a SettingError on ``batch_size``) a micro-batch that cannot fit in the
-    available memory, before any work starts. CUDA raises an out-of-memory error cleanly, which the
-    Trainer turns into the same advice, so there (and where the available memory is unknown) this
-    checks nothing and returns None; otherwise it returns the estimate, so that the caller can warn
-    when it is ``tight``. ``device`` and ``dtype`` are the settings' values (may be "auto")."""
+                           dtype: str, state_bytes: int = 0) -> MicroBatchMemory | None:
+    """On a CPU, refuse, before any work starts, training that cannot fit in the available memory: a
+    ValueError when the parameters' training state (``state_bytes``, see training_state_bytes) alone
+    cannot, else a SettingError on ``batch_size`` when a micro-batch cannot fit beside it. CUDA raises
+    an out-of-memory error cleanly, which the Trainer turns into the same advice, so there (and where
+    the available memory is unknown) this checks nothing and returns None; otherwise it returns the
+    estimate, so that the caller can warn when it is ``tight``. ``device`` and ``dtype`` are the
+    settings' values (may be "auto")."""
     device = resolve_device(device)
     available = available_memory_bytes()
     if device.startswith("cuda") or available is None:
         return None
-    need = micro_batch_bytes(n_layer, n_embd, vocab_size, batch_size, block_size, resolve_dtype(dtype, device))
+    if state_bytes > available:
+        raise ValueError(f"training this model needs at least {state_bytes / 2**30:,.1f} GiB for its weights, gradients and "
+                         f"optimizer state but {available / 2**30:,.1f} GiB of memory is available; train a smaller model "
+                         "(or fewer of its parameters)")
+    need = micro_batch_bytes(n_layer, n_embd, vocab_size, batch_size, block_size, resolve_dtype(dtype, device)) + state_bytes
     if need > available:
+        beside = f" (with {state_bytes / 2**30:,.1f} GiB for the weights' training state)" if state_bytes else ""
         raise SettingError("batch_size", f"a micro-batch of {{batch_size}} {batch_size} x {{block_size}} {block_size} needs at least "
-                           f"{need / 2**30:,.1f} GiB but {available / 2**30:,.1f} GiB of memory is available; "
+                           f"{need / 2**30:,.1f} GiB{beside} but {available / 2**30:,.1f} GiB of memory is available; "
                            f"{SMALLER_BATCH_ADVICE}")
     return MicroBatchMemory(need, available)
 

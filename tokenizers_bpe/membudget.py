@@ -14,6 +14,7 @@ import ctypes
 import os
 import resource
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import SettingError, byte_size
 
@@ -31,6 +32,8 @@ MERGE_RESIDENT = 0.8
 # of distinct random words (746 MB); ordinary text takes far less, its pieces repeating.
 UNBOUNDED_BYTES_PER_CORPUS_BYTE = 40
 DEFAULT_BUDGET_SHARE = 0.75  # of the available memory, for a corpus that may not fit without a budget
+CGROUP_ROOT = "/sys/fs/cgroup"  # where cgroup v2 (and v1's memory controller, under memory/) is mounted
+PROC_CGROUP = "/proc/self/cgroup"
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,15 @@ def current_rss() -> int:
 
 
 def available_memory() -> int | None:
-    """Memory the OS can give without swapping (Linux ``MemAvailable``); None where unknown."""
+    """Memory this process can still get without swapping or being killed: the least of the machine's
+    (Linux ``MemAvailable``) and what its memory cgroups still allow (a container's limit, which
+    /proc/meminfo does not show: a check against the machine alone let the OOM killer end the command);
+    None where neither is known."""
+    known = [m for m in (_meminfo_available(), cgroup_memory_left()) if m is not None]
+    return min(known) if known else None
+
+
+def _meminfo_available() -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -60,6 +71,50 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def cgroup_memory_left() -> int | None:
+    """The least that this process's memory cgroup, or one above it, still allows: its limit less its
+    usage, the inactive file cache counted as free (as MemAvailable counts it). cgroup v2 (memory.max)
+    and v1 (memory/…/memory.limit_in_bytes); None where no limit can be read."""
+    try:
+        with open(PROC_CGROUP) as f:
+            entries = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        return None
+    left = None
+    for entry in entries:
+        if len(entry) != 3:
+            continue
+        _, controllers, path = entry
+        if controllers == "":  # v2: "0::/path"
+            root, files = Path(CGROUP_ROOT), ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            root, files = Path(CGROUP_ROOT) / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        group = root / path.lstrip("/")
+        for directory in (group, *group.parents):
+            if directory != root and root not in directory.parents:
+                break
+            group_left = _cgroup_left(directory, *files)
+            if group_left is not None:
+                left = group_left if left is None else min(left, group_left)
+    return left
+
+
+def _cgroup_left(directory: Path, limit_file: str, usage_file: str, inactive_key: str) -> int | None:
+    try:
+        limit = int((directory / limit_file).read_text())  # ("max": no limit, a ValueError)
+        usage = int((directory / usage_file).read_text())
+        inactive = 0
+        for line in (directory / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == inactive_key:
+                inactive = int(value)
+    except (OSError, ValueError):
+        return None
+    return max(0, limit - usage + inactive)
 
 
 def default_budget(corpus_bytes: int) -> int | None:

@@ -65,6 +65,7 @@ from gpt.finetune_data import (
     read_instructions,
 )
 from gpt.lora import LoRAConfig, apply_lora, count_trainable
+from gpt.memory import training_state_bytes
 from gpt.model import GPT
 from gpt.prompt_template import format_instruction_prompt
 from gpt.run_state import RUN_CONFIG_FILE, read_run_config
@@ -176,11 +177,13 @@ def load_base(args):
     return model, max_length
 
 
-def check_batch(cfg, train_examples: list, model_config, n_outputs: int) -> None:
-    """Refuse, before building any batch, a --batch-size whose micro-batch cannot fit in memory even if
-    every example were as short as the shortest one (the message names the shortest length)."""
+def check_batch(cfg, train_examples: list, model, n_outputs: int) -> None:
+    """Refuse, before building any batch, training whose parameters' state (for those ``model`` trains)
+    cannot fit in memory, or a --batch-size whose micro-batch cannot beside it even if every example
+    were as short as the shortest one (the message names the shortest length)."""
     shortest = min(len(example[0]) for example in train_examples)
-    check_memory(PROG, model_config, n_outputs, cfg, shortest, FLAGS)
+    config = getattr(model, "gpt", model).config
+    check_memory(PROG, config, n_outputs, cfg, shortest, FLAGS, state_bytes=training_state_bytes(count_trainable(model)[0]))
 
 
 def check_out(args) -> None:
@@ -270,13 +273,13 @@ def run_classify(args) -> int:
     if empty:
         raise CLIError(f"{empty}: the text encodes to no tokens")
 
-    check_batch(cfg, splits["train"], gpt.config, len(labels))
     torch.manual_seed(cfg.seed)  # the head's initialisation (and the adapters')
     if lora:
         apply_lora(gpt, lora)
     model = GPTClassifier(gpt, labels)
     args.trainable = args.trainable or ("head" if lora else "last-block")
     set_trainable(model, args.trainable)
+    check_batch(cfg, splits["train"], model, len(labels))
     run_config = {**recorded(args), "labels": labels, "max_length": max_length, "data_digests": data_digests(args)}
     if args.resume:
         check_resume(args, run_config)
@@ -346,11 +349,10 @@ def run_instruct(args) -> int:
             print(f"gpt-finetune instruct: {dropped} {name} record(s) skipped: their prompt alone fills --max-length {max_length}", file=sys.stderr)
         if not encoded[name]:
             raise CLIError(f"no {name} record fits in --max-length {max_length} tokens with room for a response")
-    check_batch(cfg, encoded["train"], model.config, model.config.vocab_size)
-
     torch.manual_seed(cfg.seed)
     if lora:
         apply_lora(model, lora)
+    check_batch(cfg, encoded["train"], model, model.config.vocab_size)
     run_config = {**recorded(args), "max_length": max_length, "data_digests": data_digests(args)}
     if args.resume:
         check_resume(args, run_config)

@@ -32,6 +32,7 @@ import tokenizers_bpe
 from gpt.config import GPTConfig
 from gpt.data import RandomWindows, SlidingWindows, check_token_ids, load_meta, open_split
 from gpt.device import init_distributed, resolve_device
+from gpt.memory import training_state_bytes
 from gpt.model import GPT
 from gpt.run_state import RUN_CONFIG_FILE, RunDirectory, read_run_config
 from gpt.sampling import SAMPLING_DEFAULTS, generate
@@ -264,7 +265,7 @@ def check_model_options(opts: dict, vocab_size: int, cfg) -> None:
     block_size = opts["block_size"] or config.n_ctx
     if block_size > config.n_ctx:
         raise CLIError(f"--block-size {block_size} is longer than the model's context n_ctx={config.n_ctx}; lower --block-size or raise --n-ctx")
-    check_memory(PROG, config, vocab_size, cfg, block_size)
+    check_memory(PROG, config, vocab_size, cfg, block_size, state_bytes=training_state_bytes(n := config.num_parameters(), unbuilt_parameters=n))
 
 
 def run(opts: dict, resume: bool, saved: dict | None) -> int:
@@ -334,7 +335,8 @@ def train(opts: dict, resume: bool, saved: dict | None, cfg, tokenizer_path: str
         sampler = make_sampler(tokenizer, opts["sample_prompt"], opts["sample_tokens"], cfg.seed) if opts["sample_tokens"] > 0 else None
         trainer = Trainer(model, cfg, train_batch, eval_batches, out_dir=out, tokenizer=tokenizer, sample_fn=sampler,
                           bytes_per_token=meta.bytes_per_token("val"), run_config=run_config, dist=dist)
-        check_memory(PROG, model.config, model.config.vocab_size, cfg, block_size)
+        check_memory(PROG, model.config, model.config.vocab_size, cfg, block_size,
+                     state_bytes=training_state_bytes(sum(p.numel() for p in model.parameters() if p.requires_grad)))
         check_writable_dir(out, "--out")
         check_disk(PROG, model, cfg, out)
         trainer.prepare(resume)

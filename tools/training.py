@@ -125,10 +125,12 @@ def train_config(values: Mapping[str, Any]) -> TrainConfig:
     return cfg
 
 
-def check_memory(prog: str, model_config, n_outputs: int, cfg: TrainConfig, length: int, flags: Mapping[str, str] | None = None) -> None:
-    """Refuse (a SettingError) a micro-batch that cannot fit in memory; warn on stderr when it may not."""
+def check_memory(prog: str, model_config, n_outputs: int, cfg: TrainConfig, length: int, flags: Mapping[str, str] | None = None,
+                 state_bytes: int = 0) -> None:
+    """Refuse training (the parameters' ``state_bytes``, see gpt.memory.training_state_bytes) or a
+    micro-batch that cannot fit in memory; warn on stderr when it may not."""
     c = model_config
-    memory = check_micro_batch_fits(c.n_layer, c.n_embd, n_outputs, cfg.batch_size, length, cfg.device, cfg.dtype)
+    memory = check_micro_batch_fits(c.n_layer, c.n_embd, n_outputs, cfg.batch_size, length, cfg.device, cfg.dtype, state_bytes)
     if memory is not None and memory.tight:
         warning = SettingError("batch_size", f"a micro-batch of {{batch_size}} {cfg.batch_size} x {{block_size}} {length} needs "
                                              f"at least {memory.need / 2**30:,.1f} GiB of the {memory.available / 2**30:,.1f} GiB "

@@ -21,13 +21,15 @@ import torch
 import gpt.memory
 import tokenizers_bpe
 from gpt.data import load_meta
-from gpt.memory import micro_batch_bytes
+from gpt.config import GPTConfig
+from gpt.memory import micro_batch_bytes, training_state_bytes
 from gpt.model import GPT
 from gpt.run_state import checkpoint_dirs
 from tests.conftest import ROOT
 from tests.conftest import read_losses as losses
 from tools.cli import ExitCode
 from tools.train import main as train_main
+from tools.training import DEFAULT_PRESET
 
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--n-ctx", "32", "--batch-size", "4", "--sample-tokens", "0",
         "--progress", "false", "--warmup-steps", "2", "--lr", "3e-3"]
@@ -203,10 +205,31 @@ def test_a_batch_far_beyond_memory_is_refused_before_anything_is_written(data_di
     assert "lower --batch-size" in err and not (tmp_path / "run").exists()
 
 
+def tiny_training_bytes(data_dir) -> tuple[int, int]:
+    """TINY's micro-batch and its parameters' training state (weights not built yet included)."""
+    n_vocab = load_meta(data_dir).n_vocab
+    parameters = GPTConfig.from_preset(DEFAULT_PRESET, n_layer=2, n_head=2, n_embd=32, n_ctx=32, vocab_size=n_vocab).num_parameters()
+    return micro_batch_bytes(2, 32, n_vocab, 4, 32, torch.float32), training_state_bytes(parameters, unbuilt_parameters=parameters)
+
+
 def test_a_batch_close_to_the_memory_limit_is_a_warning_not_an_error(data_dir, tmp_path, monkeypatch, capsys):
-    need = micro_batch_bytes(2, 32, load_meta(data_dir).n_vocab, 4, 32, torch.float32)  # TINY's model and batch
+    need = sum(tiny_training_bytes(data_dir))
     monkeypatch.setattr(gpt.memory, "available_memory_bytes", lambda: int(need * 1.5))
     assert train_main(["--data", str(data_dir), "--out", str(tmp_path / "run"), *TINY, "--max-steps", "2"]) == 0
     err = capsys.readouterr().err
     assert "gpt-train: warning: a micro-batch of --batch-size 4 x --block-size 32 needs at least" in err
     assert "if the process is killed, lower --batch-size" in err and (tmp_path / "run" / "final").is_dir()
+
+
+def test_training_whose_weights_gradients_and_optimizer_state_cannot_fit_is_refused(data_dir, tmp_path, monkeypatch, capsys):
+    """Only the micro-batch was checked: a model whose weights fitted but not their gradients and AdamW's
+    moments (16 bytes a parameter) was killed by the OS at its first step. Both checks count them: the
+    one before the text stages and the one once the model is built; a batch that cannot fit beside them
+    names the batch and the state."""
+    batch, state = tiny_training_bytes(data_dir)
+    for available, says in ((state // 2, "needs at least 0.0 GiB for its weights, gradients and optimizer state"),
+                            (state + batch // 2, "with 0.0 GiB for the weights' training state")):
+        monkeypatch.setattr(gpt.memory, "available_memory_bytes", lambda available=available: available)
+        assert train_main(["--data", str(data_dir), "--out", str(tmp_path / "run"), *TINY, "--max-steps", "2"]) == ExitCode.USER_ERROR
+        assert says in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()
