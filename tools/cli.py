@@ -41,8 +41,9 @@ from tqdm import tqdm
 
 import tools
 from tokenizers_bpe import TIKTOKEN_ENCODINGS
-from tokenizers_bpe.errors import InvalidTextError, SettingError, is_unicode
+from tokenizers_bpe.errors import InvalidTextError, SettingError, byte_size, is_unicode
 from tokenizers_bpe.fileio import MAX_SEED, decode_utf8
+from tokenizers_bpe.membudget import available_memory
 from tokenizers_bpe.patterns import resolve_pattern
 from tokenizers_bpe.trainer import no_more_workers
 
@@ -474,17 +475,25 @@ def add_tokenizer_arguments(p: argparse.ArgumentParser, *names: str, **kwargs) -
 # ---------------------------------------------------------------------------------------------- text input
 
 
-def text_argument(text: str, name: str) -> str:
+def text_argument(text: str, name: str, memory_per_byte: float = 0) -> str:
     """A text argument as given, or read from stdin when it is '-'. Invalid UTF-8 (on stdin, or in the
-    argument itself, which Python keeps as lone surrogates) is an InvalidTextError naming ``name``."""
+    argument itself, which Python keeps as lone surrogates) is an InvalidTextError naming ``name``.
+    ``memory_per_byte``: the memory the command takes per byte of its text (its peak, measured): a
+    text on stdin that would need more than the available memory is refused as soon as that much is
+    read, rather than the process being killed for it (an argument is at most 128 KiB)."""
     if text == "-":
         stdin = getattr(sys.stdin, "buffer", None)  # None: stdin replaced by a text stream (tests)
+        available = available_memory() if memory_per_byte else None
         parts, size = [], 0
         while size <= MAX_STDIN_BYTES:  # in parts: read(MAX_STDIN_BYTES + 1) reserved that much for any input
             parts.append((stdin or sys.stdin).read(min(1 << 20, MAX_STDIN_BYTES + 1 - size)))
             if not parts[-1]:
                 break
             size += len(parts[-1])
+            if available is not None and size * memory_per_byte > available:
+                raise CLIError(f"{name} on stdin: more than {byte_size(int(available / memory_per_byte))}, the most that the "
+                               f"{byte_size(available)} of memory available lets this command take (about {memory_per_byte:g} "
+                               "bytes of memory per byte); give less at a time")
         data = (b"" if stdin is not None else "").join(parts)
         if len(data) > MAX_STDIN_BYTES:
             raise CLIError(f"{name} on stdin: more than {MAX_STDIN_BYTES >> 20} MiB, which this command holds in memory "

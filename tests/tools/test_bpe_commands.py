@@ -108,6 +108,52 @@ def test_encode_special_tokens_and_stdin(tokenizer_file, capsys, monkeypatch):
     assert capsys.readouterr().out == "Hi"
 
 
+MIXED = ("First Citizen:\nBefore we proceed, hear me <|endoftext|>speak.\r\n\nÉté 2026 — 東京\n  x\ty123abc<|endoftext|>"
+         "\n\n\n  \U0001F600 it's   42nd\n" * 30)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gpt4", "char", "custom"])
+@pytest.mark.parametrize("special", ["allow", "ordinary"])
+def test_encode_a_block_at_a_time_gives_the_ids_of_the_whole_text(tmp_path, kind, special, capsys, monkeypatch):
+    """bpe-encode held every id of its text as a Python list and then their JSON (5 GB for 255 MB);
+    it now encodes and writes a block at a time, cut where the pieces end anyway: the same ids, cut at
+    many places here (blocks of a few characters), the same JSON."""
+    import io
+
+    import tools.bpe_encode
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(MIXED + "<|>", encoding="utf-8")  # ("<|>": characters of the special token, as text too)
+    out = tmp_path / "tok.json"
+    options = {"gpt2": [], "gpt4": ["--pattern", "gpt4"], "char": ["--char"], "custom": ["--pattern", r" ?\w+|\s+|[^\w\s]+"]}
+    assert train_main([str(corpus), "--vocab-size", "400", "-o", str(out), "--quiet", "--workers", "1", *options[kind]]) == 0
+    tok = tokenizers_bpe.load(out)
+    expected = tok.encode(MIXED, allowed_special="all") if special == "allow" else tok.encode_ordinary(MIXED)
+    for block in (7, 1 << 20):
+        monkeypatch.setattr(tools.bpe_encode, "BLOCK_CHARS", block)
+        for count in ([], ["--count"]):
+            monkeypatch.setattr("sys.stdin", io.StringIO(MIXED))
+            capsys.readouterr()
+            assert encode_main(["-t", str(out), "--special", special, *count, "-"]) == 0
+            assert capsys.readouterr().out == (f"{len(expected)}\n" if count else json.dumps(expected) + "\n")
+
+
+def test_a_text_on_stdin_that_cannot_fit_in_memory_is_refused_as_it_is_read(tokenizer_file, capsys, monkeypatch):
+    """Killed by the OS (a 200 MB text under a 1 GiB memory cgroup: bpe-encode, bpe-decode, gpt-generate's
+    PROMPT, gpt-classify); refused once what was read would need more than the available memory."""
+    import io
+
+    import tools.cli
+
+    monkeypatch.setattr(tools.cli, "available_memory", lambda: 4 << 20)
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"word " * (1 << 20))))
+    assert encode_main(["-t", str(tokenizer_file), "--count", "-"]) == 2
+    assert "TEXT on stdin: more than 1.0 MB, the most that the 4.2 MB of memory available" in one_line_error(capsys, "bpe-encode")
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"[1, 2, 3]" * (1 << 20))))
+    assert decode_main(["-t", str(tokenizer_file), "-"]) == 2
+    assert "IDS on stdin: more than" in one_line_error(capsys, "bpe-decode")
+
+
 # ------------------------------------------------------------------------------ bad input
 def _empty_file(d):
     (d / "empty.txt").write_text("")
