@@ -71,9 +71,9 @@ def check_micro_batch_fits(n_layer: int, n_embd: int, vocab_size: int, batch_siz
     if device.startswith("cuda") or available is None:
         return None
     if state_bytes > available:
-        raise ValueError(f"training this model needs at least {state_bytes / 2**30:,.1f} GiB for its weights, gradients and "
-                         f"optimizer state but {available / 2**30:,.1f} GiB of memory is available; train a smaller model "
-                         "(or fewer of its parameters)")
+        raise ValueError(f"training this model needs at least {state_bytes / 2**30:,.1f} GiB more (the gradients and AdamW "
+                         f"state of the parameters it trains, and its weights if not loaded yet) but {available / 2**30:,.1f} GiB "
+                         "of memory is available; train a smaller model or fewer of its parameters (gpt-finetune --lora-rank)")
     need = micro_batch_bytes(n_layer, n_embd, vocab_size, batch_size, block_size, resolve_dtype(dtype, device)) + state_bytes
     if need > available:
         beside = f" (with {state_bytes / 2**30:,.1f} GiB for the weights' training state)" if state_bytes else ""

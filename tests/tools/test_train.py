@@ -227,7 +227,7 @@ def test_training_whose_weights_gradients_and_optimizer_state_cannot_fit_is_refu
     one before the text stages and the one once the model is built; a batch that cannot fit beside them
     names the batch and the state."""
     batch, state = tiny_training_bytes(data_dir)
-    for available, says in ((state // 2, "needs at least 0.0 GiB for its weights, gradients and optimizer state"),
+    for available, says in ((state // 2, "needs at least 0.0 GiB more (the gradients and AdamW state"),
                             (state + batch // 2, "with 0.0 GiB for the weights' training state")):
         monkeypatch.setattr(gpt.memory, "available_memory_bytes", lambda available=available: available)
         assert train_main(["--data", str(data_dir), "--out", str(tmp_path / "run"), *TINY, "--max-steps", "2"]) == ExitCode.USER_ERROR
