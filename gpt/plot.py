@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from gpt.run_state import read_metrics
 from tokenizers_bpe.fileio import atomic_write
 
+log = logging.getLogger(__name__)
+_matplotlib_failed = False  # a warning is given once; the run goes on without plots
+
 
 def plot_metrics(metrics_path: Path, png_path: Path) -> None:
-    """The loss curve (training loss and validation loss against step) as a PNG."""
-    import matplotlib
+    """The loss curve (training loss and validation loss against step) as a PNG. The plot is an extra:
+    where matplotlib cannot be loaded (its native libraries, which a memory limit such as ulimit -v can
+    keep from being mapped: an ImportError traceback ended the run at its first evaluation), a warning
+    says so once and no plot is drawn."""
+    global _matplotlib_failed
+    if _matplotlib_failed:
+        return
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        _matplotlib_failed = True
+        log.warning(f"{png_path.name} is not drawn: matplotlib cannot be loaded ({e}); the run goes on without it")
+        return
 
     train, val = [], []
     for _, r in read_metrics(metrics_path):

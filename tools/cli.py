@@ -69,7 +69,7 @@ class CLIError(Exception):
 USER_ERRORS = (ValueError, OSError, MemoryError)  # the libraries' typed errors are ValueErrors; the machine's limits
 LIBRARY_LOGGERS = ("gpt", "tokenizers_bpe", "gpt2_kernels")
 DEFAULT_TEXT_HINT = "convert it to UTF-8"
-# The most text a command reads from stdin (it is held whole, with its ids: ~10x its size in memory);
+# The most text a command reads from stdin (held whole: text_argument checks the memory it will take);
 # corpora go through gpt-prepare, which streams them. A stream without end (/dev/zero) stops here.
 MAX_STDIN_BYTES = 256 << 20
 

@@ -445,6 +445,48 @@ def test_a_process_limit_reached_is_one_line_and_leaves_nothing(tokenizer_file, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
 
 
+def test_a_gpt_command_under_an_address_space_limit_too_small_for_torch_is_one_line(tmp_path):
+    """`ulimit -v` below what PyTorch takes to load: an ImportError or MemoryError traceback at import, or
+    C++'s std::bad_alloc abort (exit 134), depending on the limit; now one line before torch is imported."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (400 << 20, resource.RLIM_INFINITY))
+
+    script = "import sys; sys.argv[0] = 'gpt-inspect'; import tools; from tools.inspect_checkpoint import main; raise SystemExit(main())"
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=ENV, capture_output=True, text=True, timeout=120,
+                          preexec_fn=limit)
+    assert done.returncode == ExitCode.USER_ERROR and "(ulimit -v 409600) is below the 768 MiB PyTorch needs" in error_line(done.stderr)
+
+
+@pytest.mark.parametrize("raised, says", [("ImportError('libtorch_cpu.so: failed to map segment from shared object')", "out of memory while loading"),
+                                          ("MemoryError()", "out of memory while loading"),
+                                          ("ImportError('No module named x')", "cannot be loaded (No module named x); reinstall")])
+def test_a_library_that_cannot_be_loaded_is_one_line(raised, says):
+    """Outside the command's own handling (torch imported as the command's module loads), a library
+    that the memory limit kept from loading, or a broken install, printed a traceback; a bug still does."""
+    script = f"import sys; sys.argv[0] = 'gpt-generate'; import tools; raise {raised}"
+    done = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=60)
+    assert done.returncode == ExitCode.USER_ERROR and says in error_line(done.stderr)
+    script = "import sys; sys.argv[0] = 'gpt-generate'; import tools; raise RuntimeError('a bug')"
+    done = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" in done.stderr
+
+
+def test_a_loss_plot_that_cannot_be_drawn_is_a_warning_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
+    """matplotlib's native libraries not loading (ulimit -v) ended a training run at its first evaluation."""
+    import gpt.plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # (an import of it raises ImportError)
+    monkeypatch.setattr(gpt.plot, "_matplotlib_failed", False)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 2.0}\n')
+    for _ in range(2):
+        gpt.plot.plot_metrics(metrics, tmp_path / "loss.png")
+    assert sum("loss.png is not drawn: matplotlib cannot be loaded" in r.message for r in caplog.records) == 1  # (once)
+    assert not (tmp_path / "loss.png").exists()
+
+
 def test_out_of_memory_is_one_line():
     from tools.cli import error_message
 
