@@ -6,7 +6,9 @@ import json
 import sys
 from typing import Iterator, Sequence
 
-from tokenizers_bpe import GPT2_PATTERN, GPT4_PATTERN, BPETokenizer, Tokenizer, UnknownCharacterError, load_any
+import regex
+
+from tokenizers_bpe import GPT2_PATTERN, GPT4_PATTERN, BPETokenizer, CharTokenizer, Tokenizer, UnknownCharacterError, load_any
 from tokenizers_bpe.patterns import chunk_cut_regex, special_token_regex
 from tools.cli import ArgumentParser, CLIError, HelpFormatter, add_tokenizer_arguments, command, text_argument
 
@@ -36,14 +38,28 @@ def encoded_blocks(tok: Tokenizer, text: str, special: str) -> Iterator[list[int
     specials = special_token_regex(tok.special_tokens_set) if tok.special_tokens_set and special != "ordinary" else None
     if special == "error" and specials is not None and (found := specials.search(text)):
         raise CLIError(f"the text contains a special token such as {found.group()!r}; pass --special allow or --special ordinary")
+    if special != "allow":
+        specials = None
+    if isinstance(tok, CharTokenizer):  # found before any block is written: not half a JSON list, then the error
+        unknown = regex.compile("[^" + "".join(map(regex.escape, tok.chars)) + "]")
+        for start, end, _ in _stretches(text, specials):
+            if found := unknown.search(text, start, end):
+                raise UnknownCharacterError(found.group(), len(tok.chars))
     pattern = tok.pattern if isinstance(tok, BPETokenizer) else None
     cuts = chunk_cut_regex(pattern) if pattern in (None, GPT2_PATTERN, GPT4_PATTERN) else None
+    for start, end, special_token in _stretches(text, specials):
+        yield from _ordinary_blocks(tok, text, start, end, cuts)
+        if special_token is not None:
+            yield [tok.special_tokens[special_token]]
+
+
+def _stretches(text: str, specials) -> Iterator[tuple[int, int, str | None]]:
+    """(start, end, the special token after it or None) of each stretch of ordinary text."""
     start = 0
-    for match in specials.finditer(text) if special == "allow" and specials is not None else ():
-        yield from _ordinary_blocks(tok, text, start, match.start(), cuts)
-        yield [tok.special_tokens[match.group()]]
+    for match in specials.finditer(text) if specials is not None else ():
+        yield start, match.start(), match.group()
         start = match.end()
-    yield from _ordinary_blocks(tok, text, start, len(text), cuts)
+    yield start, len(text), None
 
 
 def _ordinary_blocks(tok: Tokenizer, text: str, start: int, end: int, cuts) -> Iterator[list[int]]:

@@ -138,6 +138,19 @@ def test_encode_a_block_at_a_time_gives_the_ids_of_the_whole_text(tmp_path, kind
             assert capsys.readouterr().out == (f"{len(expected)}\n" if count else json.dumps(expected) + "\n")
 
 
+def test_a_character_a_char_tokenizer_lacks_late_in_the_text_writes_no_ids(tmp_path, corpus, capsys, monkeypatch):
+    """Encoded a block at a time, the ids before the unknown character were written (half a JSON list)."""
+    import tools.bpe_encode
+
+    monkeypatch.setattr(tools.bpe_encode, "BLOCK_CHARS", 5)
+    out = tmp_path / "chars.json"
+    assert train_main([str(corpus), "--char", "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert encode_main(["-t", str(out), "--special", "allow", "Speak, speak.\nAll:\nSpeak<|endoftext|> \U0001F600"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "U+1F600" in captured.err and captured.err.count("\n") == 1, captured
+
+
 def test_a_text_on_stdin_that_cannot_fit_in_memory_is_refused_as_it_is_read(tokenizer_file, capsys, monkeypatch):
     """Killed by the OS (a 200 MB text under a 1 GiB memory cgroup: bpe-encode, bpe-decode, gpt-generate's
     PROMPT, gpt-classify); refused once what was read would need more than the available memory."""
