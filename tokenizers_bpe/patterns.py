@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import unicodedata
 from typing import Callable, Iterator
 
 import regex
@@ -60,8 +61,13 @@ _BLOCK = 1 << 16  # characters per block when mixed text is split into ASCII and
 # behind nothing) splits the same on its own. Text with neither such an edge nor a line start (only
 # punctuation and spaces, one endless word) cannot be cut. A custom pattern gets line starts only; a
 # tokenizer without a pattern (char-level) any character boundary. tests/tokenizers_bpe/test_chunk_cuts.py
-# checks all of this.
-_EDGE_CUT = r"(?<=\p{L})(?=\P{L})|(?<=\p{N})(?=\P{N})"
+# checks all of this. An edge is only taken between two characters assigned in Python's Unicode
+# version ({unassigned}: the others, filled in by chunk_cut_regex): the encoders (tiktoken, and the
+# native one, built from tiktoken's classes) and `regex` each have their own Unicode version, and a
+# character assigned in one but not the other (U+3D000 is a letter to regex 2026.12, unassigned to
+# tiktoken 0.14) is a letter to one and punctuation to the other: a cut beside it changed the tokens.
+_EDGE_CUT = (r"(?<=\p{L})(?=\P{L})(?<![{unassigned}])(?![{unassigned}])"
+             r"|(?<=\p{N})(?=\P{N})(?<![{unassigned}])(?![{unassigned}])")
 _CHUNK_CUTS = {
     GPT2_PATTERN: _EDGE_CUT + r"|(?<=\S\n)(?=\S)|(?<=\S\r)(?=\n\S)",
     GPT4_PATTERN: _EDGE_CUT + r"|(?<=\S\r?\n)(?=\S)",
@@ -236,13 +242,30 @@ def safe_blocks(text: str, size: int, pattern: str) -> Iterator[str]:
 
 
 @functools.lru_cache(maxsize=16)
+@functools.cache
+def _unassigned_class() -> str:
+    """The code points Python's unicodedata leaves unassigned, as the inside of a regex character class."""
+    ranges: list[list[int]] = []
+    for code in range(0x110000):
+        if unicodedata.category(chr(code)) == "Cn":
+            if ranges and ranges[-1][1] == code - 1:
+                ranges[-1][1] = code
+            else:
+                ranges.append([code, code])
+    return "".join(f"\\U{first:08x}-\\U{last:08x}" for first, last in ranges)
+
+
+@functools.lru_cache(maxsize=16)
 def chunk_cut_regex(pattern: str | None) -> regex.Pattern:
     """Zero-width matches where text may be cut into chunks that, encoded one by one, give exactly
     the tokens of the whole text under ``pattern`` (a regex string; None: no pre-tokenizer, as for a
     char-level tokenizer). A match needs the characters around it to be present: searching a text
     that is still growing, re-check the last ``CHUNK_CUT_LOOKAHEAD`` characters once more arrive, and
     searching the rest of a text, keep the ``CHUNK_CUT_LOOKBEHIND`` characters before it in view."""
-    return regex.compile(_ANY_CUT if pattern is None else _CHUNK_CUTS.get(pattern, _LINE_START_CUT))
+    if pattern is None:
+        return regex.compile(_ANY_CUT)
+    cuts = _CHUNK_CUTS.get(pattern)
+    return regex.compile(_LINE_START_CUT if cuts is None else cuts.replace("{unassigned}", _unassigned_class()))
 
 
 def chunk_cut_rule(pattern: str | None) -> str:

@@ -46,7 +46,7 @@ def encoded_blocks(tok: Tokenizer, text: str, special: str) -> Iterator[list[int
             if found := unknown.search(text, start, end):
                 raise UnknownCharacterError(found.group(), len(tok.chars))
     pattern = tok.pattern if isinstance(tok, BPETokenizer) else None
-    cuts = chunk_cut_regex(pattern) if pattern in (None, GPT2_PATTERN, GPT4_PATTERN) else None
+    cuts = chunk_cut_regex(pattern) if len(text) > BLOCK_CHARS and pattern in (None, GPT2_PATTERN, GPT4_PATTERN) else None
     for start, end, special_token in _stretches(text, specials):
         yield from _ordinary_blocks(tok, text, start, end, cuts)
         if special_token is not None:

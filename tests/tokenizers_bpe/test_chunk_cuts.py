@@ -76,6 +76,16 @@ def test_where_the_named_patterns_cut():
     assert cut_positions("!!! ... ???", GPT2_PATTERN) == [] and cut_positions("abcdef", GPT4_PATTERN) == []
 
 
+def test_no_cut_beside_a_character_the_unicode_versions_disagree_on():
+    """U+3D000 is a letter to `regex` 2026.12 (Unicode 17), unassigned to tiktoken 0.14 (whose classes
+    the native encoder has) and to Python 3.11: the cut after it, a letter edge to `regex`, split a
+    piece of the encoders ('\U0003d000:' of the whole text; hypothesis found cl100k encoding the chunks
+    of '\U0003d000:a_b' otherwise). Only the edge between two assigned characters is taken."""
+    for pattern in (GPT2_PATTERN, GPT4_PATTERN):
+        assert cut_positions("\U0003d000:a_b", pattern) == [3]
+        assert cut_positions("a\U0003d000 b1\U0003d001", pattern) == [4]  # (b|1 only)
+
+
 def test_char_level_cuts_anywhere_and_a_custom_pattern_only_at_line_starts():
     assert cut_positions("ab c\nd", None) == [1, 2, 3, 4, 5]
     custom = r"\S+|\s+"
