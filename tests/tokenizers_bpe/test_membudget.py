@@ -4,6 +4,7 @@ OOM killer end commands run under `docker run -m` or `systemd-run -p MemoryMax=`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -79,12 +80,16 @@ def test_a_real_cgroup_limit_is_seen(tmp_path):
             group.rmdir()
     else:
         pytest.skip("no memory cgroup can be made here (not root, or no memory controller)")
-    script = (f"import os; open({str(group / 'cgroup.procs')!r}, 'w').write(str(os.getpid())); "
+    script = (f"import os\ntry:\n    open({str(group / 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n"
+              "except OSError:\n    print('cannot join'); raise SystemExit(0)\n"
               "from tokenizers_bpe.membudget import available_memory; print(available_memory())")
     try:
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
     finally:
-        group.rmdir()
+        with contextlib.suppress(OSError):  # (empty once the process has ended)
+            group.rmdir()
     assert proc.returncode == 0, proc.stderr
+    if proc.stdout.strip() == "cannot join":
+        pytest.skip("this process may not move into a memory cgroup here (no delegation)")
     assert 0 < int(proc.stdout) <= GiB
