@@ -66,8 +66,7 @@ _BLOCK = 1 << 16  # characters per block when mixed text is split into ASCII and
 # native one, built from tiktoken's classes) and `regex` each have their own Unicode version, and a
 # character assigned in one but not the other (U+3D000 is a letter to regex 2026.12, unassigned to
 # tiktoken 0.14) is a letter to one and punctuation to the other: a cut beside it changed the tokens.
-_EDGE_CUT = (r"(?<=\p{L})(?=\P{L})(?<![{unassigned}])(?![{unassigned}])"
-             r"|(?<=\p{N})(?=\P{N})(?<![{unassigned}])(?![{unassigned}])")
+_EDGE_CUT = r"(?:(?<=\p{L})(?=\P{L})|(?<=\p{N})(?=\P{N}))(?<![{unassigned}])(?![{unassigned}])"
 _CHUNK_CUTS = {
     GPT2_PATTERN: _EDGE_CUT + r"|(?<=\S\n)(?=\S)|(?<=\S\r)(?=\n\S)",
     GPT4_PATTERN: _EDGE_CUT + r"|(?<=\S\r?\n)(?=\S)",

@@ -170,6 +170,21 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _interrupt_again_if_swallowed(unraisable) -> None:
+    """sys.unraisablehook while a command runs. The KeyboardInterrupt of a signal that arrived while a
+    finalizer ran (``__del__``, a weakref callback: the `regex` module's, compiling a pattern) is printed
+    as an ignored exception and lost, and the command ran on to its end (exit 0 after a SIGTERM); the
+    signal is sent again, without the traceback, a moment later from a thread (sent from here, or at
+    once, its handler ran, and its KeyboardInterrupt was lost, inside this hook), to be handled in the
+    code the finalizer interrupted (or lost in another finalizer, and sent again)."""
+    if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+        resend = threading.Timer(0.05, os.kill, args=(os.getpid(), signal.SIGINT))
+        resend.daemon = True
+        resend.start()
+    else:
+        sys.__unraisablehook__(unraisable)
+
+
 def _pool_workers() -> set[int]:
     """The multiprocessing workers of this process (its pools stop them themselves)."""
     children = sys.modules.get("multiprocessing")
@@ -276,8 +291,10 @@ def command(prog: str, *, flags: Mapping[str, str] | None = None, text_hint: str
             if tools.console_script:  # (a test or a program calling main() keeps its stdout as it set it)
                 _stdout_never_fails_on_text()
             saved_signals = {}
+            saved_unraisablehook = sys.unraisablehook
             if in_main_thread:  # while the command runs, both are a KeyboardInterrupt: its cleanup runs
                 saved_signals = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+                sys.unraisablehook = _interrupt_again_if_swallowed
             try:
                 return int(fn(argv) or ExitCode.OK)
             except SystemExit as e:  # argparse: --help (0) and usage errors (2)
@@ -305,6 +322,7 @@ def command(prog: str, *, flags: Mapping[str, str] | None = None, text_hint: str
                 tools.command_finished = True
                 for sig, saved_handler in saved_signals.items():
                     signal.signal(sig, saved_handler)
+                sys.unraisablehook = saved_unraisablehook
                 for lg, level, propagate in saved:
                     lg.removeHandler(handler)
                     lg.setLevel(level)

@@ -273,6 +273,29 @@ def test_an_interrupted_console_script_stops_the_programs_it_runs_first(tmp_path
     assert not os.path.exists(f"/proc/{sleeper}") or open(f"/proc/{sleeper}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
 
 
+def test_an_interrupt_swallowed_by_a_finalizer_is_raised_again(capsys):
+    """A SIGTERM to gpt-train FILE's group just after its data stage landed in the `regex` module's
+    SetBase.__del__ (a pattern being compiled): Python printed the KeyboardInterrupt as an ignored
+    exception and the run trained to its end, exit 0. The interrupt is now raised again."""
+
+    class Finalized:
+        def __del__(self):
+            raise KeyboardInterrupt  # (what the signal handler raises, here inside a finalizer)
+
+    steps = []
+
+    @command("gpt-test")
+    def main(argv=None):
+        Finalized()  # (collected at once: its exception is "ignored")
+        for step in range(200):
+            steps.append(step)
+            time.sleep(0.01)
+        return 0
+
+    assert main([]) == ExitCode.INTERRUPTED
+    assert len(steps) < 200 and "Exception ignored" not in capsys.readouterr().err
+
+
 def test_pool_workers_leave_interrupts_to_the_parent():
     """Out of the parent's process group, so a group signal cannot kill one mid-message (which hung the
     parent's Pool.terminate); SIGTERM, how Pool.terminate ends them, left at its default."""
