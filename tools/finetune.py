@@ -177,13 +177,12 @@ def load_base(args):
     return model, max_length
 
 
-def check_batch(cfg, train_examples: list, model, n_outputs: int) -> None:
+def check_batch(cfg, train_examples: list, model: nn.Module, model_config, n_outputs: int) -> None:
     """Refuse, before building any batch, training whose parameters' state (for those ``model`` trains)
     cannot fit in memory, or a --batch-size whose micro-batch cannot beside it even if every example
     were as short as the shortest one (the message names the shortest length)."""
     shortest = min(len(example[0]) for example in train_examples)
-    config = getattr(model, "gpt", model).config
-    check_memory(PROG, config, n_outputs, cfg, shortest, FLAGS, state_bytes=training_state_bytes(count_trainable(model)[0]))
+    check_memory(PROG, model_config, n_outputs, cfg, shortest, FLAGS, state_bytes=training_state_bytes(count_trainable(model)[0]))
 
 
 def check_out(args) -> None:
@@ -279,7 +278,7 @@ def run_classify(args) -> int:
     model = GPTClassifier(gpt, labels)
     args.trainable = args.trainable or ("head" if lora else "last-block")
     set_trainable(model, args.trainable)
-    check_batch(cfg, splits["train"], model, len(labels))
+    check_batch(cfg, splits["train"], model, gpt.config, len(labels))
     run_config = {**recorded(args), "labels": labels, "max_length": max_length, "data_digests": data_digests(args)}
     if args.resume:
         check_resume(args, run_config)
@@ -352,7 +351,7 @@ def run_instruct(args) -> int:
     torch.manual_seed(cfg.seed)
     if lora:
         apply_lora(model, lora)
-    check_batch(cfg, encoded["train"], model, model.config.vocab_size)
+    check_batch(cfg, encoded["train"], model, model.config, model.config.vocab_size)
     run_config = {**recorded(args), "max_length": max_length, "data_digests": data_digests(args)}
     if args.resume:
         check_resume(args, run_config)

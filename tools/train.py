@@ -32,6 +32,7 @@ import tokenizers_bpe
 from gpt.config import GPTConfig
 from gpt.data import RandomWindows, SlidingWindows, check_token_ids, load_meta, open_split
 from gpt.device import init_distributed, resolve_device
+from gpt.lora import count_trainable
 from gpt.memory import training_state_bytes
 from gpt.model import GPT
 from gpt.run_state import RUN_CONFIG_FILE, RunDirectory, read_run_config
@@ -336,7 +337,7 @@ def train(opts: dict, resume: bool, saved: dict | None, cfg, tokenizer_path: str
         trainer = Trainer(model, cfg, train_batch, eval_batches, out_dir=out, tokenizer=tokenizer, sample_fn=sampler,
                           bytes_per_token=meta.bytes_per_token("val"), run_config=run_config, dist=dist)
         check_memory(PROG, model.config, model.config.vocab_size, cfg, block_size,
-                     state_bytes=training_state_bytes(sum(p.numel() for p in model.parameters() if p.requires_grad)))
+                     state_bytes=training_state_bytes(count_trainable(model)[0]))
         check_writable_dir(out, "--out")
         check_disk(PROG, model, cfg, out)
         trainer.prepare(resume)
