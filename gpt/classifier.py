@@ -17,12 +17,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from gpt.checkpoint import CheckpointError, checkpoint_file, read_json, safetensors_name, write_checkpoint
-from gpt.finetune_data import collate_classification, in_batches
+from gpt.finetune_data import MAX_LABEL_CHARS, MAX_LABELS, collate_classification, in_batches
 from gpt.model import GPT
 from gpt.run_state import FINAL_DIR
-from tokenizers_bpe.errors import SettingError
+from tokenizers_bpe.errors import SettingError, is_unicode
 from tokenizers_bpe.fileio import format_stamp, recorded_version
 
 CLASSIFIER_FORMAT = "gpt-classifier"
@@ -99,6 +100,9 @@ def read_classifier_meta(directory) -> tuple[list[str], int]:
     labels, max_length = meta.get("labels"), meta.get("max_length")
     if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels) or len(set(labels)) != len(labels):
         raise CheckpointError(f"{path}: \"labels\" must be a list of at least two distinct strings")
+    if len(labels) > MAX_LABELS or max(map(len, labels)) > MAX_LABEL_CHARS or not all(map(is_unicode, labels)):
+        raise CheckpointError(f"{path}: \"labels\" must be at most {MAX_LABELS:,} names of at most {MAX_LABEL_CHARS} "
+                              "characters of text each, as gpt-finetune classify writes them")
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
         raise CheckpointError(f"{path}: \"max_length\" must be a positive integer")
     return labels, max_length
@@ -130,15 +134,20 @@ def load_classifier(directory, *, device="cpu") -> tuple[GPTClassifier, int]:
 
 
 @torch.no_grad()
-def evaluate_classifier(model: GPTClassifier, examples: list[tuple[list[int], int]], batch_size: int, pad_id: int) -> dict:
-    """Mean loss, accuracy and the confusion matrix (rows: true label, columns: predicted)."""
+def evaluate_classifier(model: GPTClassifier, examples: list[tuple[list[int], int]], batch_size: int, pad_id: int,
+                        progress: str | None = None) -> dict:
+    """Mean loss, accuracy and the confusion matrix (rows: true label, columns: predicted); ``progress``
+    names a bar on stderr (none if None)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     n = len(model.labels)
     confusion = torch.zeros(n, n, dtype=torch.long)
     loss_sum = 0.0
-    for idx, lengths, labels in in_batches(examples, batch_size, lambda b: collate_classification(b, pad_id)):
+    batches = in_batches(examples, batch_size, lambda b: collate_classification(b, pad_id))
+    bar = tqdm(batches, total=-(-len(examples) // batch_size), desc=progress, unit="batch", dynamic_ncols=True,
+               leave=False, disable=progress is None)
+    for idx, lengths, labels in bar:
         logits = model(idx.to(device), lengths.to(device)).cpu()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         confusion += torch.bincount(labels * n + logits.argmax(-1), minlength=n * n).view(n, n)

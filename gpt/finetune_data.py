@@ -29,13 +29,17 @@ import torch
 
 from gpt import memory
 from gpt.prompt_template import format_instruction_prompt
-from tokenizers_bpe.errors import InputFileError, SettingError
+from tokenizers_bpe.errors import InputFileError, SettingError, is_unicode
 from tokenizers_bpe.fileio import check_nesting, check_regular_file, decode_utf8
 
 _BOM = "\ufeff"
 # A data file is held whole, parsed and tokenized: measured ~11x its size at the peak (a 40 MB Alpaca
 # JSON: +455 MB), so a file whose 16x is more than the memory available is refused before it is read.
 MEMORY_PER_FILE_BYTE = 16
+# A classifier's labels are class names: the head has a row per label and every evaluation a square
+# confusion matrix of them (100,000 labels: 80 GB), so both are bounded.
+MAX_LABELS = 1024
+MAX_LABEL_CHARS = 256
 
 # ---------------------------------------------------------------------------------------------- classification data
 
@@ -46,7 +50,28 @@ def _text_field(value: Any, column: str, where: str) -> str:
     text = str(value)
     if not text.strip():
         raise ValueError(f"{where}: column {column!r} is empty")
+    _check_unicode(text, f"column {column!r}", where)
     return text
+
+
+def _check_unicode(text: str, what: str, where: str) -> None:
+    if not is_unicode(text):
+        raise ValueError(f"{where}: {what} holds a lone surrogate (a JSON escape such as \\ud800 that is no "
+                         "character); fix the file")
+
+
+def _label_field(value: Any, column: str, where: str) -> str:
+    label = _text_field(value, column, where).strip()
+    if len(label) > MAX_LABEL_CHARS:
+        raise ValueError(f"{where}: a label of {len(label):,} characters in column {column!r}; a label is a class "
+                         f"name of at most {MAX_LABEL_CHARS} (is --label-column the text?)")
+    return label
+
+
+def show_labels(labels: list[str], most: int = 10) -> str:
+    """Labels for a message: the first ``most``, each cut to 40 characters, and how many there are."""
+    shown = ", ".join(x if len(x) <= 40 else x[:39] + "\u2026" for x in labels[:most])
+    return shown if len(labels) <= most else f"{shown}, ... ({len(labels):,} labels)"
 
 
 def read_text(path: Path) -> str:
@@ -97,26 +122,38 @@ def read_examples(path: str | Path, text_column: str = "text", label_column: str
                 raise SettingError("text_column" if missing[0] == text_column else "label_column",
                                    f"{where}: missing field {missing[0]!r} (fields: {', '.join(row) or 'none'}); "
                                    "set {text_column}/{label_column}")
-            examples.append((_text_field(row[text_column], text_column, where), _text_field(row[label_column], label_column, where).strip()))
+            examples.append((_text_field(row[text_column], text_column, where), _label_field(row[label_column], label_column, where)))
         return examples
     text = read_text(path)
     limit = csv.field_size_limit()
     csv.field_size_limit(max(limit, len(text)))  # a passage may be as long as the file, held whole already
     try:
         with io.StringIO(text, newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            header = reader.fieldnames or []
+            reader = csv.reader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            header = next(reader, [])
             missing = [c for c in (text_column, label_column) if c not in header]
             if missing:
                 raise SettingError("text_column" if missing[0] == text_column else "label_column",
                                    f"{path}: no column {missing[0]!r} in the header (columns: "
                                    f"{', '.join(header) or 'none'}); set {{text_column}}/{{label_column}}")
+            twice = [c for c in (text_column, label_column) if header.count(c) > 1]
+            if twice:
+                raise SettingError("text_column" if twice[0] == text_column else "label_column",
+                                   f"{path}: the header names column {twice[0]!r} {header.count(twice[0])} times; "
+                                   "rename the others, or set {text_column}/{label_column}")
+            text_at, label_at, fields = header.index(text_column), header.index(label_column), len(header)
+            # (CSV text is strict UTF-8 already: no lone surrogates, which only JSON escapes make)
             for row in reader:
-                where = f"{path} line {reader.line_num}"
-                if None in row or any(row[c] is None for c in (text_column, label_column)):
-                    raise ValueError(f"{where}: expected {len(header)} fields like the header, got another number")
-                examples.append((_text_field(row[text_column], text_column, where),
-                                 _text_field(row[label_column], label_column, where).strip()))
+                if len(row) != fields:
+                    if not row:
+                        continue  # a blank line
+                    raise ValueError(f"{path} line {reader.line_num}: {len(row)} fields, not {fields} like the header")
+                text, label = row[text_at], row[label_at].strip()
+                if not text.strip() or not label or len(label) > MAX_LABEL_CHARS:
+                    where = f"{path} line {reader.line_num}"
+                    _text_field(text, text_column, where)
+                    _label_field(label, label_column, where)
+                examples.append((text, label))
     except csv.Error as e:
         raise ValueError(f"{path} line {reader.line_num}: not valid {suffix[1:].upper()} ({e})") from None
     finally:
@@ -129,6 +166,9 @@ def label_names(train: list[tuple[str, str]], what: str) -> list[str]:
     if not train:
         raise ValueError(f"{what} has no examples")
     labels = sorted({label for _, label in train})
+    if len(labels) > MAX_LABELS:
+        raise ValueError(f"{what} has {len(labels):,} distinct labels, more than a classifier here takes ({MAX_LABELS:,}); "
+                         "is --label-column the right column? Group rare labels into one")
     if len(labels) < 2:
         raise ValueError(f"{what} has only one label ({labels[0]!r}); a classifier needs examples of at least two")
     return labels
@@ -138,8 +178,8 @@ def check_known_labels(examples: list[tuple[str, str]], labels: list[str], what:
     known = set(labels)
     unseen = sorted({label for _, label in examples if label not in known})
     if unseen:
-        raise ValueError(f"{what}: label(s) {', '.join(map(repr, unseen[:5]))} do not occur in the training data "
-                         f"(training labels: {', '.join(labels)})")
+        raise ValueError(f"{what}: label(s) {show_labels([repr(x) for x in unseen], 5)} do not occur in the training "
+                         f"data (training labels: {show_labels(labels)})")
 
 
 def encode_examples(tokenizer, examples: list[tuple[str, str]], labels: list[str], max_length: int) -> list[tuple[list[int], int]]:
@@ -190,6 +230,7 @@ def read_instructions(path: str | Path) -> list[dict[str, str]]:
         for field in ("instruction", "input", "output"):
             if not isinstance(record.get(field, ""), str):
                 raise ValueError(f"{where}: field {field!r} must be a string")
+            _check_unicode(record.get(field, ""), f"field {field!r}", where)
         if not record["instruction"].strip():
             raise ValueError(f"{where}: empty \"instruction\"")
         out.append({"instruction": record["instruction"], "input": record.get("input", ""), "output": record["output"]})
@@ -253,6 +294,12 @@ class ShuffledBatches:
         n = len(self.examples)
         picked = [self.examples[self._permutation(p // n)[p % n]] for p in range(start, start + self.batch_size)]
         return self.collate(picked)
+
+
+def evenly_spaced(examples: list, most: int) -> list:
+    """At most ``most`` examples spread evenly over the list (a sorted file's every part is in it)."""
+    step = -(-len(examples) // most)
+    return examples[::step] if step > 1 else examples
 
 
 def in_batches(examples: list, batch_size: int, collate: Callable[[list], Any]):

@@ -63,12 +63,15 @@ def all_merges(tok: BPETokenizer) -> list[tuple[int, int]]:
         learnt = tok.merges
     except ValueError:  # a token that is no merge of two lower ones (some rank files): only whole pieces reach it
         learnt = [None] * (len(by_rank) - 256)
+    lengths = {len(t) for t in by_rank}  # a cut whose part has no token's length is no pair (a long token: few cuts)
     pairs: list[tuple[int, int]] = []
     for rank in range(256, len(by_rank)):
         token, first = by_rank[rank], learnt[rank - 256]
         if first is not None:
             pairs.append(first)
         for cut in range(1, len(token)):
+            if cut not in lengths or len(token) - cut not in lengths:
+                continue
             left, right = ranks.get(token[:cut]), ranks.get(token[cut:])
             if left is not None and right is not None and (left, right) != first:
                 pairs.append((left, right))

@@ -104,17 +104,40 @@ class PieceCache(dict):
 
 
 def split_token(ranks: Mapping[bytes, int], token: bytes, rank: int) -> tuple[int, int]:
-    """The two lower-ranked tokens BPE joins to make ``token`` (tiktoken's recovery of merges)."""
-    parts = [token[i : i + 1] for i in range(len(token))]
-    while len(parts) > 2:
-        best_i, best_r = -1, rank
-        for i in range(len(parts) - 1):
-            r = ranks.get(parts[i] + parts[i + 1], NO_RANK)
-            if r < best_r:
-                best_i, best_r = i, r
-        if best_i < 0:
-            break
-        parts[best_i] += parts.pop(best_i + 1)
+    """The two lower-ranked tokens BPE joins to make ``token`` (tiktoken's recovery of merges): BPE on
+    the token's bytes with the tokens below ``rank`` only, which must end in two parts."""
+    if len(token) >= _LONG_PIECE:
+        parts = _encode_long_piece(_RanksBelow(ranks, rank), token)
+    else:
+        parts = [token[i : i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            best_i, best_r = -1, rank
+            for i in range(len(parts) - 1):
+                r = ranks.get(parts[i] + parts[i + 1], NO_RANK)
+                if r < best_r:
+                    best_i, best_r = i, r
+            if best_i < 0:
+                break
+            parts[best_i] += parts.pop(best_i + 1)
+        parts = [ranks[p] for p in parts]
     if len(parts) != 2:
-        raise ValueError(f"token {rank} ({token!r}) is not a merge of two lower-ranked tokens")
-    return ranks[parts[0]], ranks[parts[1]]
+        shown = repr(token) if len(token) <= 40 else f"{token[:40]!r}... ({len(token):,} bytes)"
+        raise ValueError(f"token {rank} ({shown}) is no merge of two lower-ranked tokens, so the vocabulary has no "
+                         "merge list (tiktoken can encode with it; a tokenizer.json, GPT-2's and HF's files need one)")
+    return parts[0], parts[1]
+
+
+class _RanksBelow:
+    """The ranks below ``limit`` of a vocabulary, as encode_piece reads ranks (get, [])."""
+
+    __slots__ = ("ranks", "limit")
+
+    def __init__(self, ranks: Mapping[bytes, int], limit: int):
+        self.ranks, self.limit = ranks, limit
+
+    def get(self, token: bytes, default=None):
+        r = self.ranks.get(token)
+        return r if r is not None and r < self.limit else default
+
+    def __getitem__(self, token: bytes) -> int:
+        return self.ranks[token]

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .fileio import MAX_TOKENIZER_BYTES, atomic_write, check_regular_file, parse_json
+from .fileio import MAX_TOKENIZER_BYTES, MAX_VOCAB_SIZE, atomic_write, check_regular_file, parse_json
 
 
 def read_text_file(path, what: str) -> str:
@@ -45,6 +45,8 @@ def read_tiktoken(path) -> dict[bytes, int]:
     for n, line in enumerate(read_text_file(path, ".tiktoken").splitlines(), 1):
         if not line:
             continue
+        if len(ranks) == MAX_VOCAB_SIZE:
+            raise ValueError(f"{path}: more than {MAX_VOCAB_SIZE:,} ranks, more than a tokenizer may hold")
         try:
             token, rank = line.split()
             ranks[base64.b64decode(token, validate=True)] = int(rank)
@@ -101,6 +103,8 @@ def read_gpt2(encoder_json, vocab_bpe) -> tuple[dict[bytes, int], dict[str, int]
     encoder = parse_json(read_text_file(encoder_json, "encoder.json"), str(encoder_json), "a corrupt encoder.json")
     if not isinstance(encoder, dict) or not all(type(v) is int for v in encoder.values()):
         raise ValueError(f"{encoder_json}: encoder.json must map token strings to integer ids")
+    if len(encoder) > MAX_VOCAB_SIZE:
+        raise ValueError(f"{encoder_json}: {len(encoder):,} tokens, more than a tokenizer may hold ({MAX_VOCAB_SIZE:,})")
     lines = read_text_file(vocab_bpe, "vocab.bpe").split("\n")
     if lines and lines[0].startswith("#version"):
         lines = lines[1:]

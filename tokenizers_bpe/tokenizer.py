@@ -28,7 +28,7 @@ from itertools import chain
 from typing import AbstractSet, Collection, Iterable, Literal, Mapping, Sequence
 
 from .errors import is_unicode
-from .fileio import Stamp, atomic_write, format_stamp
+from .fileio import MAX_VOCAB_SIZE, Stamp, atomic_write, format_stamp
 from .patterns import GPT2_PATTERN, GPT4_PATTERN, piece_splitter, resolve_pattern, rust_panics_unprinted, special_token_regex
 from .pybpe import PieceCache, encode_piece, split_token
 from .rankfiles import gpt2_conflicts, write_gpt2, write_tiktoken
@@ -289,6 +289,8 @@ class BPETokenizer(Tokenizer):
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.pattern = resolve_pattern(pattern)
         ranks = dict(ranks)
+        if len(ranks) > MAX_VOCAB_SIZE:
+            raise ValueError(f"{len(ranks):,} tokens, more than a tokenizer may hold ({MAX_VOCAB_SIZE:,})")
         if sorted(ranks.values()) != list(range(len(ranks))):
             raise ValueError("token ranks must be the contiguous ids 0..N-1, each used once")
         if any(len(t) != 1 for t, r in ranks.items() if r < 256) or len(ranks) < 256:
@@ -424,6 +426,8 @@ class BPETokenizer(Tokenizer):
         vocab = d["vocab"]
         if not isinstance(vocab, list) or not all(isinstance(t, str) for t in vocab):
             raise ValueError("'vocab' must be a list of base64 strings")
+        if len(vocab) > MAX_VOCAB_SIZE:
+            raise ValueError(f"'vocab' holds {len(vocab):,} tokens, more than a tokenizer may hold ({MAX_VOCAB_SIZE:,})")
         try:
             tokens = [base64.b64decode(t, validate=True) for t in vocab]
         except ValueError as e:

@@ -35,7 +35,7 @@ from .char import CharTokenizer
 from .errors import SettingError, byte_size, is_unicode
 from .membudget import MemoryPlan, plan_memory, release_free_memory
 from .merging import DEFAULT_MIN_FREQUENCY, MemoryBudgetError, learn_merges
-from .fileio import READ_BYTES, check_errors_handler, check_text_file, read_text_blocks
+from .fileio import MAX_VOCAB_SIZE, READ_BYTES, check_errors_handler, check_text_file, read_text_blocks
 from .locks import signals_held
 from .patterns import piece_splitter, resolve_pattern, safe_cut_regex, split_on_specials
 from .spill import PieceSpill
@@ -197,6 +197,8 @@ def check_train_settings(vocab_size: int, special_tokens: Sequence[str], pattern
     if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < minimum:
         raise SettingError("vocab_size", f"vocab size {vocab_size} is too small: the minimum is {minimum} "
                            f"(256 byte tokens + {len(special_tokens)} special tokens)")
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise SettingError("vocab_size", f"vocab size {vocab_size:,} is too large: the maximum is {MAX_VOCAB_SIZE:,}")
     if not isinstance(min_frequency, int) or isinstance(min_frequency, bool) or min_frequency < 1:
         raise SettingError("min_frequency", f"{{min_frequency}} must be at least 1, got {min_frequency}")
     if any(not isinstance(t, str) or not t for t in special_tokens):

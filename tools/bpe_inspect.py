@@ -51,9 +51,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         longest = sorted(ranks, key=lambda t: (-len(t), ranks[t]))[: args.top]
         print("  longest tokens " + ", ".join(f"{_show(t)} ({ranks[t]})" for t in longest))
         by_rank = sorted(ranks, key=ranks.get)
-        merges = tok.merges
-        print(f"  first merges   {_show_merges(merges[: args.top], by_rank)}")
-        print(f"  last merges    {_show_merges(merges[-args.top :], by_rank)}")
+        try:
+            merges = tok.merges
+        except ValueError as e:  # a rank file whose token is no merge: tiktoken still encodes with it
+            print(f"  merges         none: {e}")
+        else:
+            print(f"  first merges   {_show_merges(merges[: args.top], by_rank)}")
+            print(f"  last merges    {_show_merges(merges[-args.top :], by_rank)}")
     else:
         print(f"  characters     {''.join(tok.chars)!r}")
     sample, label = _sample(args.sample)

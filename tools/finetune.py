@@ -59,10 +59,12 @@ from gpt.finetune_data import (
     count_targets,
     encode_examples,
     encode_instruction,
+    evenly_spaced,
     in_batches,
     label_names,
     read_examples,
     read_instructions,
+    show_labels,
 )
 from gpt.lora import LoRAConfig, apply_lora, count_trainable
 from gpt.memory import training_state_bytes
@@ -82,6 +84,9 @@ from tools.training import (add_train_options, check_memory, check_run_dir, exit
 PROG = "gpt-finetune"
 FLAGS = {"block_size": "--max-length"}  # a micro-batch's length is set by --max-length here
 EVALUATION_FILE = "evaluation.json"
+EVAL_EXAMPLES = 2048  # of the validation set, evaluated during training (all of it at the end)
+FINAL_TRAIN_EXAMPLES = 2048  # of the training set, evaluated at the end
+MAX_PRINTED_CONFUSION = 32  # labels: a larger confusion matrix is only written to evaluation.json
 RUN_DEFINING = ("model", "train", "val", "test", "data", "val_fraction", "text_column", "label_column", "trainable",
                 "mask_prompt", "max_length", "lora_rank", "lora_alpha", "lora_targets", "seed")
 DEFAULT_LORA_TARGETS = "attn"
@@ -125,7 +130,8 @@ def build_parser() -> ArgumentParser:
                             description="Train a classifier: the GPT body and a linear head over the last token's hidden state.")
     add_common_options(c)
     c.add_argument("--train", required=True, type=path_argument, metavar="FILE", help="training examples (.csv, .tsv or .jsonl)")
-    c.add_argument("--val", required=True, type=path_argument, metavar="FILE", help="validation examples (same format)")
+    c.add_argument("--val", required=True, type=path_argument, metavar="FILE", help="validation examples (same format): all of them evaluated at the end, at most "
+                   f"{EVAL_EXAMPLES:,} (spread over the file) at each evaluation during training")
     c.add_argument("--test", type=path_argument, metavar="FILE", help="test examples, evaluated at the end")
     c.add_argument("--text-column", default="text", help="column (or JSON field) with the text (default: %(default)s)")
     c.add_argument("--label-column", default="label", help="column (or JSON field) with the label (default: %(default)s)")
@@ -287,11 +293,12 @@ def run_classify(args) -> int:
     collate = lambda b: collate_classification(b, pad_id)  # noqa: E731
     train_batch = ShuffledBatches(splits["train"], cfg.batch_size, collate, seed=cfg.seed, grad_accum=cfg.grad_accum,
                                   rank=dist.rank, world_size=dist.world_size)
-    monitor = splits["train"][:512]  # a fixed slice of the training set, for the train accuracy during training
+    monitor = evenly_spaced(splits["train"], 512)  # a fixed sample of the training set, for the train accuracy during training
+    val_sample = evenly_spaced(splits["val"], EVAL_EXAMPLES)
 
     def extra_eval(m) -> dict:
-        # The whole validation set on every rank (classification sets are small): exact per-example means.
-        val, train = evaluate_classifier(m, splits["val"], cfg.batch_size, pad_id), evaluate_classifier(m, monitor, cfg.batch_size, pad_id)
+        # The same sample of the validation set on every rank (all of a small one): exact per-example means.
+        val, train = evaluate_classifier(m, val_sample, cfg.batch_size, pad_id), evaluate_classifier(m, monitor, cfg.batch_size, pad_id)
         return {"val_loss": val["loss"], "val_acc": val["accuracy"], "train_acc": train["accuracy"]}
 
     def save_model(m, directory):
@@ -305,15 +312,23 @@ def run_classify(args) -> int:
                       count_tokens=lambda b: int(b[1].sum()), run_config=run_config, dist=dist)
     if dist.is_main:
         counts = ", ".join(f"{len(ex)} {name}" for name, ex in splits.items())
-        print(f"gpt-finetune classify: {len(labels)} labels ({', '.join(labels)}); {counts} examples; {describe(model, lora)}", file=sys.stderr)
+        print(f"gpt-finetune classify: {len(labels)} labels ({show_labels(labels)}); {counts} examples; {describe(model, lora)}", file=sys.stderr)
     result = fit(trainer, args)
     if result.interrupted or not dist.is_main:
         return exit_code(result)
-    report = {name: evaluate_classifier(trainer.model, ex, cfg.batch_size, pad_id) for name, ex in splits.items()}
+    # val and test whole; of the training set, a sample as large as a test set needs (all of it took
+    # longer than the training itself with a large file)
+    evaluated = {**splits, "train": evenly_spaced(splits["train"], FINAL_TRAIN_EXAMPLES)}
+    report = {name: evaluate_classifier(trainer.model, ex, cfg.batch_size, pad_id, progress=f"evaluate {name}" if cfg.progress else None)
+              for name, ex in evaluated.items()}
     for name, r in report.items():
-        print(f"{name:5s}: loss {r['loss']:.4f}  accuracy {r['accuracy']:.4f}  ({r['examples']} examples)")
+        of = f" of {len(splits[name]):,}" if r["examples"] != len(splits[name]) else ""
+        print(f"{name:5s}: loss {r['loss']:.4f}  accuracy {r['accuracy']:.4f}  ({r['examples']:,}{of} examples)")
     shown = "test" if "test" in report else "val"
-    print(f"confusion matrix ({shown}; rows: true label, columns: predicted):\n{format_confusion(labels, report[shown]['confusion'])}")
+    if len(labels) <= MAX_PRINTED_CONFUSION:
+        print(f"confusion matrix ({shown}; rows: true label, columns: predicted):\n{format_confusion(labels, report[shown]['confusion'])}")
+    else:
+        print(f"confusion matrix ({shown}): {len(labels)} x {len(labels)}, in {Path(args.out) / EVALUATION_FILE}")
     write_evaluation(Path(args.out), {"labels": labels, **report})
     print(f"model: {result.final_dir}  (gpt-classify --model {result.final_dir} TEXT...)")
     return 0

@@ -318,6 +318,19 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+def load_tokenizer_to_keep(path, pattern: str | None = None):
+    """The tokenizer at ``path``, which the data directory will keep as its tokenizer.json: a rank file
+    without a merge list (tiktoken encodes with it, our format cannot hold it) is refused now, before
+    any text is encoded."""
+    tokenizer = tokenizers_bpe.load_any(path, pattern=pattern)
+    if isinstance(tokenizer, BPETokenizer):
+        try:
+            tokenizer.merges
+        except ValueError as e:
+            raise CLIError(f"{path}: {e}; it cannot be kept with the data: train a tokenizer with bpe-train") from None
+    return tokenizer
+
+
 @command("gpt-prepare")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -326,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_not_a_broken_link(args.tokenizer)
     if not Path(args.tokenizer).exists():
         raise CLIError(f"--tokenizer {args.tokenizer} does not exist; train one with bpe-train")
-    tokenizer = tokenizers_bpe.load_any(args.tokenizer, pattern=args.pattern)
+    tokenizer = load_tokenizer_to_keep(args.tokenizer, pattern=args.pattern)
     if args.append_eot and tokenizer.eot_token is None:
         raise CLIError(f"--append-eot: the tokenizer {args.tokenizer} has no <|endoftext|> token; drop --append-eot or retrain with it")
     out = check_output(args.out, DATA_STAMP, "--out", inputs=[*args.files, args.tokenizer])

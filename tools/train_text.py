@@ -22,7 +22,7 @@ from tokenizers_bpe.trainer import DEFAULT_MIN_FREQUENCY, DEFAULT_SPECIAL_TOKENS
 from tools.bpe_inspect import describe_sizes
 from tools.bpe_train import DEFAULT_VOCAB_SIZE, TokenizerRecipe
 from tools.cli import CLIError
-from tools.prepare import DataPlan, plan_data, prepare, tokenizer_pattern
+from tools.prepare import DataPlan, load_tokenizer_to_keep, plan_data, prepare, tokenizer_pattern
 
 DATA_DIR = "data"  # RUN_DIR/data: the prepared text
 TOKENIZER_OPTIONS = ("vocab_size", "pattern", "special", "char", "min_frequency", "max_memory")  # what trains the tokenizer
@@ -91,7 +91,7 @@ def plan_text_stages(opts: dict, out: Path) -> TextStages:
         if given:
             raise CLIError(f"--tokenizer uses an existing tokenizer; drop {', '.join('--' + n.replace('_', '-') for n in given)}")
         recipe, tokenizer_path = None, Path(opts["tokenizer"])
-        tokenizer = tokenizers_bpe.load_any(tokenizer_path)
+        tokenizer = load_tokenizer_to_keep(tokenizer_path)
         pattern, has_eot = tokenizer_pattern(tokenizer), tokenizer.eot_token is not None
     else:
         if opts["init_from"]:

@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from gpt.finetune_data import read_examples, read_instructions
+from gpt.finetune_data import MAX_LABEL_CHARS, MAX_LABELS, evenly_spaced, label_names, read_examples, read_instructions, show_labels
+from tokenizers_bpe.errors import SettingError
 from tokenizers_bpe import InvalidTextError
 
 BOM = b"\xef\xbb\xbf"
@@ -68,7 +69,7 @@ def test_other_errors_keep_their_line_numbers_after_a_bom_and_crlf(tmp_path):
         read_examples(jsonl)
     csv = tmp_path / "d.csv"
     csv.write_bytes(BOM + b"text,label\r\na,b\r\nc,d,e\r\n")
-    with pytest.raises(ValueError, match=r"d\.csv line 3: expected 2 fields"):
+    with pytest.raises(ValueError, match=r"d\.csv line 3: 3 fields, not 2 like the header"):
         read_examples(csv)
     records = tmp_path / "r.json"
     records.write_bytes(BOM + b'[\n {"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}\n]\n')
@@ -106,3 +107,51 @@ def test_lora_targets_of_another_type_in_a_file_are_a_setting_error():
     for targets in ([["attn"]], [{}], [1], ["attn", None]):
         with pytest.raises(SettingError, match="lora_targets must be a comma-separated subset"):
             LoRAConfig.from_dict({"rank": 2, "alpha": 4.0, "targets": targets})
+
+
+def test_a_header_naming_the_text_or_label_column_twice_is_refused(tmp_path):
+    """Which of the two columns was meant cannot be known (csv.DictReader took the last, silently)."""
+    (tmp_path / "d.csv").write_text("text,label,label\na,x,y\n")
+    with pytest.raises(SettingError, match="names column 'label' 2 times"):
+        read_examples(tmp_path / "d.csv")
+    (tmp_path / "ok.csv").write_text("text,label,note,note\na,x,1,2\n\nb,y,3,4\n")  # other columns may repeat; blank lines skipped
+    assert read_examples(tmp_path / "ok.csv") == [("a", "x"), ("b", "y")]
+
+
+def test_labels_are_bounded_in_length_and_number(tmp_path):
+    (tmp_path / "long.csv").write_text(f"text,label\na,{'L' * (MAX_LABEL_CHARS + 1)}\n")
+    with pytest.raises(ValueError, match=f"line 2: a label of {MAX_LABEL_CHARS + 1} characters"):
+        read_examples(tmp_path / "long.csv")
+    (tmp_path / "long.jsonl").write_text(json.dumps({"text": "a", "label": "L" * 100_000}) + "\n")
+    with pytest.raises(ValueError, match="a label of 100,000 characters"):
+        read_examples(tmp_path / "long.jsonl")
+    many = [(f"t{i}", f"L{i}") for i in range(MAX_LABELS + 1)]
+    with pytest.raises(ValueError, match=f"{MAX_LABELS + 1:,} distinct labels") as e:
+        label_names(many, "--train t.csv")
+    assert len(str(e.value)) < 300
+    assert len(label_names(many[:MAX_LABELS], "--train t.csv")) == MAX_LABELS
+
+
+def test_messages_show_a_few_labels_and_how_many():
+    assert show_labels(["neg", "pos"]) == "neg, pos"
+    shown = show_labels([f"L{i}" for i in range(100_000)] + ["x" * 1000])
+    assert shown.endswith("... (100,001 labels)") and len(shown) < 200
+    assert len(show_labels(["x" * 1000])) == 40
+
+
+@pytest.mark.parametrize("line", ['{"text": "a\\ud800b", "label": "pos"}', '{"text": "a", "label": "\\udce9"}'])
+def test_a_lone_surrogate_in_json_examples_is_refused_with_its_line(tmp_path, line):
+    """A JSON escape of half a character is no text: tokenizers replace it, labels could not be written."""
+    (tmp_path / "d.jsonl").write_text('{"text": "ok", "label": "neg"}\n' + line + "\n")
+    with pytest.raises(ValueError, match=r"d\.jsonl line 2: column '(text|label)' holds a lone surrogate"):
+        read_examples(tmp_path / "d.jsonl")
+    (tmp_path / "r.json").write_text('[{"instruction": "say", "output": "\\ud800"}]')
+    with pytest.raises(ValueError, match="record 1: field 'output' holds a lone surrogate"):
+        read_instructions(tmp_path / "r.json")
+
+
+def test_evenly_spaced_takes_every_part_of_a_sorted_list():
+    rows = [("t", "a")] * 5000 + [("t", "b")] * 5000
+    sample = evenly_spaced(rows, 2048)
+    assert len(sample) <= 2048 and {x[1] for x in sample} == {"a", "b"}
+    assert evenly_spaced(rows[:100], 2048) == rows[:100]

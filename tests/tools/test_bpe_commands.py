@@ -384,3 +384,30 @@ def test_bad_tokenizer_arguments_are_one_line_errors_that_touch_nothing(tmp_path
             assert main(argv) == 2, (prog, expected)
             assert expected in one_line_error(capsys, prog), (prog, expected)
             assert tree(tmp_path) == before, (prog, expected)
+
+
+def test_a_rank_file_without_a_merge_list_encodes_and_is_refused_before_work_where_one_is_kept(tmp_path, capsys):
+    """tiktoken encodes with a token that is no merge of two lower ones; our tokenizer.json cannot hold
+    it: bpe-inspect says so and goes on, gpt-prepare and gpt-train refuse it before encoding any text
+    (gpt-prepare encoded the whole corpus first), naming the file; a megabyte token is shown cut."""
+    import base64
+
+    from tools.prepare import main as prepare_main
+    from tools.train import main as gpt_train_main
+
+    ranks = [bytes([i]) for i in range(256)] + [b"Sp", b"x" * 1_000_000]
+    rank_file = tmp_path / "odd.tiktoken"
+    rank_file.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(ranks)))
+    (tmp_path / "text.txt").write_text(CORPUS)
+    assert encode_main(["-t", str(rank_file), "Speak"]) == 0
+    assert json.loads(capsys.readouterr().out) == [256, ord("e"), ord("a"), ord("k")]
+    assert inspect_main([str(rank_file)]) == 0
+    out = capsys.readouterr().out
+    assert "merges         none: token 257 (b'xxxx" in out and "(1,000,000 bytes)) is no merge" in out and len(out) < 5000
+    before = tree(tmp_path)
+    for main, prog, argv in ((prepare_main, "gpt-prepare", ["--tokenizer", str(rank_file), "-o", str(tmp_path / "data"), str(tmp_path / "text.txt")]),
+                             (gpt_train_main, "gpt-train", [str(tmp_path / "text.txt"), "--tokenizer", str(rank_file), "--out", str(tmp_path / "run")])):
+        assert main(argv) == 2
+        err = one_line_error(capsys, prog)
+        assert f"{rank_file}: token 257" in err and "train a tokenizer with bpe-train" in err and len(err) < 350 + len(str(rank_file)), err
+        assert tree(tmp_path) == before

@@ -351,3 +351,38 @@ def test_the_confusion_matrix_columns_line_up():
     for label in ("comedies", "histories", "tragedies"):
         end = header.index(label) + len(label)
         assert all(line[end - 1] != " " for line in table[1:]), (label, table)  # numbers end where their label ends
+
+
+def test_large_sets_are_evaluated_on_samples_during_training_and_the_training_set_at_the_end(base, tmp_path, capsys, monkeypatch):
+    """The whole training set was evaluated at the end (3M rows: longer than training) and the whole
+    validation set at every evaluation: now samples spread over each, the validation set whole at the end."""
+    import tools.finetune
+    from gpt import classifier
+
+    monkeypatch.setattr(tools.finetune, "FINAL_TRAIN_EXAMPLES", 8)
+    monkeypatch.setattr(tools.finetune, "EVAL_EXAMPLES", 4)
+    seen = []
+    evaluate = classifier.evaluate_classifier
+    monkeypatch.setattr(tools.finetune, "evaluate_classifier", lambda m, ex, *a, **k: seen.append(len(ex)) or evaluate(m, ex, *a, **k))
+    train = write_csv(tmp_path / "train.csv", sorted(genre_rows(40), key=lambda r: r[1]))  # sorted: a head slice holds one label
+    val = write_csv(tmp_path / "val.csv", genre_rows(12))
+    rc, stdout, err = run(capsys, main, ["classify", "--model", base, "--train", train, "--val", val, "--out", tmp_path / "run",
+                                         "--max-steps", 2, "--eval-interval", 1, *TRAIN_ARGS])
+    assert rc == 0, err
+    assert "train: loss" in stdout and "(8 of 40 examples)" in stdout and "(12 examples)" in stdout
+    assert seen[-2:] == [8, 12] and set(seen[:-2]) == {4, 40}  # during training: the val sample, the train monitor (<= 512)
+    report = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    assert report["train"]["examples"] == 8 and report["val"]["examples"] == 12
+
+
+def test_many_labels_print_a_summary_and_keep_the_matrix_in_the_file(base, tmp_path, capsys, monkeypatch):
+    import tools.finetune
+
+    monkeypatch.setattr(tools.finetune, "MAX_PRINTED_CONFUSION", 2)
+    rows = [(f"{c * 4} text", c) for c in "abc"] * 4
+    train, val = write_csv(tmp_path / "train.csv", rows), write_csv(tmp_path / "val.csv", rows[:3])
+    rc, stdout, err = run(capsys, main, ["classify", "--model", base, "--train", train, "--val", val, "--out", tmp_path / "run",
+                                         "--max-steps", 1, *TRAIN_ARGS])
+    assert rc == 0, err
+    assert "3 labels (a, b, c)" in err and "confusion matrix (val): 3 x 3, in" in stdout
+    assert len(json.loads((tmp_path / "run" / "evaluation.json").read_text())["val"]["confusion"]) == 3

@@ -116,6 +116,9 @@ def test_lora_checkpoint(tmp_path, tokenizer, capsys):
     (lambda meta: meta.update(format_version="x" * 10_000), "unknown format_version"),
     (lambda meta: meta.update(labels=["a"]), "at least two distinct strings"),
     (lambda meta: meta.update(max_length=0), "positive integer"),
+    (lambda meta: meta.update(labels=["a", "b" * 100_000]), "names of at most 256"),
+    (lambda meta: meta.update(labels=[f"L{i}" for i in range(100_000)]), "at most 1,024 names"),
+    (lambda meta: meta.update(labels=["a", "\udce9"]), "characters of text"),
     (lambda meta: meta.update(labels=["a", "b", "c"]), "for 3 labels"),  # the head was saved for two
 ])
 def test_a_classifier_is_checked_as_gpt_classify_reads_it(model, tokenizer, tmp_path, capsys, edit, words):
