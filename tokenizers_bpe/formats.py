@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import reprlib
 from pathlib import Path
+from typing import Collection
 
 from .char import CharTokenizer
 from .errors import SettingError
@@ -119,11 +120,12 @@ def _sniff_tiktoken(path: Path) -> bool:
     return looks_like_tiktoken(head.decode("utf-8", errors="replace"))
 
 
-def load_gpt2(encoder_json, vocab_bpe) -> BPETokenizer:
+def load_gpt2(encoder_json, vocab_bpe, special_names: Collection[str] = (ENDOFTEXT,)) -> BPETokenizer:
     """GPT-2's ``encoder.json`` + ``vocab.bpe`` (or HF ``vocab.json`` + ``merges.txt``), with GPT-2's
     pattern. Entries of encoder.json that are neither single bytes nor merge results (GPT-2's
-    ``<|endoftext|>`` = 50256) become special tokens."""
-    ranks, specials = read_gpt2(encoder_json, vocab_bpe)
+    ``<|endoftext|>`` = 50256) become special tokens; each must be one of ``special_names`` (for a
+    transformers directory, ``hf_special_token_names`` gives those it names)."""
+    ranks, specials = read_gpt2(encoder_json, vocab_bpe, special_names)
     try:
         return BPETokenizer(ranks, GPT2_PATTERN, specials, name="gpt2")
     except ValueError as e:

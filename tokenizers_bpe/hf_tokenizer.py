@@ -20,8 +20,11 @@ split out of the text before the pattern, as ``encode(allowed_special="all")`` d
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 from .char import CharTokenizer
+from .fileio import read_json
 from .onig_pattern import onig_pattern
 from .patterns import GPT2_PATTERN
 from .rankfiles import bytes_to_unicode
@@ -159,6 +162,27 @@ def hf_tokenizer_config(tok: Tokenizer, model_max_length: int) -> tuple[dict, di
         "added_tokens_decoder": {str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in _added_tokens(tok)},
     }
     return config, specials
+
+
+def hf_special_token_names(directory: str | os.PathLike) -> set[str]:
+    """The special tokens a transformers directory names in special_tokens_map.json and
+    tokenizer_config.json (bos/eos/unk/pad/... tokens, additional_special_tokens, added_tokens_decoder):
+    a vocab.json entry that no merge produces is a special token only if named (or GPT-2's own)."""
+    names: set[str] = set()
+    for file in (HF_SPECIAL_TOKENS_MAP_FILE, HF_TOKENIZER_CONFIG_FILE):
+        path = Path(directory) / file
+        if not path.exists():
+            continue
+        settings = read_json(path)
+        for key, value in settings.items() if isinstance(settings, dict) else ():
+            if key == "added_tokens_decoder" and isinstance(value, dict):
+                values = list(value.values())
+            elif key.endswith("_token") or key == "additional_special_tokens":
+                values = value if isinstance(value, list) else [value]
+            else:
+                continue
+            names.update(v for v in (v.get("content") if isinstance(v, dict) else v for v in values) if isinstance(v, str))
+    return names
 
 
 def hf_gpt2_files_exact(tok: Tokenizer) -> bool:

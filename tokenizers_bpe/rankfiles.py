@@ -10,7 +10,7 @@ import functools
 import json
 import re
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 from .fileio import MAX_TOKENIZER_BYTES, MAX_VOCAB_SIZE, atomic_write, check_regular_file, parse_json
 
@@ -96,10 +96,11 @@ def _unicode_to_bytes() -> dict[str, int]:
     return {c: b for b, c in bytes_to_unicode().items()}
 
 
-def read_gpt2(encoder_json, vocab_bpe) -> tuple[dict[bytes, int], dict[str, int]]:
+def read_gpt2(encoder_json, vocab_bpe, special_names: Collection[str]) -> tuple[dict[bytes, int], dict[str, int]]:
     """(ranks, special tokens) of GPT-2's ``encoder.json`` + ``vocab.bpe``. Entries of encoder.json
     that are neither single bytes nor merge results (GPT-2's ``<|endoftext|>`` = 50256) are the
-    special tokens."""
+    special tokens, and must be among ``special_names``: any other is a token whose merge is missing
+    (a vocab.bpe cut short made each such token a special token, silently)."""
     encoder = parse_json(read_text_file(encoder_json, "encoder.json"), str(encoder_json), "a corrupt encoder.json")
     if not isinstance(encoder, dict) or not all(type(v) is int for v in encoder.values()):
         raise ValueError(f"{encoder_json}: encoder.json must map token strings to integer ids")
@@ -133,7 +134,13 @@ def read_gpt2(encoder_json, vocab_bpe) -> tuple[dict[bytes, int], dict[str, int]
             raise ValueError(f"{vocab_bpe}:{n}: merge {line!r} gives id {rank}, not above the previous merge's {last}")
         ranks[left + right] = last = rank
     ordinary = set(ranks.values())
-    return ranks, {s: i for s, i in encoder.items() if i not in ordinary}
+    specials = {s: i for s, i in encoder.items() if i not in ordinary}
+    unnamed = [f"{s[:40]!r} ({i})" for s, i in specials.items() if s not in special_names]
+    if unnamed:
+        raise ValueError(f"{encoder_json}: {len(unnamed):,} {'entry' if len(unnamed) == 1 else 'entries'} that no merge of "
+                         f"{vocab_bpe} produces and that no list names as a special token ({', '.join(unnamed[:3])}{', ...' if len(unnamed) > 3 else ''}); "
+                         f"is {Path(vocab_bpe).name} cut short?")
+    return ranks, specials
 
 
 def gpt2_conflicts(by_rank: Sequence[bytes], special_tokens: Mapping[str, int]) -> list[str]:

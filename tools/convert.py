@@ -25,6 +25,7 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
+from typing import Collection
 from pickle import UnpicklingError  # only to recognise what weights_only=True refuses
 
 import torch
@@ -43,7 +44,9 @@ from gpt.gguf_export import GGUF_DTYPES
 from gpt.lora import merge_lora
 from gpt.memory import check_model_fits
 from gpt.model import GPT
+from tokenizers_bpe import ENDOFTEXT
 from tokenizers_bpe.errors import InputFileError
+from tokenizers_bpe.hf_tokenizer import hf_special_token_names
 from tokenizers_bpe.fileio import Stamp, atomic_directory, check_directory, check_regular_file, format_stamp, read_json, resolve_path
 from tools.cli import ArgumentParser, CLIError, command, file_path, output_directory
 from tools.models import check_finite_weights, model_argument
@@ -67,10 +70,10 @@ def read_json_file(path: Path, what: str) -> dict:
     return data
 
 
-def load_gpt2_tokenizer(encoder_json: Path, vocab_bpe: Path, hint: str):
+def load_gpt2_tokenizer(encoder_json: Path, vocab_bpe: Path, hint: str, special_names: Collection[str] = (ENDOFTEXT,)):
     for p in (encoder_json, vocab_bpe):
         check_regular_file(p, "file", hint)
-    return tokenizers_bpe.load_gpt2(encoder_json, vocab_bpe)
+    return tokenizers_bpe.load_gpt2(encoder_json, vocab_bpe, special_names)
 
 
 def load_tokenizer_file(path: Path):
@@ -341,7 +344,8 @@ def hf_import(src: Path, out: Path, tokenizer_file: Path | None = None) -> GPT:
     if tokenizer_file is not None:
         tokenizer = load_tokenizer_file(tokenizer_file)
     else:
-        tokenizer = load_gpt2_tokenizer(src / "vocab.json", src / "merges.txt", "pass the tokenizer with --tokenizer FILE")
+        tokenizer = load_gpt2_tokenizer(src / "vocab.json", src / "merges.txt", "pass the tokenizer with --tokenizer FILE",
+                                        {ENDOFTEXT, *hf_special_token_names(src)})
     try:
         state = state_dict_from_hf(read_hf_weights(src), config)
     except ValueError as e:  # (its message names the file already, or not)

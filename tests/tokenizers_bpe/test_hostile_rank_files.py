@@ -5,6 +5,7 @@ one line that says what the file lacks."""
 from __future__ import annotations
 
 import base64
+import json
 import random
 import time
 
@@ -109,3 +110,18 @@ def test_a_tokenizer_larger_than_the_limit_is_refused_from_every_source(tmp_path
     with pytest.raises(SettingError, match="too large"):
         check_train_settings(MAX_VOCAB_SIZE + 1, ["<|endoftext|>"])
     check_train_settings(MAX_VOCAB_SIZE, ["<|endoftext|>"])
+
+
+def test_special_token_names_of_a_transformers_directory_take_every_shape_it_writes(tmp_path):
+    from tokenizers_bpe.errors import InputFileError
+    from tokenizers_bpe.hf_tokenizer import hf_special_token_names
+
+    assert hf_special_token_names(tmp_path) == set()
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": {"content": "</s>", "lstrip": False}, "additional_special_tokens": ["<a>", {"content": "<b>"}],
+        "pad_token": None, "unk_token": 5, "model_max_length": 10, "other": "<not>"}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {"7": {"content": "<c>"}, "8": "odd"}, "eos_token": [[1]]}))
+    assert hf_special_token_names(tmp_path) == {"<s>", "</s>", "<a>", "<b>", "<c>", "odd"}
+    (tmp_path / "tokenizer_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(InputFileError, match="tokenizer_config.json: nested more than"):
+        hf_special_token_names(tmp_path)

@@ -329,3 +329,23 @@ def test_usage_errors(capsys):
     assert main(["--help"]) == 0
     assert_cli_error(capsys, [], "required: COMMAND")
     assert_cli_error(capsys, ["hf-import", "only-one-arg"], "required: OUT")
+
+
+def test_hf_import_refuses_a_merges_txt_cut_short_and_takes_only_named_special_tokens(hf_dir, tmp_path, capsys):
+    """Every vocab.json entry no merge produced became a special token: a merges.txt cut short imported
+    with exit 0 as a tokenizer of 143 "special tokens" ('Ġt', 'he', ...) that refused ordinary text."""
+    src = shutil.copytree(hf_dir, tmp_path / "src")
+    lines = (src / "merges.txt").read_text().splitlines()
+    (src / "merges.txt").write_text("\n".join(lines[: len(lines) // 2]) + "\n")
+    assert_cli_error(capsys, ["hf-import", src, tmp_path / "out"], r"vocab.json: \d+ entries that no merge of .*merges.txt "
+                                                                    r"produces .*; is merges.txt cut short\?")
+    assert not (tmp_path / "out").exists()
+    shutil.copy(hf_dir / "merges.txt", src)
+    vocab = json.loads((src / "vocab.json").read_text())
+    vocab["<|pad|>"] = vocab.pop("<|endoftext|>")  # a special token of another name: it must be named
+    (src / "vocab.json").write_text(json.dumps(vocab))
+    assert_cli_error(capsys, ["hf-import", src, tmp_path / "out"], r"1 entry that no merge .*\('<\|pad\|>' \(299\)\)")
+    (src / "special_tokens_map.json").write_text(json.dumps({"pad_token": {"content": "<|pad|>", "special": True}}))
+    rc, _ = run_cli(capsys, "hf-import", src, tmp_path / "out")
+    assert rc == 0
+    assert GPT.from_pretrained(tmp_path / "out").tokenizer.special_tokens == {"<|pad|>": 299}
