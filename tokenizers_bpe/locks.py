@@ -125,6 +125,13 @@ class OutputLock:
         if holder and not self.held and holder.get("pid") != os.getpid():
             self._refuse_if_held(holder)
 
+    def held_elsewhere(self) -> bool:
+        """Whether another live process holds this lock now (a lock that names nobody is nobody's)."""
+        holder = self._read_holder()
+        if not holder or (holder.get("pid") == os.getpid() and holder.get("host") == _host()):
+            return False
+        return holder.get("host", _host()) != _host() or process_alive(holder["pid"])
+
     def acquire(self) -> OutputLock:
         with signals_held():  # an interrupt halfway would leave a lock file behind
             return self._acquire()

@@ -22,6 +22,7 @@ from gpt.trainer import Trainer, TrainingDiverged
 from gpt2_kernels import BACKENDS
 from tokenizers_bpe.errors import NoSpaceError, OutputError, SettingError
 from tokenizers_bpe.fileio import MAX_SEED, check_not_a_broken_link, check_replaceable, free_bytes, resolve_path
+from tokenizers_bpe.locks import OutputLock
 from tools.bpe_train import memory_size
 from tools.cli import CLIError, ExitCode, choice, device_name, flag, integer, max_threads, number, output_path, parse_bool, path_argument, pattern_argument, unicode_text
 from tools.corpus import BUILTIN_CORPORA
@@ -184,7 +185,9 @@ def removed_after_early_error(out: str | Path | None) -> Iterator[None]:
     """The run directory ``out``, when this command creates it, is removed again if the command stops
     on an error (a bad input found late, a loss that is NaN from the first step) before the directory
     holds a run (a step checkpoint or ``final/``): an error leaves no directory of nothing useful, nor
-    its lock files. An interrupt keeps it: the same command or --resume goes on from it."""
+    its lock files. An interrupt keeps it: the same command or --resume goes on from it. Nor is it
+    removed while another process holds one of its locks: a second command started on the same new
+    directory at the same moment, refused for the lock, removed the run the first one was writing."""
     out = Path(out) if out else None
     created = out is not None and not out.exists() and not out.is_symlink()
     try:
@@ -192,7 +195,8 @@ def removed_after_early_error(out: str | Path | None) -> Iterator[None]:
     except KeyboardInterrupt:
         raise
     except BaseException:
-        if created and out.is_dir() and not holds_run(out):
+        locked = any(OutputLock(p, str(p)).held_elsewhere() for p in out.glob(".*lock")) if out.is_dir() else False
+        if created and out.is_dir() and not holds_run(out) and not locked:
             shutil.rmtree(out, ignore_errors=True)
         raise
 

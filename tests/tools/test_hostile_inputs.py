@@ -493,6 +493,27 @@ def test_an_early_error_removes_the_run_directory_it_created(tmp_path):
     assert (tmp_path / "new").exists()
 
 
+def test_an_early_error_keeps_a_new_run_directory_another_process_is_writing(tmp_path):
+    """Two commands started on the same new --out at once: the one refused for the lock removed the
+    directory the other had just made and was writing (which then failed on a missing metrics.jsonl)."""
+    out = tmp_path / "run"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with pytest.raises(ValueError), removed_after_early_error(out):
+            out.mkdir()  # made by the other command, which holds its lock
+            (out / ".lock").write_text(json.dumps({"pid": other.pid, "host": os.uname().nodename}))
+            raise ValueError("run directory in use")
+        assert out.exists()
+    finally:
+        other.kill()
+        other.wait()
+    with pytest.raises(ValueError), removed_after_early_error(tmp_path / "run2"):
+        (tmp_path / "run2").mkdir()  # a lock its process left when it died: nobody's
+        (tmp_path / "run2" / ".data.lock").write_text(json.dumps({"pid": other.pid, "host": os.uname().nodename}))
+        raise ValueError("late")
+    assert not (tmp_path / "run2").exists()
+
+
 def test_nan_loss_at_the_first_step_leaves_no_run(ckpt, data_dir, tmp_path, capsys, tok):
     nan = tmp_path / "nan"
     model = make_tiny_model(tok)
