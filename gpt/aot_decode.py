@@ -12,7 +12,8 @@ a fixed order), so the same package serves any weights of the same shapes; the l
 (any position, any prompt). What the packages do not cover stays on the decoder's own path: a prompt
 of one token, and several positions at once after the first (speculative decoding's verification)
 run eagerly. CPU only; anything that fails to export or compile leaves the decoder as it was
-(torch.compile). A package is loaded only if the current user owns it (it holds native code).
+(torch.compile). A package holds native code: it is loaded only if the current user owns it and
+its signature (``<package>.sig``, gpt.compile_cache.signature) is this user's.
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from stat import S_ISREG
 from typing import Callable
 
 import torch
 import torch.utils._pytree as pytree
 
+from gpt.compile_cache import signature, signed_here
 from gpt.decode import Decoder, forward_logits, step_logits
+from tokenizers_bpe.fileio import atomic_write
 
 MAX_PACKAGE_BYTES = 2**30  # a larger file is not a package of ours
 log = logging.getLogger(__name__)
@@ -75,12 +79,19 @@ class _Flat(torch.nn.Module):
         return self.fn(weights, k_cache, v_cache, *args, *self.constants)
 
 
+def _signature_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sig")
+
+
 def _owned_package(path: Path) -> bool:
     try:
         stat = path.stat()
+        if stat.st_size > MAX_PACKAGE_BYTES or stat.st_uid != getattr(os, "getuid", lambda: -1)() or not S_ISREG(stat.st_mode):
+            return False
+        sig = _signature_path(path)
+        return sig.stat().st_size == 32 and signed_here(path.read_bytes(), sig.read_bytes())
     except OSError:
         return False
-    return stat.st_size <= MAX_PACKAGE_BYTES and (not hasattr(os, "getuid") or stat.st_uid == os.getuid())
 
 
 def _load(path: Path) -> Callable[..., torch.Tensor]:
@@ -116,6 +127,10 @@ def _package(module: _Flat, args: tuple, dynamic: dict, path: Path) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; a package is as readable as any output
+        sig = signature(Path(tmp).read_bytes())
+        if sig is not None:  # (without a key a package is used by this run only)
+            with atomic_write(_signature_path(path), "wb") as f:
+                f.write(sig)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -12,13 +12,16 @@ One file per setup, named by a hash of everything that makes compiled code inval
 the checkpoint's weight files (names, sizes, modification times: replaced weights make a new key),
 the PyTorch version, the CPU (model name and feature flags) or GPU, the dtype, the quantization, the
 batch size and the thread count (inductor specialises code to it), and a draft model's files. A file
-holds compiled code, so only one owned by the current user is loaded (as ssh treats its keys); it is
-written atomically with a format header.
+holds compiled code (pickled graphs; gpt.aot_decode's packages are shared libraries), and a cache
+directory may come with a checkpoint from someone else (a tarball extracts as the user's own files),
+so only a file signed with this user's key (``signature``: an HMAC with a secret made once in the
+user's cache directory, mode 0600) is loaded; it is written atomically with a format header.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import platform
@@ -30,8 +33,46 @@ import torch
 from tokenizers_bpe.fileio import atomic_write
 
 SUFFIX = ".compile-cache"
-MAGIC = b"gpt2-toolkit compile cache v1\n"
+MAGIC = b"gpt2-toolkit compile cache v2\n"  # then the signature (32 bytes), then PyTorch's artifacts
 MAX_BYTES = 2**30  # a cache file larger than this is not ours
+KEY_BYTES = 32
+
+
+def _signing_key() -> bytes | None:
+    """This user's secret (made on first use, readable by the user only); None where it cannot be
+    kept, and then nothing compiled is kept or loaded."""
+    if not hasattr(os, "getuid"):
+        return None  # (no owner to check the key file against)
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = Path(cache_home) / "gpt2-toolkit" / "compile-cache.key"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(os.urandom(KEY_BYTES))
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as f:
+            st, key = os.fstat(f.fileno()), f.read(KEY_BYTES + 1)
+    except OSError:
+        return None
+    if not S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077 or len(key) != KEY_BYTES:
+        return None  # (a key another user could read, or one being written this moment)
+    return key
+
+
+def signature(data: bytes) -> bytes | None:
+    """The HMAC of ``data`` under this user's key (None without one)."""
+    key = _signing_key()
+    return None if key is None else hmac.new(key, data, hashlib.sha256).digest()
+
+
+def signed_here(data: bytes, sig: bytes) -> bool:
+    """Whether ``sig`` is this user's signature of ``data``: compiled code written by this user here."""
+    expected = signature(data)
+    return expected is not None and hmac.compare_digest(expected, sig)
 
 
 def _files_fingerprint(directory: Path) -> list:
@@ -73,20 +114,22 @@ def load(path: Path) -> bool:
         data = path.read_bytes()
     except OSError:
         return False
-    if not data.startswith(MAGIC):
-        return False
+    sig, artifacts = data[len(MAGIC) : len(MAGIC) + 32], data[len(MAGIC) + 32 :]
+    if not data.startswith(MAGIC) or not signed_here(artifacts, sig):
+        return False  # not ours, or written by someone else: never unpickled
     try:
-        return torch.compiler.load_cache_artifacts(data[len(MAGIC):]) is not None
+        return torch.compiler.load_cache_artifacts(artifacts) is not None
     except Exception:  # a file of another PyTorch build: compiling from scratch is the answer
         return False
 
 
 def save(path: Path) -> bool:
-    """Write the artifacts this process has compiled so far to ``path``; False when there were none.
-    OSError when it cannot be written."""
+    """Write the artifacts this process has compiled so far to ``path``, signed; False when there were
+    none (or no key to sign them). OSError when it cannot be written."""
     artifacts = torch.compiler.save_cache_artifacts()
-    if artifacts is None or not artifacts[0]:
+    sig = signature(artifacts[0]) if artifacts is not None and artifacts[0] else None
+    if sig is None:
         return False
     with atomic_write(path, "wb") as f:
-        f.write(MAGIC + artifacts[0])
+        f.write(MAGIC + sig + artifacts[0])
     return True
