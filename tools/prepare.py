@@ -306,7 +306,7 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="gpt-prepare", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("files", nargs="*", metavar="FILE", help="UTF-8 text files (each one a document)")
     p.add_argument("--builtin", choices=BUILTIN_CORPORA, help="use a built-in corpus (each play a document)")
-    add_tokenizer_arguments(p, "--tokenizer", required=True)
+    add_tokenizer_arguments(p, "--tokenizer", "-t", required=True)
     p.add_argument("-o", "--out", required=True, type=output_path, help="output data directory (created; a previous gpt-prepare output there is replaced)")
     p.add_argument("--val-fraction", type=number(0, 1, low_open=True, high_open=True), default=0.1,
                    help="fraction of the bytes (the end of the corpus) held out for validation")

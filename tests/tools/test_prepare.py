@@ -393,3 +393,8 @@ def test_a_file_written_to_while_it_is_read_is_one_line_and_leaves_nothing(corpu
     assert rc == 2
     assert_one_line_error(capsys, "the text changed while it was read")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["growing.txt"]
+
+
+def test_the_tokenizer_is_t_as_in_bpe_encode_and_bpe_decode(corpus, tmp_path, capsys):
+    assert prepare_main(["-t", str(corpus["char"]), "-o", str(tmp_path / "data"), *map(str, corpus["files"]), "--quiet"]) == 0
+    assert load_meta(tmp_path / "data").n_vocab == tokenizers_bpe.load(corpus["char"]).n_vocab
