@@ -306,7 +306,7 @@ MAX_NESTING = 32  # nothing we write nests deeper; a deeper file is hostile (the
 MAX_CONFIG_BYTES = 16 << 20  # config.json, generation.json, meta.json, run_config.json, --config files...
 MAX_FILE_INT = 1 << 1000  # beyond a float's range (~1.8e308) an integer overflows every conversion (check_nesting)
 MAX_TOKENIZER_BYTES = 1 << 30  # tokenizer.json, encoder.json, .tiktoken (a 2**20-token vocabulary is ~100 MB)
-MAX_VOCAB_SIZE = 1 << 20  # ids of a tokenizer: 4x the largest in use (~262k); every step over a vocabulary is Python
+MAX_VOCAB_SIZE = 1 << 19  # ids of a tokenizer: 2x the largest in use (~262k); exports of 2**20 took over a minute
 
 
 def check_regular_file(path: str | os.PathLike, what: str = "file", hint: str = "", max_bytes: int | None = None) -> Path:
