@@ -460,7 +460,7 @@ class Trainer:
             bar.close()
             for sig, handler in restore:
                 signal.signal(sig, handler)
-        interrupted = self.stop_requested and self.step < cfg.max_steps
+        interrupted = self.stop_requested  # (at the last step too: the command ends as asked, resumable to final/)
         final_dir = None
         if not interrupted:
             final_dir = self.out_dir / FINAL_DIR

@@ -180,3 +180,19 @@ def test_the_memory_bound_stays_below_what_a_micro_batch_really_takes():
     activations = sum(n for ptr, n in saved.items() if ptr not in weights)
     bound = micro_batch_bytes(2, 64, 300, 8, 128, torch.float32)
     assert 0.7 * activations <= bound <= activations + 2 * idx.numel() * 8  # + the int64 windows, not autograd's
+
+
+def test_a_signal_in_the_last_step_is_an_interrupt_and_the_resume_writes_final(data_dir, tmp_path):
+    """The last step finished anyway, and the run went on as if no signal had come (final/, then the
+    command's own work after training - gpt-finetune classify evaluated 3M examples - and exit 0)."""
+    def interrupting_loss(model, batch):
+        if trainer.step == 11:  # Ctrl-C in the middle of the 12th and last step
+            signal.raise_signal(signal.SIGINT)
+        return lm_loss(model, batch)
+
+    trainer = tiny_trainer(data_dir, tmp_path / "cut", interrupting_loss)
+    result = trainer.fit()
+    assert result.interrupted and result.step == 12 and result.stop_signal == signal.SIGINT
+    assert (tmp_path / "cut" / "checkpoints" / "step-000012").is_dir() and not (tmp_path / "cut" / "final").exists()
+    resumed = tiny_trainer(data_dir, tmp_path / "cut").fit(resume=True)
+    assert not resumed.interrupted and resumed.step == 12 and (tmp_path / "cut" / "final").is_dir()
