@@ -29,6 +29,7 @@ from tools.outputs import check_output
 
 PROG = "bpe-train"
 DEFAULT_VOCAB_SIZE = 4096
+SHOWN_FILES = 5  # corpus files named in a line of output (a glob can give thousands)
 FRESH_PROCESS_ENV = "GPT2_TOOLKIT_BPE_TRAIN_CHILD"  # set in the fresh bpe-train that trains for a process holding torch
 EXAMPLES = """examples:
   bpe-train corpus.txt --vocab-size 4096 -o tokenizer.json
@@ -103,7 +104,11 @@ class TokenizerRecipe:
 
     @property
     def source(self) -> str:
-        return f"built-in corpus '{self.corpus}'" if self.corpus else ", ".join(map(str, self.files))
+        """What the tokenizer is trained on, for a line of output: a few files and how many there are."""
+        if self.corpus:
+            return f"built-in corpus '{self.corpus}'"
+        shown = ", ".join(map(str, self.files[:SHOWN_FILES]))
+        return shown if len(self.files) <= SHOWN_FILES else f"{shown}, ... ({len(self.files):,} files)"
 
     def check(self) -> None:
         """Every check that needs no reading of the text: a one-line error naming the option."""

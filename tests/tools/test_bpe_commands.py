@@ -411,3 +411,14 @@ def test_a_rank_file_without_a_merge_list_encodes_and_is_refused_before_work_whe
         err = one_line_error(capsys, prog)
         assert f"{rank_file}: token 257" in err and "train a tokenizer with bpe-train" in err and len(err) < 350 + len(str(rank_file)), err
         assert tree(tmp_path) == before
+
+
+def test_training_on_thousands_of_files_names_a_few_and_counts_them(tmp_path, capsys):
+    """A glob of 20,000 files printed a 340 KB line naming every one."""
+    files = []
+    for i in range(2000):
+        files.append(tmp_path / f"f{i:04d}.txt")
+        files[-1].write_text(f"text number {i} here.\n")
+    assert train_main([*map(str, files), "--vocab-size", "270", "-o", str(tmp_path / "tok.json"), "--quiet", "--workers", "1"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("trained on"))
+    assert f"{files[4]}, ... (2,000 files) in" in line and str(files[5]) not in line and len(line) < 400 + 5 * len(str(files[0]))
