@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 import torch.utils._pytree as pytree
 
-from gpt.compile_cache import signature, signed_here
+from gpt.compile_cache import SIGNATURE_BYTES, signature, signed_here
 from gpt.decode import Decoder, forward_logits, step_logits
 from tokenizers_bpe.fileio import atomic_write
 
@@ -89,7 +89,7 @@ def _owned_package(path: Path) -> bool:
         if stat.st_size > MAX_PACKAGE_BYTES or stat.st_uid != getattr(os, "getuid", lambda: -1)() or not S_ISREG(stat.st_mode):
             return False
         sig = _signature_path(path)
-        return sig.stat().st_size == 32 and signed_here(path.read_bytes(), sig.read_bytes())
+        return sig.stat().st_size == SIGNATURE_BYTES and signed_here(path.read_bytes(), sig.read_bytes())
     except OSError:
         return False
 

@@ -36,6 +36,7 @@ SUFFIX = ".compile-cache"
 MAGIC = b"gpt2-toolkit compile cache v2\n"  # then the signature (32 bytes), then PyTorch's artifacts
 MAX_BYTES = 2**30  # a cache file larger than this is not ours
 KEY_BYTES = 32
+SIGNATURE_BYTES = hashlib.sha256().digest_size
 
 
 def _signing_key() -> bytes | None:
@@ -114,7 +115,7 @@ def load(path: Path) -> bool:
         data = path.read_bytes()
     except OSError:
         return False
-    sig, artifacts = data[len(MAGIC) : len(MAGIC) + 32], data[len(MAGIC) + 32 :]
+    sig, artifacts = data[len(MAGIC) : len(MAGIC) + SIGNATURE_BYTES], data[len(MAGIC) + SIGNATURE_BYTES :]
     if not data.startswith(MAGIC) or not signed_here(artifacts, sig):
         return False  # not ours, or written by someone else: never unpickled
     try:

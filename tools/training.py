@@ -195,8 +195,8 @@ def removed_after_early_error(out: str | Path | None) -> Iterator[None]:
     except KeyboardInterrupt:
         raise
     except BaseException:
-        locked = any(OutputLock(p, str(p)).held_elsewhere() for p in out.glob(".*lock")) if out.is_dir() else False
-        if created and out.is_dir() and not holds_run(out) and not locked:
+        if (created and out.is_dir() and not holds_run(out)
+                and not any(OutputLock(p, str(p)).held_elsewhere() for p in out.glob(".*lock"))):
             shutil.rmtree(out, ignore_errors=True)
         raise
 
